@@ -1,0 +1,1 @@
+"""ml-collections configs: `base.py` holds every default and `validate`; the other modules are presets."""

@@ -1,0 +1,180 @@
+"""Every default of peakllm, one documented line each, and the one `validate` that checks them.
+
+Presets (`tiny.py`, `default.py`, ...) start from `get_config()` and override a few keys. Any key can be overridden on
+the command line: `python -m train --config=configs/tiny.py --config.model.num_layers=4`.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+FAMILIES = ("gpt", "llama")  # gpt: GPT-2/OPT (learned positions, LayerNorm, GELU, biases); llama: RoPE, RMSNorm, SwiGLU
+DTYPES = ("float32", "bfloat16", "float16")
+REMAT_POLICIES = ("none", "full", "save_dots", "save_dots_no_batch", "save_attention_out")
+ATTENTION_IMPLS = ("xla",)  # reference path; the kernels issue adds "pallas" and "cudnn"
+OPTIMIZERS = ("adamw", "adafactor", "lion")
+SCHEDULES = ("cosine", "linear", "constant")
+ACTIVATIONS = ("gelu", "relu", "silu")
+
+
+def get_config() -> ml_collections.ConfigDict:
+  """Returns the full default config (a small GPT-2-style model on the embedded stdlib corpus)."""
+  c = ml_collections.ConfigDict()
+
+  c.model = m = ml_collections.ConfigDict()
+  m.family = "gpt"  # one of FAMILIES
+  m.vocab_size = 8192  # tokenizer and embedding size; a trained tokenizer gets exactly this many entries
+  m.num_layers = 6  # decoder blocks
+  m.embed_dim = 384  # model width d_model
+  m.num_heads = 6  # query heads; must divide embed_dim unless head_dim is set
+  m.num_kv_heads = 0  # key/value heads for grouped-query attention; 0 means num_heads (multi-head attention)
+  m.head_dim = 0  # per-head width; 0 means embed_dim // num_heads
+  m.mlp_dim = 0  # hidden width of the MLP; 0 means 4 * embed_dim (gpt) or the Llama 8/3 rule rounded to 256
+  m.max_len = 256  # longest sequence (learned position table size; RoPE cache length)
+  m.activation = "gelu"  # MLP nonlinearity for gpt (llama always uses SwiGLU with silu)
+  m.norm_eps = 1e-5  # epsilon of LayerNorm / RMSNorm
+  m.rope_theta = 10000.0  # RoPE base frequency (llama family)
+  m.tie_embeddings = True  # share the token embedding with the output projection
+  m.use_bias = -1  # biases in dense layers: 1 yes, 0 no, -1 family default (gpt yes, llama no)
+  m.param_dtype = "float32"  # storage dtype of parameters
+  m.dtype = "float32"  # compute dtype of matmuls; softmax, norms and the loss always run in float32
+  m.remat = "none"  # activation recomputation policy, one of REMAT_POLICIES
+  m.scan_layers = True  # run the blocks with lax.scan (one compiled block) instead of unrolling them
+  m.attention_impl = "xla"  # one of ATTENTION_IMPLS
+  m.init_std = 0.02  # normal init scale; residual output projections are scaled by 1/sqrt(2 * num_layers)
+
+  c.data = d = ml_collections.ConfigDict()
+  d.source = "stdlib"  # "stdlib" | "files:GLOB" | "tfds:NAME[:CONFIG]"
+  d.data_dir = ""  # where tfds datasets are prepared; "" means ~/.cache/peakllm/tfds
+  d.validation_fraction = 0.02  # share of documents (by path hash) held out for validation
+  d.max_doc_bytes = 200_000  # longer documents are cut to this many bytes
+  d.max_docs = 0  # cap on the files of a stdlib/files source (a stable sha1-of-path sample); 0 reads all
+  d.tokenizer_path = ""  # an existing tokenizer.json; "" trains a byte-level BPE on the training split
+  d.tokenizer_train_bytes = 8_000_000  # how many bytes of training text the BPE trainer reads
+  d.seq_len = 256  # tokens per packed row
+  d.shuffle_seed = 0  # seed of the document shuffle
+  d.num_workers = 0  # grain worker processes (0 reads in the main process)
+
+  c.train = t = ml_collections.ConfigDict()
+  t.seed = 0  # parameter init and dropout seed
+  t.batch_size = 8  # sequences per optimizer step (global)
+  t.grad_accum_steps = 1  # micro-batches per step; must divide batch_size
+  t.steps = 1000  # optimizer steps
+  t.optimizer = "adamw"  # one of OPTIMIZERS
+  t.learning_rate = 1e-3  # peak learning rate
+  t.min_lr_ratio = 0.1  # final learning rate as a fraction of the peak
+  t.warmup_steps = 100  # linear warmup steps
+  t.schedule = "cosine"  # decay after warmup, one of SCHEDULES
+  t.b1 = 0.9  # first moment decay (adamw, lion)
+  t.b2 = 0.95  # second moment decay (adamw, lion)
+  t.eps = 1e-8  # adamw epsilon
+  t.weight_decay = 0.1  # decoupled weight decay; never applied to biases, norms or embeddings
+  t.grad_clip = 1.0  # global-norm clipping threshold; 0 disables
+  t.z_loss = 0.0  # coefficient of the log(Z)^2 auxiliary loss (PaLM); 0 disables
+  t.log_every = 10  # steps between metric rows
+  t.eval_every = 200  # steps between evaluations; 0 evaluates only at the end
+  t.eval_batches = 8  # validation batches per evaluation
+  t.checkpoint_every = 200  # steps between checkpoints (a final one is always written)
+  t.max_to_keep = 2  # checkpoints kept on disk
+  t.async_checkpoint = True  # write checkpoints in a background thread
+  t.progress_bar = True  # tqdm bar with ETA on stderr
+  t.peak_flops = 0.0  # device peak FLOP/s for MFU; 0 measures a dense matmul at start-up (CPU) or uses a table
+
+  c.sample = s = ml_collections.ConfigDict()
+  s.prompt = "def fibonacci("  # prompt of the sample printed at the end of training
+  s.max_new_tokens = 64  # tokens generated for that sample
+  s.temperature = 0.0  # 0 is greedy
+  s.top_k = 0  # 0 disables top-k filtering
+  s.top_p = 1.0  # 1 disables nucleus filtering
+  return c
+
+
+def _fail(key: str, value, allowed: str):
+  raise ValueError(f"config.{key}={value!r} is invalid: {allowed}")
+
+
+def _choice(config, key: str, allowed: tuple[str, ...]):
+  section, name = key.split(".")
+  value = config[section][name]
+  if value not in allowed:
+    _fail(key, value, f"allowed values are {', '.join(allowed)}")
+
+
+def _positive(config, key: str, zero_ok: bool = False):
+  section, name = key.split(".")
+  value = config[section][name]
+  if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0 or (value == 0 and not zero_ok):
+    _fail(key, value, "must be a number >= 0" if zero_ok else "must be a number > 0")
+
+
+def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Checks every key before anything compiles; raises ValueError naming the key, its value and what is allowed."""
+  m, d, t = config.model, config.data, config.train
+  _choice(config, "model.family", FAMILIES)
+  _choice(config, "model.param_dtype", DTYPES)
+  _choice(config, "model.dtype", DTYPES)
+  _choice(config, "model.remat", REMAT_POLICIES)
+  _choice(config, "model.attention_impl", ATTENTION_IMPLS)
+  _choice(config, "model.activation", ACTIVATIONS)
+  _choice(config, "train.optimizer", OPTIMIZERS)
+  _choice(config, "train.schedule", SCHEDULES)
+  for key in ("model.vocab_size", "model.num_layers", "model.embed_dim", "model.num_heads", "model.max_len",
+              "data.seq_len", "train.batch_size", "train.grad_accum_steps", "train.steps", "train.learning_rate",
+              "train.log_every", "train.eval_batches", "train.checkpoint_every", "train.max_to_keep",
+              "model.norm_eps", "model.rope_theta"):
+    _positive(config, key)
+  for key in ("model.num_kv_heads", "model.head_dim", "model.mlp_dim", "train.warmup_steps", "train.weight_decay",
+              "train.grad_clip", "train.z_loss", "train.eval_every", "data.num_workers", "train.peak_flops",
+              "data.max_docs"):
+    _positive(config, key, zero_ok=True)
+  if not m.head_dim and m.embed_dim % m.num_heads:
+    _fail("model.num_heads", m.num_heads, f"must divide model.embed_dim={m.embed_dim} (or set model.head_dim)")
+  if m.num_kv_heads and m.num_heads % m.num_kv_heads:
+    _fail("model.num_kv_heads", m.num_kv_heads, f"must divide model.num_heads={m.num_heads}")
+  if m.use_bias not in (-1, 0, 1):
+    _fail("model.use_bias", m.use_bias, "allowed values are -1 (family default), 0, 1")
+  if m.family == "llama" and head_dim(m) % 2:
+    _fail("model.head_dim", head_dim(m), "RoPE needs an even head dimension")
+  if d.seq_len > m.max_len:
+    _fail("data.seq_len", d.seq_len, f"must be <= model.max_len={m.max_len}")
+  if t.batch_size % t.grad_accum_steps:
+    _fail("train.grad_accum_steps", t.grad_accum_steps, f"must divide train.batch_size={t.batch_size}")
+  if t.warmup_steps > t.steps:
+    _fail("train.warmup_steps", t.warmup_steps, f"must be <= train.steps={t.steps}")
+  if not 0.0 <= t.min_lr_ratio <= 1.0:
+    _fail("train.min_lr_ratio", t.min_lr_ratio, "must be in [0, 1]")
+  for key in ("b1", "b2"):
+    if not 0.0 <= t[key] < 1.0:
+      _fail(f"train.{key}", t[key], "must be in [0, 1)")
+  if not 0.0 < d.validation_fraction < 1.0:
+    _fail("data.validation_fraction", d.validation_fraction, "must be in (0, 1)")
+  src = d.source
+  if not (src == "stdlib" or (src.startswith("files:") and len(src) > 6) or (src.startswith("tfds:") and len(src) > 5)):
+    _fail("data.source", src, "use 'stdlib', 'files:GLOB' or 'tfds:NAME[:CONFIG]'")
+  if not 0.0 < config.sample.top_p <= 1.0:
+    _fail("sample.top_p", config.sample.top_p, "must be in (0, 1]")
+  if config.sample.temperature < 0 or config.sample.top_k < 0 or config.sample.max_new_tokens < 0:
+    _fail("sample", dict(config.sample), "temperature, top_k and max_new_tokens must be >= 0")
+  return config
+
+
+def head_dim(m: ml_collections.ConfigDict) -> int:
+  """Per-head width: model.head_dim, or embed_dim // num_heads when that is 0."""
+  return m.head_dim or m.embed_dim // m.num_heads
+
+
+def num_kv_heads(m: ml_collections.ConfigDict) -> int:
+  return m.num_kv_heads or m.num_heads
+
+
+def mlp_dim(m: ml_collections.ConfigDict) -> int:
+  """MLP hidden width: model.mlp_dim, or 4*d (gpt) / the Llama rule 8d/3 rounded up to a multiple of 256."""
+  if m.mlp_dim:
+    return m.mlp_dim
+  if m.family == "gpt":
+    return 4 * m.embed_dim
+  return 256 * -(-(8 * m.embed_dim // 3) // 256)
+
+
+def use_bias(m: ml_collections.ConfigDict) -> bool:
+  return bool(m.use_bias) if m.use_bias != -1 else m.family == "gpt"

@@ -1,0 +1,1 @@
+"""Inference: loading trained workdirs, generation with a KV cache, evaluation."""

@@ -1,0 +1,36 @@
+"""Loads what a training run left in its workdir: config, model with the latest parameters, tokenizer."""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import tokenizers
+from flax import nnx
+
+from model.transformer import ModelSpec, Transformer
+from train import checkpoint, optim, step as step_lib
+
+
+def load_trained(workdir: str, step: int | None = None):
+  """Returns (config, model, tokenizer, step) for the latest (or given) checkpoint of `workdir`."""
+  config = checkpoint.load_config(workdir)
+  spec = ModelSpec.from_config(config.model)
+  abstract_params = jax.eval_shape(lambda: step_lib.init_params(spec, 0))
+  optimizer = optim.make_optimizer(config.train, abstract_params)
+  abstract_state = jax.eval_shape(lambda: step_lib.init_state(spec, optimizer, 0))
+  state, step = checkpoint.restore_state(workdir, abstract_state, step)
+  model = nnx.merge(step_lib.model_graphdef(spec), state["params"])
+  return config, model, load_tokenizer(workdir), step
+
+
+def load_tokenizer(workdir: str) -> tokenizers.Tokenizer:
+  path = os.path.join(workdir, "tokenizer.json")
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path} not found: --workdir must be a directory written by `python -m train`")
+  return tokenizers.Tokenizer.from_file(path)
+
+
+def as_model(spec: ModelSpec, params) -> Transformer:
+  """Rebuilds a Transformer from a spec and a pure parameter dict."""
+  return nnx.merge(step_lib.model_graphdef(spec), params)

@@ -1,0 +1,337 @@
+"""Flax NNX decoder-only transformer: GPT-2/OPT family and Llama family, selected by `ModelSpec.family`.
+
+Blocks are stored stacked (every block parameter has a leading "layers" axis) and run either with `lax.scan` (one
+compiled block) or unrolled; the parameter tree is the same both ways, so checkpoints move freely between the two.
+Parameters are kept in `param_dtype`, matmuls run in `dtype` with float32 accumulation, and norms, softmax and logits
+are float32.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+from jax.ad_checkpoint import checkpoint_name
+import jax.numpy as jnp
+from flax import nnx
+
+from model import attention as attention_lib
+from model.sharding import constrain
+
+Cache = dict[str, jax.Array]  # k, v: [layers, B, S, K, D]; segment_ids: [B, S] int32; index: [] int32 (next slot)
+
+_REMAT_POLICIES = {
+    "full": None,
+    "save_dots": jax.checkpoint_policies.checkpoint_dots,
+    "save_dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "save_attention_out": jax.checkpoint_policies.save_only_these_names("attention_out"),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+  """Resolved, hashable model hyper-parameters (all derived defaults filled in)."""
+
+  family: str
+  vocab_size: int
+  num_layers: int
+  embed_dim: int
+  num_heads: int
+  num_kv_heads: int
+  head_dim: int
+  mlp_dim: int
+  max_len: int
+  activation: str = "gelu"
+  norm_eps: float = 1e-5
+  rope_theta: float = 10000.0
+  tie_embeddings: bool = True
+  use_bias: bool = True
+  param_dtype: str = "float32"
+  dtype: str = "float32"
+  remat: str = "none"
+  scan_layers: bool = True
+  attention_impl: str = "xla"
+  init_std: float = 0.02
+
+  @classmethod
+  def from_config(cls, m) -> "ModelSpec":
+    """Builds a spec from the `config.model` ConfigDict (defaults resolved as documented in configs/base.py)."""
+    from configs import base  # configs is a leaf package; imported lazily to keep model/ free of config parsing
+
+    return cls(family=m.family, vocab_size=m.vocab_size, num_layers=m.num_layers, embed_dim=m.embed_dim,
+               num_heads=m.num_heads, num_kv_heads=base.num_kv_heads(m), head_dim=base.head_dim(m),
+               mlp_dim=base.mlp_dim(m), max_len=m.max_len, activation=m.activation, norm_eps=m.norm_eps,
+               rope_theta=m.rope_theta, tie_embeddings=m.tie_embeddings, use_bias=base.use_bias(m),
+               param_dtype=m.param_dtype, dtype=m.dtype, remat=m.remat, scan_layers=m.scan_layers,
+               attention_impl=m.attention_impl, init_std=m.init_std)
+
+  @property
+  def compute_dtype(self):
+    return jnp.dtype(self.dtype)
+
+  @property
+  def weight_dtype(self):
+    return jnp.dtype(self.param_dtype)
+
+
+def _param(rngs: nnx.Rngs, shape, names, dtype, std: float | None) -> nnx.Param:
+  """A parameter of `shape` with logical axis `names` (metadata `logical_axes`): normal(std) init, or ones/zeros when std is 1.0/0.0."""
+  if std == 1.0:
+    value = jnp.ones(shape, dtype)
+  elif std == 0.0:
+    value = jnp.zeros(shape, dtype)
+  else:
+    value = (std * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
+  return nnx.Param(value, logical_axes=tuple(names))
+
+
+def _matmul(spec: ModelSpec, eq: str, x: jax.Array, w: nnx.Param) -> jax.Array:
+  """einsum in the compute dtype with float32 accumulation; result in the compute dtype."""
+  dt = spec.compute_dtype
+  out = jnp.einsum(eq, x.astype(dt), w[...].astype(dt), preferred_element_type=jnp.float32)
+  return out.astype(dt)
+
+
+class Norm(nnx.Module):
+  """LayerNorm (gpt) or RMSNorm (llama) over the last axis, computed in float32. x [..., D] -> [..., D] compute dtype."""
+
+  def __init__(self, spec: ModelSpec, rngs: nnx.Rngs):
+    self.spec = spec
+    self.scale = _param(rngs, (spec.embed_dim,), ("embed",), spec.weight_dtype, 1.0)
+    self.bias = _param(rngs, (spec.embed_dim,), ("embed",), spec.weight_dtype, 0.0) if spec.family == "gpt" else None
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x32 = x.astype(jnp.float32)
+    if self.bias is not None:
+      x32 = x32 - x32.mean(-1, keepdims=True)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, -1, keepdims=True) + self.spec.norm_eps)
+    y = y * self.scale[...].astype(jnp.float32)
+    if self.bias is not None:
+      y = y + self.bias[...].astype(jnp.float32)
+    return y.astype(self.spec.compute_dtype)
+
+
+def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+  """Rotary embedding (half-split convention, as in HF Llama). x [B, L, N, D], positions [B, L] -> same shape/dtype."""
+  d = x.shape[-1]
+  freqs = theta ** (-jnp.arange(0, d, 2, dtype=jnp.float32) / d)
+  angles = positions.astype(jnp.float32)[:, :, None, None] * freqs  # [B, L, 1, D/2]
+  sin, cos = jnp.sin(angles), jnp.cos(angles)
+  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+
+
+class Attention(nnx.Module):
+  """Multi-head / grouped-query self-attention with an optional KV cache."""
+
+  def __init__(self, spec: ModelSpec, rngs: nnx.Rngs):
+    self.spec = spec
+    d, h, k, hd, dt = spec.embed_dim, spec.num_heads, spec.num_kv_heads, spec.head_dim, spec.weight_dtype
+    out_std = spec.init_std / math.sqrt(2 * spec.num_layers)
+    self.wq = _param(rngs, (d, h, hd), ("embed", "heads", "head_dim"), dt, spec.init_std)
+    self.wk = _param(rngs, (d, k, hd), ("embed", "kv_heads", "head_dim"), dt, spec.init_std)
+    self.wv = _param(rngs, (d, k, hd), ("embed", "kv_heads", "head_dim"), dt, spec.init_std)
+    self.wo = _param(rngs, (h, hd, d), ("heads", "head_dim", "embed"), dt, out_std)
+    if spec.use_bias:
+      self.bq = _param(rngs, (h, hd), ("heads", "head_dim"), dt, 0.0)
+      self.bk = _param(rngs, (k, hd), ("kv_heads", "head_dim"), dt, 0.0)
+      self.bv = _param(rngs, (k, hd), ("kv_heads", "head_dim"), dt, 0.0)
+      self.bo = _param(rngs, (d,), ("embed",), dt, 0.0)
+    else:
+      self.bq = self.bk = self.bv = self.bo = None
+
+  def _project(self, x, w, b):
+    y = _matmul(self.spec, "bld,dnh->blnh", x, w)
+    return y if b is None else y + b[...].astype(y.dtype)
+
+  def __call__(self, x, positions, mask, q_slots_start=None, kv_cache=None):
+    """x [B, L, D]; positions [B, L]; mask [B, 1, L, S] bool; kv_cache (k, v) each [B, S, K, hd] or None.
+
+    Returns (y [B, L, D], updated kv_cache or None). With a cache, this call's keys/values are written at slots
+    [q_slots_start, q_slots_start + L) and attention runs over all S slots (the mask hides the empty ones).
+    """
+    spec = self.spec
+    q = self._project(x, self.wq, self.bq)
+    k = self._project(x, self.wk, self.bk)
+    v = self._project(x, self.wv, self.bv)
+    if spec.family == "llama":
+      q, k = rope(q, positions, spec.rope_theta), rope(k, positions, spec.rope_theta)
+    q = constrain(q, ("batch", "length", "heads", "head_dim"))
+    if kv_cache is not None:
+      k_cache, v_cache = kv_cache
+      start = (0, q_slots_start, 0, 0)
+      k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), start)
+      v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), start)
+      kv_cache = (k, v)
+    out = attention_lib.attend(q, k.astype(q.dtype), v.astype(q.dtype), mask, impl=spec.attention_impl)
+    out = checkpoint_name(out, "attention_out")
+    y = _matmul(spec, "blnh,nhd->bld", out, self.wo)
+    if self.bo is not None:
+      y = y + self.bo[...].astype(y.dtype)
+    return y, kv_cache
+
+
+class MLP(nnx.Module):
+  """GELU/ReLU MLP with biases (gpt) or SwiGLU without (llama). x [B, L, D] -> [B, L, D]."""
+
+  def __init__(self, spec: ModelSpec, rngs: nnx.Rngs):
+    self.spec = spec
+    d, f, dt = spec.embed_dim, spec.mlp_dim, spec.weight_dtype
+    out_std = spec.init_std / math.sqrt(2 * spec.num_layers)
+    self.w_in = _param(rngs, (d, f), ("embed", "mlp"), dt, spec.init_std)
+    self.w_gate = _param(rngs, (d, f), ("embed", "mlp"), dt, spec.init_std) if spec.family == "llama" else None
+    self.w_out = _param(rngs, (f, d), ("mlp", "embed"), dt, out_std)
+    self.b_in = _param(rngs, (f,), ("mlp",), dt, 0.0) if spec.use_bias else None
+    self.b_out = _param(rngs, (d,), ("embed",), dt, 0.0) if spec.use_bias else None
+
+  def __call__(self, x):
+    spec = self.spec
+    h = _matmul(spec, "bld,df->blf", x, self.w_in)
+    if self.b_in is not None:
+      h = h + self.b_in[...].astype(h.dtype)
+    if self.w_gate is not None:
+      h = jax.nn.silu(_matmul(spec, "bld,df->blf", x, self.w_gate)) * h
+    else:
+      h = {"gelu": lambda a: jax.nn.gelu(a, approximate=True), "relu": jax.nn.relu, "silu": jax.nn.silu}[
+          spec.activation](h)
+    h = constrain(h, ("batch", "length", "mlp"))
+    y = _matmul(spec, "blf,fd->bld", h, self.w_out)
+    if self.b_out is not None:
+      y = y + self.b_out[...].astype(y.dtype)
+    return y
+
+
+class Block(nnx.Module):
+  """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+  def __init__(self, spec: ModelSpec, rngs: nnx.Rngs):
+    self.attn_norm = Norm(spec, rngs)
+    self.attn = Attention(spec, rngs)
+    self.mlp_norm = Norm(spec, rngs)
+    self.mlp = MLP(spec, rngs)
+
+  def __call__(self, x, positions, mask, q_slots_start=None, kv_cache=None):
+    y, kv_cache = self.attn(self.attn_norm(x), positions, mask, q_slots_start, kv_cache)
+    x = x + y
+    x = x + self.mlp(self.mlp_norm(x))
+    return constrain(x, ("batch", "length", "embed")), kv_cache
+
+
+class Transformer(nnx.Module):
+  """Decoder-only language model.
+
+  `__call__(inputs, positions, segment_ids)` -> logits [B, L, vocab] float32 for training and scoring;
+  `init_cache` + `extend` run prefill and decode steps against a KV cache.
+  """
+
+  def __init__(self, spec: ModelSpec, *, rngs: nnx.Rngs):
+    self.spec = spec
+    dt = spec.weight_dtype
+    self.embed = _param(rngs, (spec.vocab_size, spec.embed_dim), ("vocab", "embed"), dt, spec.init_std)
+    self.pos_embed = (_param(rngs, (spec.max_len, spec.embed_dim), (None, "embed"), dt, spec.init_std / 2)
+                      if spec.family == "gpt" else None)
+
+    @nnx.split_rngs(splits=spec.num_layers)
+    @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers", "logical_axes": "layers"})
+    def make_blocks(r: nnx.Rngs) -> Block:
+      return Block(spec, r)
+
+    self.blocks = make_blocks(rngs)
+    self.final_norm = Norm(spec, rngs)
+    self.head = (None if spec.tie_embeddings else
+                 _param(rngs, (spec.embed_dim, spec.vocab_size), ("embed", "vocab"), dt, spec.init_std))
+
+  # -- public API -------------------------------------------------------------------------------------------------
+
+  def __call__(self, inputs: jax.Array, positions: jax.Array | None = None,
+               segment_ids: jax.Array | None = None) -> jax.Array:
+    """inputs [B, L] int32; positions [B, L] (default 0..L-1); segment_ids [B, L] (default all 1; 0 = padding).
+
+    Returns logits [B, L, vocab] float32. Tokens attend causally within their own segment only.
+    """
+    b, l = inputs.shape
+    if positions is None:
+      positions = jnp.broadcast_to(jnp.arange(l, dtype=jnp.int32), (b, l))
+    if segment_ids is None:
+      segment_ids = jnp.ones((b, l), jnp.int32)
+    q_slots = jnp.broadcast_to(jnp.arange(l, dtype=jnp.int32), (b, l))
+    mask = attention_lib.make_mask(segment_ids, segment_ids, q_slots)
+    logits, _ = self._forward(inputs, positions, mask, None, None)
+    return logits
+
+  def init_cache(self, batch: int, length: int, dtype=None) -> Cache:
+    """An empty KV cache of `length` slots: k/v [layers, batch, length, kv_heads, head_dim] in `dtype`."""
+    s = self.spec
+    dtype = dtype or s.compute_dtype
+    shape = (s.num_layers, batch, length, s.num_kv_heads, s.head_dim)
+    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
+            "segment_ids": jnp.zeros((batch, length), jnp.int32), "index": jnp.zeros((), jnp.int32)}
+
+  def extend(self, inputs: jax.Array, positions: jax.Array, segment_ids: jax.Array,
+             cache: Cache) -> tuple[jax.Array, Cache]:
+    """Appends L tokens to the cache (prefill when L > 1, a decode step when L == 1).
+
+    inputs/positions/segment_ids [B, L] int32 (segment 0 marks left padding that nothing attends to); the tokens are
+    written at slots [index, index + L). Returns (logits [B, L, vocab] float32, updated cache).
+    """
+    b, l = inputs.shape
+    start = cache["index"]
+    kv_segments = jax.lax.dynamic_update_slice(cache["segment_ids"], segment_ids.astype(jnp.int32), (0, start))
+    q_slots = jnp.broadcast_to(start + jnp.arange(l, dtype=jnp.int32), (b, l))
+    # A query sees every filled slot of its row (one sequence per row), so compare against "row is live" (1).
+    mask = attention_lib.make_mask(jnp.ones_like(segment_ids), jnp.minimum(kv_segments, 1), q_slots)
+    mask = mask & (segment_ids != 0)[:, None, :, None]
+    logits, (k, v) = self._forward(inputs, positions, mask, start, (cache["k"], cache["v"]))
+    return logits, {"k": k, "v": v, "segment_ids": kv_segments, "index": start + l}
+
+  # -- internals --------------------------------------------------------------------------------------------------
+
+  def _forward(self, inputs, positions, mask, start, kv_cache):
+    spec = self.spec
+    x = jnp.take(self.embed[...], inputs, axis=0).astype(spec.compute_dtype)
+    if self.pos_embed is not None:
+      x = x + jnp.take(self.pos_embed[...], positions, axis=0).astype(spec.compute_dtype)
+    x = constrain(x, ("batch", "length", "embed"))
+    x, kv_cache = self._run_blocks(x, positions, mask, start, kv_cache)
+    x = self.final_norm(x)
+    if self.head is None:
+      logits = jnp.einsum("bld,vd->blv", x, self.embed[...].astype(x.dtype), preferred_element_type=jnp.float32)
+    else:
+      logits = jnp.einsum("bld,dv->blv", x, self.head[...].astype(x.dtype), preferred_element_type=jnp.float32)
+    return constrain(logits, ("batch", "length", "vocab")), kv_cache
+
+  def _run_blocks(self, x, positions, mask, start, kv_cache):
+    spec = self.spec
+    graphdef, params = nnx.split(self.blocks)
+
+    def body(carry, layer):
+      block_params, layer_cache = layer
+      block = nnx.merge(graphdef, block_params)
+      y, layer_cache = block(carry, positions, mask, start, layer_cache)
+      return y, layer_cache
+
+    if spec.remat != "none":
+      body = jax.checkpoint(body, policy=_REMAT_POLICIES[spec.remat], prevent_cse=not spec.scan_layers)
+    if spec.scan_layers:
+      return jax.lax.scan(body, x, (params, kv_cache))
+    outputs = []
+    for i in range(spec.num_layers):
+      layer = jax.tree.map(lambda a: a[i], (params, kv_cache))
+      x, layer_cache = body(x, layer)
+      outputs.append(layer_cache)
+    if kv_cache is None:
+      return x, None
+    return x, jax.tree.map(lambda *a: jnp.stack(a), *outputs)
+
+
+def build(model_config, seed: int = 0) -> Transformer:
+  """Creates a Transformer from `config.model` with parameters initialised from `seed`."""
+  return Transformer(ModelSpec.from_config(model_config), rngs=nnx.Rngs(params=seed))
+
+
+def abstract(model_config) -> Any:
+  """The model's parameter shapes without allocating them (nnx.eval_shape), for counting and planning."""
+  spec = ModelSpec.from_config(model_config)
+  return nnx.eval_shape(lambda: Transformer(spec, rngs=nnx.Rngs(params=0)))

@@ -1,0 +1,159 @@
+"""Generation: greedy parity with a full-forward reference, padding, sampling determinism, top-k/top-p, eos, limits."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from configs import base, tiny
+from infer import generate as G
+from model import transformer as T
+
+VOCAB = 97
+MAX_LEN = 32
+
+
+@functools.lru_cache(maxsize=None)
+def make_model(family="gpt"):
+  """A random 2-layer, width-32 model. Parameters come from numpy (eager jax.random init compiles ~30 small programs,
+  seconds on a busy CPU); weights ~ N(0, 0.3) give peaked logits, so greedy argmax is not decided by float noise."""
+  c = tiny.get_config()
+  c.model.update(family=family, num_layers=2, embed_dim=32, num_heads=4, max_len=MAX_LEN, vocab_size=VOCAB)
+  c.data.seq_len = MAX_LEN
+  if family == "llama":
+    c.model.num_kv_heads = 2
+  base.validate(c)
+  spec = T.ModelSpec.from_config(c.model)
+  graphdef, state = nnx.split(nnx.eval_shape(lambda: T.Transformer(spec, rngs=nnx.Rngs(params=0))))
+  rng = np.random.default_rng(0)
+
+  def init(path, x):
+    noise = rng.normal(0.0, 0.3, x.shape)
+    return jnp.asarray(1.0 + noise / 3 if "scale" in jax.tree_util.keystr(path) else noise, x.dtype)
+
+  return nnx.merge(graphdef, jax.tree_util.tree_map_with_path(init, state))
+
+
+@nnx.jit
+def _forward(model, x):
+  return model(x)
+
+
+def greedy_reference(model, prompt, n):
+  """Re-runs the full forward over the whole sequence at every step and takes the argmax of the last real position.
+
+  The sequence is right-padded to a fixed width (causal attention makes the padding invisible to earlier positions) so
+  one compilation serves every step."""
+  seq = list(prompt)
+  for _ in range(n):
+    x = np.zeros((1, MAX_LEN), np.int32)
+    x[0, :len(seq)] = seq
+    logits = np.asarray(_forward(model, jnp.asarray(x)))[0, len(seq) - 1]
+    top2 = np.sort(logits)[-2:]
+    assert top2[1] - top2[0] > 1e-3, "near-tie in the reference; pick another prompt"
+    seq.append(int(np.argmax(logits)))
+  return seq[len(prompt):]
+
+
+def prompt(seed, n):
+  return np.random.default_rng(seed).integers(1, VOCAB, n).tolist()
+
+
+# Most tests share one request shape (3 rows, padded prompt 16, 16 new tokens = exactly max_len) so the jitted
+# generate compiles once per sampling setting.
+PROMPTS = [prompt(1, 16), prompt(2, 5), prompt(3, 1)]
+N = 16
+
+
+def test_greedy_single_prompt_matches_full_forward_reference():
+  model = make_model("gpt")
+  p = prompt(0, 7)
+  assert G.generate(model, [p], max_new_tokens=10) == [greedy_reference(model, p, 10)]
+
+
+@pytest.mark.parametrize("family", ["gpt", "llama"])
+def test_greedy_batch_of_different_lengths_matches_each_unpadded_reference(family):
+  model = make_model(family)
+  out = G.generate(model, PROMPTS, max_new_tokens=N)
+  assert out == [greedy_reference(model, p, N) for p in PROMPTS]
+
+
+def test_sampling_is_deterministic_per_seed_and_varies_across_seeds():
+  model = make_model("gpt")
+  kw = dict(max_new_tokens=N, temperature=1.0)
+  a = G.generate(model, PROMPTS, seed=1, **kw)
+  assert a == G.generate(model, PROMPTS, seed=1, **kw)
+  b = G.generate(model, PROMPTS, seed=2, **kw)
+  assert a != b
+  assert all(len(r) == N and all(0 <= t < VOCAB for t in r) for r in a + b)
+  assert a != G.generate(model, PROMPTS, max_new_tokens=N), "temperature 1 should not reproduce greedy"
+
+
+def test_top_k_one_equals_greedy():
+  model = make_model("gpt")
+  sampled = G.generate(model, PROMPTS, max_new_tokens=N, temperature=1.5, top_k=1, seed=3)
+  assert sampled == G.generate(model, PROMPTS, max_new_tokens=N)
+
+
+def test_sample_logits_top_k_and_top_p_keep_only_the_allowed_tokens():
+  probs = np.array([0.05, 0.4, 0.02, 0.25, 0.2, 0.08])  # sorted: 1 (.4), 3 (.25), 4 (.2), 5 (.08), 0, 2
+  logits = jnp.asarray(np.log(np.broadcast_to(probs, (4096, 6))), jnp.float32)
+  draw = functools.partial(G.sample_logits, temperature=1.0)  # eager: the variants share op compilations
+
+  def seen(**kw):
+    return set(np.unique(np.asarray(draw(logits, jax.random.key(0), **kw))).tolist())
+
+  assert seen(top_p=0.6) == {1, 3}  # .4 < .6 <= .65: the two most likely tokens
+  assert seen(top_p=0.7) == {1, 3, 4}
+  assert seen(top_p=0.01) == {1}  # the top token is always kept
+  assert seen(top_k=2) == {1, 3}
+  assert seen(top_k=4, top_p=0.7) == {1, 3, 4}
+  assert seen() == set(range(6))  # no filtering: every token appears in 4096 draws
+  # Among kept tokens the renormalised probabilities are preserved: token 1 has .4/.65 of the nucleus {1, 3}.
+  frac = np.mean(np.asarray(draw(logits, jax.random.key(1), top_p=0.6)) == 1)
+  assert abs(frac - 0.4 / 0.65) < 0.03
+  np.testing.assert_array_equal(G.sample_logits(logits[:2], None, temperature=0.0), [1, 1])
+
+
+def test_eos_stops_its_row_and_leaves_other_rows_alone():
+  model = make_model("gpt")
+  greedy = G.generate(model, PROMPTS, max_new_tokens=N)
+  eos = greedy[0][0]
+  out = G.generate(model, PROMPTS, max_new_tokens=N, eos_id=eos)
+  assert out[0] == [eos]
+  for row, full in zip(out[1:], greedy[1:]):
+    assert row == (full[:full.index(eos) + 1] if eos in full else full)
+  # When every row hits eos at once the loop stops early and each row is exactly [eos].
+  assert G.generate(model, [PROMPTS[0]] * 3, max_new_tokens=N, eos_id=eos) == [[eos]] * 3
+
+
+def test_requests_longer_than_max_len_raise_value_error():
+  model = make_model("gpt")
+  assert len(PROMPTS[0]) + N == MAX_LEN  # the shared shape (used above) fills max_len exactly, which is allowed
+  with pytest.raises(ValueError, match=r"17.*16.*33.*max_len=32"):
+    G.generate(model, [prompt(11, 17), prompt(12, 3)], max_new_tokens=N)
+  with pytest.raises(ValueError):
+    G.generate(model, [[]], max_new_tokens=4)
+
+
+def test_generate_text_uses_eot_convention():
+  tokenizers = pytest.importorskip("tokenizers")
+  from tokenizers import models, pre_tokenizers, decoders
+  tok = tokenizers.Tokenizer(models.BPE())
+  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tok.decoder = decoders.ByteLevel()
+  trainer = tokenizers.trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=[G.EOT], show_progress=False,
+                                           initial_alphabet=pre_tokenizers.ByteLevel.alphabet()[:80])
+  tok.train_from_iterator(["def fib(n): return n"] * 4, trainer=trainer)
+  assert tok.get_vocab_size() <= VOCAB and G.eot_id(tok) == 0
+  model = make_model("gpt")
+  ids = G.encode_prompt(tok, "def fib(")
+  assert ids[0] == 0 and len(ids) > 1
+  texts = G.generate_text(model, tok, ["def fib(", "n"], max_new_tokens=6, temperature=0.0, top_k=0, top_p=1.0,
+                          seed=0)
+  rows = G.generate(model, [ids, G.encode_prompt(tok, "n")], max_new_tokens=6, eos_id=0)
+  assert texts == [tok.decode([t for t in r if t != 0], skip_special_tokens=False) for r in rows]
+  assert all(isinstance(t, str) for t in texts)

@@ -1,0 +1,34 @@
+"""`python -m train --config=configs/tiny.py --workdir=DIR [--config.a.b=v ...]`: train, evaluate, print a sample."""
+
+import logging
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from train import trainer
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/default.py", "Preset config file.", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (metrics, checkpoints, tokenizer); resumes if it "
+                               "already holds a checkpoint.", required=True)
+
+
+def main(argv):
+  del argv
+  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+  logging.getLogger("absl").setLevel(logging.WARNING)
+  try:
+    summary = trainer.run(_CONFIG.value, _WORKDIR.value)
+  except (ValueError, FileNotFoundError) as e:
+    sys.exit(f"error: {e}")
+  if summary["interrupted"]:
+    print(f"stopped at step {summary['step']} (checkpoint saved); run the same command again to resume")
+    return
+  print(f"held-out loss {summary['eval_loss']:.4f}, perplexity {summary['eval_ppl']:.2f} after {summary['step']} "
+        f"steps ({summary['parameters'] / 1e6:.1f}M parameters, {summary['tokens_per_sec']:,.0f} tokens/s, "
+        f"MFU {summary['mfu']:.1%})")
+  print("sample:\n" + summary.get("sample", ""))
+
+
+if __name__ == "__main__":
+  app.run(main)

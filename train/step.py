@@ -1,0 +1,104 @@
+"""Pure training and evaluation steps.
+
+The train state is a plain pytree `{"step", "params", "opt_state", "rng"}` whose params are the model's pure dict
+(`nnx.to_pure_dict`), so optax, orbax and jit see nothing but arrays. Batches are dicts of [B, L] arrays: inputs,
+targets, segment_ids, positions (int32) and weights (float32, 0 on padding).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from model.transformer import ModelSpec, Transformer
+
+TrainState = dict[str, Any]
+Batch = dict[str, jax.Array]
+
+
+def model_graphdef(spec: ModelSpec) -> nnx.GraphDef:
+  """The static structure of the model (no parameters allocated)."""
+  return nnx.split(nnx.eval_shape(lambda: Transformer(spec, rngs=nnx.Rngs(params=0))))[0]
+
+
+def init_params(spec: ModelSpec, seed: int) -> dict:
+  """Freshly initialised parameters as a nested dict of arrays (call under jit to build them on device)."""
+  return nnx.to_pure_dict(nnx.state(Transformer(spec, rngs=nnx.Rngs(params=seed)), nnx.Param))
+
+
+def init_state(spec: ModelSpec, optimizer: optax.GradientTransformation, seed: int) -> TrainState:
+  params = init_params(spec, seed)
+  return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": optimizer.init(params),
+          "rng": jax.random.key_data(jax.random.key(seed + 1))}
+
+
+def token_losses(logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Per-token negative log-likelihood and log-partition, both float32 [B, L]. logits [B, L, V] float32."""
+  logits = logits.astype(jnp.float32)
+  log_z = jax.nn.logsumexp(logits, axis=-1)
+  target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+  return log_z - target_logit, log_z
+
+
+def summed_loss(params: dict, graphdef: nnx.GraphDef, batch: Batch, z_loss: float):
+  """Sum over real tokens of NLL (+ z_loss * log(Z)^2). Returns (objective_sum, (nll_sum, weight_sum))."""
+  model = nnx.merge(graphdef, params)
+  logits = model(batch["inputs"], batch["positions"], batch["segment_ids"])
+  nll, log_z = token_losses(logits, batch["targets"])
+  w = batch["weights"].astype(jnp.float32)
+  nll_sum = jnp.sum(nll * w)
+  objective = nll_sum + z_loss * jnp.sum(jnp.square(log_z) * w) if z_loss else nll_sum
+  return objective, (nll_sum, jnp.sum(w))
+
+
+def train_step(state: TrainState, batch: Batch, *, graphdef: nnx.GraphDef,
+               optimizer: optax.GradientTransformation, schedule: optax.Schedule, grad_accum_steps: int,
+               z_loss: float) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One optimizer update on `batch` ([B, L] arrays), accumulating gradients over `grad_accum_steps` micro-batches.
+
+  Gradients of the summed loss are added over micro-batches and divided once by the batch's total token weight, so
+  the update equals the full-batch update up to floating-point rounding.
+  """
+  grad_fn = jax.value_and_grad(summed_loss, has_aux=True)
+  params = state["params"]
+  if grad_accum_steps == 1:
+    (objective, (nll, weight)), grads = grad_fn(params, graphdef, batch, z_loss)
+  else:
+    micro = jax.tree.map(lambda x: x.reshape(grad_accum_steps, x.shape[0] // grad_accum_steps, *x.shape[1:]), batch)
+
+    def accumulate(carry, mb):
+      (objective, (nll, weight)), grads = grad_fn(params, graphdef, mb, z_loss)
+      return jax.tree.map(jnp.add, carry, (objective, nll, weight, grads)), None
+
+    zeros = (jnp.zeros(()), jnp.zeros(()), jnp.zeros(()), jax.tree.map(jnp.zeros_like, params))
+    (objective, nll, weight, grads), _ = jax.lax.scan(accumulate, zeros, micro)
+  denom = jnp.maximum(weight, 1.0)
+  grads = jax.tree.map(lambda g: g / denom, grads)
+  updates, opt_state = optimizer.update(grads, state["opt_state"], params)
+  new_state = {"step": state["step"] + 1, "params": optax.apply_updates(params, updates), "opt_state": opt_state,
+               "rng": state["rng"]}
+  metrics = {"loss": nll / denom, "objective": objective / denom, "grad_norm": optax.tree.norm(grads),
+             "learning_rate": schedule(state["step"]), "tokens": weight}
+  return new_state, metrics
+
+
+def eval_step(params: dict, batch: Batch, *, graphdef: nnx.GraphDef) -> dict[str, jax.Array]:
+  """Summed NLL and token count of one batch (sum, so batches combine exactly)."""
+  _, (nll, weight) = summed_loss(params, graphdef, batch, 0.0)
+  return {"nll_sum": nll, "weight_sum": weight}
+
+
+def jit_train_step(graphdef, optimizer, schedule, grad_accum_steps: int, z_loss: float):
+  """The train step jitted with the state donated (its buffers are reused for the new state)."""
+  fn = functools.partial(train_step, graphdef=graphdef, optimizer=optimizer, schedule=schedule,
+                         grad_accum_steps=grad_accum_steps, z_loss=z_loss)
+  return jax.jit(fn, donate_argnums=0)
+
+
+def jit_eval_step(graphdef):
+  return jax.jit(functools.partial(eval_step, graphdef=graphdef))

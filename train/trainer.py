@@ -1,0 +1,206 @@
+"""The training loop: data, state, compiled step, evaluation, checkpoints, metrics, and a closing sample.
+
+`run(config, workdir)` is everything `python -m train` does. Re-running it on the same workdir resumes from the latest
+checkpoint (parameters, optimizer state, step, RNG and data position), and SIGTERM/SIGINT save a checkpoint and stop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import signal
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import tqdm
+
+from configs import base
+from model import flops
+from model.transformer import ModelSpec
+from train import checkpoint as checkpoint_lib
+from train import data as data_lib
+from train import metrics as metrics_lib
+from train import optim
+from train import step as step_lib
+from train import tokenizer as tokenizer_lib
+
+log = logging.getLogger("peakllm.train")
+
+
+class _StopRequest:
+  """Turns SIGTERM/SIGINT into a flag the loop checks between steps (so a checkpoint can be written)."""
+
+  def __init__(self):
+    self.signal = None
+
+  def __call__(self, signum, _frame):
+    self.signal = signum
+
+  @contextlib.contextmanager
+  def installed(self):
+    previous = {s: signal.signal(s, self) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+      yield self
+    finally:
+      for s, handler in previous.items():
+        signal.signal(s, handler)
+
+
+def write_config(config, workdir: str) -> None:
+  with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
+    f.write(config.to_json_best_effort(indent=2))
+
+
+def evaluate(eval_fn, params, config, source, tokenizer) -> dict[str, float]:
+  """Mean loss and perplexity over the first `train.eval_batches` validation batches (always the same tokens)."""
+  iterator = data_lib.make_iterator(config, source, tokenizer, split="validation",
+                                    shard_index=jax.process_index(), shard_count=jax.process_count())
+  nll, weight = 0.0, 0.0
+  for _ in range(config.train.eval_batches):
+    out = eval_fn(params, next(iterator))
+    nll += float(out["nll_sum"])
+    weight += float(out["weight_sum"])
+  loss = nll / max(weight, 1.0)
+  return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0)), "eval_tokens": weight}
+
+
+def _log_compiled(compiled) -> None:
+  try:
+    mem = compiled.memory_analysis()
+  except Exception:  # not every backend reports memory
+    mem = None
+  if mem is not None:
+    fields = ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes", "alias_size_in_bytes")
+    sizes = {f: getattr(mem, f, None) for f in fields}
+    log.info("train step memory (MiB): %s", {k: round(v / 2**20, 1) for k, v in sizes.items() if v is not None})
+
+
+def run(config, workdir: str) -> dict[str, Any]:
+  """Trains per `config` in `workdir` and returns a summary (final eval loss/ppl, throughput, MFU, sample)."""
+  base.validate(config)
+  is_main = jax.process_index() == 0
+  os.makedirs(workdir, exist_ok=True)
+  if is_main:
+    write_config(config, workdir)
+  t = config.train
+
+  sources = data_lib.load_sources(config)
+  tokenizer = tokenizer_lib.load_or_train(config, workdir)
+  if tokenizer.get_vocab_size() > config.model.vocab_size:
+    raise ValueError(f"config.model.vocab_size={config.model.vocab_size} is smaller than the tokenizer's "
+                     f"{tokenizer.get_vocab_size()} entries: raise it or use another data.tokenizer_path")
+
+  spec = ModelSpec.from_config(config.model)
+  graphdef = step_lib.model_graphdef(spec)
+  abstract_params = jax.eval_shape(lambda: step_lib.init_params(spec, t.seed))
+  optimizer = optim.make_optimizer(t, abstract_params)
+  schedule = optim.make_schedule(t)
+  abstract_state = jax.eval_shape(lambda: step_lib.init_state(spec, optimizer, t.seed))
+
+  train_iter = data_lib.make_iterator(config, sources["train"], tokenizer, split="train",
+                                      shard_index=jax.process_index(), shard_count=jax.process_count())
+  ckpt = checkpoint_lib.Checkpointer(workdir, t.max_to_keep, t.async_checkpoint)
+  start_step = ckpt.latest_step()
+  if start_step is not None:
+    state = ckpt.restore(start_step, abstract_state, train_iter)
+    log.info("resumed from step %d", start_step)
+  else:
+    state = jax.jit(lambda: step_lib.init_state(spec, optimizer, t.seed))()
+    start_step = 0
+
+  first_batch = next(train_iter)
+  batch_spec = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), first_batch)
+  compiled = step_lib.jit_train_step(graphdef, optimizer, schedule, t.grad_accum_steps, t.z_loss).lower(
+      abstract_state, batch_spec).compile()
+  _log_compiled(compiled)
+  eval_fn = step_lib.jit_eval_step(graphdef)
+
+  n_params = flops.param_count(spec)
+  flops_per_token = flops.flops_per_token(spec, config.data.seq_len)
+  peak, peak_source = metrics_lib.peak_flops_per_device(config.model.dtype, t.peak_flops)
+  peak_total = peak * jax.device_count()
+  log.info("model: %s, %.2fM parameters, %.1f MFLOPs/token; peak %.3g FLOP/s per device (%s)",
+           spec.family, n_params / 1e6, flops_per_token / 1e6, peak, peak_source)
+
+  writer = metrics_lib.MetricsWriter(workdir, enabled=is_main)
+  stop = _StopRequest()
+  bar = tqdm.tqdm(total=t.steps, initial=start_step, disable=not (t.progress_bar and is_main), unit="step",
+                  dynamic_ncols=True)
+  step = start_step
+  last_eval: dict[str, float] = {}
+  throughput = {"tokens_per_sec": 0.0, "mfu": 0.0}
+  tokens_per_step = t.batch_size * config.data.seq_len
+  batch = first_batch
+  window_start, window_steps = time.perf_counter(), 0
+  interrupted = False
+  with stop.installed():
+    while step < t.steps:
+      if stop.signal is not None:
+        interrupted = True
+        break
+      state, step_metrics = compiled(state, batch)
+      step += 1
+      window_steps += 1
+      bar.update(1)
+      if step % t.log_every == 0 or step == t.steps:
+        row = jax.device_get(step_metrics)  # blocks, so the window timing covers finished work
+        elapsed = time.perf_counter() - window_start
+        step_time = elapsed / window_steps
+        tps = tokens_per_step / step_time
+        throughput = {"tokens_per_sec": tps, "mfu": metrics_lib.mfu(flops_per_token, tps, peak_total)}
+        out = {"loss": row["loss"], "learning_rate": row["learning_rate"], "grad_norm": row["grad_norm"],
+               "tokens_per_sec": tps, "step_time_s": step_time, "mfu": throughput["mfu"]}
+        if t.z_loss:
+          out["objective"] = row["objective"]
+        if not np.isfinite(out["loss"]):
+          raise FloatingPointError(f"loss is {out['loss']} at step {step}; lower train.learning_rate or clip harder")
+        writer.write(step, out)
+        bar.set_postfix(loss=f"{out['loss']:.3f}", tok_s=f"{tps:,.0f}", mfu=f"{throughput['mfu']:.1%}")
+        window_start, window_steps = time.perf_counter(), 0
+      if (t.eval_every and step % t.eval_every == 0) or step == t.steps:
+        last_eval = evaluate(eval_fn, state["params"], config, sources["validation"], tokenizer)
+        writer.write(step, last_eval)
+        bar.write(f"step {step}: eval loss {last_eval['eval_loss']:.4f}, perplexity {last_eval['eval_ppl']:.2f}")
+        window_start, window_steps = time.perf_counter(), 0
+      if step % t.checkpoint_every == 0 or step == t.steps:
+        ckpt.save(step, state, train_iter)
+      if step < t.steps:
+        batch = next(train_iter)
+    if interrupted:
+      log.warning("signal %s: saving a checkpoint at step %d and stopping", stop.signal, step)
+      ckpt.save(step, state, train_iter)
+    ckpt.close()
+  bar.close()
+
+  summary: dict[str, Any] = {"step": step, "interrupted": interrupted, "parameters": n_params, **throughput}
+  if not interrupted:
+    if not last_eval:
+      last_eval = evaluate(eval_fn, state["params"], config, sources["validation"], tokenizer)
+    summary.update(last_eval)
+    summary["sample"] = _sample(config, spec, graphdef, state["params"], tokenizer)
+  writer.close()
+  if is_main:
+    with open(os.path.join(workdir, "summary.json"), "w", encoding="utf-8") as f:
+      json.dump({k: v for k, v in summary.items()}, f, indent=2)
+  return summary
+
+
+def _sample(config, spec, graphdef, params, tokenizer) -> str:
+  from flax import nnx
+
+  from infer import generate  # inference reads trained params; imported here to keep the module graph one-way
+
+  s = config.sample
+  if s.max_new_tokens == 0:
+    return ""
+  model = nnx.merge(graphdef, params)
+  new_tokens = min(s.max_new_tokens, spec.max_len - len(tokenizer.encode(s.prompt).ids) - 2)
+  (text,) = generate.generate_text(model, tokenizer, [s.prompt], max_new_tokens=max(new_tokens, 1),
+                                   temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, seed=config.train.seed)
+  return s.prompt + text
