@@ -3,6 +3,7 @@
 import logging
 import sys
 
+import tensorflow_datasets as tfds
 from absl import app, flags
 from ml_collections import config_flags
 
@@ -16,7 +17,8 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (metrics, chec
 def main(argv):
   del argv
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-  logging.getLogger("absl").setLevel(logging.WARNING)
+  logging.getLogger("absl").setLevel(logging.ERROR)  # tfds/jax chatter (custom-config notes, missing libtpu)
+  tfds.disable_progress_bar()
   try:
     summary = trainer.run(_CONFIG.value, _WORKDIR.value)
   except (ValueError, FileNotFoundError) as e:

@@ -13,7 +13,7 @@ import math
 import os
 import signal
 import time
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -66,6 +66,8 @@ def evaluate(eval_fn, params, config, source, tokenizer) -> dict[str, float]:
     out = eval_fn(params, next(iterator))
     nll += float(out["nll_sum"])
     weight += float(out["weight_sum"])
+  if hasattr(iterator, "close"):
+    iterator.close()
   loss = nll / max(weight, 1.0)
   return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0)), "eval_tokens": weight}
 
@@ -81,8 +83,11 @@ def _log_compiled(compiled) -> None:
     log.info("train step memory (MiB): %s", {k: round(v / 2**20, 1) for k, v in sizes.items() if v is not None})
 
 
-def run(config, workdir: str) -> dict[str, Any]:
-  """Trains per `config` in `workdir` and returns a summary (final eval loss/ppl, throughput, MFU, sample)."""
+def run(config, workdir: str, on_step: Callable[[int], None] | None = None) -> dict[str, Any]:
+  """Trains per `config` in `workdir` and returns a summary (final eval loss/ppl, throughput, MFU, sample).
+
+  `on_step(step)` is called after every finished step (tests use it to deliver signals at a chosen step).
+  """
   base.validate(config)
   is_main = jax.process_index() == 0
   os.makedirs(workdir, exist_ok=True)
@@ -114,8 +119,9 @@ def run(config, workdir: str) -> dict[str, Any]:
     state = jax.jit(lambda: step_lib.init_state(spec, optimizer, t.seed))()
     start_step = 0
 
-  first_batch = next(train_iter)
-  batch_spec = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), first_batch)
+  rows = t.batch_size // jax.process_count()
+  batch_spec = {k: jax.ShapeDtypeStruct((rows, config.data.seq_len), jnp.float32 if k == "weights" else jnp.int32)
+                for k in ("inputs", "targets", "segment_ids", "positions", "weights")}
   compiled = step_lib.jit_train_step(graphdef, optimizer, schedule, t.grad_accum_steps, t.z_loss).lower(
       abstract_state, batch_spec).compile()
   _log_compiled(compiled)
@@ -136,7 +142,6 @@ def run(config, workdir: str) -> dict[str, Any]:
   last_eval: dict[str, float] = {}
   throughput = {"tokens_per_sec": 0.0, "mfu": 0.0}
   tokens_per_step = t.batch_size * config.data.seq_len
-  batch = first_batch
   window_start, window_steps = time.perf_counter(), 0
   interrupted = False
   with stop.installed():
@@ -144,6 +149,7 @@ def run(config, workdir: str) -> dict[str, Any]:
       if stop.signal is not None:
         interrupted = True
         break
+      batch = next(train_iter)
       state, step_metrics = compiled(state, batch)
       step += 1
       window_steps += 1
@@ -170,8 +176,8 @@ def run(config, workdir: str) -> dict[str, Any]:
         window_start, window_steps = time.perf_counter(), 0
       if step % t.checkpoint_every == 0 or step == t.steps:
         ckpt.save(step, state, train_iter)
-      if step < t.steps:
-        batch = next(train_iter)
+      if on_step is not None:
+        on_step(step)
     if interrupted:
       log.warning("signal %s: saving a checkpoint at step %d and stopping", stop.signal, step)
       ckpt.save(step, state, train_iter)

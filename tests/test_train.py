@@ -1,0 +1,127 @@
+"""End to end: the tiny preset trains, writes the workdir contract, resumes bitwise-exactly, and bad input fails early."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from configs import base, default, tiny
+from train import trainer
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+  return str(tmp_path_factory.mktemp("tfds"))
+
+
+def tiny_config(data_dir, **train):
+  c = tiny.get_config()
+  c.data.update(data_dir=data_dir, max_docs=300, tokenizer_train_bytes=300_000)
+  c.train.update(train)
+  return base.validate(c)
+
+
+def read_rows(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(data_dir, tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("tiny"))
+  summary = trainer.run(tiny_config(data_dir), workdir)
+  return workdir, summary
+
+
+def test_tiny_preset_learns_and_fills_the_workdir(tiny_run):
+  workdir, summary = tiny_run
+  rows = [r for r in read_rows(workdir) if "loss" in r]
+  assert [r["step"] for r in rows] == list(range(10, 61, 10))
+  for key in ("loss", "learning_rate", "tokens_per_sec", "step_time_s", "mfu"):
+    assert all(key in r for r in rows), key
+  assert rows[-1]["loss"] < rows[0]["loss"] - 0.5, rows  # well below the first logged value (itself < ln 512)
+  evals = [r for r in read_rows(workdir) if "eval_loss" in r]
+  assert [r["step"] for r in evals] == [30, 60] and evals[-1]["eval_ppl"] < 512
+  for name in ("config.json", "tokenizer.json", "summary.json"):
+    assert os.path.exists(os.path.join(workdir, name)), name
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["30", "60"]
+  assert any(f.startswith("events.out.tfevents") for f in os.listdir(os.path.join(workdir, "tensorboard")))
+  assert summary["sample"].startswith(tiny.get_config().sample.prompt) and summary["eval_ppl"] == evals[-1]["eval_ppl"]
+
+
+def test_resume_after_a_signal_gives_bitwise_identical_losses(data_dir, tmp_path):
+  steps = dict(steps=12, log_every=1, eval_every=0, checkpoint_every=100, warmup_steps=2)
+  straight = str(tmp_path / "straight")
+  trainer.run(tiny_config(data_dir, **steps), straight)
+  expected = {r["step"]: r["loss"] for r in read_rows(straight) if "loss" in r}
+
+  interrupted = str(tmp_path / "interrupted")
+
+  def sigterm_at_5(step):
+    if step == 5:
+      os.kill(os.getpid(), signal.SIGTERM)
+
+  first = trainer.run(tiny_config(data_dir, **steps), interrupted, on_step=sigterm_at_5)
+  assert first["interrupted"] and first["step"] == 5
+  assert os.listdir(os.path.join(interrupted, "checkpoints")) == ["5"]
+  second = trainer.run(tiny_config(data_dir, **steps), interrupted)
+  assert not second["interrupted"] and second["step"] == 12
+  resumed = {r["step"]: r["loss"] for r in read_rows(interrupted) if "loss" in r}
+  assert resumed == expected  # exact float equality, step by step
+
+
+def test_train_cli_rejects_bad_overrides_before_compiling(tmp_path):
+  cmd = [sys.executable, "-m", "train", "--config=configs/tiny.py", f"--workdir={tmp_path}",
+         "--config.model.num_kv_heads=3"]
+  proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+  assert proc.returncode != 0
+  assert "config.model.num_kv_heads=3" in proc.stderr and "must divide model.num_heads=4" in proc.stderr
+
+
+@pytest.mark.parametrize("case,message", [("missing", "does not exist"), ("empty", "matches no files")])
+def test_train_cli_reports_missing_or_empty_data_directories(tmp_path, case, message):
+  (tmp_path / "empty").mkdir()
+  cmd = [sys.executable, "-m", "train", "--config=configs/tiny.py", f"--workdir={tmp_path / 'w'}",
+         f"--config.data.source=files:{tmp_path / case}/*.txt", f"--config.data.data_dir={tmp_path / 'd'}"]
+  proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+  assert proc.returncode != 0
+  assert "config.data.source='files:" in proc.stderr and message in proc.stderr, proc.stderr[-2000:]
+
+
+def test_generate_cli_is_deterministic_under_a_seed(tiny_run):
+  workdir, _ = tiny_run
+  cmd = [sys.executable, "-m", "infer.generate", f"--workdir={workdir}", "--prompt=def f(", "--max_new_tokens=12",
+         "--temperature=1.0", "--seed=3"]
+  outs = [subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=180) for _ in range(2)]
+  assert all(o.returncode == 0 for o in outs), outs[0].stderr[-2000:]
+  first = [line for line in outs[0].stdout.splitlines() if "tokens/s" not in line]
+  second = [line for line in outs[1].stdout.splitlines() if "tokens/s" not in line]
+  assert first == second and any("def f(" in line for line in first)
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("model.num_heads", 5, "must divide model.embed_dim=384"),
+    ("model.num_kv_heads", 4, "must divide model.num_heads=6"),
+    ("model.family", "bert", "allowed values are gpt, llama"),
+    ("model.remat", "some", "allowed values are none, full"),
+    ("model.dtype", "float8", "allowed values are float32"),
+    ("model.attention_impl", "magic", "allowed values are xla"),
+    ("train.optimizer", "sgd", "allowed values are adamw, adafactor, lion"),
+    ("train.grad_accum_steps", 3, "must divide train.batch_size=8"),
+    ("data.seq_len", 512, "must be <= model.max_len=256"),
+    ("train.learning_rate", -1.0, "must be a number > 0"),
+    ("data.source", "http://x", "'stdlib', 'files:GLOB' or 'tfds:NAME[:CONFIG]'"),
+    ("train.warmup_steps", 10_000, "must be <= train.steps=800"),
+])
+def test_validate_names_the_key_the_value_and_what_is_allowed(key, value, message):
+  c = default.get_config()
+  section, name = key.split(".")
+  c[section][name] = value
+  with pytest.raises(ValueError) as err:
+    base.validate(c)
+  assert f"config.{key}={value!r}" in str(err.value) and message in str(err.value)
