@@ -53,6 +53,7 @@ def get_config() -> ml_collections.ConfigDict:
   d.tokenizer_train_bytes = 8_000_000  # how many bytes of training text the BPE trainer reads
   d.seq_len = 256  # tokens per packed row
   d.shuffle_seed = 0  # seed of the document shuffle
+  d.shuffle_window = 2048  # train chunks shuffled in windows of this many, so a long document spans many batches; 0/1 off
   d.num_workers = 0  # grain worker processes (0 reads in the main process)
 
   c.train = t = ml_collections.ConfigDict()

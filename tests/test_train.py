@@ -105,8 +105,8 @@ def test_generate_cli_is_deterministic_under_a_seed(tiny_run):
 
 
 @pytest.mark.parametrize("key,value,message", [
-    ("model.num_heads", 5, "must divide model.embed_dim=384"),
-    ("model.num_kv_heads", 4, "must divide model.num_heads=6"),
+    ("model.num_heads", 5, "must divide model.embed_dim=256"),
+    ("model.num_kv_heads", 3, "must divide model.num_heads=4"),
     ("model.family", "bert", "allowed values are gpt, llama"),
     ("model.remat", "some", "allowed values are none, full"),
     ("model.dtype", "float8", "allowed values are float32"),
@@ -116,7 +116,7 @@ def test_generate_cli_is_deterministic_under_a_seed(tiny_run):
     ("data.seq_len", 512, "must be <= model.max_len=256"),
     ("train.learning_rate", -1.0, "must be a number > 0"),
     ("data.source", "http://x", "'stdlib', 'files:GLOB' or 'tfds:NAME[:CONFIG]'"),
-    ("train.warmup_steps", 10_000, "must be <= train.steps=800"),
+    ("train.warmup_steps", 10_000, "must be <= train.steps=600"),
 ])
 def test_validate_names_the_key_the_value_and_what_is_allowed(key, value, message):
   c = default.get_config()

@@ -283,6 +283,8 @@ def make_dataset(config: ml_collections.ConfigDict, source, tokenizer: Tokenizer
     ds = ds.shuffle(seed=d.shuffle_seed)  # reshuffled every epoch by the repeat below
   ds = ds.repeat().map(functools.partial(tokenize_document, tokenizer=tokenizer, seq_len=d.seq_len))
   it = grain.experimental.FlatMapIterDataset(ds.to_iter_dataset(_READ_OPTIONS), _Flatten())
+  if train and d.shuffle_window > 1:  # spread the chunks of long documents over many batches
+    it = grain.experimental.WindowShuffleIterDataset(it, window_size=d.shuffle_window, seed=d.shuffle_seed)
   it = grain.experimental.FirstFitPackIterDataset(
       it, length_struct={"inputs": d.seq_len, "targets": d.seq_len}, num_packing_bins=rows,
       seed=d.shuffle_seed, shuffle_bins=train)
