@@ -19,7 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-EOT = "<|endoftext|>"  # document separator (id 0); prompts start with it and a row stops when it is generated
+from train.tokenizer import EOT, eot_id  # noqa: F401  (EOT: prompts start with it; a row stops at it)
+
 
 
 def sample_logits(logits: jax.Array, key: jax.Array, *, temperature: float, top_k: int = 0,
@@ -133,14 +134,6 @@ def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, te
   args, kwargs = _prepare(model, prompts, max_new_tokens, temperature, top_k, top_p, seed, eos_id)
   out, _ = _generate_padded(*args, **kwargs)
   return _cut(jax.device_get(out), eos_id)
-
-
-def eot_id(tokenizer) -> int:
-  """Id of `<|endoftext|>` in `tokenizer`; ValueError if it is missing."""
-  i = tokenizer.token_to_id(EOT)
-  if i is None:
-    raise ValueError(f"tokenizer has no {EOT} token")
-  return i
 
 
 def encode_prompt(tokenizer, text: str) -> list[int]:

@@ -58,15 +58,18 @@ def test_gradient_accumulation_equals_one_big_batch(optimizer):
   assert int(accum["step"]) == 3
 
 
+def model_and_batch(seed):
+  """(params, graphdef, batch, logits [B, L, V]) of the small model on a random packed batch."""
+  spec = ModelSpec.from_config(small_config().model)
+  params, graphdef, batch = step_lib.init_params(spec, 0), step_lib.model_graphdef(spec), random_batch(seed)
+  logits = step_lib.nnx.merge(graphdef, params)(batch["inputs"], batch["positions"], batch["segment_ids"])
+  return params, graphdef, batch, logits
+
+
 def test_loss_ignores_padding_and_matches_a_direct_cross_entropy():
-  config = small_config()
-  spec = ModelSpec.from_config(config.model)
-  params = step_lib.init_params(spec, 0)
-  graphdef = step_lib.model_graphdef(spec)
-  batch = random_batch(5)
+  params, graphdef, batch, logits = model_and_batch(5)
   _, (nll, weight) = step_lib.summed_loss(params, graphdef, batch, 0.0)
-  logits = jax.nn.log_softmax(step_lib.nnx.merge(graphdef, params)(batch["inputs"], batch["positions"],
-                                                                  batch["segment_ids"]))
+  logits = jax.nn.log_softmax(logits)
   direct = -np.take_along_axis(np.asarray(logits), batch["targets"][..., None], -1)[..., 0]
   np.testing.assert_allclose(float(nll), (direct * batch["weights"]).sum(), rtol=1e-5)
   assert float(weight) == batch["weights"].sum()
@@ -75,14 +78,9 @@ def test_loss_ignores_padding_and_matches_a_direct_cross_entropy():
 
 
 def test_z_loss_adds_the_squared_log_partition():
-  config = small_config()
-  spec = ModelSpec.from_config(config.model)
-  params = step_lib.init_params(spec, 0)
-  graphdef = step_lib.model_graphdef(spec)
-  batch = random_batch(6)
+  params, graphdef, batch, logits = model_and_batch(6)
   plain, _ = step_lib.summed_loss(params, graphdef, batch, 0.0)
   with_z, _ = step_lib.summed_loss(params, graphdef, batch, 1e-2)
-  logits = step_lib.nnx.merge(graphdef, params)(batch["inputs"], batch["positions"], batch["segment_ids"])
   log_z = jax.nn.logsumexp(logits, -1)
   np.testing.assert_allclose(float(with_z - plain), 1e-2 * float((log_z**2 * batch["weights"]).sum()), rtol=1e-4)
 
