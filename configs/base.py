@@ -11,7 +11,7 @@ import ml_collections
 FAMILIES = ("gpt", "llama")  # gpt: GPT-2/OPT (learned positions, LayerNorm, GELU, biases); llama: RoPE, RMSNorm, SwiGLU
 DTYPES = ("float32", "bfloat16", "float16")
 REMAT_POLICIES = ("none", "full", "save_dots", "save_dots_no_batch", "save_attention_out")
-ATTENTION_IMPLS = ("xla",)  # reference path; the kernels issue adds "pallas" and "cudnn"
+ATTENTION_IMPLS = ("xla", "pallas", "cudnn")  # reference jnp path, our Pallas flash kernel, cuDNN (NVIDIA GPUs)
 OPTIMIZERS = ("adamw", "adafactor", "lion")
 SCHEDULES = ("cosine", "linear", "constant")
 ACTIVATIONS = ("gelu", "relu", "silu")
@@ -40,7 +40,7 @@ def get_config() -> ml_collections.ConfigDict:
   m.dtype = "float32"  # compute dtype of matmuls; softmax, norms and the loss always run in float32
   m.remat = "none"  # activation recomputation policy, one of REMAT_POLICIES
   m.scan_layers = True  # run the blocks with lax.scan (one compiled block) instead of unrolling them
-  m.attention_impl = "xla"  # one of ATTENTION_IMPLS
+  m.attention_impl = "xla"  # one of ATTENTION_IMPLS; kernels serve full-sequence causal attention, cache steps use xla
   m.init_std = 0.02  # normal init scale; residual output projections are scaled by 1/sqrt(2 * num_layers)
 
   c.data = d = ml_collections.ConfigDict()

@@ -1,38 +1,61 @@
-"""Attention math and its implementation switch.
+"""Attention math and its implementation switch (`model.attention_impl`).
 
-`attend` is the single entry point the model calls; `impl="xla"` is the plain-jnp reference every kernel is tested
-against. Masks are built from segment ids and slots, so the same code serves packed training (documents never see each
-other), padded batches (segment 0 is padding) and KV-cache decoding (slots beyond the write index are empty).
+The model describes visibility with `Visibility` (segment ids and slots) instead of a materialised mask, so each
+implementation can use what suits it:
+  * `xla`: the plain-jnp reference; builds a [B, 1, Lq, Lk] mask. Serves every case, KV-cache decoding included.
+  * `pallas`: our flash attention kernel (`model/kernels/flash_attention.py`) for causal self-attention over a full
+    sequence (training, scoring, prefill without a cache); cache steps fall back to `xla`.
+  * `cudnn`: `jax.nn.dot_product_attention(implementation="cudnn")` on NVIDIA GPUs, same coverage as `pallas`.
+Segment 0 marks padding. Padding queries see nothing under `xla` and other padding under the kernels; their outputs
+are never used (their loss weight is 0), and every real token gets identical attention from all three.
 """
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 
-NEG_INF = -0.7 * float(jnp.finfo(jnp.float32).max)  # finite, so fully masked (padding) rows stay NaN-free
+from model.kernels import flash_attention as flash
+
+NEG_INF = flash.NEG_INF
 
 
-def make_mask(q_segment_ids: jax.Array, kv_segment_ids: jax.Array, q_slots: jax.Array) -> jax.Array:
-  """Boolean mask [batch, 1, q_len, kv_len]: same non-zero segment and causal in slot order.
+@dataclasses.dataclass(frozen=True)
+class Visibility:
+  """Who sees whom. q_segment_ids [B, Lq], kv_segment_ids [B, Lk] int32 (0 = padding/empty); q_slots [B, Lq] int32:
+  the kv slot of each query (causal: slot j is visible from slot s when j <= s). `self_attention` is True when
+  queries and keys are the same full sequence (q_slots = 0..L-1, same segments), which the kernels require."""
 
-  q_segment_ids [B, Lq] int32, kv_segment_ids [B, Lk] int32 (0 = padding/empty), q_slots [B, Lq] int32: the kv slot of
-  each query (kv slot j is visible to a query at slot s when j <= s).
-  """
-  kv_slots = jnp.arange(kv_segment_ids.shape[1], dtype=jnp.int32)
-  causal = kv_slots[None, None, :] <= q_slots[:, :, None]
-  same = (q_segment_ids[:, :, None] == kv_segment_ids[:, None, :]) & (kv_segment_ids[:, None, :] != 0)
-  return (causal & same)[:, None]
+  q_segment_ids: jax.Array
+  kv_segment_ids: jax.Array
+  q_slots: jax.Array
+  self_attention: bool = False
+
+  @classmethod
+  def causal_self(cls, segment_ids: jax.Array) -> "Visibility":
+    b, l = segment_ids.shape
+    slots = jnp.broadcast_to(jnp.arange(l, dtype=jnp.int32), (b, l))
+    return cls(segment_ids, segment_ids, slots, self_attention=True)
+
+  def mask(self) -> jax.Array:
+    """Boolean [B, 1, Lq, Lk]: causal in slot order, same non-zero segment."""
+    kv_slots = jnp.arange(self.kv_segment_ids.shape[1], dtype=jnp.int32)
+    causal = kv_slots[None, None, :] <= self.q_slots[:, :, None]
+    kv = self.kv_segment_ids[:, None, :]
+    same = (self.q_segment_ids[:, :, None] == kv) & (kv != 0)
+    return (causal & same)[:, None]
 
 
-def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, sm_scale: float) -> jax.Array:
-  """Reference grouped-query attention.
+def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, visibility: Visibility, sm_scale: float) -> jax.Array:
+  """Reference grouped-query attention. q [B, Lq, H, D], k/v [B, Lk, K, D] with K | H -> [B, Lq, H, D] (q's dtype).
 
-  q [B, Lq, H, D], k/v [B, Lk, K, D] with K dividing H, mask [B, 1, Lq, Lk] bool -> [B, Lq, H, D] in q's dtype.
-  Logits and softmax in float32.
+  Logits and softmax in float32; rows with no visible key give the mean of v (finite, never NaN).
   """
   b, lq, h, d = q.shape
   kv_heads = k.shape[2]
+  mask = visibility.mask()
   q = q.reshape(b, lq, kv_heads, h // kv_heads, d)
   logits = jnp.einsum("bqkgd,bskd->bkgqs", q, k, preferred_element_type=jnp.float32) * sm_scale
   logits = jnp.where(mask[:, :, None], logits, NEG_INF)
@@ -41,12 +64,27 @@ def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, sm_
   return out.reshape(b, lq, h, d).astype(q.dtype)
 
 
-IMPLS = {"xla": xla_attention}
+def pallas_attention(q, k, v, visibility: Visibility, sm_scale: float) -> jax.Array:
+  return flash.flash_attention(q, k, v, causal=True, segment_ids=visibility.q_segment_ids, sm_scale=sm_scale)
 
 
-def attend(q, k, v, mask, *, impl: str = "xla", sm_scale: float | None = None) -> jax.Array:
-  """Dispatches to the configured attention implementation; see `xla_attention` for shapes."""
+def cudnn_attention(q, k, v, visibility: Visibility, sm_scale: float) -> jax.Array:
+  if jax.default_backend() != "gpu":
+    raise ValueError(f"attention_impl='cudnn' needs an NVIDIA GPU; this backend is {jax.default_backend()!r} "
+                     "(use 'xla' or 'pallas')")
+  seg = visibility.q_segment_ids
+  mask = (seg[:, :, None] == seg[:, None, :])[:, None]
+  return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=sm_scale, is_causal=True, implementation="cudnn")
+
+
+IMPLS = {"xla": xla_attention, "pallas": pallas_attention, "cudnn": cudnn_attention}
+
+
+def attend(q, k, v, visibility: Visibility, *, impl: str = "xla", sm_scale: float | None = None) -> jax.Array:
+  """Dispatches to the configured implementation (kernels only for full causal self-attention; else `xla`)."""
   if impl not in IMPLS:
     raise ValueError(f"attention_impl={impl!r} is not available; choose one of {sorted(IMPLS)}")
   scale = sm_scale if sm_scale is not None else q.shape[-1] ** -0.5
-  return IMPLS[impl](q, k, v, mask, scale)
+  if impl != "xla" and not visibility.self_attention:
+    impl = "xla"
+  return IMPLS[impl](q, k, v, visibility, scale)

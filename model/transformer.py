@@ -146,11 +146,11 @@ class Attention(nnx.Module):
     y = _matmul(self.spec, "bld,dnh->blnh", x, w)
     return y if b is None else y + b[...].astype(y.dtype)
 
-  def __call__(self, x, positions, mask, q_slots_start=None, kv_cache=None):
-    """x [B, L, D]; positions [B, L]; mask [B, 1, L, S] bool; kv_cache (k, v) each [B, S, K, hd] or None.
+  def __call__(self, x, positions, visibility, q_slots_start=None, kv_cache=None):
+    """x [B, L, D]; positions [B, L]; visibility: `attention.Visibility`; kv_cache (k, v) each [B, S, K, hd] or None.
 
     Returns (y [B, L, D], updated kv_cache or None). With a cache, this call's keys/values are written at slots
-    [q_slots_start, q_slots_start + L) and attention runs over all S slots (the mask hides the empty ones).
+    [q_slots_start, q_slots_start + L) and attention runs over all S slots (visibility hides the empty ones).
     """
     spec = self.spec
     q = self._project(x, self.wq, self.bq)
@@ -165,7 +165,7 @@ class Attention(nnx.Module):
       k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), start)
       v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), start)
       kv_cache = (k, v)
-    out = attention_lib.attend(q, k.astype(q.dtype), v.astype(q.dtype), mask, impl=spec.attention_impl)
+    out = attention_lib.attend(q, k.astype(q.dtype), v.astype(q.dtype), visibility, impl=spec.attention_impl)
     out = checkpoint_name(out, "attention_out")
     y = _matmul(spec, "blnh,nhd->bld", out, self.wo)
     if self.bo is not None:
@@ -212,8 +212,8 @@ class Block(nnx.Module):
     self.mlp_norm = Norm(spec, rngs)
     self.mlp = MLP(spec, rngs)
 
-  def __call__(self, x, positions, mask, q_slots_start=None, kv_cache=None):
-    y, kv_cache = self.attn(self.attn_norm(x), positions, mask, q_slots_start, kv_cache)
+  def __call__(self, x, positions, visibility, q_slots_start=None, kv_cache=None):
+    y, kv_cache = self.attn(self.attn_norm(x), positions, visibility, q_slots_start, kv_cache)
     x = x + y
     x = x + self.mlp(self.mlp_norm(x))
     return constrain(x, ("batch", "length", "embed")), kv_cache
@@ -256,9 +256,7 @@ class Transformer(nnx.Module):
       positions = jnp.broadcast_to(jnp.arange(l, dtype=jnp.int32), (b, l))
     if segment_ids is None:
       segment_ids = jnp.ones((b, l), jnp.int32)
-    q_slots = jnp.broadcast_to(jnp.arange(l, dtype=jnp.int32), (b, l))
-    mask = attention_lib.make_mask(segment_ids, segment_ids, q_slots)
-    logits, _ = self._forward(inputs, positions, mask, None, None)
+    logits, _ = self._forward(inputs, positions, attention_lib.Visibility.causal_self(segment_ids), None, None)
     return logits
 
   def init_cache(self, batch: int, length: int, dtype=None) -> Cache:
@@ -280,21 +278,21 @@ class Transformer(nnx.Module):
     start = cache["index"]
     kv_segments = jax.lax.dynamic_update_slice(cache["segment_ids"], segment_ids.astype(jnp.int32), (0, start))
     q_slots = jnp.broadcast_to(start + jnp.arange(l, dtype=jnp.int32), (b, l))
-    # A query sees every filled slot of its row (one sequence per row), so compare against "row is live" (1).
-    mask = attention_lib.make_mask(jnp.ones_like(segment_ids), jnp.minimum(kv_segments, 1), q_slots)
-    mask = mask & (segment_ids != 0)[:, None, :, None]
-    logits, (k, v) = self._forward(inputs, positions, mask, start, (cache["k"], cache["v"]))
+    # One sequence per row: a live query sees every filled slot up to its own; padding queries see nothing.
+    live = lambda ids: jnp.minimum(ids, 1).astype(jnp.int32)  # noqa: E731
+    visibility = attention_lib.Visibility(live(segment_ids), live(kv_segments), q_slots)
+    logits, (k, v) = self._forward(inputs, positions, visibility, start, (cache["k"], cache["v"]))
     return logits, {"k": k, "v": v, "segment_ids": kv_segments, "index": start + l}
 
   # -- internals --------------------------------------------------------------------------------------------------
 
-  def _forward(self, inputs, positions, mask, start, kv_cache):
+  def _forward(self, inputs, positions, visibility, start, kv_cache):
     spec = self.spec
     x = jnp.take(self.embed[...], inputs, axis=0).astype(spec.compute_dtype)
     if self.pos_embed is not None:
       x = x + jnp.take(self.pos_embed[...], positions, axis=0).astype(spec.compute_dtype)
     x = constrain(x, ("batch", "length", "embed"))
-    x, kv_cache = self._run_blocks(x, positions, mask, start, kv_cache)
+    x, kv_cache = self._run_blocks(x, positions, visibility, start, kv_cache)
     x = self.final_norm(x)
     if self.head is None:
       logits = jnp.einsum("bld,vd->blv", x, self.embed[...].astype(x.dtype), preferred_element_type=jnp.float32)
@@ -302,14 +300,14 @@ class Transformer(nnx.Module):
       logits = jnp.einsum("bld,dv->blv", x, self.head[...].astype(x.dtype), preferred_element_type=jnp.float32)
     return constrain(logits, ("batch", "length", "vocab")), kv_cache
 
-  def _run_blocks(self, x, positions, mask, start, kv_cache):
+  def _run_blocks(self, x, positions, visibility, start, kv_cache):
     spec = self.spec
     graphdef, params = nnx.split(self.blocks)
 
     def body(carry, layer):
       block_params, layer_cache = layer
       block = nnx.merge(graphdef, block_params)
-      y, layer_cache = block(carry, positions, mask, start, layer_cache)
+      y, layer_cache = block(carry, positions, visibility, start, layer_cache)
       return y, layer_cache
 
     if spec.remat != "none":

@@ -110,7 +110,7 @@ def test_generate_cli_is_deterministic_under_a_seed(tiny_run):
     ("model.family", "bert", "allowed values are gpt, llama"),
     ("model.remat", "some", "allowed values are none, full"),
     ("model.dtype", "float8", "allowed values are float32"),
-    ("model.attention_impl", "magic", "allowed values are xla"),
+    ("model.attention_impl", "magic", "allowed values are xla, pallas, cudnn"),
     ("train.optimizer", "sgd", "allowed values are adamw, adafactor, lion"),
     ("train.grad_accum_steps", 3, "must divide train.batch_size=8"),
     ("data.seq_len", 512, "must be <= model.max_len=256"),

@@ -1,0 +1,1 @@
+"""Pallas kernels, one per file, each beside its plain-jnp reference."""
