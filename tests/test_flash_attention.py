@@ -1,4 +1,4 @@
-"""Pallas flash attention (interpret mode on CPU) against the plain-jnp reference: forward, all three gradients,
+"""Pallas flash attention (interpret mode on CPU, compiled on GPU) against the plain-jnp reference: forward, all three gradients,
 GQA, segments, odd lengths, odd head dims, bf16; the model's `pallas` switch against `xla`; no [L, L] intermediates.
 
 Tolerances: float32 max abs error 2e-5 (outputs and gradients are O(1)); bfloat16 5e-2 (8-bit mantissa inputs).
@@ -53,7 +53,7 @@ def test_forward_and_gradients_match_the_reference(b, l, h, kv, d, causal, segme
   q, k, v, cot = inputs(l + d, b, l, h, kv, d, dtype)
   seg = random_segments(l, b, l) if segments else None
   kernel = lambda q, k, v: flash_attention(q, k, v, causal=causal, segment_ids=seg, block_q=block_q,  # noqa: E731
-                                           block_k=block_k, interpret=True)
+                                           block_k=block_k)
   reference = lambda q, k, v: reference_attention(q, k, v, causal=causal, segment_ids=seg)  # noqa: E731
   got = jax.jit(lambda *a: value_and_grads(kernel, *a))(q, k, v, cot)
   want = jax.jit(lambda *a: value_and_grads(reference, *a))(q, k, v, cot)
