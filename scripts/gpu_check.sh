@@ -15,16 +15,16 @@ python3 -c "import jax, flax; print('jax', jax.__version__, 'flax', flax.__versi
 nvidia-smi --query-gpu=name,memory.total --format=csv >> "$OUT/versions.txt" 2>&1
 
 # 1. Tests compiled for the GPU (kernels leave interpret mode off the CPU).
-JAX_PLATFORMS=cuda JAX_DEFAULT_MATMUL_PRECISION=highest timeout 180 python3 -m pytest -q -p no:cacheprovider \
+JAX_PLATFORMS=cuda JAX_DEFAULT_MATMUL_PRECISION=highest timeout 150 python3 -m pytest -q -p no:cacheprovider \
   tests/test_flash_attention.py tests/test_model.py 2>&1 | tail -30 | tee "$OUT/tests.txt"
 
 # 2. Attention kernel benchmark (table + JSON).
-timeout 240 python3 -m scripts.bench_kernels --out="$OUT/bench_kernels.json" 2>&1 | grep -v "^W\|^I" \
+timeout 150 python3 -m scripts.bench_kernels --repeats=5 --out="$OUT/bench_kernels.json" 2>&1 | grep -v "^W\|^I" \
   | tee "$OUT/bench_kernels.txt"
 
 # 3. GPT-2 124M, bf16: the same short run with each attention implementation.
 for impl in xla pallas; do
-  timeout 120 python3 -m train --config=configs/gpt2_124m.py --workdir=/tmp/gpt2_$impl --config.train.steps=60 \
+  timeout 80 python3 -m train --config=configs/gpt2_124m.py --workdir=/tmp/gpt2_$impl --config.train.steps=40 \
     --config.train.warmup_steps=10 --config.train.eval_every=0 --config.train.eval_batches=2 \
     --config.train.checkpoint_every=1000 --config.train.batch_size=32 --config.data.num_workers=8 \
     --config.data.tokenizer_train_bytes=4000000 --config.sample.max_new_tokens=8 \
