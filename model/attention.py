@@ -4,7 +4,8 @@ The model describes visibility with `Visibility` (segment ids and slots) instead
 implementation can use what suits it:
   * `xla`: the plain-jnp reference; builds a [B, 1, Lq, Lk] mask. Serves every case, KV-cache decoding included.
   * `pallas`: our flash attention kernel (`model/kernels/flash_attention.py`) for causal self-attention over a full
-    sequence (training, scoring, prefill without a cache); cache steps fall back to `xla`.
+    sequence (training, scoring), and our decode kernel (`model/kernels/decode_attention.py`) for one-token cache
+    steps; multi-token cache steps (prefill into a cache) use `xla`.
   * `cudnn`: `jax.nn.dot_product_attention(implementation="cudnn")` on NVIDIA GPUs, same coverage as `pallas`.
 Segment 0 marks padding. Padding queries see nothing under `xla` and other padding under the kernels; their outputs
 are never used (their loss weight is 0), and every real token gets identical attention from all three.
@@ -17,6 +18,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from model.kernels import decode_attention as decode
 from model.kernels import flash_attention as flash
 
 NEG_INF = flash.NEG_INF
@@ -68,6 +70,15 @@ def pallas_attention(q, k, v, visibility: Visibility, sm_scale: float) -> jax.Ar
   return flash.flash_attention(q, k, v, causal=True, segment_ids=visibility.q_segment_ids, sm_scale=sm_scale)
 
 
+def pallas_decode_attention(q, k, v, visibility: Visibility, sm_scale: float) -> jax.Array:
+  """One query per row against a cache whose live slots are contiguous (left padding, then the sequence) up to the
+  query's own slot, the layout `Transformer.extend` writes. q [B, 1, H, D] -> [B, 1, H, D]."""
+  live = visibility.kv_segment_ids != 0
+  starts = jnp.argmax(live, axis=1).astype(jnp.int32)
+  ends = jnp.where(visibility.q_segment_ids[:, 0] != 0, visibility.q_slots[:, 0] + 1, starts)
+  return decode.decode_attention(q[:, 0], k, v, starts, ends, sm_scale=sm_scale)[:, None]
+
+
 def cudnn_attention(q, k, v, visibility: Visibility, sm_scale: float) -> jax.Array:
   if jax.default_backend() != "gpu":
     raise ValueError(f"attention_impl='cudnn' needs an NVIDIA GPU; this backend is {jax.default_backend()!r} "
@@ -85,6 +96,8 @@ def attend(q, k, v, visibility: Visibility, *, impl: str = "xla", sm_scale: floa
   if impl not in IMPLS:
     raise ValueError(f"attention_impl={impl!r} is not available; choose one of {sorted(IMPLS)}")
   scale = sm_scale if sm_scale is not None else q.shape[-1] ** -0.5
+  if impl == "pallas" and not visibility.self_attention and q.shape[1] == 1:
+    return pallas_decode_attention(q, k, v, visibility, scale)
   if impl != "xla" and not visibility.self_attention:
     impl = "xla"
   return IMPLS[impl](q, k, v, visibility, scale)
