@@ -12,6 +12,8 @@ FAMILIES = ("gpt", "llama")  # gpt: GPT-2/OPT (learned positions, LayerNorm, GEL
 DTYPES = ("float32", "bfloat16", "float16")
 REMAT_POLICIES = ("none", "full", "save_dots", "save_dots_no_batch", "save_attention_out")
 ATTENTION_IMPLS = ("xla", "pallas", "cudnn")  # reference jnp path, our Pallas flash kernel, cuDNN (NVIDIA GPUs)
+QUANT_MODES = ("none", "int8_weight", "w8a8")  # float, W8A16 weight-only, W8A8 with SmoothQuant
+MATMUL_IMPLS = ("xla", "pallas")
 OPTIMIZERS = ("adamw", "adafactor", "lion")
 SCHEDULES = ("cosine", "linear", "constant")
 ACTIVATIONS = ("gelu", "relu", "silu")
@@ -42,6 +44,8 @@ def get_config() -> ml_collections.ConfigDict:
   m.scan_layers = True  # run the blocks with lax.scan (one compiled block) instead of unrolling them
   m.attention_impl = "xla"  # one of ATTENTION_IMPLS; kernels serve full-sequence causal attention, cache steps use xla
   m.init_std = 0.02  # normal init scale; residual output projections are scaled by 1/sqrt(2 * num_layers)
+  m.quant = "none"  # one of QUANT_MODES; inference only, written by `python -m scripts.quantize`
+  m.matmul_impl = "xla"  # one of MATMUL_IMPLS: how quantized matmuls run (XLA int8 dot or our Pallas kernels)
 
   c.data = d = ml_collections.ConfigDict()
   d.source = "stdlib"  # "stdlib" | "files:GLOB" | "tfds:NAME[:CONFIG]"
@@ -117,6 +121,8 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   _choice(config, "model.remat", REMAT_POLICIES)
   _choice(config, "model.attention_impl", ATTENTION_IMPLS)
   _choice(config, "model.activation", ACTIVATIONS)
+  _choice(config, "model.quant", QUANT_MODES)
+  _choice(config, "model.matmul_impl", MATMUL_IMPLS)
   _choice(config, "train.optimizer", OPTIMIZERS)
   _choice(config, "train.schedule", SCHEDULES)
   for key in ("model.vocab_size", "model.num_layers", "model.embed_dim", "model.num_heads", "model.max_len",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 import jax
+import jax.numpy as jnp
 import tokenizers
 from flax import nnx
 
@@ -17,8 +18,11 @@ def load_trained(workdir: str, step: int | None = None):
   config = checkpoint.load_config(workdir)
   spec = ModelSpec.from_config(config.model)
   abstract_params = jax.eval_shape(lambda: step_lib.init_params(spec, 0))
-  optimizer = optim.make_optimizer(config.train, abstract_params)
-  abstract_state = jax.eval_shape(lambda: step_lib.init_state(spec, optimizer, 0))
+  if spec.quant != "none":  # quantized workdirs (scripts/quantize.py) hold parameters only
+    abstract_state = {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": abstract_params}
+  else:
+    optimizer = optim.make_optimizer(config.train, abstract_params)
+    abstract_state = jax.eval_shape(lambda: step_lib.init_state(spec, optimizer, 0))
   state, step = checkpoint.restore_state(workdir, abstract_state, step)
   model = nnx.merge(step_lib.model_graphdef(spec), state["params"])
   return config, model, load_tokenizer(workdir), step

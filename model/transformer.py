@@ -54,6 +54,8 @@ class ModelSpec:
   scan_layers: bool = True
   attention_impl: str = "xla"
   init_std: float = 0.02
+  quant: str = "none"  # "none" | "int8_weight" (W8A16) | "w8a8" (SmoothQuant); set by scripts/quantize.py
+  matmul_impl: str = "xla"  # "xla" | "pallas": how quantized matmuls run
 
   @classmethod
   def from_config(cls, m) -> "ModelSpec":
@@ -65,7 +67,7 @@ class ModelSpec:
                mlp_dim=base.mlp_dim(m), max_len=m.max_len, activation=m.activation, norm_eps=m.norm_eps,
                rope_theta=m.rope_theta, tie_embeddings=m.tie_embeddings, use_bias=base.use_bias(m),
                param_dtype=m.param_dtype, dtype=m.dtype, remat=m.remat, scan_layers=m.scan_layers,
-               attention_impl=m.attention_impl, init_std=m.init_std)
+               attention_impl=m.attention_impl, init_std=m.init_std, quant=m.quant, matmul_impl=m.matmul_impl)
 
   @property
   def compute_dtype(self):
@@ -87,10 +89,27 @@ def _param(rngs: nnx.Rngs, shape, names, dtype, std: float | None) -> nnx.Param:
   return nnx.Param(value, logical_axes=tuple(names))
 
 
-def _matmul(spec: ModelSpec, eq: str, x: jax.Array, w: nnx.Param) -> jax.Array:
-  """einsum in the compute dtype with float32 accumulation; result in the compute dtype."""
+def _weight(spec: ModelSpec, rngs: nnx.Rngs, shape, names, std: float, n_in: int = 1):
+  """A matmul weight whose first `n_in` axes are inputs: (float Param, None), or for quantized specs (int8 Param,
+  float32 per-output-channel scale Param of shape shape[n_in:]) to be filled by `model.quant`."""
+  if spec.quant == "none":
+    return _param(rngs, shape, names, spec.weight_dtype, std), None
+  return (nnx.Param(jnp.zeros(shape, jnp.int8), logical_axes=tuple(names)),
+          nnx.Param(jnp.ones(shape[n_in:], jnp.float32), logical_axes=tuple(names[n_in:])))
+
+
+def _matmul(spec: ModelSpec, x: jax.Array, w, scale: nnx.Param | None = None, n_in: int = 1) -> jax.Array:
+  """Contracts x's last `n_in` axes with w's first `n_in` axes in the compute dtype with float32 accumulation.
+
+  x [..., *in], w [*in, *out] -> [..., *out] in the compute dtype. Quantized weights (int8 + `scale`) run through
+  `model.quant.quantized_matmul` (W8A16 or W8A8, XLA or Pallas per the spec)."""
   dt = spec.compute_dtype
-  out = jnp.einsum(eq, x.astype(dt), w[...].astype(dt), preferred_element_type=jnp.float32)
+  if scale is not None:
+    from model import quant  # quantized inference only
+
+    return quant.quantized_matmul(spec, x.astype(dt), w[...], scale[...], n_in).astype(dt)
+  dims = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
+  out = jax.lax.dot_general(x.astype(dt), w[...].astype(dt), (dims, ((), ())), preferred_element_type=jnp.float32)
   return out.astype(dt)
 
 
@@ -130,10 +149,10 @@ class Attention(nnx.Module):
     self.spec = spec
     d, h, k, hd, dt = spec.embed_dim, spec.num_heads, spec.num_kv_heads, spec.head_dim, spec.weight_dtype
     out_std = spec.init_std / math.sqrt(2 * spec.num_layers)
-    self.wq = _param(rngs, (d, h, hd), ("embed", "heads", "head_dim"), dt, spec.init_std)
-    self.wk = _param(rngs, (d, k, hd), ("embed", "kv_heads", "head_dim"), dt, spec.init_std)
-    self.wv = _param(rngs, (d, k, hd), ("embed", "kv_heads", "head_dim"), dt, spec.init_std)
-    self.wo = _param(rngs, (h, hd, d), ("heads", "head_dim", "embed"), dt, out_std)
+    self.wq, self.wq_scale = _weight(spec, rngs, (d, h, hd), ("embed", "heads", "head_dim"), spec.init_std)
+    self.wk, self.wk_scale = _weight(spec, rngs, (d, k, hd), ("embed", "kv_heads", "head_dim"), spec.init_std)
+    self.wv, self.wv_scale = _weight(spec, rngs, (d, k, hd), ("embed", "kv_heads", "head_dim"), spec.init_std)
+    self.wo, self.wo_scale = _weight(spec, rngs, (h, hd, d), ("heads", "head_dim", "embed"), out_std, n_in=2)
     if spec.use_bias:
       self.bq = _param(rngs, (h, hd), ("heads", "head_dim"), dt, 0.0)
       self.bk = _param(rngs, (k, hd), ("kv_heads", "head_dim"), dt, 0.0)
@@ -142,8 +161,8 @@ class Attention(nnx.Module):
     else:
       self.bq = self.bk = self.bv = self.bo = None
 
-  def _project(self, x, w, b):
-    y = _matmul(self.spec, "bld,dnh->blnh", x, w)
+  def _project(self, x, w, scale, b):
+    y = _matmul(self.spec, x, w, scale)
     return y if b is None else y + b[...].astype(y.dtype)
 
   def __call__(self, x, positions, visibility, q_slots_start=None, kv_cache=None):
@@ -153,9 +172,9 @@ class Attention(nnx.Module):
     [q_slots_start, q_slots_start + L) and attention runs over all S slots (visibility hides the empty ones).
     """
     spec = self.spec
-    q = self._project(x, self.wq, self.bq)
-    k = self._project(x, self.wk, self.bk)
-    v = self._project(x, self.wv, self.bv)
+    q = self._project(x, self.wq, self.wq_scale, self.bq)
+    k = self._project(x, self.wk, self.wk_scale, self.bk)
+    v = self._project(x, self.wv, self.wv_scale, self.bv)
     if spec.family == "llama":
       q, k = rope(q, positions, spec.rope_theta), rope(k, positions, spec.rope_theta)
     q = constrain(q, ("batch", "length", "heads", "head_dim"))
@@ -167,7 +186,7 @@ class Attention(nnx.Module):
       kv_cache = (k, v)
     out = attention_lib.attend(q, k.astype(q.dtype), v.astype(q.dtype), visibility, impl=spec.attention_impl)
     out = checkpoint_name(out, "attention_out")
-    y = _matmul(spec, "blnh,nhd->bld", out, self.wo)
+    y = _matmul(spec, out, self.wo, self.wo_scale, n_in=2)
     if self.bo is not None:
       y = y + self.bo[...].astype(y.dtype)
     return y, kv_cache
@@ -180,24 +199,25 @@ class MLP(nnx.Module):
     self.spec = spec
     d, f, dt = spec.embed_dim, spec.mlp_dim, spec.weight_dtype
     out_std = spec.init_std / math.sqrt(2 * spec.num_layers)
-    self.w_in = _param(rngs, (d, f), ("embed", "mlp"), dt, spec.init_std)
-    self.w_gate = _param(rngs, (d, f), ("embed", "mlp"), dt, spec.init_std) if spec.family == "llama" else None
-    self.w_out = _param(rngs, (f, d), ("mlp", "embed"), dt, out_std)
+    self.w_in, self.w_in_scale = _weight(spec, rngs, (d, f), ("embed", "mlp"), spec.init_std)
+    self.w_gate, self.w_gate_scale = (_weight(spec, rngs, (d, f), ("embed", "mlp"), spec.init_std)
+                                      if spec.family == "llama" else (None, None))
+    self.w_out, self.w_out_scale = _weight(spec, rngs, (f, d), ("mlp", "embed"), out_std)
     self.b_in = _param(rngs, (f,), ("mlp",), dt, 0.0) if spec.use_bias else None
     self.b_out = _param(rngs, (d,), ("embed",), dt, 0.0) if spec.use_bias else None
 
   def __call__(self, x):
     spec = self.spec
-    h = _matmul(spec, "bld,df->blf", x, self.w_in)
+    h = _matmul(spec, x, self.w_in, self.w_in_scale)
     if self.b_in is not None:
       h = h + self.b_in[...].astype(h.dtype)
     if self.w_gate is not None:
-      h = jax.nn.silu(_matmul(spec, "bld,df->blf", x, self.w_gate)) * h
+      h = jax.nn.silu(_matmul(spec, x, self.w_gate, self.w_gate_scale)) * h
     else:
       h = {"gelu": lambda a: jax.nn.gelu(a, approximate=True), "relu": jax.nn.relu, "silu": jax.nn.silu}[
           spec.activation](h)
     h = constrain(h, ("batch", "length", "mlp"))
-    y = _matmul(spec, "blf,fd->bld", h, self.w_out)
+    y = _matmul(spec, h, self.w_out, self.w_out_scale)
     if self.b_out is not None:
       y = y + self.b_out[...].astype(y.dtype)
     return y
@@ -229,7 +249,11 @@ class Transformer(nnx.Module):
   def __init__(self, spec: ModelSpec, *, rngs: nnx.Rngs):
     self.spec = spec
     dt = spec.weight_dtype
-    self.embed = _param(rngs, (spec.vocab_size, spec.embed_dim), ("vocab", "embed"), dt, spec.init_std)
+    # Quantized: int8 rows with one scale per vocabulary entry, which is also the tied head's per-output scale.
+    self.embed, self.embed_scale = _weight(spec, rngs, (spec.vocab_size, spec.embed_dim), ("vocab", "embed"),
+                                           spec.init_std)
+    if self.embed_scale is not None:
+      self.embed_scale = nnx.Param(jnp.ones((spec.vocab_size,), jnp.float32), logical_axes=("vocab",))
     self.pos_embed = (_param(rngs, (spec.max_len, spec.embed_dim), (None, "embed"), dt, spec.init_std / 2)
                       if spec.family == "gpt" else None)
 
@@ -240,8 +264,9 @@ class Transformer(nnx.Module):
 
     self.blocks = make_blocks(rngs)
     self.final_norm = Norm(spec, rngs)
-    self.head = (None if spec.tie_embeddings else
-                 _param(rngs, (spec.embed_dim, spec.vocab_size), ("embed", "vocab"), dt, spec.init_std))
+    self.head, self.head_scale = ((None, None) if spec.tie_embeddings else
+                                  _weight(spec, rngs, (spec.embed_dim, spec.vocab_size), ("embed", "vocab"),
+                                          spec.init_std))
 
   # -- public API -------------------------------------------------------------------------------------------------
 
@@ -286,18 +311,30 @@ class Transformer(nnx.Module):
 
   # -- internals --------------------------------------------------------------------------------------------------
 
-  def _forward(self, inputs, positions, visibility, start, kv_cache):
+  def embed_tokens(self, inputs: jax.Array, positions: jax.Array) -> jax.Array:
+    """Token (plus learned position, gpt) embeddings. inputs/positions [B, L] int32 -> [B, L, D] compute dtype."""
     spec = self.spec
-    x = jnp.take(self.embed[...], inputs, axis=0).astype(spec.compute_dtype)
+    x = jnp.take(self.embed[...], inputs, axis=0).astype(jnp.float32)
+    if self.embed_scale is not None:
+      x = x * jnp.take(self.embed_scale[...], inputs, axis=0)[..., None]
+    x = x.astype(spec.compute_dtype)
     if self.pos_embed is not None:
       x = x + jnp.take(self.pos_embed[...], positions, axis=0).astype(spec.compute_dtype)
-    x = constrain(x, ("batch", "length", "embed"))
+    return constrain(x, ("batch", "length", "embed"))
+
+  def _forward(self, inputs, positions, visibility, start, kv_cache):
+    spec = self.spec
+    x = self.embed_tokens(inputs, positions)
     x, kv_cache = self._run_blocks(x, positions, visibility, start, kv_cache)
     x = self.final_norm(x)
-    if self.head is None:
-      logits = jnp.einsum("bld,vd->blv", x, self.embed[...].astype(x.dtype), preferred_element_type=jnp.float32)
-    else:
+    if self.head is not None and self.head_scale is not None:
+      logits = _matmul(spec, x, self.head, self.head_scale).astype(jnp.float32)
+    elif self.head is not None:
       logits = jnp.einsum("bld,dv->blv", x, self.head[...].astype(x.dtype), preferred_element_type=jnp.float32)
+    elif self.embed_scale is not None:
+      logits = _matmul(spec, x, self.embed[...].T, self.embed_scale).astype(jnp.float32)
+    else:
+      logits = jnp.einsum("bld,vd->blv", x, self.embed[...].astype(x.dtype), preferred_element_type=jnp.float32)
     return constrain(logits, ("batch", "length", "vocab")), kv_cache
 
   def _run_blocks(self, x, positions, visibility, start, kv_cache):

@@ -4,3 +4,29 @@ import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import pytest  # noqa: E402
+
+
+def tiny_config(data_dir, **train):
+  """The tiny preset on a 300-file sample of the stdlib corpus prepared under `data_dir`."""
+  from configs import base, tiny
+
+  c = tiny.get_config()
+  c.data.update(data_dir=data_dir, max_docs=300, tokenizer_train_bytes=300_000)
+  c.train.update(train)
+  return base.validate(c)
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory):
+  return str(tmp_path_factory.mktemp("tfds"))
+
+
+@pytest.fixture(scope="session")
+def tiny_run(data_dir, tmp_path_factory):
+  """(workdir, summary) of one finished tiny training run, shared by the tests that need a trained model."""
+  from train import trainer
+
+  workdir = str(tmp_path_factory.mktemp("tiny"))
+  return workdir, trainer.run(tiny_config(data_dir), workdir)

@@ -9,33 +9,15 @@ import sys
 import pytest
 
 from configs import base, default, tiny
+from conftest import tiny_config
 from train import trainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-  return str(tmp_path_factory.mktemp("tfds"))
-
-
-def tiny_config(data_dir, **train):
-  c = tiny.get_config()
-  c.data.update(data_dir=data_dir, max_docs=300, tokenizer_train_bytes=300_000)
-  c.train.update(train)
-  return base.validate(c)
-
-
 def read_rows(workdir):
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     return [json.loads(line) for line in f]
-
-
-@pytest.fixture(scope="module")
-def tiny_run(data_dir, tmp_path_factory):
-  workdir = str(tmp_path_factory.mktemp("tiny"))
-  summary = trainer.run(tiny_config(data_dir), workdir)
-  return workdir, summary
 
 
 def test_tiny_preset_learns_and_fills_the_workdir(tiny_run):

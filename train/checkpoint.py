@@ -64,12 +64,18 @@ class Checkpointer:
 
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:
-  """The resolved config a training run wrote to `workdir/config.json`, validated."""
+  """The resolved config a training run wrote to `workdir/config.json`, over today's defaults, validated."""
   path = os.path.join(workdir, "config.json")
   if not os.path.exists(path):
     raise FileNotFoundError(f"{path} not found: --workdir must be a directory written by `python -m train`")
   with open(path, encoding="utf-8") as f:
-    config = ml_collections.ConfigDict(json.load(f))
+    saved = json.load(f)
+  config = base.get_config()  # keys added since the run was written keep their defaults
+  for section, values in saved.items():
+    if isinstance(values, dict) and section in config:
+      config[section].update(values)
+    else:
+      config[section] = values
   return base.validate(config)
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import math
 import os
 import signal
 import time
@@ -21,6 +20,7 @@ import numpy as np
 import tqdm
 
 from configs import base
+from infer import evaluate as evaluate_lib
 from model import flops
 from model.transformer import ModelSpec
 from train import checkpoint as checkpoint_lib
@@ -57,21 +57,6 @@ def write_config(config, workdir: str) -> None:
     f.write(config.to_json_best_effort(indent=2))
 
 
-def evaluate(eval_fn, params, config, source, tokenizer) -> dict[str, float]:
-  """Mean loss and perplexity over the first `train.eval_batches` validation batches (always the same tokens)."""
-  iterator = data_lib.make_iterator(config, source, tokenizer, split="validation",
-                                    shard_index=jax.process_index(), shard_count=jax.process_count())
-  nll, weight = 0.0, 0.0
-  for _ in range(config.train.eval_batches):
-    out = eval_fn(params, next(iterator))
-    nll += float(out["nll_sum"])
-    weight += float(out["weight_sum"])
-  if hasattr(iterator, "close"):
-    iterator.close()
-  loss = nll / max(weight, 1.0)
-  return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0)), "eval_tokens": weight}
-
-
 def _log_compiled(compiled) -> None:
   try:
     mem = compiled.memory_analysis()
@@ -89,6 +74,9 @@ def run(config, workdir: str, on_step: Callable[[int], None] | None = None) -> d
   `on_step(step)` is called after every finished step (tests use it to deliver signals at a chosen step).
   """
   base.validate(config)
+  if config.model.quant != "none":
+    raise ValueError(f"config.model.quant={config.model.quant!r} is for inference: train in float, then run "
+                     "`python -m scripts.quantize`")
   is_main = jax.process_index() == 0
   os.makedirs(workdir, exist_ok=True)
   if is_main:
@@ -170,7 +158,7 @@ def run(config, workdir: str, on_step: Callable[[int], None] | None = None) -> d
         bar.set_postfix(loss=f"{out['loss']:.3f}", tok_s=f"{tps:,.0f}", mfu=f"{throughput['mfu']:.1%}")
         window_start, window_steps = time.perf_counter(), 0
       if (t.eval_every and step % t.eval_every == 0) or step == t.steps:
-        last_eval = evaluate(eval_fn, state["params"], config, sources["validation"], tokenizer)
+        last_eval = evaluate_lib.validation_loss(eval_fn, state["params"], config, sources["validation"], tokenizer)
         writer.write(step, last_eval)
         bar.write(f"step {step}: eval loss {last_eval['eval_loss']:.4f}, perplexity {last_eval['eval_ppl']:.2f}")
         window_start, window_steps = time.perf_counter(), 0
@@ -187,7 +175,7 @@ def run(config, workdir: str, on_step: Callable[[int], None] | None = None) -> d
   summary: dict[str, Any] = {"step": step, "interrupted": interrupted, "parameters": n_params, **throughput}
   if not interrupted:
     if not last_eval:
-      last_eval = evaluate(eval_fn, state["params"], config, sources["validation"], tokenizer)
+      last_eval = evaluate_lib.validation_loss(eval_fn, state["params"], config, sources["validation"], tokenizer)
     summary.update(last_eval)
     summary["sample"] = _sample(config, spec, graphdef, state["params"], tokenizer)
   writer.close()

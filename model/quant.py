@@ -1,0 +1,151 @@
+"""int8 inference formats: W8A16 weight-only and W8A8 with SmoothQuant.
+
+A quantized model has the float model's parameter tree with every matmul weight (wq, wk, wv, wo, w_in, w_gate,
+w_out, the head, and the embedding, whose per-row scale doubles as the tied head's per-output scale) stored as int8
+beside a float32 `<name>_scale` per output channel (symmetric, max-abs / 127). Norms, biases and learned positions
+stay float. `ModelSpec.quant` picks how activations meet those weights:
+  * `int8_weight` (W8A16): activations stay in the compute dtype; weights are dequantised inside the matmul.
+  * `w8a8`: activations are quantised per token at run time (int8 x int8 -> int32). SmoothQuant
+    (Xiao et al., 2023) first migrates activation outliers into the weights: for the matmuls that read a norm's
+    output (q/k/v and the MLP input), s_j = max|X_j|^alpha / max|W_j|^(1 - alpha) per input channel j, W <- diag(s) W,
+    and the norm's scale (and bias) <- / s, which leaves the float function unchanged.
+`ModelSpec.matmul_impl` runs the quantized matmuls with XLA's int8 dot (`xla`) or our Pallas kernels (`pallas`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from model.attention import Visibility
+from model.kernels import int8_matmul as q8
+
+# (parent path, weight name, number of leading input axes after the "layers" axis); order is irrelevant.
+BLOCK_WEIGHTS = ((("attn",), "wq", 1), (("attn",), "wk", 1), (("attn",), "wv", 1), (("attn",), "wo", 2),
+                 (("mlp",), "w_in", 1), (("mlp",), "w_gate", 1), (("mlp",), "w_out", 1))
+SMOOTHED = {"attn_norm": (("attn", "wq"), ("attn", "wk"), ("attn", "wv")),
+            "mlp_norm": (("mlp", "w_in"), ("mlp", "w_gate"))}
+
+
+# -- run time ----------------------------------------------------------------------------------------------------------
+
+
+def quantized_matmul(spec, x: jax.Array, w_q: jax.Array, scale: jax.Array, n_in: int) -> jax.Array:
+  """x [..., *in] float @ w_q [*in, *out] int8 with per-output scales [*out] -> [..., *out] float32."""
+  in_shape, out_shape = w_q.shape[:n_in], w_q.shape[n_in:]
+  k, n = int(np.prod(in_shape)), int(np.prod(out_shape))
+  lead = x.shape[:x.ndim - n_in]
+  x2, w2, s = x.reshape(-1, k), w_q.reshape(k, n), scale.reshape(n).astype(jnp.float32)
+  pallas = spec.matmul_impl == "pallas"
+  if spec.quant == "int8_weight":
+    if pallas:
+      y = q8.w8a16_matmul(x2, w2, s).astype(jnp.float32)
+    else:
+      y = jax.lax.dot_general(x2, w2.astype(x2.dtype), (((1,), (0,)), ((), ())),
+                              preferred_element_type=jnp.float32) * s[None, :]
+  elif spec.quant == "w8a8":
+    x_q, x_scale = q8.quantize_per_token(x2)
+    y = q8.w8a8_matmul(x_q, x_scale, w2, s) if pallas else q8.w8a8_reference(x_q, x_scale, w2, s)
+  else:
+    raise ValueError(f"quantized_matmul called with model.quant={spec.quant!r}; expected int8_weight or w8a8")
+  return y.reshape(*lead, *out_shape)
+
+
+# -- conversion ----------------------------------------------------------------------------------------------------------
+
+
+def _quantize(w: jax.Array, in_axes: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
+  """Symmetric int8 over `in_axes` (max-abs / 127 per remaining index). Returns (int8 w, float32 scale)."""
+  w = w.astype(jnp.float32)
+  scale = jnp.maximum(jnp.abs(w).max(axis=in_axes), 1e-12) / 127.0
+  return jnp.clip(jnp.round(w / jnp.expand_dims(scale, in_axes)), -127, 127).astype(jnp.int8), scale
+
+
+def smooth(params: dict, act_absmax: dict[str, jax.Array], alpha: float) -> dict:
+  """SmoothQuant migration on a float parameter dict (same function, flatter activations). act_absmax maps
+  "attn_norm"/"mlp_norm" to [layers, embed] per-channel max |activation| at that norm's output."""
+  if not 0.0 <= alpha <= 1.0:
+    raise ValueError(f"SmoothQuant alpha={alpha} must be in [0, 1]")
+  params = jax.tree.map(lambda x: x, params)  # shallow copy of the nested dicts
+  blocks = params["blocks"]
+  for norm, consumers in SMOOTHED.items():
+    present = [(p, n) for p, n in consumers if n in blocks[p]]
+    w_max = jnp.max(jnp.stack([jnp.abs(blocks[p][n]).reshape(*blocks[p][n].shape[:2], -1).max(-1)
+                               for p, n in present]), axis=0)  # [layers, embed]
+    s = jnp.power(jnp.maximum(act_absmax[norm], 1e-5), alpha) / jnp.power(jnp.maximum(w_max, 1e-5), 1.0 - alpha)
+    s = jnp.clip(s, 1e-5, 1e5)
+    for p, n in present:
+      w = blocks[p][n]
+      blocks[p][n] = (w * s.reshape(s.shape + (1,) * (w.ndim - 2))).astype(w.dtype)
+    blocks[norm] = {k: (v / s).astype(v.dtype) for k, v in blocks[norm].items()}  # LayerNorm bias too
+  return params
+
+
+def quantize_params(params: dict, tie_embeddings: bool) -> dict:
+  """Float parameter dict -> the int8 + scale dict that a `quant != "none"` ModelSpec expects."""
+  q = jax.tree.map(lambda x: x, params)
+  blocks = q["blocks"]
+  for parent, name, n_in in BLOCK_WEIGHTS:
+    group = blocks[parent[0]]
+    if name in group:
+      group[name], group[name + "_scale"] = _quantize(group[name], tuple(range(1, 1 + n_in)))
+  q["embed"], q["embed_scale"] = _quantize(q["embed"], (1,))  # per vocabulary row
+  if not tie_embeddings:
+    q["head"], q["head_scale"] = _quantize(q["head"], (0,))
+  return q
+
+
+def calibrate(model, batches: Iterable[dict]) -> dict[str, jax.Array]:
+  """Per-layer, per-channel max |activation| at the outputs of attn_norm and mlp_norm over `batches` (dicts with
+  inputs, positions, segment_ids [B, L]); padding excluded. Returns {"attn_norm": [L, D], "mlp_norm": [L, D]}."""
+  graphdef, state = nnx.split(model)
+
+  @jax.jit
+  def batch_stats(state, batch):
+    m = nnx.merge(graphdef, state)
+    blocks_def, blocks = nnx.split(m.blocks)
+    real = (batch["segment_ids"] > 0)[..., None]
+    visibility = Visibility.causal_self(batch["segment_ids"])
+    x = m.embed_tokens(batch["inputs"], batch["positions"])
+    attn_max, mlp_max = [], []
+    for i in range(m.spec.num_layers):
+      block = nnx.merge(blocks_def, jax.tree.map(lambda a: a[i], blocks))
+      a = block.attn_norm(x)
+      attn_max.append(jnp.where(real, jnp.abs(a.astype(jnp.float32)), 0).max(axis=(0, 1)))
+      h = x + block.attn(a, batch["positions"], visibility)[0]
+      b = block.mlp_norm(h)
+      mlp_max.append(jnp.where(real, jnp.abs(b.astype(jnp.float32)), 0).max(axis=(0, 1)))
+      x = h + block.mlp(b)
+    return {"attn_norm": jnp.stack(attn_max), "mlp_norm": jnp.stack(mlp_max)}
+
+  stats = None
+  for batch in batches:
+    new = batch_stats(state, {k: batch[k] for k in ("inputs", "positions", "segment_ids")})
+    stats = new if stats is None else jax.tree.map(jnp.maximum, stats, new)
+  if stats is None:
+    raise ValueError("calibrate needs at least one batch")
+  return stats
+
+
+def quantize_model_params(spec, params: dict, mode: str, act_absmax: dict | None = None, alpha: float = 0.5):
+  """Float params of `spec` -> (quantized spec, quantized params) for mode int8_weight or w8a8 (w8a8 needs the
+  calibration statistics from `calibrate`)."""
+  if mode not in ("int8_weight", "w8a8"):
+    raise ValueError(f"mode={mode!r}: use int8_weight or w8a8")
+  if spec.quant != "none":
+    raise ValueError(f"the model is already quantized (quant={spec.quant!r})")
+  if mode == "w8a8":
+    if act_absmax is None:
+      raise ValueError("w8a8 needs calibration statistics (act_absmax) for SmoothQuant")
+    params = smooth(params, act_absmax, alpha)
+  return dataclasses.replace(spec, quant=mode), quantize_params(params, spec.tie_embeddings)
+
+
+def nbytes(tree) -> int:
+  """Total bytes of the arrays in a pytree (concrete or abstract)."""
+  return int(sum(np.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree)))

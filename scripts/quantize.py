@@ -1,0 +1,100 @@
+"""Post-training int8 quantization of a trained workdir: W8A16 weight-only or W8A8 with SmoothQuant.
+
+  python -m scripts.quantize --workdir=runs/default --mode=int8_weight --out=runs/default_w8a16
+  python -m scripts.quantize --workdir=runs/default --mode=w8a8 --out=runs/default_w8a8 [--alpha=0.5]
+
+The output directory is a workdir that `infer.generate` and `infer.evaluate` load: config.json (model.quant set),
+tokenizer.json and an orbax checkpoint of the int8 parameters with their scales. W8A8 calibrates SmoothQuant on
+`--calibration_batches` training batches. Prints parameter bytes (float32, bfloat16 equivalent, int8) and the
+held-out perplexity of the float and the quantized model on the same validation tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+
+import jax
+import jax.numpy as jnp
+import orbax.checkpoint as ocp
+from absl import app, flags
+from flax import nnx
+
+from infer import evaluate, loading
+from model import quant
+from model.transformer import Transformer
+from train import checkpoint as checkpoint_lib
+from train import data as data_lib
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "Trained float workdir.", required=True)
+_OUT = flags.DEFINE_string("out", None, "Output workdir for the quantized model.", required=True)
+_MODE = flags.DEFINE_enum("mode", "int8_weight", ["int8_weight", "w8a8"], "W8A16 weight-only or W8A8 SmoothQuant.")
+_ALPHA = flags.DEFINE_float("alpha", 0.5, "SmoothQuant migration strength (w8a8).")
+_CALIBRATION = flags.DEFINE_integer("calibration_batches", 8, "Training batches for SmoothQuant statistics.")
+_MATMUL = flags.DEFINE_enum("matmul_impl", "xla", ["xla", "pallas"], "How the quantized model's matmuls run.")
+_EVAL = flags.DEFINE_integer("eval_batches", None, "Validation batches for the perplexity comparison (0 skips).")
+
+
+def quantize_workdir(workdir: str, out: str, mode: str, *, alpha: float = 0.5, calibration_batches: int = 8,
+                     matmul_impl: str = "xla") -> dict:
+  """Quantizes the latest checkpoint of `workdir` into the new workdir `out`; returns sizes and the config."""
+  if os.path.exists(out) and os.listdir(out):
+    raise FileExistsError(f"--out={out} exists and is not empty; choose a new directory")
+  config, model, tokenizer, step = loading.load_trained(workdir)
+  spec = model.spec
+  params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  stats = None
+  if mode == "w8a8":
+    source = data_lib.load_sources(config)["train"]
+    iterator = data_lib.make_iterator(config, source, tokenizer, split="train")
+    stats = quant.calibrate(model, (next(iterator) for _ in range(calibration_batches)))
+    if hasattr(iterator, "close"):
+      iterator.close()
+  qspec, qparams = quant.quantize_model_params(spec, params, mode, stats, alpha)
+  qconfig = config.copy_and_resolve_references()
+  qconfig.model.quant, qconfig.model.matmul_impl = mode, matmul_impl
+  os.makedirs(out, exist_ok=True)
+  with open(os.path.join(out, "config.json"), "w", encoding="utf-8") as f:
+    f.write(qconfig.to_json_best_effort(indent=2))
+  shutil.copy(os.path.join(workdir, "tokenizer.json"), os.path.join(out, "tokenizer.json"))
+  manager = ocp.CheckpointManager(checkpoint_lib.checkpoint_dir(out), item_names=("state",))
+  manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(
+      {"step": jnp.asarray(step, jnp.int32), "params": qparams})))
+  manager.wait_until_finished()
+  manager.close()
+  float_bytes = quant.nbytes(params)
+  return {"mode": mode, "step": step, "float32_bytes": float_bytes,
+          "bfloat16_bytes": sum(x.size * (2 if x.dtype == jnp.float32 else x.dtype.itemsize)
+                                for x in jax.tree.leaves(params)),
+          "quantized_bytes": quant.nbytes(qparams), "checkpoint_dir_bytes": _dir_bytes(checkpoint_lib.checkpoint_dir(out)),
+          "config": qconfig, "tokenizer": tokenizer, "params": qparams, "spec": qspec}
+
+
+def _dir_bytes(path: str) -> int:
+  return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files)
+
+
+def main(argv):
+  del argv
+  try:
+    result = quantize_workdir(_WORKDIR.value, _OUT.value, _MODE.value, alpha=_ALPHA.value,
+                              calibration_batches=_CALIBRATION.value, matmul_impl=_MATMUL.value)
+  except (FileNotFoundError, FileExistsError, ValueError) as e:
+    sys.exit(f"error: {e}")
+  report = {k: result[k] for k in ("mode", "step", "float32_bytes", "bfloat16_bytes", "quantized_bytes",
+                                   "checkpoint_dir_bytes")}
+  if _EVAL.value != 0:
+    config, model, tokenizer, _ = loading.load_trained(_WORKDIR.value)
+    report["float_eval"] = evaluate.perplexity(model, config, tokenizer, _EVAL.value)
+    qmodel = nnx.merge(nnx.split(nnx.eval_shape(lambda: Transformer(result["spec"], rngs=nnx.Rngs(0))))[0],
+                       result["params"])
+    report["quantized_eval"] = evaluate.perplexity(qmodel, result["config"], tokenizer, _EVAL.value)
+  print(json.dumps(report, indent=2))
+  with open(os.path.join(_OUT.value, "quantize_report.json"), "w", encoding="utf-8") as f:
+    json.dump(report, f, indent=2)
+
+
+if __name__ == "__main__":
+  app.run(main)
