@@ -54,7 +54,7 @@ def _generate_padded(graphdef, state, tokens, positions, segment_ids, lengths, k
                      temperature: float, top_k: int, top_p: float):
   """Prefill + decode loop. tokens/positions/segment_ids [B, P] int32 (left-padded), lengths [B] int32, eos_id []
   int32 (-1 = none). Returns (new tokens [B, max_new_tokens] int32, number of decode steps run [] int32)."""
-  model = nnx.merge(graphdef, state)
+  model = nnx.merge(graphdef, state).unstacked()  # per-layer weights sliced once, not at every decode step
   b, p = tokens.shape
   sample = functools.partial(sample_logits, temperature=temperature, top_k=top_k, top_p=top_p)
   cache = model.init_cache(b, p + max_new_tokens)

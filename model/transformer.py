@@ -337,8 +337,26 @@ class Transformer(nnx.Module):
       logits = jnp.einsum("bld,vd->blv", x, self.embed[...].astype(x.dtype), preferred_element_type=jnp.float32)
     return constrain(logits, ("batch", "length", "vocab")), kv_cache
 
+  def unstacked(self) -> "Transformer":
+    """A copy whose blocks are separate per-layer modules (the stacked weights sliced once, here).
+
+    Decode loops call this outside their loop: slicing stacked weights inside the loop would copy every layer's
+    weights at every step (XLA on CPU does not alias the slices), which costs more than the decode matmuls."""
+    model = nnx.merge(*nnx.split(self))
+    graphdef, params = nnx.split(model.blocks)
+    model.blocks = nnx.List([nnx.merge(graphdef, jax.tree.map(lambda a, i=i: a[i], params))
+                             for i in range(self.spec.num_layers)])
+    return model
+
   def _run_blocks(self, x, positions, visibility, start, kv_cache):
     spec = self.spec
+    if isinstance(self.blocks, nnx.List):  # see `unstacked`
+      layer_caches = []
+      for i, block in enumerate(self.blocks):
+        x, layer_cache = block(x, positions, visibility, start,
+                               None if kv_cache is None else jax.tree.map(lambda a, i=i: a[i], kv_cache))
+        layer_caches.append(layer_cache)
+      return x, (None if kv_cache is None else jax.tree.map(lambda *a: jnp.stack(a), *layer_caches))
     graphdef, params = nnx.split(self.blocks)
 
     def body(carry, layer):

@@ -161,3 +161,16 @@ def test_parameters_carry_logical_axis_names():
     names = var.get_metadata()["logical_axes"]
     assert len(names) == var[...].ndim, (path, names)
   assert model.blocks.attn.wq.get_metadata()["logical_axes"] == ("layers", "embed", "heads", "head_dim")
+
+
+def test_unstacked_model_matches_the_stacked_one_for_forward_and_cache_steps():
+  model = make(small_spec("llama"))
+  flat = model.unstacked()
+  assert isinstance(flat.blocks, nnx.List) and len(flat.blocks) == 2
+  x = tokens(8, (2, 10))
+  np.testing.assert_allclose(forward(flat, x), forward(model, x), atol=1e-6)
+  pos = jnp.broadcast_to(jnp.arange(10, dtype=jnp.int32), (2, 10))
+  seg = jnp.ones((2, 10), jnp.int32)
+  (a, cache_a), (b, cache_b) = (extend(m, x, pos, seg, m.init_cache(2, 12)) for m in (model, flat))
+  np.testing.assert_allclose(a, b, atol=1e-6)
+  jax.tree.map(lambda u, v: np.testing.assert_allclose(u, v, atol=1e-6), cache_a, cache_b)

@@ -1,0 +1,114 @@
+"""Decode benchmark: tokens/s of greedy generation (prefill included) and time to first token, against the memory
+bandwidth roofline.
+
+For each model shape (shape S and GPT-2 124M, random weights), batch size and weight format (float32, bfloat16,
+int8 weight-only), runs `infer.generate`'s single jitted prefill + decode loop with a 32-token prompt and 128 new
+tokens. The roofline assumes every decode step reads all weights once plus the live KV cache:
+tokens/s <= batch * bandwidth / bytes_per_step, with the copy bandwidth measured in the same run (a donated
+elementwise pass over 256 MiB, counting bytes read and written). Prints a table and writes JSON.
+
+  python -m scripts.bench_decode [--shapes=shape_s,gpt2_124m] [--batches=1,8] [--formats=float32,bfloat16,int8]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import json
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+from flax import nnx
+
+from infer import generate
+from model import quant
+from model.transformer import ModelSpec, Transformer
+
+_SHAPES = flags.DEFINE_list("shapes", ["shape_s", "gpt2_124m"], "Config modules under configs/.")
+_BATCHES = flags.DEFINE_list("batches", ["1", "8"], "Batch sizes.")
+_FORMATS = flags.DEFINE_list("formats", ["float32", "bfloat16", "int8"], "Weight formats.")
+_PROMPT = flags.DEFINE_integer("prompt_len", 32, "Prompt tokens.")
+_NEW = flags.DEFINE_integer("new_tokens", 128, "Generated tokens.")
+_REPEATS = flags.DEFINE_integer("repeats", 3, "Timed runs per case (median).")
+_SCAN = flags.DEFINE_bool("scan_layers", False, "Run the layers with lax.scan (slices stacked weights every step) "
+                          "instead of unrolled (static slices).")
+_OUT = flags.DEFINE_string("out", "bench_decode.json", "Where to write the JSON results.")
+
+
+def copy_bandwidth(mib: int = 256, repeats: int = 5) -> float:
+  """Bytes/s of a donated elementwise pass (read + write) over `mib` MiB of float32."""
+  x = jnp.ones((mib * 2**20 // 4,), jnp.float32)
+  step = jax.jit(lambda a: a * 1.0001, donate_argnums=0)
+  x = step(x).block_until_ready()
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    x = step(x).block_until_ready()
+    times.append(time.perf_counter() - start)
+  return 2 * x.nbytes / min(times)
+
+
+def build_model(shape: str, fmt: str) -> Transformer:
+  """A random-weight model of configs/<shape>.py in `fmt` (float32, bfloat16 params+compute, or int8 W8A16)."""
+  cfg = importlib.import_module(f"configs.{shape}").get_config()
+  spec = dataclasses.replace(ModelSpec.from_config(cfg.model), remat="none", param_dtype="float32", scan_layers=_SCAN.value,
+                             dtype="float32", attention_impl="xla")
+  if fmt == "bfloat16":
+    spec = dataclasses.replace(spec, param_dtype="bfloat16", dtype="bfloat16")
+  model = Transformer(spec, rngs=nnx.Rngs(params=0))
+  if fmt == "int8":
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    qspec, qparams = quant.quantize_model_params(spec, params, "int8_weight")
+    model = nnx.merge(nnx.split(nnx.eval_shape(lambda: Transformer(qspec, rngs=nnx.Rngs(0))))[0], qparams)
+  return model
+
+
+def time_generate(model, batch: int, prompt_len: int, new_tokens: int, repeats: int) -> float:
+  prompts = np.random.default_rng(0).integers(1, model.spec.vocab_size, (batch, prompt_len)).tolist()
+  args, kwargs = generate._prepare(model, prompts, new_tokens, 0.0, 0, 1.0, 0, None)
+  fn = generate._generate_padded  # the one jitted prefill + decode program that `generate` runs
+  jax.block_until_ready(fn(*args, **kwargs))
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(fn(*args, **kwargs))
+    times.append(time.perf_counter() - start)
+  return statistics.median(times)
+
+
+def main(argv):
+  del argv
+  bandwidth = copy_bandwidth()
+  device = jax.devices()[0].device_kind
+  print(f"device {device}; copy bandwidth {bandwidth / 1e9:.1f} GB/s (read + write)")
+  print(f"{'shape':<10} {'format':<9} {'batch':>5} {'tokens/s':>9} {'TTFT ms':>8} {'roofline':>9} {'of roof':>7}")
+  rows = []
+  for shape in _SHAPES.value:
+    for fmt in _FORMATS.value:
+      model = build_model(shape, fmt)
+      weight_bytes = quant.nbytes(nnx.state(model, nnx.Param))  # every weight is read once per decode step
+      s = model.spec
+      kv_bytes_per_token = 2 * s.num_layers * s.num_kv_heads * s.head_dim * jnp.dtype(s.compute_dtype).itemsize
+      for batch in map(int, _BATCHES.value):
+        total = time_generate(model, batch, _PROMPT.value, _NEW.value, _REPEATS.value)
+        ttft = time_generate(model, batch, _PROMPT.value, 1, _REPEATS.value)
+        tokens_per_s = batch * _NEW.value / total
+        avg_context = _PROMPT.value + _NEW.value / 2
+        bytes_per_step = weight_bytes + batch * avg_context * kv_bytes_per_token
+        roofline = batch * bandwidth / bytes_per_step
+        row = {"shape": shape, "format": fmt, "batch": batch, "tokens_per_s": tokens_per_s, "ttft_s": ttft,
+               "total_s": total, "weight_bytes": weight_bytes, "roofline_tokens_per_s": roofline,
+               "fraction_of_roofline": tokens_per_s / roofline}
+        rows.append(row)
+        print(f"{shape:<10} {fmt:<9} {batch:>5} {tokens_per_s:9,.0f} {ttft * 1e3:8.1f} {roofline:9,.0f} "
+              f"{row['fraction_of_roofline']:7.1%}", flush=True)
+  with open(_OUT.value, "w", encoding="utf-8") as f:
+    json.dump({"device": device, "copy_bandwidth_bytes_per_s": bandwidth, "rows": rows}, f, indent=2)
+
+
+if __name__ == "__main__":
+  app.run(main)
