@@ -11,6 +11,7 @@ step is the trainer's own jitted, donated train step.
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import time
 
@@ -86,7 +87,7 @@ def main(argv):
         f"bf16->f32 {peaks['bfloat16'] / 1e9:.0f} GFLOP/s")
   print(f"{'config':<22} {'dtype':<9} {'params':>8} {'tokens/s':>9} {'step ms':>8} {'GFLOP/s':>8} "
         f"{'MFU f32':>8} {'MFU bf16':>8}")
-  name = flags.FLAGS["config"].value if isinstance(flags.FLAGS["config"].value, str) else "config"
+  name = os.path.basename(config_flags.get_config_filename(flags.FLAGS["config"]))
   print(f"{name:<22} {config.model.dtype:<9} {result['parameters'] / 1e6:7.1f}M {result['tokens_per_sec']:9,.0f} "
         f"{result['step_time_s'] * 1e3:8.1f} {achieved / 1e9:8.1f} {result['mfu']['float32']:8.1%} "
         f"{result['mfu']['bfloat16']:8.1%}")
