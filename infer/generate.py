@@ -94,7 +94,8 @@ def _prepare(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, tempe
   spec = model.spec
   b, p = len(prompts), max(len(x) for x in prompts)
   if p + max_new_tokens > spec.max_len:
-    raise ValueError(f"longest prompt ({p} tokens) + max_new_tokens ({max_new_tokens}) = {p + max_new_tokens} "
+    raise ValueError(f"longest prompt ({p} tokens, counting a leading <|endoftext|> if the prompt has one) + "
+                     f"max_new_tokens ({max_new_tokens}) = {p + max_new_tokens} "
                      f"exceeds the model's max_len={spec.max_len}")
   tokens = np.zeros((b, p), np.int32)
   positions = np.zeros((b, p), np.int32)

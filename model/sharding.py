@@ -1,7 +1,8 @@
 """Logical axis names and the one table that maps them to mesh axes.
 
-Parameters carry logical names in their `out_sharding` metadata (e.g. ("embed", "mlp")); activations are constrained
-with `constrain(x, names)`. Without an active mesh (`jax.set_mesh`) both are no-ops, so single-device code pays nothing.
+Parameters carry logical names in their `logical_axes` metadata (e.g. ("layers", "embed", "mlp")), ready to be mapped
+to parameter shardings by the scale-out work; activations are constrained with `constrain(x, names)`, a no-op without
+an active mesh (`jax.set_mesh`), so single-device code pays nothing.
 """
 
 from __future__ import annotations

@@ -24,7 +24,7 @@ import numpy as np
 from absl import app, flags
 from flax import nnx
 
-from infer import generate
+from infer import generate, loading
 from model import quant
 from model.transformer import ModelSpec, Transformer
 
@@ -34,8 +34,6 @@ _FORMATS = flags.DEFINE_list("formats", ["float32", "bfloat16", "int8"], "Weight
 _PROMPT = flags.DEFINE_integer("prompt_len", 32, "Prompt tokens.")
 _NEW = flags.DEFINE_integer("new_tokens", 128, "Generated tokens.")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed runs per case (median).")
-_SCAN = flags.DEFINE_bool("scan_layers", False, "Run the layers with lax.scan (slices stacked weights every step) "
-                          "instead of unrolled (static slices).")
 _OUT = flags.DEFINE_string("out", "bench_decode.json", "Where to write the JSON results.")
 
 
@@ -55,7 +53,7 @@ def copy_bandwidth(mib: int = 256, repeats: int = 5) -> float:
 def build_model(shape: str, fmt: str) -> Transformer:
   """A random-weight model of configs/<shape>.py in `fmt` (float32, bfloat16 params+compute, or int8 W8A16)."""
   cfg = importlib.import_module(f"configs.{shape}").get_config()
-  spec = dataclasses.replace(ModelSpec.from_config(cfg.model), remat="none", param_dtype="float32", scan_layers=_SCAN.value,
+  spec = dataclasses.replace(ModelSpec.from_config(cfg.model), remat="none", param_dtype="float32",
                              dtype="float32", attention_impl="xla")
   if fmt == "bfloat16":
     spec = dataclasses.replace(spec, param_dtype="bfloat16", dtype="bfloat16")
@@ -63,7 +61,7 @@ def build_model(shape: str, fmt: str) -> Transformer:
   if fmt == "int8":
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     qspec, qparams = quant.quantize_model_params(spec, params, "int8_weight")
-    model = nnx.merge(nnx.split(nnx.eval_shape(lambda: Transformer(qspec, rngs=nnx.Rngs(0))))[0], qparams)
+    model = loading.as_model(qspec, qparams)
   return model
 
 

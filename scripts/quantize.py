@@ -24,7 +24,6 @@ from flax import nnx
 
 from infer import evaluate, loading
 from model import quant
-from model.transformer import Transformer
 from train import checkpoint as checkpoint_lib
 from train import data as data_lib
 
@@ -88,8 +87,7 @@ def main(argv):
   if _EVAL.value != 0:
     config, model, tokenizer, _ = loading.load_trained(_WORKDIR.value)
     report["float_eval"] = evaluate.perplexity(model, config, tokenizer, _EVAL.value)
-    qmodel = nnx.merge(nnx.split(nnx.eval_shape(lambda: Transformer(result["spec"], rngs=nnx.Rngs(0))))[0],
-                       result["params"])
+    qmodel = loading.as_model(result["spec"], result["params"])
     report["quantized_eval"] = evaluate.perplexity(qmodel, result["config"], tokenizer, _EVAL.value)
   print(json.dumps(report, indent=2))
   with open(os.path.join(_OUT.value, "quantize_report.json"), "w", encoding="utf-8") as f:

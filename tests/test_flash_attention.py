@@ -86,7 +86,7 @@ def test_no_length_by_length_array_outside_the_kernels():
         yield from shapes(inner)
 
   seen = list(shapes(jaxpr.jaxpr))
-  assert any(name == "dot_general" for name, _ in seen) or len(seen) > 10  # the walk reached real computations
+  assert any(name == "dot_general" for name, _ in seen)  # the walk reached real computations
   assert not [(n, s) for n, s in seen if sum(dim >= l for dim in s) >= 2]
   # the same walk does flag the reference implementation's [L, L] scores
   ref = jax.make_jaxpr(lambda *a: value_and_grads(reference_attention, *a))(q, k, v, cot)

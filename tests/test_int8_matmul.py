@@ -55,5 +55,7 @@ def test_bad_operands_are_rejected():
     q8.w8a16_matmul(jnp.ones((2, 8)), jnp.ones((8, 4)), jnp.ones(4))
   with pytest.raises(ValueError, match="w_scale shape"):
     q8.w8a16_matmul(jnp.ones((2, 8)), jnp.ones((8, 4), jnp.int8), jnp.ones(3))
+  with pytest.raises(ValueError, match="group=32 must divide the input dimension K=40"):
+    q8.w8a16_matmul(jnp.ones((2, 40)), jnp.ones((40, 4), jnp.int8), jnp.ones((1, 4)), group=32)
   with pytest.raises(ValueError, match="x_scale"):
     q8.w8a8_matmul(jnp.ones((2, 8), jnp.int8), jnp.ones(3), jnp.ones((8, 4), jnp.int8), jnp.ones(4))

@@ -32,7 +32,7 @@ def a_batch(seed=0):
 
 
 def build(spec, params):
-  return nnx.merge(nnx.split(nnx.eval_shape(lambda: Transformer(spec, rngs=nnx.Rngs(params=0))))[0], params)
+  return loading.as_model(spec, params)
 
 
 @pytest.mark.parametrize("family", ["gpt", "llama"])

@@ -107,3 +107,13 @@ def test_training_steps_reduce_the_loss_on_a_fixed_batch(optimizer, lr, ratio):
   batch = random_batch(7)
   _, losses = run_steps(small_config(optimizer=optimizer, learning_rate=lr, steps=30, warmup_steps=1), [batch] * 30)
   assert losses[-1] < ratio * losses[0], losses
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "lion", "adafactor"])
+def test_weight_decay_scales_with_the_learning_rate(optimizer):
+  """At step 0 the warmup learning rate is 0: a zero gradient must leave every parameter unchanged."""
+  t = small_config(optimizer=optimizer, weight_decay=0.1, warmup_steps=2).train
+  params = step_lib.init_params(ModelSpec.from_config(small_config().model), 0)
+  opt = optim.make_optimizer(t, params)
+  updates, _ = opt.update(jax.tree.map(jnp.zeros_like, params), opt.init(params), params)
+  assert max(float(jnp.abs(u).max()) for u in jax.tree.leaves(updates)) == 0.0

@@ -48,8 +48,10 @@ def make_optimizer(t, params: Any) -> optax.GradientTransformation:
   elif t.optimizer == "lion":
     opt = optax.lion(schedule, b1=t.b1, b2=t.b2, weight_decay=t.weight_decay, mask=mask)
   elif t.optimizer == "adafactor":
-    opt = optax.adafactor(schedule, weight_decay_rate=t.weight_decay or None, weight_decay_mask=mask,
-                          clipping_threshold=None)
+    # optax.adafactor adds its weight decay after the learning rate (p <- p - wd * p per step, even at lr 0);
+    # build the same factored update with decay before the learning rate, like AdamW and Lion.
+    opt = optax.chain(optax.scale_by_factored_rms(), optax.scale_by_param_block_rms(),
+                      optax.add_decayed_weights(t.weight_decay, mask), optax.scale_by_learning_rate(schedule))
   else:
     raise ValueError(f"config.train.optimizer={t.optimizer!r} is invalid: use adamw, adafactor or lion")
   if t.grad_clip > 0:

@@ -118,7 +118,8 @@ def run(config, workdir: str, on_step: Callable[[int], None] | None = None) -> d
   n_params = flops.param_count(spec)
   flops_per_token = flops.flops_per_token(spec, config.data.seq_len)
   peak, peak_source = metrics_lib.peak_flops_per_device(config.model.dtype, t.peak_flops)
-  peak_total = peak * jax.device_count()
+  step_devices = len(jax.tree.leaves(compiled.output_shardings)[0].device_set)  # devices the step really uses
+  peak_total = peak * step_devices
   log.info("model: %s, %.2fM parameters, %.1f MFLOPs/token; peak %.3g FLOP/s per device (%s)",
            spec.family, n_params / 1e6, flops_per_token / 1e6, peak, peak_source)
 
@@ -193,8 +194,12 @@ def _sample(config, spec, graphdef, params, tokenizer) -> str:
   s = config.sample
   if s.max_new_tokens == 0:
     return ""
+  room = spec.max_len - len(generate.encode_prompt(tokenizer, s.prompt))
+  if room < 1:
+    log.warning("sample.prompt is %d tokens; no room to sample within model.max_len=%d", spec.max_len - room,
+                spec.max_len)
+    return s.prompt
   model = nnx.merge(graphdef, params)
-  new_tokens = min(s.max_new_tokens, spec.max_len - len(tokenizer.encode(s.prompt).ids) - 2)
-  (text,) = generate.generate_text(model, tokenizer, [s.prompt], max_new_tokens=max(new_tokens, 1),
+  (text,) = generate.generate_text(model, tokenizer, [s.prompt], max_new_tokens=min(s.max_new_tokens, room),
                                    temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, seed=config.train.seed)
   return s.prompt + text

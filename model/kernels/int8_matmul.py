@@ -95,6 +95,8 @@ def w8a16_matmul(x: jax.Array, w_q: jax.Array, w_scale: jax.Array, *, group: int
   if w_q.dtype != jnp.int8 or w_q.ndim != 2 or w_q.shape[0] != k:
     raise ValueError(f"w_q must be int8 [K={k}, N]; got {w_q.dtype} {w_q.shape}")
   n = w_q.shape[1]
+  if group and k % group:
+    raise ValueError(f"group={group} must divide the input dimension K={k}")
   expected = (k // group, n) if group else (n,)
   if w_scale.shape != expected:
     raise ValueError(f"w_scale shape {w_scale.shape} must be {expected} for group={group}")
