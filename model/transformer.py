@@ -300,7 +300,10 @@ class Transformer(nnx.Module):
     written at slots [index, index + L). Returns (logits [B, L, vocab] float32, updated cache).
     """
     b, l = inputs.shape
-    start = cache["index"]
+    slots = cache["segment_ids"].shape[1]
+    if l > slots:
+      raise ValueError(f"extend got {l} tokens but the cache has {slots} slots; allocate a longer cache")
+    start = cache["index"]  # the caller keeps index + L <= slots (dynamic_update_slice would clamp past the end)
     kv_segments = jax.lax.dynamic_update_slice(cache["segment_ids"], segment_ids.astype(jnp.int32), (0, start))
     q_slots = jnp.broadcast_to(start + jnp.arange(l, dtype=jnp.int32), (b, l))
     # One sequence per row: a live query sees every filled slot up to its own; padding queries see nothing.
