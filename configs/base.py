@@ -15,6 +15,7 @@ ATTENTION_IMPLS = ("xla", "pallas", "cudnn")  # reference jnp path, our Pallas f
 QUANT_MODES = ("none", "int8_weight", "w8a8")  # float, W8A16 weight-only, W8A8 with SmoothQuant
 MATMUL_IMPLS = ("xla", "pallas")
 OPTIMIZERS = ("adamw", "adafactor", "lion")
+MESH_AXES = ("data", "fsdp", "tensor", "pipeline", "expert")  # the same names as model/sharding.py
 SCHEDULES = ("cosine", "linear", "constant")
 ACTIVATIONS = ("gelu", "relu", "silu")
 
@@ -84,6 +85,13 @@ def get_config() -> ml_collections.ConfigDict:
   t.async_checkpoint = True  # write checkpoints in a background thread
   t.progress_bar = True  # tqdm bar with ETA on stderr
   t.peak_flops = 0.0  # device peak FLOP/s for MFU; 0 measures a dense matmul at start-up (CPU) or uses a table
+
+  c.mesh = mesh = ml_collections.ConfigDict()  # device mesh; -1 takes all remaining devices (at most one axis)
+  mesh.data = -1  # data parallelism (batch split, parameters replicated)
+  mesh.fsdp = 1  # fully sharded data parallelism (ZeRO-3): batch split, parameters and optimizer state split
+  mesh.tensor = 1  # tensor (Megatron) parallelism: heads and MLP columns split
+  mesh.pipeline = 1  # pipeline stages (reserved for the pipeline schedule)
+  mesh.expert = 1  # expert parallelism (reserved for MoE)
 
   c.sample = s = ml_collections.ConfigDict()
   s.prompt = "def fibonacci("  # prompt of the sample printed at the end of training
@@ -158,6 +166,11 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   src = d.source
   if not (src == "stdlib" or (src.startswith("files:") and len(src) > 6) or (src.startswith("tfds:") and len(src) > 5)):
     _fail("data.source", src, "use 'stdlib', 'files:GLOB' or 'tfds:NAME[:CONFIG]'")
+  sizes = [config.mesh[a] for a in MESH_AXES]
+  if sum(v == -1 for v in sizes) > 1 or any(not isinstance(v, int) or v == 0 or v < -1 for v in sizes):
+    _fail("mesh", dict(config.mesh), "each axis size must be a positive int, with at most one -1")
+  if config.mesh.pipeline != 1 or config.mesh.expert != 1:
+    _fail("mesh.pipeline", config.mesh.pipeline, "pipeline and expert axes must be 1 until those schedules exist")
   if not 0.0 < config.sample.top_p <= 1.0:
     _fail("sample.top_p", config.sample.top_p, "must be in (0, 1]")
   if config.sample.temperature < 0 or config.sample.top_k < 0 or config.sample.max_new_tokens < 0:

@@ -93,11 +93,16 @@ def eval_step(params: dict, batch: Batch, *, graphdef: nnx.GraphDef) -> dict[str
   return {"nll_sum": nll, "weight_sum": weight}
 
 
-def jit_train_step(graphdef, optimizer, schedule, grad_accum_steps: int, z_loss: float):
-  """The train step jitted with the state donated (its buffers are reused for the new state)."""
+def jit_train_step(graphdef, optimizer, schedule, grad_accum_steps: int, z_loss: float, state_shardings=None,
+                   batch_sharding=None):
+  """The train step jitted with the state donated (its buffers are reused for the new state); with shardings, the
+  state keeps its layout across steps and batches are split as `batch_sharding` says."""
   fn = functools.partial(train_step, graphdef=graphdef, optimizer=optimizer, schedule=schedule,
                          grad_accum_steps=grad_accum_steps, z_loss=z_loss)
-  return jax.jit(fn, donate_argnums=0)
+  if state_shardings is None:
+    return jax.jit(fn, donate_argnums=0)
+  return jax.jit(fn, donate_argnums=0, in_shardings=(state_shardings, batch_sharding),
+                 out_shardings=(state_shardings, None))
 
 
 def jit_eval_step(graphdef):

@@ -18,11 +18,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import tqdm
+from flax import nnx
 
 from configs import base
 from infer import evaluate as evaluate_lib
 from model import flops
-from model.transformer import ModelSpec
+from model import sharding
+from model.transformer import ModelSpec, Transformer
 from train import checkpoint as checkpoint_lib
 from train import data as data_lib
 from train import metrics as metrics_lib
@@ -95,6 +97,13 @@ def run(config, workdir: str, on_step: Callable[[int], None] | None = None) -> d
   optimizer = optim.make_optimizer(t, abstract_params)
   schedule = optim.make_schedule(t)
   abstract_state = jax.eval_shape(lambda: step_lib.init_state(spec, optimizer, t.seed))
+  mesh = sharding.make_mesh(dict(config.mesh))
+  param_specs = sharding.param_specs(nnx.eval_shape(lambda: Transformer(spec, rngs=nnx.Rngs(params=0))))
+  sharding.check_divisible(abstract_params, param_specs, mesh)
+  state_sh = sharding.state_shardings(mesh, abstract_state, param_specs, optimizer)
+  batch_sh = sharding.batch_sharding(mesh)
+  abstract_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state,
+                                state_sh)
 
   train_iter = data_lib.make_iterator(config, sources["train"], tokenizer, split="train",
                                       shard_index=jax.process_index(), shard_count=jax.process_count())
@@ -104,14 +113,16 @@ def run(config, workdir: str, on_step: Callable[[int], None] | None = None) -> d
     state = ckpt.restore(start_step, abstract_state, train_iter)
     log.info("resumed from step %d", start_step)
   else:
-    state = jax.jit(lambda: step_lib.init_state(spec, optimizer, t.seed))()
+    state = jax.jit(lambda: step_lib.init_state(spec, optimizer, t.seed), out_shardings=state_sh)()
     start_step = 0
 
   rows = t.batch_size // jax.process_count()
   batch_spec = {k: jax.ShapeDtypeStruct((rows, config.data.seq_len), jnp.float32 if k == "weights" else jnp.int32)
                 for k in ("inputs", "targets", "segment_ids", "positions", "weights")}
-  compiled = step_lib.jit_train_step(graphdef, optimizer, schedule, t.grad_accum_steps, t.z_loss).lower(
-      abstract_state, batch_spec).compile()
+  with jax.set_mesh(mesh):  # activations' logical constraints resolve against this mesh while tracing
+    compiled = step_lib.jit_train_step(graphdef, optimizer, schedule, t.grad_accum_steps, t.z_loss, state_sh,
+                                       batch_sh).lower(abstract_state, batch_spec).compile()
+  log.info("mesh %s over %d devices", dict(mesh.shape), mesh.size)
   _log_compiled(compiled)
   eval_fn = step_lib.jit_eval_step(graphdef)
 
@@ -187,8 +198,6 @@ def run(config, workdir: str, on_step: Callable[[int], None] | None = None) -> d
 
 
 def _sample(config, spec, graphdef, params, tokenizer) -> str:
-  from flax import nnx
-
   from infer import generate  # inference reads trained params; imported here to keep the module graph one-way
 
   s = config.sample
