@@ -2,6 +2,10 @@
 parameters and optimizer moments really are split (FSDP over 'embed', tensor over heads/MLP), and bad meshes fail
 early with clear messages."""
 
+import json
+import os
+import signal
+
 import jax
 import numpy as np
 import pytest
@@ -11,7 +15,8 @@ from jax.sharding import PartitionSpec as P
 from configs import base, tiny
 from model import sharding
 from model.transformer import ModelSpec, Transformer
-from train import optim
+from conftest import tiny_config
+from train import optim, trainer
 from train import step as step_lib
 
 
@@ -92,3 +97,21 @@ def test_sharded_training_matches_one_device_and_really_shards():
 def test_an_axis_that_does_not_divide_a_dimension_is_named():
   with pytest.raises(ValueError, match="dimension .* mesh axes \\('tensor',\\) of total size 8"):
     setup(sizes(tensor=8))
+
+
+def test_a_checkpoint_written_on_one_mesh_resumes_on_another(data_dir, tmp_path):
+  steps = dict(steps=8, log_every=1, eval_every=0, checkpoint_every=4, warmup_steps=2)
+  straight = tiny_config(data_dir, **steps)
+  trainer.run(straight, str(tmp_path / "one_device"))
+  expected = [r["loss"] for r in map(json.loads, open(tmp_path / "one_device" / "metrics.jsonl")) if "loss" in r]
+
+  workdir = str(tmp_path / "resharded")
+  first = tiny_config(data_dir, **steps)
+  first.mesh.update(data=2, fsdp=2, tensor=2)  # 8 devices
+  trainer.run(first, workdir, on_step=lambda s: s == 4 and os.kill(os.getpid(), signal.SIGTERM))
+  second = tiny_config(data_dir, **steps)
+  second.mesh.update(data=1, fsdp=4)  # 4 devices, different layout
+  summary = trainer.run(second, workdir)
+  assert summary["step"] == 8 and not summary["interrupted"]
+  got = [r["loss"] for r in map(json.loads, open(f"{workdir}/metrics.jsonl")) if "loss" in r]
+  np.testing.assert_allclose(got, expected, rtol=1e-4)  # same data, same updates, up to reduction order
