@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from train.tokenizer import EOT, eot_id  # noqa: F401  (EOT: prompts start with it; a row stops at it)
+from train.tokenizer import EOT, decode, encode, eot_id  # noqa: F401  (EOT: prompts start with it; a row stops at it)
 
 
 
@@ -139,7 +139,7 @@ def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, te
 
 def encode_prompt(tokenizer, text: str) -> list[int]:
   """[EOT] + ids of `text`, matching how training documents start."""
-  return [eot_id(tokenizer)] + tokenizer.encode(text, add_special_tokens=False).ids
+  return [eot_id(tokenizer)] + encode(tokenizer, text)
 
 
 def decode_completion(tokenizer, ids: Sequence[int]) -> str:
@@ -148,7 +148,7 @@ def decode_completion(tokenizer, ids: Sequence[int]) -> str:
   ids = list(ids)
   if ids and ids[-1] == eot:
     ids = ids[:-1]
-  return tokenizer.decode(ids, skip_special_tokens=False)
+  return decode(tokenizer, ids)
 
 
 def generate_text(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int, temperature: float = 0.0,

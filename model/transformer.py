@@ -89,13 +89,15 @@ def _param(rngs: nnx.Rngs, shape, names, dtype, std: float | None) -> nnx.Param:
   return nnx.Param(value, logical_axes=tuple(names))
 
 
-def _weight(spec: ModelSpec, rngs: nnx.Rngs, shape, names, std: float, n_in: int = 1):
+def _weight(spec: ModelSpec, rngs: nnx.Rngs, shape, names, std: float, n_in: int = 1, scale_axes=None):
   """A matmul weight whose first `n_in` axes are inputs: (float Param, None), or for quantized specs (int8 Param,
-  float32 per-output-channel scale Param of shape shape[n_in:]) to be filled by `model.quant`."""
+  float32 scale Param over `scale_axes`, default the output axes shape[n_in:]) to be filled by `model.quant`."""
   if spec.quant == "none":
     return _param(rngs, shape, names, spec.weight_dtype, std), None
+  scale_axes = tuple(range(n_in, len(shape))) if scale_axes is None else scale_axes
   return (nnx.Param(jnp.zeros(shape, jnp.int8), logical_axes=tuple(names)),
-          nnx.Param(jnp.ones(shape[n_in:], jnp.float32), logical_axes=tuple(names[n_in:])))
+          nnx.Param(jnp.ones(tuple(shape[a] for a in scale_axes), jnp.float32),
+                    logical_axes=tuple(names[a] for a in scale_axes)))
 
 
 def _matmul(spec: ModelSpec, x: jax.Array, w, scale: nnx.Param | None = None, n_in: int = 1) -> jax.Array:
@@ -251,9 +253,7 @@ class Transformer(nnx.Module):
     dt = spec.weight_dtype
     # Quantized: int8 rows with one scale per vocabulary entry, which is also the tied head's per-output scale.
     self.embed, self.embed_scale = _weight(spec, rngs, (spec.vocab_size, spec.embed_dim), ("vocab", "embed"),
-                                           spec.init_std)
-    if self.embed_scale is not None:
-      self.embed_scale = nnx.Param(jnp.ones((spec.vocab_size,), jnp.float32), logical_axes=("vocab",))
+                                           spec.init_std, scale_axes=(0,))
     self.pos_embed = (_param(rngs, (spec.max_len, spec.embed_dim), (None, "embed"), dt, spec.init_std / 2)
                       if spec.family == "gpt" else None)
 

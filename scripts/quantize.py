@@ -64,7 +64,7 @@ def quantize_workdir(workdir: str, out: str, mode: str, *, alpha: float = 0.5, c
   manager.wait_until_finished()
   manager.close()
   float_bytes = quant.nbytes(params)
-  return {"mode": mode, "step": step, "float32_bytes": float_bytes,
+  return {"mode": mode, "step": step, "float32_bytes": float_bytes, "float_model": model, "float_config": config,
           "bfloat16_bytes": sum(x.size * (2 if x.dtype == jnp.float32 else x.dtype.itemsize)
                                 for x in jax.tree.leaves(params)),
           "quantized_bytes": quant.nbytes(qparams), "checkpoint_dir_bytes": _dir_bytes(checkpoint_lib.checkpoint_dir(out)),
@@ -85,8 +85,8 @@ def main(argv):
   report = {k: result[k] for k in ("mode", "step", "float32_bytes", "bfloat16_bytes", "quantized_bytes",
                                    "checkpoint_dir_bytes")}
   if _EVAL.value != 0:
-    config, model, tokenizer, _ = loading.load_trained(_WORKDIR.value)
-    report["float_eval"] = evaluate.perplexity(model, config, tokenizer, _EVAL.value)
+    tokenizer = result["tokenizer"]
+    report["float_eval"] = evaluate.perplexity(result["float_model"], result["float_config"], tokenizer, _EVAL.value)
     qmodel = loading.as_model(result["spec"], result["params"])
     report["quantized_eval"] = evaluate.perplexity(qmodel, result["config"], tokenizer, _EVAL.value)
   print(json.dumps(report, indent=2))
