@@ -173,6 +173,11 @@ class Attention(nnx.Module):
     Returns (y [B, L, D], updated kv_cache or None). With a cache, this call's keys/values are written at slots
     [q_slots_start, q_slots_start + L) and attention runs over all S slots (visibility hides the empty ones).
     """
+    out, kv_cache = self.mix(x, positions, visibility, q_slots_start, kv_cache)
+    return self.project_out(out), kv_cache
+
+  def mix(self, x, positions, visibility, q_slots_start=None, kv_cache=None):
+    """Everything before the output projection (same arguments as `__call__`): (heads [B, L, H, hd], kv_cache)."""
     spec = self.spec
     q = self._project(x, self.wq, self.wq_scale, self.bq)
     k = self._project(x, self.wk, self.wk_scale, self.bk)
@@ -187,11 +192,12 @@ class Attention(nnx.Module):
       v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), start)
       kv_cache = (k, v)
     out = attention_lib.attend(q, k.astype(q.dtype), v.astype(q.dtype), visibility, impl=spec.attention_impl)
-    out = checkpoint_name(out, "attention_out")
-    y = _matmul(spec, out, self.wo, self.wo_scale, n_in=2)
-    if self.bo is not None:
-      y = y + self.bo[...].astype(y.dtype)
-    return y, kv_cache
+    return checkpoint_name(out, "attention_out"), kv_cache
+
+  def project_out(self, heads):
+    """heads [B, L, H, hd] -> [B, L, D] through wo (and bo)."""
+    y = _matmul(self.spec, heads, self.wo, self.wo_scale, n_in=2)
+    return y if self.bo is None else y + self.bo[...].astype(y.dtype)
 
 
 class MLP(nnx.Module):
@@ -209,6 +215,10 @@ class MLP(nnx.Module):
     self.b_out = _param(rngs, (d,), ("embed",), dt, 0.0) if spec.use_bias else None
 
   def __call__(self, x):
+    return self.project_out(self.hidden(x))
+
+  def hidden(self, x):
+    """The activated hidden layer, the input of w_out: x [B, L, D] -> [B, L, F]."""
     spec = self.spec
     h = _matmul(spec, x, self.w_in, self.w_in_scale)
     if self.b_in is not None:
@@ -218,11 +228,12 @@ class MLP(nnx.Module):
     else:
       h = {"gelu": lambda a: jax.nn.gelu(a, approximate=True), "relu": jax.nn.relu, "silu": jax.nn.silu}[
           spec.activation](h)
-    h = constrain(h, ("batch", "length", "mlp"))
-    y = _matmul(spec, h, self.w_out, self.w_out_scale)
-    if self.b_out is not None:
-      y = y + self.b_out[...].astype(y.dtype)
-    return y
+    return constrain(h, ("batch", "length", "mlp"))
+
+  def project_out(self, h):
+    """h [B, L, F] -> [B, L, D] through w_out (and b_out)."""
+    y = _matmul(self.spec, h, self.w_out, self.w_out_scale)
+    return y if self.b_out is None else y + self.b_out[...].astype(y.dtype)
 
 
 class Block(nnx.Module):

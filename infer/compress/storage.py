@@ -1,0 +1,115 @@
+"""Compressed checkpoints: a workdir that `infer.generate` and `infer.evaluate` load like a trained one.
+
+Layout: config.json and tokenizer.json (as written by training), compression.json (the method, the sparsity of every
+compressed weight per layer, bits per weight, time) and an orbax checkpoint {step, params, packed}. Quantized weights
+are stored packed: their integer codes bit-packed at `bits` per weight (uint8 stream), beside float32 scales and
+uint8 zero points per (layer, group, output). Pruned weights are stored dense with their zeros (the mask is w == 0).
+Loading unpacks and dequantizes into the float model, which then runs as usual.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+
+from infer.compress.result import Compressed
+from train import checkpoint as checkpoint_lib
+
+METADATA = "compression.json"
+
+
+def pack_codes(codes: np.ndarray, bits: int) -> np.ndarray:
+  """Integer codes in [0, 2^bits) (any shape) -> uint8 [ceil(size * bits / 8)], `bits` bits per code, big-endian."""
+  c = np.asarray(codes, np.uint8).reshape(-1)
+  if c.size and int(c.max()) >= 2 ** bits:
+    raise ValueError(f"a code {int(c.max())} does not fit in {bits} bits")
+  return np.packbits(np.unpackbits(c[:, None], axis=1)[:, 8 - bits:].reshape(-1))
+
+
+def unpack_codes(packed: np.ndarray, bits: int, shape) -> np.ndarray:
+  """Inverse of `pack_codes`: uint8 codes of `shape`."""
+  n = int(np.prod(shape))
+  b = np.unpackbits(np.asarray(packed, np.uint8))[:n * bits].reshape(n, bits)
+  return np.packbits(np.concatenate([np.zeros((n, 8 - bits), np.uint8), b], axis=1), axis=1).reshape(shape)
+
+
+def is_compressed(workdir: str) -> bool:
+  return os.path.exists(os.path.join(workdir, METADATA))
+
+
+def _packed_abstract(meta: dict) -> dict:
+  out = {}
+  for path, p in meta["packed"].items():
+    layers, k, n = p["layers"], p["in"], p["out"]
+    groups = k // (p["group_size"] or k)
+    out[path] = {"codes": jax.ShapeDtypeStruct((-(-layers * k * n * p["bits"] // 8),), jnp.uint8),
+                 "scale": jax.ShapeDtypeStruct((layers, groups, n), jnp.float32),
+                 "zero": jax.ShapeDtypeStruct((layers, groups, n), jnp.uint8)}
+  return out
+
+
+def save(out: str, *, config, source_workdir: str, step: int, params: dict,
+         layers: dict[str, list[Compressed]], metadata: dict) -> dict:
+  """Writes the compressed workdir `out` (must not exist or be empty). `params` is the float dict with compressed
+  weights (see `pipeline.compress_model`); quantized ones are stored packed. Returns the metadata written."""
+  if os.path.exists(out) and os.listdir(out):
+    raise FileExistsError(f"{out} exists and is not empty; choose a new directory")
+  os.makedirs(out, exist_ok=True)
+  params = jax.tree.map(lambda x: x, params)
+  blocks = params["blocks"]
+  packed, packed_meta = {}, {}
+  for path, results in layers.items():
+    if not results[0].bits:
+      continue
+    parent, name = path.split("/")
+    full_shape = tuple(blocks[parent][name].shape)
+    bits, group_size = results[0].bits, results[0].group_size
+    codes = np.stack([np.asarray(r.codes) for r in results])  # [layers, in, out]
+    packed[path] = {"codes": pack_codes(codes, bits), "scale": np.stack([np.asarray(r.scale) for r in results]),
+                    "zero": np.stack([np.asarray(r.zero) for r in results]).astype(np.uint8)}
+    packed_meta[path] = {"shape": full_shape, "layers": codes.shape[0], "in": codes.shape[1], "out": codes.shape[2],
+                         "bits": bits, "group_size": group_size}
+    del blocks[parent][name]
+  meta = dict(metadata, source_workdir=os.path.abspath(source_workdir), step=step, packed=packed_meta)
+  with open(os.path.join(out, "config.json"), "w", encoding="utf-8") as f:
+    f.write(config.to_json_best_effort(indent=2))
+  shutil.copy(os.path.join(source_workdir, "tokenizer.json"), os.path.join(out, "tokenizer.json"))
+  manager = ocp.CheckpointManager(checkpoint_lib.checkpoint_dir(out), item_names=("state",))
+  manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(
+      {"step": jnp.asarray(step, jnp.int32), "params": params, "packed": packed})))
+  manager.wait_until_finished()
+  manager.close()
+  with open(os.path.join(out, METADATA), "w", encoding="utf-8") as f:  # last: its presence marks a complete save
+    json.dump(meta, f, indent=2)
+  return meta
+
+
+def load_params(workdir: str, abstract_params: dict, step: int | None = None) -> tuple[dict, int, dict]:
+  """(float params with dequantized weights, step, metadata) of a compressed workdir; `abstract_params` is the
+  float model's parameter tree (ShapeDtypeStructs)."""
+  with open(os.path.join(workdir, METADATA), encoding="utf-8") as f:
+    meta = json.load(f)
+  abstract = jax.tree.map(lambda x: x, abstract_params)
+  for path in meta["packed"]:
+    parent, name = path.split("/")
+    del abstract["blocks"][parent][name]
+  target = {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": abstract, "packed": _packed_abstract(meta)}
+  state, step = checkpoint_lib.restore_state(workdir, target, step)
+  params = state["params"]
+  for path, p in meta["packed"].items():
+    parent, name = path.split("/")
+    stored = state["packed"][path]
+    codes = unpack_codes(np.asarray(stored["codes"]), p["bits"], (p["layers"], p["in"], p["out"]))
+    size = p["group_size"] or p["in"]
+    scale = np.repeat(np.asarray(stored["scale"]), size, axis=1)
+    zero = np.repeat(np.asarray(stored["zero"]), size, axis=1).astype(np.float32)
+    weight = jnp.asarray(scale * (codes.astype(np.float32) - zero))  # same arithmetic as quantizer.dequantize
+    dtype = abstract_params["blocks"][parent][name].dtype
+    params["blocks"][parent][name] = weight.reshape(p["shape"]).astype(dtype)
+  return params, step, meta

@@ -1,0 +1,229 @@
+"""SparseGPT, GPTQ and their baselines on random correlated inputs; calibration; compressed checkpoints."""
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import compress as compress_config
+from infer.compress import calibrate, gptq, quantizer, sparsegpt, storage
+
+
+def _problem(seed, k=128, n=64, t=1024):
+  """Inputs X [t, k] with correlated features and a few large channels, weights W [k, n], Hessian 2/t X^T X."""
+  rng = np.random.default_rng(seed)
+  mix = rng.normal(size=(k, k)) / np.sqrt(k) + np.eye(k)
+  x = rng.normal(size=(t, k)) @ mix
+  x[:, :4] *= 6.0
+  w = rng.normal(size=(k, n)).astype(np.float32)
+  return x, w, jnp.asarray(2.0 / t * x.T @ x, jnp.float32)
+
+
+def _err(x, w, w2):
+  return float(np.linalg.norm(x @ w - x @ np.asarray(w2, np.float64)) ** 2)
+
+
+@pytest.mark.parametrize("kw", [dict(sparsity=0.5), dict(sparsity=0.7), dict(prune_n=2, prune_m=4),
+                                dict(prune_n=4, prune_m=8)])
+def test_sparsegpt_reconstructs_far_better_than_magnitude(kw):
+  x, w, h = _problem(0)
+  pruned = sparsegpt.prune_layer(w, h, block_size=32, **kw)
+  baseline = sparsegpt.magnitude_prune(w, **kw)
+  assert pruned.sparsity == pytest.approx(0.5 if "prune_n" in kw else kw["sparsity"], abs=1e-3)  # rounded per block
+  assert baseline.sparsity == pytest.approx(pruned.sparsity, abs=1e-3)
+  assert _err(x, w, pruned.weight) < 0.6 * _err(x, w, baseline.weight)
+  # The OBS loss estimate is the reconstruction error in Hessian units: ||.||^2 / t (up to the dampening).
+  assert pruned.loss == pytest.approx(_err(x, w, pruned.weight) / len(x), rel=0.2)
+
+
+def test_unstructured_mask_has_exact_sparsity_per_block():
+  _, w, h = _problem(1, k=96, n=40)
+  out = sparsegpt.prune_layer(w, h, sparsity=0.3, block_size=32)
+  zeros = np.asarray(out.weight == 0)  # [in, out]; blocks are 32 consecutive inputs
+  for b in range(3):
+    assert zeros[32 * b:32 * (b + 1)].sum() == round(0.3 * 32 * 40)
+
+
+@pytest.mark.parametrize("n,m", [(2, 4), (4, 8), (1, 4)])
+def test_nm_masks_have_exactly_n_zeros_in_every_group(n, m):
+  _, w, h = _problem(2, k=64, n=24)
+  for out in (sparsegpt.prune_layer(w, h, prune_n=n, prune_m=m, block_size=32),
+              sparsegpt.magnitude_prune(w, prune_n=n, prune_m=m)):
+    groups = np.asarray(out.weight == 0).T.reshape(24, 64 // m, m)  # [out, groups, m] along the inputs
+    np.testing.assert_array_equal(groups.sum(-1), n)
+
+
+def test_sparsegpt_matches_brute_force_obs_on_a_tiny_layer():
+  """3 outputs x 6 inputs at 50%: the three smallest inputs are pruned, and the kept weights must be the exact
+  optimum argmin ||W X - W' X|| with those weights at zero (closed form), which is also the best of all masks."""
+  rng = np.random.default_rng(3)
+  x = rng.normal(size=(200, 6)) @ (np.eye(6) + 0.5 * rng.normal(size=(6, 6)))
+  h = 2.0 / len(x) * x.T @ x
+  w = rng.normal(size=(6, 3))
+  w[:3] *= 1e-3  # the first three inputs are nearly free to prune
+  out = sparsegpt.prune_layer(jnp.asarray(w, jnp.float32), jnp.asarray(h, jnp.float32), sparsity=0.5,
+                              block_size=8, damp=0.0)
+  got = np.asarray(out.weight, np.float64)
+
+  def optimum(row, pruned):
+    kept = [j for j in range(6) if j not in pruned]
+    best = np.zeros(6)
+    # d = w - w' with d_P = w_P fixed; minimise d^T H d over d_R: d_R = -H_RR^-1 H_RP w_P.
+    best[kept] = row[kept] + np.linalg.solve(h[np.ix_(kept, kept)], h[np.ix_(kept, list(pruned))] @ row[list(pruned)])
+    return best, (row - best) @ h @ (row - best)
+
+  for r in range(3):
+    row = w[:, r]
+    masks = [optimum(row, p) for p in itertools.combinations(range(6), 3)]
+    best_w, best_err = min(masks, key=lambda m: m[1])
+    np.testing.assert_allclose(got[:, r], best_w, rtol=2e-4, atol=2e-6)
+    assert (row - got[:, r]) @ h @ (row - got[:, r]) == pytest.approx(best_err, rel=1e-3)
+
+
+@pytest.mark.parametrize("kw", [dict(bits=4), dict(bits=3), dict(bits=4, group_size=32), dict(bits=4, act_order=True),
+                                dict(bits=3, act_order=True, group_size=32), dict(bits=2, symmetric=True)])
+def test_gptq_beats_round_to_nearest_and_codes_reconstruct(kw):
+  x, w, h = _problem(4)
+  q = gptq.quantize_layer(w, h, block_size=64, **kw)
+  rtn = gptq.rtn_layer(w, **{k: v for k, v in kw.items() if k != "act_order"})
+  assert _err(x, w, q.weight) < 0.8 * _err(x, w, rtn.weight)
+  size = kw.get("group_size") or w.shape[0]
+  for r in (q, rtn):
+    assert int(r.codes.min()) >= 0 and int(r.codes.max()) < 2 ** kw["bits"]
+    assert r.scale.shape == (w.shape[0] // size, w.shape[1])
+    deq = quantizer.dequantize(r.codes, jnp.repeat(r.scale, size, 0), jnp.repeat(r.zero, size, 0))
+    np.testing.assert_array_equal(np.asarray(deq), np.asarray(r.weight))
+    # every column holds at most 2^bits distinct values per (group, output)
+    assert len(np.unique(np.asarray(r.weight[:size, 0]))) <= 2 ** kw["bits"]
+
+
+def test_joint_sparsegpt_quantization_keeps_mask_and_grid():
+  x, w, h = _problem(5)
+  out = sparsegpt.prune_layer(w, h, prune_n=2, prune_m=4, quant_bits=4, block_size=32)
+  zeros = np.asarray(out.weight == 0).T.reshape(w.shape[1], -1, 4).sum(-1)
+  assert (zeros >= 2).all()  # the 2:4 mask holds; a kept weight may also round to the zero code
+  deq = quantizer.dequantize(out.codes, out.scale, out.zero)
+  np.testing.assert_array_equal(np.asarray(deq), np.asarray(out.weight))
+  assert _err(x, w, out.weight) < _err(x, w, sparsegpt.magnitude_prune(w, prune_n=2, prune_m=4).weight)
+
+
+@pytest.mark.parametrize("bits", range(2, 9))
+def test_bit_packing_round_trips(bits):
+  codes = np.random.default_rng(bits).integers(0, 2 ** bits, size=(3, 17, 5)).astype(np.uint8)
+  packed = storage.pack_codes(codes, bits)
+  assert packed.size == -(-codes.size * bits // 8)
+  np.testing.assert_array_equal(storage.unpack_codes(packed, bits, codes.shape), codes)
+
+
+def test_dead_inputs_are_zeroed_and_hessian_stays_invertible():
+  x, w, h = _problem(6, k=32, n=8)
+  h = h.at[5, :].set(0).at[:, 5].set(0)
+  out = gptq.quantize_layer(w, h, bits=4, block_size=32)
+  assert bool(jnp.all(jnp.isfinite(out.weight)))
+  np.testing.assert_array_equal(np.asarray(out.weight[5]), 0)
+
+
+def test_compress_config_errors_name_the_key():
+  c = compress_config.get_config()
+  c.method = "obc"
+  with pytest.raises(ValueError, match="compress.method='obc'"):
+    compress_config.validate(c)
+  c = compress_config.get_config()
+  c.update(method="gptq", bits=0)
+  with pytest.raises(ValueError, match="compress.bits=0"):
+    compress_config.validate(c)
+  c = compress_config.get_config()
+  c.update(prune_n=4, prune_m=4)
+  with pytest.raises(ValueError, match="prune_n"):
+    compress_config.validate(c)
+  with pytest.raises(ValueError, match="group_size=48"):
+    gptq.quantize_layer(jnp.ones((64, 4)), jnp.eye(64), bits=4, group_size=48)
+
+
+# -- whole-model paths on the shared tiny run -----------------------------------------------------------------------
+
+
+def test_calibration_hessians_follow_the_compressed_model(tiny_run):
+  """With a 'compression' that halves every weight, each Hessian must be 2/n X^T X of the inputs that the final
+  (halved) model feeds that layer: earlier groups and blocks already compressed (true_sequential)."""
+  from flax import nnx
+
+  from infer import loading
+  from model.attention import Visibility
+
+  config, model, _, _ = loading.load_trained(tiny_run[0])
+  samples = np.random.default_rng(0).integers(0, config.model.vocab_size, size=(5, 16)).astype(np.int32)
+  seen = {}
+
+  def halve(i, path, w, h):
+    seen[(i, path)] = h
+    return w * 0.5
+
+  params = calibrate.sequential(model, samples, halve, batch_size=2)
+  final = loading.as_model(model.spec, params)
+  blocks = nnx.split(final.blocks)
+  b, l = samples.shape
+  pos = jnp.broadcast_to(jnp.arange(l), (b, l))
+  vis = Visibility.causal_self(jnp.ones((b, l), jnp.int32))
+  x = final.embed_tokens(jnp.asarray(samples), pos)
+  gram = lambda a: 2.0 / (b * l) * np.einsum("ti,tj->ij", *(np.asarray(a, np.float64).reshape(b * l, -1),) * 2)  # noqa: E731
+  for i in range(config.model.num_layers):
+    block = nnx.merge(blocks[0], jax.tree.map(lambda a: a[i], blocks[1]))
+    a = block.attn_norm(x)
+    heads, _ = block.attn.mix(a, pos, vis)
+    h = x + block.attn.project_out(heads)
+    m = block.mlp_norm(h)
+    expected = {"attn/wq": gram(a), "attn/wo": gram(heads), "mlp/w_in": gram(m), "mlp/w_out": gram(block.mlp.hidden(m))}
+    for path, ref in expected.items():
+      np.testing.assert_allclose(np.asarray(seen[(i, path)]), ref, rtol=2e-3, atol=2e-3 * np.abs(ref).max())
+    x = block(x, pos, vis)[0]
+  assert set(seen) == {(i, p) for i in range(config.model.num_layers)
+                       for p in ("attn/wq", "attn/wk", "attn/wv", "attn/wo", "mlp/w_in", "mlp/w_out")}
+
+
+@pytest.mark.parametrize("overrides", [dict(method="gptq", bits=3, group_size=32),
+                                       dict(method="sparsegpt", prune_n=2, prune_m=4, bits=4)])
+def test_compressed_workdir_round_trips(tiny_run, tmp_path, overrides):
+  from infer import compress, evaluate, loading
+
+  config, model, tokenizer, step = loading.load_trained(tiny_run[0])
+  c = compress_config.get_config()
+  c.update(calibration_samples=8, calibration_len=32, **overrides)
+  out = str(tmp_path / "compressed")
+  result = compress.compress_workdir(config, model, tokenizer, step, c, source_workdir=tiny_run[0], out=out)
+  _, loaded, _, loaded_step = loading.load_trained(out)
+  assert loaded_step == step
+  from flax import nnx
+  for a, b in zip(jax.tree.leaves(result["params"]), jax.tree.leaves(nnx.to_pure_dict(nnx.state(loaded)))):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  meta = result["metadata"]
+  # codes plus a float32 scale and a uint8 zero per group of inputs (tiny model: every layer has 64 or 256 inputs)
+  assert overrides["bits"] < meta["summary"]["bits_per_weight"] <= overrides["bits"] + 40 / (c.group_size or 64)
+  if "prune_n" in overrides:
+    assert all(s >= 0.5 for w in meta["summary"]["weights"].values() for s in w["sparsity"])
+  assert "bits per weight" in loading.compression_note(out)
+  tokens = evaluate.validation_stream(config, tokenizer, 4096)
+  dense = evaluate.stream_perplexity(model, tokens, 32)["ppl"]
+  compressed = evaluate.stream_perplexity(loaded, tokens, 32)["ppl"]
+  assert np.isfinite(compressed) and compressed < 2.0 * dense
+
+
+def test_stream_perplexity_is_independent_of_batching(tiny_run):
+  from infer import evaluate, loading
+
+  config, model, tokenizer, _ = loading.load_trained(tiny_run[0])
+  tokens = evaluate.validation_stream(config, tokenizer, 2000)
+  one = evaluate.stream_perplexity(model, tokens, 48, batch_size=1)
+  many = evaluate.stream_perplexity(model, tokens, 48, batch_size=5)  # 41 windows: a padded last batch
+  assert one["windows"] == 2000 // 48 and one["tokens"] == one["windows"] * 47
+  assert many["loss"] == pytest.approx(one["loss"], rel=1e-5)
+  # the reference: a plain per-window loop over the model's logits
+  windows = tokens[:one["windows"] * 48].reshape(-1, 48)
+  logits = np.asarray(model(jnp.asarray(windows[:, :-1])), np.float64)
+  logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) - logits.max(-1, keepdims=True)
+  ref = -np.take_along_axis(logp, windows[:, 1:, None], -1).mean()
+  assert one["loss"] == pytest.approx(ref, rel=1e-4)
+  with pytest.raises(ValueError, match="seq_len=1000"):
+    evaluate.stream_perplexity(model, tokens, 1000)
