@@ -47,6 +47,12 @@ def get_config() -> ml_collections.ConfigDict:
   m.init_std = 0.02  # normal init scale; residual output projections are scaled by 1/sqrt(2 * num_layers)
   m.quant = "none"  # one of QUANT_MODES; inference only, written by `python -m scripts.quantize`
   m.matmul_impl = "xla"  # one of MATMUL_IMPLS: how quantized matmuls run (XLA int8 dot or our Pallas kernels)
+  m.num_experts = 0  # experts per MoE MLP (model/moe.py); 0 = a dense model
+  m.experts_per_token = 1  # top-k routing: 1 = Switch, 2 = Mixtral
+  m.expert_mlp_dim = 0  # hidden width of each expert; 0 means the dense mlp_dim rule
+  m.moe_every = 1  # every moe_every-th block has the MoE MLP (1: all blocks, as Mixtral; 2: as Switch)
+  m.capacity_factor = 0.0  # 0: dropless (grouped matmuls); > 0: per-expert buffers of ceil(cf * tokens * k / E)
+  m.moe_renormalize = True  # renormalize the top-k router probabilities to sum to 1 (Mixtral); False: Switch
 
   c.data = d = ml_collections.ConfigDict()
   d.source = "stdlib"  # "stdlib" | "files:GLOB" | "tfds:NAME[:CONFIG]"
@@ -77,6 +83,8 @@ def get_config() -> ml_collections.ConfigDict:
   t.weight_decay = 0.1  # decoupled weight decay; never applied to biases, norms or embeddings
   t.grad_clip = 1.0  # global-norm clipping threshold; 0 disables
   t.z_loss = 0.0  # coefficient of the log(Z)^2 auxiliary loss (PaLM); 0 disables
+  t.moe_aux_loss = 0.01  # coefficient of the MoE load-balancing loss (Switch); MoE models only
+  t.router_z_loss = 0.001  # coefficient of the MoE router z-loss (ST-MoE); MoE models only
   t.log_every = 10  # steps between metric rows
   t.eval_every = 200  # steps between evaluations; 0 evaluates only at the end
   t.eval_batches = 8  # validation batches per evaluation
@@ -91,7 +99,7 @@ def get_config() -> ml_collections.ConfigDict:
   mesh.fsdp = 1  # fully sharded data parallelism (ZeRO-3): batch split, parameters and optimizer state split
   mesh.tensor = 1  # tensor (Megatron) parallelism: heads and MLP columns split
   mesh.pipeline = 1  # pipeline stages (reserved for the pipeline schedule)
-  mesh.expert = 1  # expert parallelism (reserved for MoE)
+  mesh.expert = 1  # expert parallelism: MoE experts split over devices (tokens too, like data parallelism)
 
   c.sample = s = ml_collections.ConfigDict()
   s.prompt = "def fibonacci("  # prompt of the sample printed at the end of training
@@ -140,7 +148,8 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _positive(config, key)
   for key in ("model.num_kv_heads", "model.head_dim", "model.mlp_dim", "train.warmup_steps", "train.weight_decay",
               "train.grad_clip", "train.z_loss", "train.eval_every", "data.num_workers", "train.peak_flops",
-              "data.max_docs"):
+              "data.max_docs", "model.num_experts", "model.expert_mlp_dim", "model.capacity_factor",
+              "train.moe_aux_loss", "train.router_z_loss"):
     _positive(config, key, zero_ok=True)
   if not m.head_dim and m.embed_dim % m.num_heads:
     _fail("model.num_heads", m.num_heads, f"must divide model.embed_dim={m.embed_dim} (or set model.head_dim)")
@@ -169,8 +178,19 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   sizes = [config.mesh[a] for a in MESH_AXES]
   if sum(v == -1 for v in sizes) > 1 or any(not isinstance(v, int) or v == 0 or v < -1 for v in sizes):
     _fail("mesh", dict(config.mesh), "each axis size must be a positive int, with at most one -1")
-  if config.mesh.pipeline != 1 or config.mesh.expert != 1:
-    _fail("mesh.pipeline", config.mesh.pipeline, "pipeline and expert axes must be 1 until those schedules exist")
+  if config.mesh.pipeline != 1:
+    _fail("mesh.pipeline", config.mesh.pipeline, "the pipeline axis must be 1 until the pipeline schedule exists")
+  if config.mesh.expert != 1 and not m.num_experts:
+    _fail("mesh.expert", config.mesh.expert, "expert parallelism needs an MoE model (model.num_experts > 0)")
+  if m.num_experts:
+    if not 1 <= m.experts_per_token <= m.num_experts:
+      _fail("model.experts_per_token", m.experts_per_token, f"must be in [1, model.num_experts={m.num_experts}]")
+    if m.moe_every < 1 or m.num_layers % m.moe_every:
+      _fail("model.moe_every", m.moe_every, f"must be >= 1 and divide model.num_layers={m.num_layers}")
+    if config.mesh.expert > 1 and m.num_experts % config.mesh.expert:
+      _fail("mesh.expert", config.mesh.expert, f"must divide model.num_experts={m.num_experts}")
+    if m.quant != "none":
+      _fail("model.quant", m.quant, "int8 formats cover dense models; compress MoE models with infer.compress.qmoe")
   if not 0.0 < config.sample.top_p <= 1.0:
     _fail("sample.top_p", config.sample.top_p, "must be in (0, 1]")
   if config.sample.temperature < 0 or config.sample.top_k < 0 or config.sample.max_new_tokens < 0:

@@ -14,19 +14,28 @@ from flax import nnx
 from model.transformer import ModelSpec
 
 
-def _block_matmul_params(s: ModelSpec) -> int:
-  attn = s.embed_dim * s.head_dim * (2 * s.num_heads + 2 * s.num_kv_heads)
-  mlp = s.embed_dim * s.mlp_dim * (3 if s.family == "llama" else 2)
-  return attn + mlp
+def _attn_params(s: ModelSpec) -> int:
+  return s.embed_dim * s.head_dim * (2 * s.num_heads + 2 * s.num_kv_heads)
+
+
+def _mlp_params(s: ModelSpec, width: int) -> int:
+  return s.embed_dim * width * (3 if s.family == "llama" else 2)
+
+
+def _moe_blocks(s: ModelSpec) -> int:
+  return s.num_layers // s.moe_every if s.num_experts else 0
 
 
 def param_count(s: ModelSpec) -> int:
-  """Total number of parameters (embeddings, norms and biases included)."""
+  """Total number of parameters (embeddings, norms, biases and every expert included)."""
   d = s.embed_dim
-  norms_per_block = 2 * d * (2 if s.family == "gpt" else 1)
-  biases_per_block = (s.head_dim * (s.num_heads + 2 * s.num_kv_heads) + s.mlp_dim + 2 * d) if s.use_bias else 0
-  block = _block_matmul_params(s) + norms_per_block + biases_per_block
-  total = s.num_layers * block + s.vocab_size * d + d * (2 if s.family == "gpt" else 1)
+  moe_blocks = _moe_blocks(s)
+  norms = s.num_layers * 2 * d * (2 if s.family == "gpt" else 1)
+  attn_biases = s.num_layers * (s.head_dim * (s.num_heads + 2 * s.num_kv_heads) + d) if s.use_bias else 0
+  mlp_biases = (s.num_layers - moe_blocks) * (s.mlp_dim + d) if s.use_bias else 0
+  total = (s.num_layers * _attn_params(s) + (s.num_layers - moe_blocks) * _mlp_params(s, s.mlp_dim)
+           + moe_blocks * (s.num_experts * _mlp_params(s, s.expert_mlp_dim) + d * s.num_experts)
+           + norms + attn_biases + mlp_biases + s.vocab_size * d + d * (2 if s.family == "gpt" else 1))
   if s.family == "gpt":
     total += s.max_len * d
   if not s.tie_embeddings:
@@ -35,8 +44,12 @@ def param_count(s: ModelSpec) -> int:
 
 
 def matmul_param_count(s: ModelSpec) -> int:
-  """Parameters that take part in a matmul for every token: block weights plus the output projection."""
-  return s.num_layers * _block_matmul_params(s) + s.embed_dim * s.vocab_size
+  """Parameters that take part in a matmul for every token: attention, dense MLPs, the router and the k active
+  experts of each MoE block, plus the output projection."""
+  moe_blocks = _moe_blocks(s)
+  return (s.num_layers * _attn_params(s) + (s.num_layers - moe_blocks) * _mlp_params(s, s.mlp_dim)
+          + moe_blocks * (s.experts_per_token * _mlp_params(s, s.expert_mlp_dim) + s.embed_dim * s.num_experts)
+          + s.embed_dim * s.vocab_size)
 
 
 def flops_per_token(s: ModelSpec, context: int, training: bool = True) -> float:

@@ -56,6 +56,12 @@ class ModelSpec:
   init_std: float = 0.02
   quant: str = "none"  # "none" | "int8_weight" (W8A16) | "w8a8" (SmoothQuant); set by scripts/quantize.py
   matmul_impl: str = "xla"  # "xla" | "pallas": how quantized matmuls run
+  num_experts: int = 0  # 0: dense MLPs; > 0: every moe_every-th block has a mixture-of-experts MLP (model/moe.py)
+  experts_per_token: int = 1
+  expert_mlp_dim: int = 0
+  moe_every: int = 1
+  capacity_factor: float = 0.0  # 0: dropless
+  moe_renormalize: bool = True
 
   @classmethod
   def from_config(cls, m) -> "ModelSpec":
@@ -67,7 +73,15 @@ class ModelSpec:
                mlp_dim=base.mlp_dim(m), max_len=m.max_len, activation=m.activation, norm_eps=m.norm_eps,
                rope_theta=m.rope_theta, tie_embeddings=m.tie_embeddings, use_bias=base.use_bias(m),
                param_dtype=m.param_dtype, dtype=m.dtype, remat=m.remat, scan_layers=m.scan_layers,
-               attention_impl=m.attention_impl, init_std=m.init_std, quant=m.quant, matmul_impl=m.matmul_impl)
+               attention_impl=m.attention_impl, init_std=m.init_std, quant=m.quant, matmul_impl=m.matmul_impl,
+               num_experts=m.num_experts, experts_per_token=m.experts_per_token,
+               expert_mlp_dim=m.expert_mlp_dim or base.mlp_dim(m), moe_every=m.moe_every,
+               capacity_factor=m.capacity_factor, moe_renormalize=m.moe_renormalize)
+
+  @property
+  def layers_per_unit(self) -> int:
+    """Blocks per scanned unit: 1 for dense models, moe_every for MoE models (see `BlockGroup`)."""
+    return self.moe_every if self.num_experts else 1
 
   @property
   def compute_dtype(self):
@@ -236,20 +250,53 @@ class MLP(nnx.Module):
     return y if self.b_out is None else y + self.b_out[...].astype(y.dtype)
 
 
-class Block(nnx.Module):
-  """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+MoEAux = dict[str, jax.Array]  # load_balance, router_z, dropped: float32 scalars summed over MoE blocks
+MOE_AUX_KEYS = ("load_balance", "router_z", "dropped")
 
-  def __init__(self, spec: ModelSpec, rngs: nnx.Rngs):
+
+def _zero_aux() -> MoEAux:
+  return {k: jnp.zeros((), jnp.float32) for k in MOE_AUX_KEYS}
+
+
+class Block(nnx.Module):
+  """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x)); `moe` swaps the MLP for a `moe.MoE`."""
+
+  def __init__(self, spec: ModelSpec, rngs: nnx.Rngs, moe: bool = False):
+    from model import moe as moe_lib
+
     self.attn_norm = Norm(spec, rngs)
     self.attn = Attention(spec, rngs)
     self.mlp_norm = Norm(spec, rngs)
-    self.mlp = MLP(spec, rngs)
+    self.mlp = None if moe else MLP(spec, rngs)
+    self.moe = moe_lib.MoE(spec, rngs) if moe else None
 
   def __call__(self, x, positions, visibility, q_slots_start=None, kv_cache=None):
+    """Returns (x [B, L, D], kv_cache, MoE auxiliary terms (zeros for a dense block))."""
     y, kv_cache = self.attn(self.attn_norm(x), positions, visibility, q_slots_start, kv_cache)
     x = x + y
-    x = x + self.mlp(self.mlp_norm(x))
-    return constrain(x, ("batch", "length", "embed")), kv_cache
+    if self.moe is not None:
+      y, aux = self.moe(self.mlp_norm(x), (visibility.q_segment_ids > 0))
+    else:
+      y, aux = self.mlp(self.mlp_norm(x)), _zero_aux()
+    x = x + y
+    return constrain(x, ("batch", "length", "embed")), kv_cache, aux
+
+
+class BlockGroup(nnx.Module):
+  """The scanned unit of MoE models: `moe_every` consecutive blocks, the last of which has the MoE MLP (Switch
+  puts one every other block, Mixtral in every block). Caches are [moe_every, ...] stacks of per-block caches."""
+
+  def __init__(self, spec: ModelSpec, rngs: nnx.Rngs):
+    self.layers = nnx.List([Block(spec, rngs, moe=i == spec.moe_every - 1) for i in range(spec.moe_every)])
+
+  def __call__(self, x, positions, visibility, q_slots_start=None, kv_cache=None):
+    caches, total = [], _zero_aux()
+    for i, block in enumerate(self.layers):
+      x, cache, aux = block(x, positions, visibility, q_slots_start,
+                            None if kv_cache is None else jax.tree.map(lambda a, i=i: a[i], kv_cache))
+      caches.append(cache)
+      total = jax.tree.map(jnp.add, total, aux)
+    return x, (None if kv_cache is None else jax.tree.map(lambda *a: jnp.stack(a), *caches)), total
 
 
 class Transformer(nnx.Module):
@@ -268,10 +315,14 @@ class Transformer(nnx.Module):
     self.pos_embed = (_param(rngs, (spec.max_len, spec.embed_dim), (None, "embed"), dt, spec.init_std / 2)
                       if spec.family == "gpt" else None)
 
-    @nnx.split_rngs(splits=spec.num_layers)
+    if spec.num_experts and spec.num_layers % spec.moe_every:
+      raise ValueError(f"num_layers={spec.num_layers} must be a multiple of moe_every={spec.moe_every}")
+    unit = BlockGroup if spec.num_experts else Block
+
+    @nnx.split_rngs(splits=spec.num_layers // spec.layers_per_unit)
     @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers", "logical_axes": "layers"})
     def make_blocks(r: nnx.Rngs) -> Block:
-      return Block(spec, r)
+      return unit(spec, r)
 
     self.blocks = make_blocks(rngs)
     self.final_norm = Norm(spec, rngs)
@@ -290,10 +341,20 @@ class Transformer(nnx.Module):
     b, l = inputs.shape
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(l, dtype=jnp.int32), (b, l))
+    return self.forward_with_aux(inputs, positions, segment_ids)[0]
+
+  def forward_with_aux(self, inputs: jax.Array, positions: jax.Array | None = None,
+                       segment_ids: jax.Array | None = None) -> tuple[jax.Array, MoEAux]:
+    """`__call__` plus the MoE auxiliary terms averaged over MoE blocks (zeros for dense models): load_balance,
+    router_z and the dropped share of assignments."""
+    b, l = inputs.shape
+    if positions is None:
+      positions = jnp.broadcast_to(jnp.arange(l, dtype=jnp.int32), (b, l))
     if segment_ids is None:
       segment_ids = jnp.ones((b, l), jnp.int32)
-    logits, _ = self._forward(inputs, positions, attention_lib.Visibility.causal_self(segment_ids), None, None)
-    return logits
+    logits, _, aux = self._forward(inputs, positions, attention_lib.Visibility.causal_self(segment_ids), None, None)
+    moe_blocks = max(self.spec.num_layers // self.spec.moe_every, 1) if self.spec.num_experts else 1
+    return logits, {k: v / moe_blocks for k, v in aux.items()}
 
   def init_cache(self, batch: int, length: int, dtype=None) -> Cache:
     """An empty KV cache of `length` slots: k/v [layers, batch, length, kv_heads, head_dim] in `dtype`."""
@@ -320,7 +381,7 @@ class Transformer(nnx.Module):
     # One sequence per row: a live query sees every filled slot up to its own; padding queries see nothing.
     live = lambda ids: jnp.minimum(ids, 1).astype(jnp.int32)  # noqa: E731
     visibility = attention_lib.Visibility(live(segment_ids), live(kv_segments), q_slots)
-    logits, (k, v) = self._forward(inputs, positions, visibility, start, (cache["k"], cache["v"]))
+    logits, (k, v), _ = self._forward(inputs, positions, visibility, start, (cache["k"], cache["v"]))
     return logits, {"k": k, "v": v, "segment_ids": kv_segments, "index": start + l}
 
   # -- internals --------------------------------------------------------------------------------------------------
@@ -339,7 +400,7 @@ class Transformer(nnx.Module):
   def _forward(self, inputs, positions, visibility, start, kv_cache):
     spec = self.spec
     x = self.embed_tokens(inputs, positions)
-    x, kv_cache = self._run_blocks(x, positions, visibility, start, kv_cache)
+    x, kv_cache, aux = self._run_blocks(x, positions, visibility, start, kv_cache)
     x = self.final_norm(x)
     if self.head is not None and self.head_scale is not None:
       logits = _matmul(spec, x, self.head, self.head_scale).astype(jnp.float32)
@@ -349,7 +410,7 @@ class Transformer(nnx.Module):
       logits = _matmul(spec, x, self.embed[...].T, self.embed_scale).astype(jnp.float32)
     else:
       logits = jnp.einsum("bld,vd->blv", x, self.embed[...].astype(x.dtype), preferred_element_type=jnp.float32)
-    return constrain(logits, ("batch", "length", "vocab")), kv_cache
+    return constrain(logits, ("batch", "length", "vocab")), kv_cache, aux
 
   def unstacked(self) -> "Transformer":
     """A copy whose blocks are separate per-layer modules (the stacked weights sliced once, here).
@@ -359,38 +420,52 @@ class Transformer(nnx.Module):
     model = nnx.merge(*nnx.split(self))
     graphdef, params = nnx.split(model.blocks)
     model.blocks = nnx.List([nnx.merge(graphdef, jax.tree.map(lambda a, i=i: a[i], params))
-                             for i in range(self.spec.num_layers)])
+                             for i in range(self.spec.num_layers // self.spec.layers_per_unit)])
     return model
 
   def _run_blocks(self, x, positions, visibility, start, kv_cache):
     spec = self.spec
+    units = spec.num_layers // spec.layers_per_unit
+    if kv_cache is not None and spec.num_experts:  # [layers, ...] -> [units, layers per unit, ...]
+      kv_cache = jax.tree.map(lambda a: a.reshape(units, spec.layers_per_unit, *a.shape[1:]), kv_cache)
+
+    def merge_layers(cache):
+      if cache is None or not spec.num_experts:
+        return cache
+      return jax.tree.map(lambda a: a.reshape(spec.num_layers, *a.shape[2:]), cache)
+
+    aux = _zero_aux()
     if isinstance(self.blocks, nnx.List):  # see `unstacked`
       layer_caches = []
       for i, block in enumerate(self.blocks):
-        x, layer_cache = block(x, positions, visibility, start,
-                               None if kv_cache is None else jax.tree.map(lambda a, i=i: a[i], kv_cache))
+        x, layer_cache, block_aux = block(x, positions, visibility, start,
+                                          None if kv_cache is None else jax.tree.map(lambda a, i=i: a[i], kv_cache))
         layer_caches.append(layer_cache)
-      return x, (None if kv_cache is None else jax.tree.map(lambda *a: jnp.stack(a), *layer_caches))
+        aux = jax.tree.map(jnp.add, aux, block_aux)
+      stacked = None if kv_cache is None else jax.tree.map(lambda *a: jnp.stack(a), *layer_caches)
+      return x, merge_layers(stacked), aux
     graphdef, params = nnx.split(self.blocks)
 
     def body(carry, layer):
+      x, aux = carry
       block_params, layer_cache = layer
       block = nnx.merge(graphdef, block_params)
-      y, layer_cache = block(carry, positions, visibility, start, layer_cache)
-      return y, layer_cache
+      y, layer_cache, block_aux = block(x, positions, visibility, start, layer_cache)
+      return (y, jax.tree.map(jnp.add, aux, block_aux)), layer_cache
 
     if spec.remat != "none":
       body = jax.checkpoint(body, policy=_REMAT_POLICIES[spec.remat], prevent_cse=not spec.scan_layers)
     if spec.scan_layers:
-      return jax.lax.scan(body, x, (params, kv_cache))
+      (x, aux), kv_cache = jax.lax.scan(body, (x, aux), (params, kv_cache))
+      return x, merge_layers(kv_cache), aux
     outputs = []
-    for i in range(spec.num_layers):
+    for i in range(units):
       layer = jax.tree.map(lambda a: a[i], (params, kv_cache))
-      x, layer_cache = body(x, layer)
+      (x, aux), layer_cache = body((x, aux), layer)
       outputs.append(layer_cache)
     if kv_cache is None:
-      return x, None
-    return x, jax.tree.map(lambda *a: jnp.stack(a), *outputs)
+      return x, None, aux
+    return x, merge_layers(jax.tree.map(lambda *a: jnp.stack(a), *outputs)), aux
 
 
 def build(model_config, seed: int = 0) -> Transformer:

@@ -227,3 +227,26 @@ def test_stream_perplexity_is_independent_of_batching(tiny_run):
   assert one["loss"] == pytest.approx(ref, rel=1e-4)
   with pytest.raises(ValueError, match="seq_len=1000"):
     evaluate.stream_perplexity(model, tokens, 1000)
+
+
+def test_case_study_script_writes_table_json_and_plot(tiny_run, tmp_path):
+  import json
+
+  from scripts import case_study_sparsegpt as case
+
+  out = str(tmp_path / "case")
+  report = case.run(tiny_run[0], out, calibration_samples=8, eval_tokens=3000,
+                    only=["dense", "magnitude 50%", "sparsegpt 50%", "gptq 4-bit", "rtn 4-bit"], curve=[0.3, 0.7])
+  labels = [r["label"] for r in report["rows"]]
+  assert labels == ["dense", "magnitude 50%", "sparsegpt 50%", "gptq 4-bit", "rtn 4-bit"]
+  rows = {r["label"]: r for r in report["rows"]}
+  assert rows["sparsegpt 50%"]["sparsity"] == pytest.approx(0.5, abs=1e-3)
+  assert rows["gptq 4-bit"]["bits_per_weight"] > 4
+  assert rows["dense"]["paper_opt125m"] == 27.66
+  assert [p["sparsity"] for p in report["curve"]["sparsegpt"]] == [0.3, 0.7]
+  with open(f"{out}/results.json") as f:
+    assert json.load(f)["rows"][0]["label"] == "dense"
+  with open(f"{out}/results.md") as f:
+    assert "| sparsegpt 50% |" in f.read()
+  with open(f"{out}/sparsity_curve.png", "rb") as f:
+    assert f.read(8) == b"\x89PNG\r\n\x1a\n"

@@ -68,7 +68,7 @@ def model_and_batch(seed):
 
 def test_loss_ignores_padding_and_matches_a_direct_cross_entropy():
   params, graphdef, batch, logits = model_and_batch(5)
-  _, (nll, weight) = step_lib.summed_loss(params, graphdef, batch, 0.0)
+  _, (nll, weight, _) = step_lib.summed_loss(params, graphdef, batch, 0.0)
   logits = jax.nn.log_softmax(logits)
   direct = -np.take_along_axis(np.asarray(logits), batch["targets"][..., None], -1)[..., 0]
   np.testing.assert_allclose(float(nll), (direct * batch["weights"]).sum(), rtol=1e-5)

@@ -45,20 +45,25 @@ def token_losses(logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.
   return log_z - target_logit, log_z
 
 
-def summed_loss(params: dict, graphdef: nnx.GraphDef, batch: Batch, z_loss: float):
-  """Sum over real tokens of NLL (+ z_loss * log(Z)^2). Returns (objective_sum, (nll_sum, weight_sum))."""
+def summed_loss(params: dict, graphdef: nnx.GraphDef, batch: Batch, z_loss: float,
+                moe_coefs: tuple[float, float] = (0.0, 0.0)):
+  """Sum over real tokens of NLL (+ z_loss * log(Z)^2), plus for MoE models the batch's load-balancing and router
+  z-losses times `moe_coefs` times the token count (so they enter the per-token mean with their coefficients).
+  Returns (objective_sum, (nll_sum, weight_sum, moe_sums)) with moe_sums the MoE terms times the token count."""
   model = nnx.merge(graphdef, params)
-  logits = model(batch["inputs"], batch["positions"], batch["segment_ids"])
+  logits, moe = model.forward_with_aux(batch["inputs"], batch["positions"], batch["segment_ids"])
   nll, log_z = token_losses(logits, batch["targets"])
   w = batch["weights"].astype(jnp.float32)
-  nll_sum = jnp.sum(nll * w)
+  nll_sum, weight = jnp.sum(nll * w), jnp.sum(w)
   objective = nll_sum + z_loss * jnp.sum(jnp.square(log_z) * w) if z_loss else nll_sum
-  return objective, (nll_sum, jnp.sum(w))
+  if model.spec.num_experts:
+    objective = objective + weight * (moe_coefs[0] * moe["load_balance"] + moe_coefs[1] * moe["router_z"])
+  return objective, (nll_sum, weight, {k: v * weight for k, v in moe.items()})
 
 
 def train_step(state: TrainState, batch: Batch, *, graphdef: nnx.GraphDef,
                optimizer: optax.GradientTransformation, schedule: optax.Schedule, grad_accum_steps: int,
-               z_loss: float) -> tuple[TrainState, dict[str, jax.Array]]:
+               z_loss: float, moe_coefs: tuple[float, float] = (0.0, 0.0)) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimizer update on `batch` ([B, L] arrays), accumulating gradients over `grad_accum_steps` micro-batches.
 
   Gradients of the summed loss are added over micro-batches and divided once by the batch's total token weight, so
@@ -67,16 +72,17 @@ def train_step(state: TrainState, batch: Batch, *, graphdef: nnx.GraphDef,
   grad_fn = jax.value_and_grad(summed_loss, has_aux=True)
   params = state["params"]
   if grad_accum_steps == 1:
-    (objective, (nll, weight)), grads = grad_fn(params, graphdef, batch, z_loss)
+    (objective, (nll, weight, moe)), grads = grad_fn(params, graphdef, batch, z_loss, moe_coefs)
   else:
     micro = jax.tree.map(lambda x: x.reshape(grad_accum_steps, x.shape[0] // grad_accum_steps, *x.shape[1:]), batch)
 
     def accumulate(carry, mb):
-      (objective, (nll, weight)), grads = grad_fn(params, graphdef, mb, z_loss)
-      return jax.tree.map(jnp.add, carry, (objective, nll, weight, grads)), None
+      (objective, (nll, weight, moe)), grads = grad_fn(params, graphdef, mb, z_loss, moe_coefs)
+      return jax.tree.map(jnp.add, carry, (objective, nll, weight, moe, grads)), None
 
-    zeros = (jnp.zeros(()), jnp.zeros(()), jnp.zeros(()), jax.tree.map(jnp.zeros_like, params))
-    (objective, nll, weight, grads), _ = jax.lax.scan(accumulate, zeros, micro)
+    moe_zeros = {k: jnp.zeros(()) for k in ("load_balance", "router_z", "dropped")}
+    zeros = (jnp.zeros(()), jnp.zeros(()), jnp.zeros(()), moe_zeros, jax.tree.map(jnp.zeros_like, params))
+    (objective, nll, weight, moe, grads), _ = jax.lax.scan(accumulate, zeros, micro)
   denom = jnp.maximum(weight, 1.0)
   grads = jax.tree.map(lambda g: g / denom, grads)
   updates, opt_state = optimizer.update(grads, state["opt_state"], params)
@@ -84,21 +90,23 @@ def train_step(state: TrainState, batch: Batch, *, graphdef: nnx.GraphDef,
                "rng": state["rng"]}
   metrics = {"loss": nll / denom, "objective": objective / denom, "grad_norm": optax.tree.norm(grads),
              "learning_rate": schedule(state["step"]), "tokens": weight}
+  if nnx.merge(graphdef, params).spec.num_experts:
+    metrics.update({f"moe_{k}": v / denom for k, v in moe.items()})
   return new_state, metrics
 
 
 def eval_step(params: dict, batch: Batch, *, graphdef: nnx.GraphDef) -> dict[str, jax.Array]:
   """Summed NLL and token count of one batch (sum, so batches combine exactly)."""
-  _, (nll, weight) = summed_loss(params, graphdef, batch, 0.0)
+  _, (nll, weight, _) = summed_loss(params, graphdef, batch, 0.0)
   return {"nll_sum": nll, "weight_sum": weight}
 
 
 def jit_train_step(graphdef, optimizer, schedule, grad_accum_steps: int, z_loss: float, state_shardings=None,
-                   batch_sharding=None):
+                   batch_sharding=None, moe_coefs: tuple[float, float] = (0.0, 0.0)):
   """The train step jitted with the state donated (its buffers are reused for the new state); with shardings, the
   state keeps its layout across steps and batches are split as `batch_sharding` says."""
   fn = functools.partial(train_step, graphdef=graphdef, optimizer=optimizer, schedule=schedule,
-                         grad_accum_steps=grad_accum_steps, z_loss=z_loss)
+                         grad_accum_steps=grad_accum_steps, z_loss=z_loss, moe_coefs=moe_coefs)
   if state_shardings is None:
     return jax.jit(fn, donate_argnums=0)
   return jax.jit(fn, donate_argnums=0, in_shardings=(state_shardings, batch_sharding),

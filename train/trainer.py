@@ -121,7 +121,7 @@ def run(config, workdir: str, on_step: Callable[[int], None] | None = None) -> d
                 for k in ("inputs", "targets", "segment_ids", "positions", "weights")}
   with jax.set_mesh(mesh):  # activations' logical constraints resolve against this mesh while tracing
     compiled = step_lib.jit_train_step(graphdef, optimizer, schedule, t.grad_accum_steps, t.z_loss, state_sh,
-                                       batch_sh).lower(abstract_state, batch_spec).compile()
+                                       batch_sh, moe_coefs=(t.moe_aux_loss, t.router_z_loss)).lower(abstract_state, batch_spec).compile()
   log.info("mesh %s over %d devices", dict(mesh.shape), mesh.size)
   _log_compiled(compiled)
   eval_fn = step_lib.jit_eval_step(graphdef)
@@ -162,8 +162,9 @@ def run(config, workdir: str, on_step: Callable[[int], None] | None = None) -> d
         throughput = {"tokens_per_sec": tps, "mfu": metrics_lib.mfu(flops_per_token, tps, peak_total)}
         out = {"loss": row["loss"], "learning_rate": row["learning_rate"], "grad_norm": row["grad_norm"],
                "tokens_per_sec": tps, "step_time_s": step_time, "mfu": throughput["mfu"]}
-        if t.z_loss:
+        if t.z_loss or spec.num_experts:
           out["objective"] = row["objective"]
+        out.update({k: v for k, v in row.items() if k.startswith("moe_")})  # load balance, router z, dropped share
         if not np.isfinite(out["loss"]):
           raise FloatingPointError(f"loss is {out['loss']} at step {step}; lower train.learning_rate or clip harder")
         writer.write(step, out)

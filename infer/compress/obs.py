@@ -26,6 +26,14 @@ def inverse_hessian_factor(h: jax.Array, damp: float) -> tuple[jax.Array, jax.Ar
   weights carry no information and callers zero them."""
   if damp < 0:
     raise ValueError(f"damp={damp} must be >= 0 (a fraction of the mean Hessian diagonal)")
+  u, dead = factor_unchecked(h, damp)
+  if not bool(jnp.all(jnp.isfinite(u))):
+    raise ValueError(f"the damped Hessian is not positive definite at damp={damp}; raise damp (e.g. 0.1)")
+  return u, dead
+
+
+def factor_unchecked(h: jax.Array, damp: float) -> tuple[jax.Array, jax.Array]:
+  """`inverse_hessian_factor` without the finiteness check, so it can be vmapped (check the result yourself)."""
   h = h.astype(jnp.float32)
   k = h.shape[0]
   dead = jnp.diag(h) == 0
@@ -33,10 +41,7 @@ def inverse_hessian_factor(h: jax.Array, damp: float) -> tuple[jax.Array, jax.Ar
   h = h + jnp.diag(dead.astype(jnp.float32))
   h = h + damp * jnp.mean(jnp.diag(h)) * eye
   hinv = jax.scipy.linalg.cho_solve((jnp.linalg.cholesky(h), True), eye)
-  u = jnp.linalg.cholesky(hinv).T
-  if not bool(jnp.all(jnp.isfinite(u))):
-    raise ValueError(f"the damped Hessian is not positive definite at damp={damp}; raise damp (e.g. 0.1)")
-  return u, dead
+  return jnp.linalg.cholesky(hinv).T, dead
 
 
 @dataclasses.dataclass
@@ -64,10 +69,11 @@ def _n_smallest(score: jax.Array, n: int) -> jax.Array:
   return ranks < n
 
 
-@functools.partial(jax.jit, static_argnames=("prune_n", "prune_m", "bits", "symmetric", "group_size"))
-def _sweep_block(w1, u1, mask1, scale_cols, zero_cols, *, prune_n, prune_m, bits, symmetric, group_size):
+@functools.partial(jax.jit, static_argnames=("prune_n", "prune_m", "bits", "symmetric", "group_size", "ternary"))
+def _sweep_block(w1, u1, mask1, scale_cols, zero_cols, *, prune_n, prune_m, bits, symmetric, group_size, ternary):
   """One block: w1 [rows, c], u1 [c, c], mask1 [rows, c] (preset unstructured mask), scale/zero_cols [rows, c]
-  (static grids; ignored when group_size > 0, whose grids are found on the updated weights at each group start)."""
+  (static grids, or the ternary lo/hi; ignored when group_size > 0, whose grids are found on the updated weights at
+  each group start)."""
   rows, count = w1.shape
   u_diag = jnp.diag(u1)
   groups = count // group_size if group_size else 1
@@ -83,7 +89,11 @@ def _sweep_block(w1, u1, mask1, scale_cols, zero_cols, *, prune_n, prune_m, bits
     w = jax.lax.dynamic_index_in_dim(w1, i, axis=1, keepdims=False)
     pruned = jax.lax.dynamic_index_in_dim(mask1, i, axis=1, keepdims=False)
     q = jnp.where(pruned, 0.0, w)
-    if bits:
+    if ternary:
+      lo = jax.lax.dynamic_index_in_dim(scale_cols, i, axis=1, keepdims=False)
+      hi = jax.lax.dynamic_index_in_dim(zero_cols, i, axis=1, keepdims=False)
+      q = quantizer.ternary_dequantize(quantizer.ternary_codes(q, lo, hi), lo, hi)
+    elif bits:
       if group_size:
         def new_grid(args):
           _, _, g_scale, g_zero = args
@@ -112,20 +122,22 @@ def _sweep_block(w1, u1, mask1, scale_cols, zero_cols, *, prune_n, prune_m, bits
 
 def sweep(w: jax.Array, u: jax.Array, *, block_size: int = 128, sparsity: float = 0.0, prune_n: int = 0,
           prune_m: int = 0, bits: int = 0, symmetric: bool = False, group_size: int = 0,
-          static_scale: jax.Array | None = None, static_zero: jax.Array | None = None) -> SweepResult:
+          static_scale: jax.Array | None = None, static_zero: jax.Array | None = None,
+          ternary: bool = False) -> SweepResult:
   """Prunes and/or quantizes w [rows, cols] column by column with OBS error compensation (see the module docstring).
 
   Pruning: unstructured `sparsity` (mask chosen per block of columns by w^2 / U_jj^2, the adaptive mask selection of
   SparseGPT) or `prune_n` of every `prune_m` consecutive columns per row (chosen when the group's first column is
   reached). Quantization (bits > 0): with static grids `static_scale`/`static_zero` [rows, cols] (one per column),
-  or, with group_size > 0, a min-max grid per group found on the error-updated weights when the group starts."""
+  or, with group_size > 0, a min-max grid per group found on the error-updated weights when the group starts.
+  `ternary`: quantize to {lo, 0, hi} per row with lo = static_scale, hi = static_zero (QMoE)."""
   rows, cols = w.shape
   if prune_n and (prune_m <= prune_n or block_size % prune_m or cols % prune_m):
     raise ValueError(f"n:m pruning {prune_n}:{prune_m} needs n < m and m dividing block_size={block_size} and the "
                      f"{cols} input columns")
   if bits and group_size and (block_size % group_size or cols % group_size):
     raise ValueError(f"group_size={group_size} must divide block_size={block_size} and the {cols} input columns")
-  if bits and not group_size and static_scale is None:
+  if (bits or ternary) and not group_size and static_scale is None:
     raise ValueError("quantizing without groups needs static grids (static_scale, static_zero)")
   w = w.astype(jnp.float32)
   dummy = jnp.zeros((rows, 1), jnp.float32)
@@ -136,10 +148,11 @@ def sweep(w: jax.Array, u: jax.Array, *, block_size: int = 128, sparsity: float 
     w1, u1 = w[:, i1:i2], u[i1:i2, i1:i2]
     mask1 = (unstructured_block_mask(w1, jnp.diag(u1), sparsity) if sparsity and not prune_n
              else jnp.zeros(w1.shape, bool))
-    static = bits and not group_size
+    static = (bits and not group_size) or ternary
     q1, err1, loss1, mask1, g_scale, g_zero = _sweep_block(
         w1, u1, mask1, static_scale[:, i1:i2] if static else dummy, static_zero[:, i1:i2] if static else dummy,
-        prune_n=prune_n, prune_m=prune_m, bits=bits, symmetric=symmetric, group_size=group_size if bits else 0)
+        prune_n=prune_n, prune_m=prune_m, bits=bits, symmetric=symmetric, group_size=group_size if bits else 0,
+        ternary=ternary)
     qs.append(q1)
     masks.append(mask1)
     scales.append(g_scale)

@@ -63,3 +63,29 @@ def round_to_nearest(w: jnp.ndarray, bits: int, symmetric: bool = False, group_s
   size = group_size or w.shape[1]
   expand = lambda a: jnp.repeat(a, size, axis=1)  # noqa: E731
   return fake_quantize(w.astype(jnp.float32), expand(scale), expand(zero), bits), scale, zero
+
+
+# -- ternary grids (QMoE): each row quantized to {lo, 0, hi} with lo = min(row, 0) and hi = max(row, 0) ---------------
+# Codes: 0 -> 0, 1 -> lo (negative), 2 -> hi (positive).
+
+
+def ternary_grid(w: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
+  """w [rows, cols] -> (lo [rows] <= 0, hi [rows] >= 0) float32."""
+  w = w.astype(jnp.float32)
+  return jnp.minimum(w.min(axis=1), 0.0), jnp.maximum(w.max(axis=1), 0.0)
+
+
+def ternary_codes(w: jnp.ndarray, lo: jnp.ndarray, hi: jnp.ndarray) -> jnp.ndarray:
+  """The nearest of {0, lo, hi} for every w (grids broadcastable to w), as int32 codes 0/1/2."""
+  return jnp.where(w < lo / 2, 1, jnp.where(w > hi / 2, 2, 0)).astype(jnp.int32)
+
+
+def ternary_dequantize(c: jnp.ndarray, lo: jnp.ndarray, hi: jnp.ndarray) -> jnp.ndarray:
+  zero = jnp.zeros_like(lo * hi, jnp.float32)
+  return jnp.where(c == 1, lo + zero, jnp.where(c == 2, hi + zero, zero)).astype(jnp.float32)
+
+
+def ternary_round_to_nearest(w: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
+  """Ternary RTN baseline. w [rows, cols] -> (dequantized [rows, cols], lo [rows], hi [rows])."""
+  lo, hi = ternary_grid(w)
+  return ternary_dequantize(ternary_codes(w, lo[:, None], hi[:, None]), lo[:, None], hi[:, None]), lo, hi

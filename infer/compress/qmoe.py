@@ -1,0 +1,196 @@
+"""QMoE (Frantar and Alistarh, 2023): sub-1-bit compression of the experts of an MoE model.
+
+1. Calibration routes tokens exactly as the model does (top-k router, layer by layer, each MoE layer fed by the
+   already-compressed layers before it). Each expert's input Hessian H_e = 2/n_e X_e^T X_e is accumulated from the
+   tokens routed to it, for all experts at once from [experts, capacity, d] dispatch buffers, with a per-expert
+   token cap (token_cap times the expert's fair share per batch) so hot experts cannot dominate memory or time.
+2. Every expert matrix is quantized with GPTQ to a ternary grid {lo, 0, hi} per output row (lo = min, hi = max of
+   the row), all experts of a layer in one vmapped call, with stronger Hessian dampening than GPTQ's default
+   (damp 0.1). w_in/w_gate are compressed first; w_out is then calibrated on the compressed experts' hidden states.
+3. `encode_model` codes the ternary symbols losslessly with a static Tunstall dictionary of frequent ternary runs
+   (`ternary_code.py`); `model/kernels/ternary_matvec.py` decodes inside the matrix-vector product.
+
+Attention, dense MLPs, routers, norms and embeddings stay in their float format, as in the paper.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from infer.compress import obs, quantizer
+from infer.compress import ternary_code as tc
+from model import moe as moe_lib
+from model.attention import Visibility
+
+EXPERT_WEIGHTS = ("w_in", "w_gate", "w_out")
+MODES = ("ternary_gptq", "ternary_rtn", "gptq", "rtn")  # gptq/rtn: uniform `bits` per-channel grids
+
+
+@dataclasses.dataclass
+class ExpertResult:
+  """One expert weight stack: weight [E, in, out] float32 (what the model computes with), codes [E, in, out] int32
+  (ternary symbols 0/1/2 or uniform codes), grid (lo, hi) or (scale, zero), each [E, out]."""
+
+  weight: jax.Array
+  codes: jax.Array
+  grid: tuple[jax.Array, jax.Array]
+  ternary: bool
+
+
+def _one_expert(w, h, *, mode, bits, damp, block_size):
+  """w [in, out], h [in, in] -> (weight [in, out], codes [in, out], grid pair [out], finite) for one expert."""
+  wt = w.astype(jnp.float32).T  # [out, in]
+  ternary = mode.startswith("ternary")
+  if ternary:
+    lo, hi = quantizer.ternary_grid(wt)
+  else:
+    lo, hi = quantizer.grid(wt, bits, False)  # scale, zero
+  if mode.endswith("rtn"):
+    q = (quantizer.ternary_dequantize(quantizer.ternary_codes(wt, lo[:, None], hi[:, None]), lo[:, None], hi[:, None])
+         if ternary else quantizer.fake_quantize(wt, lo[:, None], hi[:, None], bits))
+    finite = jnp.array(True)
+  else:
+    u, dead = obs.factor_unchecked(h, damp)
+    wt = jnp.where(dead[None, :], 0.0, wt)
+    res = obs.sweep(wt, u, block_size=block_size, bits=0 if ternary else bits, ternary=ternary,
+                    static_scale=jnp.broadcast_to(lo[:, None], wt.shape),
+                    static_zero=jnp.broadcast_to(hi[:, None], wt.shape))
+    q, finite = res.weights, jnp.all(jnp.isfinite(u))
+  codes = (quantizer.ternary_codes(q, lo[:, None], hi[:, None]) if ternary
+           else quantizer.codes(q, lo[:, None], hi[:, None], bits))
+  return q.T, codes.T, (lo, hi), finite
+
+
+def compress_experts(w: jax.Array, h: jax.Array | None, *, mode: str = "ternary_gptq", bits: int = 2,
+                     damp: float = 0.1, block_size: int = 128) -> ExpertResult:
+  """All experts of one weight at once (vmapped). w [E, in, out]; h [E, in, in] (unused by the RTN modes)."""
+  if mode not in MODES:
+    raise ValueError(f"mode={mode!r}; use one of {', '.join(MODES)}")
+  if h is None:
+    h = jnp.broadcast_to(jnp.eye(w.shape[1], dtype=jnp.float32), (w.shape[0], w.shape[1], w.shape[1]))
+  fn = functools.partial(_one_expert, mode=mode, bits=bits, damp=damp, block_size=block_size)
+  q, codes, grid, finite = jax.vmap(fn)(w, h)
+  if not bool(jnp.all(finite)):
+    raise ValueError(f"an expert Hessian is not positive definite at damp={damp}; raise damp")
+  return ExpertResult(q, codes, grid, mode.startswith("ternary"))
+
+
+def _expert_hessians(block, xs, positions, visibility, token_cap: float, which: str):
+  """Per-expert X^T X sums [E, k, k] and token counts [E] of the MoE block's expert inputs (which="in") or hidden
+  states (which="out") over the batches xs, with tokens routed by the block's router."""
+  moe = block.moe
+  spec = moe.spec
+  e = spec.num_experts
+  activation = "silu" if spec.family == "llama" else spec.activation
+
+  @nnx.jit
+  def batch_stats(block, x):
+    h = x + block.attn(block.attn_norm(x), positions, visibility)[0]
+    flat = block.mlp_norm(h).reshape(-1, x.shape[-1]).astype(jnp.float32)
+    r = moe_lib.route(flat, block.moe.router[...], spec.experts_per_token, spec.moe_renormalize)
+    cap = moe_lib.capacity(flat.shape[0], spec.experts_per_token, e, token_cap)
+    buffers, _, kept = moe_lib._dispatch(flat, r, e, cap)  # [E, C, d]; unused slots are zero rows
+    counts = jnp.zeros(e, jnp.float32).at[r.expert_ids].add(kept.astype(jnp.float32))
+    if which == "out":
+      w_gate = None if block.moe.w_gate is None else block.moe.w_gate[...].astype(jnp.float32)
+      buffers = moe_lib._ffn(jnp.einsum("ecd,edf->ecf", buffers, block.moe.w_in[...].astype(jnp.float32)),
+                             None if w_gate is None else jnp.einsum("ecd,edf->ecf", buffers, w_gate), activation)
+    gram = jnp.einsum("eci,ecj->eij", buffers, buffers, precision=jax.lax.Precision.HIGHEST)
+    return gram, counts
+
+  gram = counts = None
+  for x in xs:
+    g, c = batch_stats(block, x)
+    gram, counts = (g, c) if gram is None else (gram + g, counts + c)
+  return gram * (2.0 / jnp.maximum(counts, 1.0))[:, None, None], counts
+
+
+def compress_model(model, samples: np.ndarray, *, mode: str = "ternary_gptq", bits: int = 2, damp: float = 0.1,
+                   block_size: int = 128, batch_size: int = 8, token_cap: float = 4.0):
+  """Compresses every expert weight of an MoE `model` layer by layer. samples [n, L] int32 calibration windows.
+
+  Returns (params: the model's pure parameter dict with compressed experts, results: {(unit, layer, name):
+  ExpertResult}, stats: {"seconds", "tokens_per_expert"})."""
+  spec = model.spec
+  if not spec.num_experts:
+    raise ValueError("QMoE compresses mixture-of-experts models; this model has model.num_experts=0")
+  start = time.perf_counter()
+  work = model.unstacked()  # per-unit modules we can update in place
+  needs_h = not mode.endswith("rtn")
+  b, l = min(batch_size, len(samples)), samples.shape[1]
+  positions = jnp.broadcast_to(jnp.arange(l, dtype=jnp.int32), (b, l))
+  visibility = Visibility.causal_self(jnp.ones((b, l), jnp.int32))
+  embed = nnx.jit(lambda m, ids: m.embed_tokens(ids, positions))
+  xs = [embed(work, jnp.asarray(samples[s:s + b])) for s in range(0, len(samples) - b + 1, b)]
+  run_block = nnx.jit(lambda block, x: block(x, positions, visibility)[0])
+  results, tokens_per_expert = {}, []
+  for u, unit in enumerate(work.blocks):
+    for j, block in enumerate(unit.layers):
+      if block.moe is not None:
+        for names, which in ((("w_in", "w_gate"), "in"), (("w_out",), "out")):
+          h = None
+          if needs_h:
+            h, counts = _expert_hessians(block, xs, positions, visibility, token_cap, which)
+            if which == "in":
+              tokens_per_expert.append(np.asarray(counts))
+          for name in names:
+            param = getattr(block.moe, name)
+            if param is None:
+              continue
+            res = compress_experts(param[...], h, mode=mode, bits=bits, damp=damp, block_size=block_size)
+            param.value = res.weight.astype(param.value.dtype)
+            results[(u, j, name)] = res
+      xs = [run_block(block, x) for x in xs]
+  params = nnx.to_pure_dict(nnx.state(work, nnx.Param))
+  params["blocks"] = jax.tree.map(lambda *a: jnp.stack(a), *[params["blocks"][i] for i in range(len(work.blocks))])
+  jax.block_until_ready(params)
+  stats = {"seconds": time.perf_counter() - start,
+           "tokens_per_expert": np.stack(tokens_per_expert).tolist() if tokens_per_expert else None}
+  return params, results, stats
+
+
+# -- lossless coding and sizes -----------------------------------------------------------------------------------------
+
+
+def encode_model(results: dict, code_bits: int = 16, max_len: int = 32) -> dict:
+  """Codes the ternary symbols of every compressed expert weight with one static dictionary.
+
+  Returns {"dictionary": Dictionary, "encoded": {key: Encoded (rows = experts x outputs, cols = inputs)},
+  "symbols": total count, "zeros": share of 0 symbols, "entropy_bits", "code_bits_per_weight" (codewords only),
+  "bits_per_weight" (codewords + row offsets + the dictionary + the per-row lo/hi grids)}."""
+  rows = {k: np.asarray(r.codes).transpose(0, 2, 1).reshape(-1, r.codes.shape[1]) for k, r in results.items()}
+  if not rows or not all(r.ternary for r in results.values()):
+    raise ValueError("encode_model needs ternary results (mode ternary_gptq or ternary_rtn)")
+  every = np.concatenate([s.reshape(-1) for s in rows.values()])
+  d = tc.build_dictionary(every, code_bits=code_bits, max_len=max_len)
+  encoded = {k: tc.encode(s, d) for k, s in rows.items()}
+  n = every.size
+  code_bits_total = sum(e.codes.size * code_bits for e in encoded.values())
+  offsets_bits = sum(e.offsets.size * 32 for e in encoded.values())
+  grid_bits = sum(2 * 16 * r.grid[0].size for r in results.values())  # lo/hi per row in bfloat16
+  return {"dictionary": d, "encoded": encoded, "symbols": n, "zeros": float(np.mean(every == 0)),
+          "entropy_bits": tc.entropy_bits(every), "code_bits_per_weight": code_bits_total / n,
+          "bits_per_weight": (code_bits_total + offsets_bits + grid_bits + 8 * d.nbytes) / n,
+          "compressed_bytes": (code_bits_total + offsets_bits + grid_bits) / 8 + d.nbytes}
+
+
+def decode_weight(enc: tc.Encoded, d: tc.Dictionary, lo: np.ndarray, hi: np.ndarray, experts: int) -> np.ndarray:
+  """Decoded dense weight [E, in, out] float32 of one coded expert stack (lo/hi [E, out])."""
+  sym = tc.decode(enc, d).reshape(experts, -1, enc.cols)  # [E, out, in]
+  w = np.where(sym == 1, np.asarray(lo)[:, :, None], np.where(sym == 2, np.asarray(hi)[:, :, None], 0.0))
+  return w.transpose(0, 2, 1).astype(np.float32)
+
+
+def expert_param_count(spec) -> int:
+  per = spec.embed_dim * spec.expert_mlp_dim * (3 if spec.family == "llama" else 2)
+  return (spec.num_layers // spec.moe_every) * spec.num_experts * per
+
+
