@@ -41,7 +41,7 @@ def compression_note(workdir: str) -> str | None:
     meta = json.load(f)
   s = meta["summary"]
   return (f"compressed with {meta['label']}: sparsity {s['sparsity']:.1%} and {s['bits_per_weight']:.2f} bits per "
-          f"weight over {s['compressed_params']:,} block weights (embeddings, head and norms stay float)")
+          f"weight over {s['compressed_params']:,} {s.get('scope', 'block weights (embeddings, head and norms stay float)')}")
 
 
 def load_tokenizer(workdir: str) -> tokenizers.Tokenizer:

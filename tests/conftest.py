@@ -31,3 +31,14 @@ def tiny_run(data_dir, tmp_path_factory):
 
   workdir = str(tmp_path_factory.mktemp("tiny"))
   return workdir, trainer.run(tiny_config(data_dir), workdir)
+
+
+@pytest.fixture(scope="session")
+def tiny_moe_run(data_dir, tmp_path_factory):
+  """(workdir, summary) of a finished tiny MoE training run (8 experts, top-2, MoE every other block)."""
+  from train import trainer
+
+  c = tiny_config(data_dir, steps=40, eval_every=0, checkpoint_every=40)
+  c.model.update(num_experts=8, experts_per_token=2, moe_every=2, expert_mlp_dim=64)
+  workdir = str(tmp_path_factory.mktemp("tiny_moe"))
+  return workdir, trainer.run(c, workdir)

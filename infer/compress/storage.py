@@ -4,7 +4,8 @@ Layout: config.json and tokenizer.json (as written by training), compression.jso
 compressed weight per layer, bits per weight, time) and an orbax checkpoint {step, params, packed}. Quantized weights
 are stored packed: their integer codes bit-packed at `bits` per weight (uint8 stream), beside float32 scales and
 uint8 zero points per (layer, group, output). Pruned weights are stored dense with their zeros (the mask is w == 0).
-Loading unpacks and dequantizes into the float model, which then runs as usual.
+Loading unpacks and dequantizes into the float model, which then runs as usual. QMoE workdirs (`save_qmoe`) store
+expert weights as dictionary-coded ternary streams instead (see `infer/compress/qmoe.py`).
 """
 
 from __future__ import annotations
@@ -95,6 +96,8 @@ def load_params(workdir: str, abstract_params: dict, step: int | None = None) ->
   float model's parameter tree (ShapeDtypeStructs)."""
   with open(os.path.join(workdir, METADATA), encoding="utf-8") as f:
     meta = json.load(f)
+  if "qmoe" in meta:
+    return _load_qmoe(workdir, meta, abstract_params, step)
   abstract = jax.tree.map(lambda x: x, abstract_params)
   for path in meta["packed"]:
     parent, name = path.split("/")
@@ -112,4 +115,74 @@ def load_params(workdir: str, abstract_params: dict, step: int | None = None) ->
     weight = jnp.asarray(scale * (codes.astype(np.float32) - zero))  # same arithmetic as quantizer.dequantize
     dtype = abstract_params["blocks"][parent][name].dtype
     params["blocks"][parent][name] = weight.reshape(p["shape"]).astype(dtype)
+  return params, step, meta
+
+
+# -- QMoE: dictionary-coded ternary experts ---------------------------------------------------------------------------
+
+
+def _qmoe_key(unit: int, layer: int, name: str) -> str:
+  return f"u{unit}_l{layer}_{name}"
+
+
+def save_qmoe(out: str, *, config, source_workdir: str, step: int, params: dict, results: dict, encoding: dict,
+              metadata: dict) -> dict:
+  """Writes a QMoE workdir: every expert weight coded (codewords, row offsets, per-row lo/hi), one shared dictionary,
+  and the other parameters as they are. `results`/`encoding` come from `qmoe.compress_model`/`qmoe.encode_model`."""
+  if os.path.exists(out) and os.listdir(out):
+    raise FileExistsError(f"{out} exists and is not empty; choose a new directory")
+  os.makedirs(out, exist_ok=True)
+  params = jax.tree.map(lambda x: x, params)
+  coded, coded_meta = {}, {}
+  for (u, j, name), r in results.items():
+    params["blocks"]["layers"][j]["moe"].pop(name, None)
+    enc = encoding["encoded"][(u, j, name)]
+    key = _qmoe_key(u, j, name)
+    coded[key] = {"codes": enc.codes, "offsets": enc.offsets, "lo": np.asarray(r.grid[0], np.float32),
+                  "hi": np.asarray(r.grid[1], np.float32)}
+    coded_meta[key] = {"unit": u, "layer": j, "name": name, "codes": int(enc.codes.size), "rows": enc.rows,
+                       "cols": enc.cols, "experts": int(r.weight.shape[0]), "out": int(r.weight.shape[2])}
+  d = encoding["dictionary"]
+  meta = dict(metadata, source_workdir=os.path.abspath(source_workdir), step=step, packed={},
+              qmoe={"weights": coded_meta, "entries": list(d.entries.shape), "code_bits": d.code_bits})
+  with open(os.path.join(out, "config.json"), "w", encoding="utf-8") as f:
+    f.write(config.to_json_best_effort(indent=2))
+  shutil.copy(os.path.join(source_workdir, "tokenizer.json"), os.path.join(out, "tokenizer.json"))
+  manager = ocp.CheckpointManager(checkpoint_lib.checkpoint_dir(out), item_names=("state",))
+  manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(
+      {"step": jnp.asarray(step, jnp.int32), "params": params, "qmoe": coded,
+       "dictionary": {"entries": d.entries, "lengths": d.lengths}})))
+  manager.wait_until_finished()
+  manager.close()
+  with open(os.path.join(out, METADATA), "w", encoding="utf-8") as f:
+    json.dump(meta, f, indent=2)
+  return meta
+
+
+def _load_qmoe(workdir: str, meta: dict, abstract_params: dict, step: int | None):
+  from infer.compress import qmoe, ternary_code
+
+  q = meta["qmoe"]
+  abstract = jax.tree.map(lambda x: x, abstract_params)
+  for w in q["weights"].values():
+    abstract["blocks"]["layers"][w["layer"]]["moe"].pop(w["name"], None)
+  sds = jax.ShapeDtypeStruct
+  coded = {k: {"codes": sds((w["codes"],), jnp.uint16), "offsets": sds((w["rows"] + 1,), jnp.int32),
+               "lo": sds((w["experts"], w["out"]), jnp.float32), "hi": sds((w["experts"], w["out"]), jnp.float32)}
+           for k, w in q["weights"].items()}
+  target = {"step": sds((), jnp.int32), "params": abstract, "qmoe": coded,
+            "dictionary": {"entries": sds(tuple(q["entries"]), jnp.uint8), "lengths": sds((q["entries"][0],), jnp.int32)}}
+  state, step = checkpoint_lib.restore_state(workdir, target, step)
+  d = ternary_code.Dictionary(np.asarray(state["dictionary"]["entries"]), np.asarray(state["dictionary"]["lengths"]),
+                              None, None, q["code_bits"])
+  params = state["params"]
+  stacks: dict[tuple[int, str], dict[int, np.ndarray]] = {}
+  for key, w in q["weights"].items():
+    c = state["qmoe"][key]
+    enc = ternary_code.Encoded(np.asarray(c["codes"]), np.asarray(c["offsets"]), w["rows"], w["cols"])
+    stacks.setdefault((w["layer"], w["name"]), {})[w["unit"]] = qmoe.decode_weight(
+        enc, d, np.asarray(c["lo"]), np.asarray(c["hi"]), w["experts"])
+  for (layer, name), units in stacks.items():
+    dtype = abstract_params["blocks"]["layers"][layer]["moe"][name].dtype
+    params["blocks"]["layers"][layer]["moe"][name] = jnp.asarray(np.stack([units[u] for u in sorted(units)])).astype(dtype)
   return params, step, meta
