@@ -173,6 +173,8 @@ def _define_flags():
   flags.DEFINE_float("top_p", None, "1 disables. Default: config.sample.top_p.")
   flags.DEFINE_integer("seed", 0, "Sampling seed.")
   flags.DEFINE_integer("step", None, "Checkpoint step to load (default: latest).")
+  flags.DEFINE_enum("matmul_impl", None, ["xla", "pallas"], "Override model.matmul_impl (pallas on a QMoE workdir: "
+                    "experts decoded inside the fused kernel).")
   flags.mark_flag_as_required("workdir")
 
 
@@ -184,7 +186,7 @@ def main(argv):
     sys.exit(f"error: unexpected arguments {argv[1:]}")
   f = flags.FLAGS
   try:
-    config, model, tokenizer, step = loading.load_trained(f.workdir, f.step)
+    config, model, tokenizer, step = loading.load_trained(f.workdir, f.step, f.matmul_impl)
   except (FileNotFoundError, ValueError) as e:
     sys.exit(f"error: cannot load --workdir={f.workdir}: {e}")
   s = config.sample

@@ -15,14 +15,22 @@ from model.transformer import ModelSpec, Transformer
 from train import checkpoint, optim, step as step_lib
 
 
-def load_trained(workdir: str, step: int | None = None):
-  """Returns (config, model, tokenizer, step) for the latest (or given) checkpoint of `workdir`."""
+def load_trained(workdir: str, step: int | None = None, matmul_impl: str | None = None):
+  """Returns (config, model, tokenizer, step) for the latest (or given) checkpoint of `workdir`.
+
+  `matmul_impl` overrides the run's model.matmul_impl (`pallas` on a QMoE workdir decodes the experts inside the
+  fused kernel during generation; the returned model is then unstacked and carries the coded weights)."""
   config = checkpoint.load_config(workdir)
+  if matmul_impl:
+    config.model.matmul_impl = matmul_impl
   spec = ModelSpec.from_config(config.model)
   abstract_params = jax.eval_shape(lambda: step_lib.init_params(spec, 0))
   if storage.is_compressed(workdir):  # infer.compress output: packed codes are dequantized into the float model
-    params, step, _ = storage.load_params(workdir, abstract_params, step)
-    return config, nnx.merge(step_lib.model_graphdef(spec), params), load_tokenizer(workdir), step
+    params, step, meta = storage.load_params(workdir, abstract_params, step)
+    model = nnx.merge(step_lib.model_graphdef(spec), params)
+    if "coded_arrays" in meta and spec.matmul_impl == "pallas":
+      model = _attach_coded(model, meta)
+    return config, model, load_tokenizer(workdir), step
   if spec.quant != "none":  # quantized workdirs (scripts/quantize.py) hold parameters only
     abstract_state = {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": abstract_params}
   else:
@@ -31,6 +39,23 @@ def load_trained(workdir: str, step: int | None = None):
   state, step = checkpoint.restore_state(workdir, abstract_state, step)
   model = nnx.merge(step_lib.model_graphdef(spec), state["params"])
   return config, model, load_tokenizer(workdir), step
+
+
+def _attach_coded(model, meta: dict):
+  """Unstacks a QMoE model and gives each MoE block its coded expert streams (see `model.moe.CodedExperts`)."""
+  from model import moe
+
+  model = model.unstacked()
+  per_block: dict[tuple[int, int], dict] = {}
+  for key, w in meta["qmoe"]["weights"].items():
+    c = meta["coded_arrays"][key]
+    per_block.setdefault((w["unit"], w["layer"]), {})[w["name"]] = (
+        jnp.asarray(c["codes"]).astype(jnp.int32), jnp.asarray(c["offsets"]), jnp.asarray(c["lo"]).reshape(-1),
+        jnp.asarray(c["hi"]).reshape(-1))
+  for (unit, layer), coded in per_block.items():
+    coded["dictionary"] = tuple(jnp.asarray(a).astype(jnp.int32) for a in meta["dictionary_arrays"])
+    model.blocks[unit].layers[layer].moe.coded = nnx.data(moe.CodedExperts(coded))
+  return model
 
 
 def compression_note(workdir: str) -> str | None:

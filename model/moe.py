@@ -171,6 +171,41 @@ def dense_reference(x, r: Routing, w_in, w_gate, w_out, activation: str) -> jax.
   return jnp.einsum("etd,te->td", out, combine, precision=hp)
 
 
+class CodedExperts(nnx.Variable):
+  """QMoE-coded expert weights for `matmul_impl=pallas` decoding: {name: (codes [C], offsets [E*out + 1], lo [E*out],
+  hi [E*out])} plus "dictionary": (entries [D, max_len], lengths [D]); attached by `infer.loading` to unstacked
+  models loaded from a QMoE workdir."""
+
+
+def coded_experts(x, r: Routing, coded: dict, dims: dict, activation: str) -> jax.Array:
+  """x [T, d] through the experts straight from their coded ternary streams (one fused decode-matvec per
+  assignment, `model/kernels/ternary_matvec.py`). For decode-sized T * k; returns [T, d] in x's dtype."""
+  from model.kernels import ternary_matvec as tm
+
+  entries, lengths = coded["dictionary"]
+
+  def matvec(name, v, e):
+    codes, offsets, lo, hi = coded[name]
+    out = dims[name]
+    return tm.ternary_matvec(v, codes, offsets, entries, lengths, lo, hi, row_start=e * out, rows=out)
+
+  t, k = r.expert_ids.shape
+  rows = []
+  for ti in range(t):
+    acc = jnp.zeros((1, x.shape[1]), jnp.float32)
+    for j in range(k):
+      e = r.expert_ids[ti, j]
+      xt = x[ti:ti + 1].astype(jnp.float32)
+      h = matvec("w_in", xt, e)
+      h = _ffn(h, matvec("w_gate", xt, e) if "w_gate" in coded else None, activation)
+      acc = acc + r.weights[ti, j] * matvec("w_out", h, e)
+    rows.append(acc)
+  return jnp.concatenate(rows).astype(x.dtype)
+
+
+MAX_CODED_ASSIGNMENTS = 16  # the coded kernel path serves decode steps; larger calls use the decoded weights
+
+
 class MoE(nnx.Module):
   """The MoE MLP of a block. x [B, L, D] -> (y [B, L, D], {"load_balance", "router_z", "dropped"} float32 scalars).
 
@@ -188,6 +223,7 @@ class MoE(nnx.Module):
     self.w_gate = (nnx.Param(normal((e, d, f), spec.init_std), logical_axes=("expert", "embed", "mlp"))
                    if spec.family == "llama" else None)
     self.w_out = nnx.Param(normal((e, f, d), out_std), logical_axes=("expert", "mlp", "embed"))
+    self.coded = None  # CodedExperts when loaded from a QMoE workdir for matmul_impl=pallas
 
   def __call__(self, x: jax.Array, token_mask: jax.Array | None = None):
     spec = self.spec
@@ -198,7 +234,11 @@ class MoE(nnx.Module):
     activation = "silu" if spec.family == "llama" else spec.activation
     w_gate = None if self.w_gate is None else self.w_gate[...]
     mesh = jax.sharding.get_abstract_mesh()
-    if mesh is not None and not mesh.empty and mesh.shape.get("expert", 1) > 1:
+    coded = self.coded.get_value() if self.coded is not None else None
+    if coded is not None and spec.matmul_impl == "pallas" and b * l * spec.experts_per_token <= MAX_CODED_ASSIGNMENTS:
+      dims = {"w_in": spec.expert_mlp_dim, "w_gate": spec.expert_mlp_dim, "w_out": d}
+      y, dropped = coded_experts(flat, r, coded, dims, activation), jnp.zeros((), jnp.float32)
+    elif mesh is not None and not mesh.empty and mesh.shape.get("expert", 1) > 1:
       y, dropped = expert_parallel(flat, r, self.w_in[...], w_gate, self.w_out[...], activation,
                                    spec.capacity_factor, mesh)
     elif spec.capacity_factor > 0:

@@ -416,7 +416,10 @@ class Transformer(nnx.Module):
     """A copy whose blocks are separate per-layer modules (the stacked weights sliced once, here).
 
     Decode loops call this outside their loop: slicing stacked weights inside the loop would copy every layer's
-    weights at every step (XLA on CPU does not alias the slices), which costs more than the decode matmuls."""
+    weights at every step (XLA on CPU does not alias the slices), which costs more than the decode matmuls.
+    Already unstacked models are returned as they are."""
+    if isinstance(self.blocks, nnx.List):
+      return self
     model = nnx.merge(*nnx.split(self))
     graphdef, params = nnx.split(model.blocks)
     model.blocks = nnx.List([nnx.merge(graphdef, jax.tree.map(lambda a, i=i: a[i], params))

@@ -140,3 +140,17 @@ def test_qmoe_model_compresses_codes_and_reloads_bit_exact(tiny_moe_run, tmp_pat
   tokens = evaluate.validation_stream(config, tokenizer, 2048)
   dense = evaluate.stream_perplexity(model, tokens, 32)["loss"]
   assert np.isfinite(evaluate.stream_perplexity(reloaded, tokens, 32)["loss"]) and dense > 0
+  # matmul_impl=pallas: decode steps run the experts straight from the coded streams through the fused kernel
+  from infer import generate
+
+  _, fused, _, _ = loading.load_trained(out, matmul_impl="pallas")
+  assert fused.blocks[0].layers[1].moe.coded is not None
+  prompt = generate.encode_prompt(tokenizer, "def f(")
+  assert generate.generate(fused, [prompt], max_new_tokens=6) == generate.generate(reloaded, [prompt], max_new_tokens=6)
+  cache = reloaded.init_cache(1, 16)
+  ids = jnp.asarray([prompt[:4]], jnp.int32)
+  pos, seg = jnp.arange(4)[None], jnp.ones((1, 4), jnp.int32)
+  logits_dense, cache = reloaded.extend(ids, pos, seg, cache)
+  step_dense, _ = reloaded.extend(ids[:, -1:], pos[:, -1:] + 1, seg[:, :1], cache)
+  step_fused, _ = fused.extend(ids[:, -1:], pos[:, -1:] + 1, seg[:, :1], cache)
+  np.testing.assert_allclose(np.asarray(step_fused), np.asarray(step_dense), rtol=1e-4, atol=1e-4)

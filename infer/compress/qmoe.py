@@ -146,7 +146,7 @@ def compress_model(model, samples: np.ndarray, *, mode: str = "ternary_gptq", bi
             if param is None:
               continue
             res = compress_experts(param[...], h, mode=mode, bits=bits, damp=damp, block_size=block_size)
-            param.value = res.weight.astype(param.value.dtype)
+            param[...] = res.weight.astype(param[...].dtype)
             results[(u, j, name)] = res
       xs = [run_block(block, x) for x in xs]
   params = nnx.to_pure_dict(nnx.state(work, nnx.Param))

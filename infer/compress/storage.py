@@ -176,6 +176,8 @@ def _load_qmoe(workdir: str, meta: dict, abstract_params: dict, step: int | None
   d = ternary_code.Dictionary(np.asarray(state["dictionary"]["entries"]), np.asarray(state["dictionary"]["lengths"]),
                               None, None, q["code_bits"])
   params = state["params"]
+  meta = dict(meta, coded_arrays={k: state["qmoe"][k] for k in q["weights"]},
+              dictionary_arrays=(state["dictionary"]["entries"], state["dictionary"]["lengths"]))
   stacks: dict[tuple[int, str], dict[int, np.ndarray]] = {}
   for key, w in q["weights"].items():
     c = state["qmoe"][key]

@@ -21,8 +21,8 @@ import numpy as np
 from jax.experimental import pallas as pl
 
 
-def _kernel(offsets_ref, codes_ref, entries_ref, lengths_ref, lo_ref, hi_ref, x_ref, o_ref, *, cols, max_len):
-  n = pl.program_id(0)
+def _kernel(row_ref, offsets_ref, codes_ref, entries_ref, lengths_ref, lo_ref, hi_ref, x_ref, o_ref, *, cols, max_len):
+  n = row_ref[0] + pl.program_id(0)
   start, end = offsets_ref[n], offsets_ref[n + 1]
 
   def body(c, carry):
@@ -39,23 +39,28 @@ def _kernel(offsets_ref, codes_ref, entries_ref, lengths_ref, lo_ref, hi_ref, x_
 
 
 def ternary_matvec(x: jax.Array, codes: jax.Array, offsets: jax.Array, entries: jax.Array, lengths: jax.Array,
-                   lo: jax.Array, hi: jax.Array, *, interpret: bool | None = None) -> jax.Array:
-  """x [M, K] float @ the coded ternary W [K, N] -> [M, N] float32 (see the module docstring for the operands)."""
+                   lo: jax.Array, hi: jax.Array, *, row_start: jax.Array | int = 0, rows: int | None = None,
+                   interpret: bool | None = None) -> jax.Array:
+  """x [M, K] float @ the coded ternary W [K, N] -> [M, N] float32 (see the module docstring for the operands).
+
+  The stream may hold several matrices one after another (e.g. every expert's, rows = experts x N): `row_start`
+  (a traced int is fine) and `rows` = N select rows [row_start, row_start + N) of it."""
   m, k = x.shape
-  n = lo.shape[0]
-  if offsets.shape != (n + 1,) or hi.shape != (n,):
-    raise ValueError(f"offsets must be [{n + 1}] and lo/hi [{n}]; got {offsets.shape}, {lo.shape}, {hi.shape}")
+  total = lo.shape[0]
+  n = total if rows is None else rows
+  if offsets.shape != (total + 1,) or hi.shape != (total,):
+    raise ValueError(f"offsets must be [{total + 1}] and lo/hi [{total}]; got {offsets.shape}, {lo.shape}, {hi.shape}")
   max_len = entries.shape[1]
   interpret = jax.default_backend() == "cpu" if interpret is None else interpret
   full = lambda shape: pl.BlockSpec(shape, lambda i: (0,) * len(shape))  # noqa: E731
   kernel = functools.partial(_kernel, cols=k, max_len=max_len)
   return pl.pallas_call(
       kernel, grid=(n,),
-      in_specs=[full((n + 1,)), full(codes.shape), full(entries.shape), full(lengths.shape), full((n,)), full((n,)),
-                full((m, k))],
+      in_specs=[full((1,)), full((total + 1,)), full(codes.shape), full(entries.shape), full(lengths.shape),
+                full((total,)), full((total,)), full((m, k))],
       out_specs=pl.BlockSpec((m, 1), lambda i: (0, i)),
       out_shape=jax.ShapeDtypeStruct((m, n), jnp.float32), interpret=interpret, name="ternary_matvec")(
-          offsets.astype(jnp.int32), codes.astype(jnp.int32), entries.astype(jnp.int32), lengths.astype(jnp.int32),
+          jnp.reshape(jnp.asarray(row_start, jnp.int32), (1,)), offsets.astype(jnp.int32), codes.astype(jnp.int32), entries.astype(jnp.int32), lengths.astype(jnp.int32),
           lo.astype(jnp.float32), hi.astype(jnp.float32), x)
 
 
