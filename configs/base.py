@@ -101,6 +101,13 @@ def get_config() -> ml_collections.ConfigDict:
   mesh.pipeline = 1  # pipeline stages (reserved for the pipeline schedule)
   mesh.expert = 1  # expert parallelism: MoE experts split over devices (tokens too, like data parallelism)
 
+  c.distributed = dist = ml_collections.ConfigDict()  # multi-process runs (train/distributed.py)
+  dist.initialize = False  # call jax.distributed.initialize before training (every process runs the same command)
+  dist.coordinator_address = ""  # host:port of process 0; "" lets Cloud TPU / SLURM / Open MPI detect it
+  dist.num_processes = 0  # 0: detected
+  dist.process_id = -1  # -1: detected
+  dist.cpu_collectives = "gloo"  # CPU cross-process collectives ("gloo" or "mpi")
+
   c.sample = s = ml_collections.ConfigDict()
   s.prompt = "def fibonacci("  # prompt of the sample printed at the end of training
   s.max_new_tokens = 64  # tokens generated for that sample
@@ -191,6 +198,12 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
       _fail("mesh.expert", config.mesh.expert, f"must divide model.num_experts={m.num_experts}")
     if m.quant != "none":
       _fail("model.quant", m.quant, "int8 formats cover dense models; compress MoE models with infer.compress.qmoe")
+  dist = config.distributed
+  if dist.cpu_collectives not in ("gloo", "mpi"):
+    _fail("distributed.cpu_collectives", dist.cpu_collectives, "allowed values are gloo, mpi")
+  if dist.num_processes < 0 or dist.process_id < -1 or (dist.num_processes and dist.process_id >= dist.num_processes):
+    _fail("distributed.process_id", dist.process_id, f"must be -1 (detected) or in [0, distributed.num_processes="
+          f"{dist.num_processes})")
   if not 0.0 < config.sample.top_p <= 1.0:
     _fail("sample.top_p", config.sample.top_p, "must be in (0, 1]")
   if config.sample.temperature < 0 or config.sample.top_k < 0 or config.sample.max_new_tokens < 0:

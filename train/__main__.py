@@ -7,7 +7,7 @@ import tensorflow_datasets as tfds
 from absl import app, flags
 from ml_collections import config_flags
 
-from train import trainer
+from train import distributed, trainer
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/default.py", "Preset config file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (metrics, checkpoints, tokenizer); resumes if it "
@@ -20,6 +20,7 @@ def main(argv):
   logging.getLogger("absl").setLevel(logging.ERROR)  # tfds/jax chatter (custom-config notes, missing libtpu)
   tfds.disable_progress_bar()
   try:
+    distributed.initialize(_CONFIG.value.distributed)
     summary = trainer.run(_CONFIG.value, _WORKDIR.value)
   except (ValueError, FileNotFoundError) as e:
     sys.exit(f"error: {e}")

@@ -80,7 +80,15 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
 
 
 def restore_state(workdir: str, abstract_state: Any, step: int | None = None) -> tuple[Any, int]:
-  """Restores the train state of the latest (or given) checkpoint without the data iterator: (state, step)."""
+  """Restores the train state of the latest (or given) checkpoint without the data iterator: (state, step).
+
+  Leaves of `abstract_state` that carry no sharding are restored onto this process's first device, so checkpoints
+  written by any mesh (or by several processes) load for single-device inference."""
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  abstract_state = jax.tree.map(  # leaves without a sharding land on this process's first device, whatever mesh wrote
+      lambda a: a if getattr(a, "sharding", None) is not None else jax.ShapeDtypeStruct(a.shape, a.dtype,
+                                                                                          sharding=device),
+      abstract_state)
   manager = ocp.CheckpointManager(checkpoint_dir(workdir), item_names=("state",))
   try:
     step = manager.latest_step() if step is None else step

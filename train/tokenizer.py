@@ -74,7 +74,7 @@ def _texts_up_to(source, max_bytes: int) -> Iterator[str]:
 
 
 def load_or_train(config: ml_collections.ConfigDict, workdir: str, train_source=None) -> Tokenizer:
-  """The run's tokenizer: `data.tokenizer_path` if set, else `workdir/tokenizer.json` if present, else a BPE of
+  """The run's tokenizer: `data.tokenizer_path` if set (copied to `workdir/tokenizer.json`), else `workdir/tokenizer.json` if present, else a BPE of
   `model.vocab_size` trained on the first `data.tokenizer_train_bytes` bytes of the train split (`train_source`, or
   `data.load_sources(config)['train']`) and saved to `workdir/tokenizer.json`."""
   if config.data.tokenizer_path:
@@ -82,7 +82,9 @@ def load_or_train(config: ml_collections.ConfigDict, workdir: str, train_source=
     if not os.path.isfile(path):
       raise FileNotFoundError(f"config.data.tokenizer_path={config.data.tokenizer_path!r} does not exist; point it at "
                               f"a tokenizer.json or set it to '' to train one on the training split")
-    return _check_vocab(Tokenizer.from_file(path), config, f"data.tokenizer_path={path!r}")
+    tok = _check_vocab(Tokenizer.from_file(path), config, f"data.tokenizer_path={path!r}")
+    _save(tok, os.path.join(workdir, "tokenizer.json"))  # the workdir stays self-contained for inference
+    return tok
   path = os.path.join(workdir, "tokenizer.json")
   if os.path.isfile(path):
     return _check_vocab(Tokenizer.from_file(path), config, f"{path!r} (delete it to retrain)")
@@ -92,8 +94,13 @@ def load_or_train(config: ml_collections.ConfigDict, workdir: str, train_source=
     from train import data  # pylint: disable=import-outside-toplevel
     train_source = data.load_sources(config)["train"]
   tok = train_tokenizer(_texts_up_to(train_source, config.data.tokenizer_train_bytes), config.model.vocab_size)
-  os.makedirs(workdir, exist_ok=True)
+  _save(tok, path)
+  return tok
+
+
+def _save(tok: Tokenizer, path: str) -> None:
+  """Writes tok to path atomically (a temporary file renamed into place)."""
+  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
   tmp = f"{path}.tmp.{os.getpid()}"
   tok.save(tmp)
   os.replace(tmp, path)
-  return tok

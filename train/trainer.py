@@ -30,6 +30,7 @@ from train import data as data_lib
 from train import metrics as metrics_lib
 from train import optim
 from train import step as step_lib
+from train import distributed
 from train import tokenizer as tokenizer_lib
 
 log = logging.getLogger("peakllm.train")
@@ -85,8 +86,13 @@ def run(config, workdir: str, on_step: Callable[[int], None] | None = None) -> d
     write_config(config, workdir)
   t = config.train
 
-  sources = data_lib.load_sources(config)
-  tokenizer = tokenizer_lib.load_or_train(config, workdir)
+  if is_main:  # process 0 prepares the data (and tokenizer) first; the others then read what it wrote
+    sources = data_lib.load_sources(config)
+    tokenizer = tokenizer_lib.load_or_train(config, workdir)
+  distributed.barrier("peakllm:data-ready")
+  if not is_main:
+    sources = data_lib.load_sources(config)
+    tokenizer = tokenizer_lib.load_or_train(config, workdir)
   if tokenizer.get_vocab_size() > config.model.vocab_size:
     raise ValueError(f"config.model.vocab_size={config.model.vocab_size} is smaller than the tokenizer's "
                      f"{tokenizer.get_vocab_size()} entries: raise it or use another data.tokenizer_path")
@@ -116,8 +122,8 @@ def run(config, workdir: str, on_step: Callable[[int], None] | None = None) -> d
     state = jax.jit(lambda: step_lib.init_state(spec, optimizer, t.seed), out_shardings=state_sh)()
     start_step = 0
 
-  rows = t.batch_size // jax.process_count()
-  batch_spec = {k: jax.ShapeDtypeStruct((rows, config.data.seq_len), jnp.float32 if k == "weights" else jnp.int32)
+  batch_spec = {k: jax.ShapeDtypeStruct((t.batch_size, config.data.seq_len),  # the global batch
+                                       jnp.float32 if k == "weights" else jnp.int32, sharding=batch_sh)
                 for k in ("inputs", "targets", "segment_ids", "positions", "weights")}
   with jax.set_mesh(mesh):  # activations' logical constraints resolve against this mesh while tracing
     compiled = step_lib.jit_train_step(graphdef, optimizer, schedule, t.grad_accum_steps, t.z_loss, state_sh,
@@ -125,6 +131,7 @@ def run(config, workdir: str, on_step: Callable[[int], None] | None = None) -> d
   log.info("mesh %s over %d devices", dict(mesh.shape), mesh.size)
   _log_compiled(compiled)
   eval_fn = step_lib.jit_eval_step(graphdef)
+  to_global = lambda b: distributed.global_batch(b, batch_sh)  # noqa: E731
 
   n_params = flops.param_count(spec)
   flops_per_token = flops.flops_per_token(spec, config.data.seq_len)
@@ -149,7 +156,7 @@ def run(config, workdir: str, on_step: Callable[[int], None] | None = None) -> d
       if stop.signal is not None:
         interrupted = True
         break
-      batch = next(train_iter)
+      batch = distributed.global_batch(next(train_iter), batch_sh)
       state, step_metrics = compiled(state, batch)
       step += 1
       window_steps += 1
@@ -171,7 +178,8 @@ def run(config, workdir: str, on_step: Callable[[int], None] | None = None) -> d
         bar.set_postfix(loss=f"{out['loss']:.3f}", tok_s=f"{tps:,.0f}", mfu=f"{throughput['mfu']:.1%}")
         window_start, window_steps = time.perf_counter(), 0
       if (t.eval_every and step % t.eval_every == 0) or step == t.steps:
-        last_eval = evaluate_lib.validation_loss(eval_fn, state["params"], config, sources["validation"], tokenizer)
+        last_eval = evaluate_lib.validation_loss(eval_fn, state["params"], config, sources["validation"], tokenizer,
+                                                 to_global=to_global)
         writer.write(step, last_eval)
         bar.write(f"step {step}: eval loss {last_eval['eval_loss']:.4f}, perplexity {last_eval['eval_ppl']:.2f}")
         window_start, window_steps = time.perf_counter(), 0
@@ -188,9 +196,13 @@ def run(config, workdir: str, on_step: Callable[[int], None] | None = None) -> d
   summary: dict[str, Any] = {"step": step, "interrupted": interrupted, "parameters": n_params, **throughput}
   if not interrupted:
     if not last_eval:
-      last_eval = evaluate_lib.validation_loss(eval_fn, state["params"], config, sources["validation"], tokenizer)
+      last_eval = evaluate_lib.validation_loss(eval_fn, state["params"], config, sources["validation"], tokenizer,
+                                               to_global=to_global)
     summary.update(last_eval)
-    summary["sample"] = _sample(config, spec, graphdef, state["params"], tokenizer)
+    if jax.process_count() == 1:
+      summary["sample"] = _sample(config, spec, graphdef, state["params"], tokenizer)
+    else:
+      summary["sample"] = "(no sample in multi-process runs: use python -m infer.generate on the workdir)"
   writer.close()
   if is_main:
     with open(os.path.join(workdir, "summary.json"), "w", encoding="utf-8") as f:

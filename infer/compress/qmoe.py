@@ -160,26 +160,33 @@ def compress_model(model, samples: np.ndarray, *, mode: str = "ternary_gptq", bi
 # -- lossless coding and sizes -----------------------------------------------------------------------------------------
 
 
-def encode_model(results: dict, code_bits: int = 16, max_len: int = 32) -> dict:
+def encode_model(results: dict, code_bits: int | None = None, max_len: int = 32) -> dict:
   """Codes the ternary symbols of every compressed expert weight with one static dictionary.
 
-  Returns {"dictionary": Dictionary, "encoded": {key: Encoded (rows = experts x outputs, cols = inputs)},
-  "symbols": total count, "zeros": share of 0 symbols, "entropy_bits", "code_bits_per_weight" (codewords only),
-  "bits_per_weight" (codewords + row offsets + the dictionary + the per-row lo/hi grids)}."""
+  `code_bits` None tries 8..16-bit codewords and keeps the smallest total (a 2^16-entry dictionary costs 2 MB, which
+  only pays off on large models). Returns {"dictionary", "encoded": {key: Encoded (rows = experts x outputs, cols =
+  inputs)}, "symbols", "zeros" (share of 0 symbols), "entropy_bits", "code_bits_per_weight" (codewords only),
+  "bits_per_weight" (codewords + int32 row offsets + float32 lo/hi per row + the dictionary), "compressed_bytes"}."""
   rows = {k: np.asarray(r.codes).transpose(0, 2, 1).reshape(-1, r.codes.shape[1]) for k, r in results.items()}
   if not rows or not all(r.ternary for r in results.values()):
     raise ValueError("encode_model needs ternary results (mode ternary_gptq or ternary_rtn)")
   every = np.concatenate([s.reshape(-1) for s in rows.values()])
-  d = tc.build_dictionary(every, code_bits=code_bits, max_len=max_len)
-  encoded = {k: tc.encode(s, d) for k, s in rows.items()}
   n = every.size
-  code_bits_total = sum(e.codes.size * code_bits for e in encoded.values())
-  offsets_bits = sum(e.offsets.size * 32 for e in encoded.values())
-  grid_bits = sum(2 * 16 * r.grid[0].size for r in results.values())  # lo/hi per row in bfloat16
-  return {"dictionary": d, "encoded": encoded, "symbols": n, "zeros": float(np.mean(every == 0)),
-          "entropy_bits": tc.entropy_bits(every), "code_bits_per_weight": code_bits_total / n,
-          "bits_per_weight": (code_bits_total + offsets_bits + grid_bits + 8 * d.nbytes) / n,
-          "compressed_bytes": (code_bits_total + offsets_bits + grid_bits) / 8 + d.nbytes}
+  grid_bits = sum(2 * 32 * r.grid[0].size for r in results.values())  # lo/hi per row, float32 as stored
+  best = None
+  for bits in ([code_bits] if code_bits else range(8, 17, 2)):
+    d = tc.build_dictionary(every, code_bits=bits, max_len=max_len)
+    encoded = {k: tc.encode(s, d) for k, s in rows.items()}
+    code_total = sum(e.codes.size * bits for e in encoded.values())
+    offsets = sum(e.offsets.size * 32 for e in encoded.values())
+    total = code_total + offsets + grid_bits + 8 * d.nbytes
+    if best is None or total < best["total_bits"]:
+      best = {"dictionary": d, "encoded": encoded, "code_bits": bits, "total_bits": total,
+              "code_bits_per_weight": code_total / n}
+  return {"dictionary": best["dictionary"], "encoded": best["encoded"], "symbols": n, "code_bits": best["code_bits"],
+          "zeros": float(np.mean(every == 0)), "entropy_bits": tc.entropy_bits(every),
+          "code_bits_per_weight": best["code_bits_per_weight"], "bits_per_weight": best["total_bits"] / n,
+          "compressed_bytes": best["total_bits"] / 8}
 
 
 def decode_weight(enc: tc.Encoded, d: tc.Dictionary, lo: np.ndarray, hi: np.ndarray, experts: int) -> np.ndarray:
