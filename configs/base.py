@@ -100,6 +100,8 @@ def get_config() -> ml_collections.ConfigDict:
   mesh.tensor = 1  # tensor (Megatron) parallelism: heads and MLP columns split
   mesh.pipeline = 1  # pipeline stages (reserved for the pipeline schedule)
   mesh.expert = 1  # expert parallelism: MoE experts split over devices (tokens too, like data parallelism)
+  mesh.dcn = ml_collections.ConfigDict({a: 1 for a in MESH_AXES})  # sizes across slices/processes (multi-slice);
+  # with any > 1 the sizes above are per slice (or per process off TPU) and each axis spans ICI x DCN devices
 
   c.distributed = dist = ml_collections.ConfigDict()  # multi-process runs (train/distributed.py)
   dist.initialize = False  # call jax.distributed.initialize before training (every process runs the same command)
@@ -184,8 +186,11 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _fail("data.source", src, "use 'stdlib', 'files:GLOB' or 'tfds:NAME[:CONFIG]'")
   sizes = [config.mesh[a] for a in MESH_AXES]
   if sum(v == -1 for v in sizes) > 1 or any(not isinstance(v, int) or v == 0 or v < -1 for v in sizes):
-    _fail("mesh", dict(config.mesh), "each axis size must be a positive int, with at most one -1")
-  if config.mesh.pipeline != 1:
+    _fail("mesh", {a: config.mesh[a] for a in MESH_AXES}, "each axis size must be a positive int, with at most one -1")
+  dcn = config.mesh.dcn
+  if any(not isinstance(dcn[a], int) or dcn[a] < 1 for a in MESH_AXES):
+    _fail("mesh.dcn", dict(dcn), "each DCN size must be an int >= 1")
+  if config.mesh.pipeline != 1 or dcn.pipeline != 1:
     _fail("mesh.pipeline", config.mesh.pipeline, "the pipeline axis must be 1 until the pipeline schedule exists")
   if config.mesh.expert != 1 and not m.num_experts:
     _fail("mesh.expert", config.mesh.expert, "expert parallelism needs an MoE model (model.num_experts > 0)")

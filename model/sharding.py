@@ -68,15 +68,34 @@ def mesh_shape(sizes: dict[str, int], device_count: int) -> tuple[int, ...]:
   return tuple(device_count // known if v == -1 else v for v in values)
 
 
-def make_mesh(sizes: dict[str, int], devices=None) -> jax.sharding.Mesh:
-  """A mesh over `devices` (default: all) with axes MESH_AXES, Auto axis types (GSPMD propagation + our rules)."""
+def make_mesh(sizes: dict, devices=None) -> jax.sharding.Mesh:
+  """A mesh over `devices` (default: all) with axes MESH_AXES, Auto axis types (GSPMD propagation + our rules).
+
+  `sizes` holds the ICI size of each axis and optionally `dcn`: {axis: size} across slices (TPU multi-slice) or
+  processes (other platforms). With DCN sizes, the ICI sizes describe one slice/process and each mesh axis is
+  ICI x DCN long, laid out by `mesh_utils.create_hybrid_device_mesh` so that only the DCN part crosses the slow
+  network."""
   devices = jax.devices() if devices is None else devices
-  shape = mesh_shape(sizes, len(devices))
-  count = 1
-  for v in shape:
-    count *= v
-  return jax.make_mesh(shape, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES),
-                       devices=devices[:count])
+  dcn = [int((sizes.get("dcn") or {}).get(a, 1)) for a in MESH_AXES]
+  granules = 1
+  for v in dcn:
+    granules *= v
+  axis_types = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
+  if granules == 1:
+    shape = mesh_shape(sizes, len(devices))
+    count = 1
+    for v in shape:
+      count *= v
+    return jax.make_mesh(shape, MESH_AXES, axis_types=axis_types, devices=devices[:count])
+  if len(devices) % granules:
+    raise ValueError(f"DCN sizes {dict(zip(MESH_AXES, dcn))} multiply to {granules}, which does not divide the "
+                     f"{len(devices)} devices")
+  from jax.experimental import mesh_utils
+
+  ici = mesh_shape(sizes, len(devices) // granules)
+  grid = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices, process_is_granule=devices[0].platform != "tpu",
+                                              allow_split_physical_axes=True)
+  return jax.sharding.Mesh(grid, MESH_AXES, axis_types=axis_types)
 
 
 def state_shardings(mesh: jax.sharding.Mesh, abstract_state: dict, param_spec_tree: dict, optimizer) -> dict:

@@ -1,5 +1,6 @@
 """Multi-process training for real: two processes on this machine (jax.distributed with a loopback coordinator, CPU
-collectives through gloo) train one mesh spanning both, each feeding its own share of the data."""
+collectives through gloo) train one mesh spanning both (data = 2 per process over ICI x 2 processes over DCN), each
+feeding its own share of the data."""
 
 import json
 import os
@@ -37,7 +38,7 @@ def test_two_processes_train_like_one_and_their_checkpoint_restores_in_one(tiny_
   port = _free_port()
   common = [sys.executable, "-m", "train", "--config=configs/tiny.py", f"--workdir={workdir}",
             f"--config.data.data_dir={data_dir}", "--config.data.max_docs=300",
-            f"--config.data.tokenizer_path={tokenizer_path}", "--config.mesh.data=-1",
+            f"--config.data.tokenizer_path={tokenizer_path}", "--config.mesh.data=-1", "--config.mesh.dcn.data=2",
             "--config.sample.max_new_tokens=0", "--config.distributed.initialize=True",
             f"--config.distributed.coordinator_address=127.0.0.1:{port}", "--config.distributed.num_processes=2"]
   common += [f"--config.train.{k}={v}" for k, v in train.items()]
