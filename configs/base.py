@@ -84,6 +84,7 @@ def get_config() -> ml_collections.ConfigDict:
   t.grad_clip = 1.0  # global-norm clipping threshold; 0 disables
   t.z_loss = 0.0  # coefficient of the log(Z)^2 auxiliary loss (PaLM); 0 disables
   t.moe_aux_loss = 0.01  # coefficient of the MoE load-balancing loss (Switch); MoE models only
+  t.offload_optimizer = False  # keep optimizer state in pinned host memory between steps (ZeRO-Offload)
   t.router_z_loss = 0.001  # coefficient of the MoE router z-loss (ST-MoE); MoE models only
   t.log_every = 10  # steps between metric rows
   t.eval_every = 200  # steps between evaluations; 0 evaluates only at the end

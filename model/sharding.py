@@ -98,10 +98,12 @@ def make_mesh(sizes: dict, devices=None) -> jax.sharding.Mesh:
   return jax.sharding.Mesh(grid, MESH_AXES, axis_types=axis_types)
 
 
-def state_shardings(mesh: jax.sharding.Mesh, abstract_state: dict, param_spec_tree: dict, optimizer) -> dict:
+def state_shardings(mesh: jax.sharding.Mesh, abstract_state: dict, param_spec_tree: dict, optimizer,
+                    offload_optimizer: bool = False) -> dict:
   """NamedShardings for the train state {step, params, opt_state, rng}: params by their logical rules, optimizer
   moments like the parameter they belong to (when shaped like it; factored statistics are replicated), the rest
-  replicated. ZeRO-3 / FSDP falls out of the rules: 'embed' dimensions split over the fsdp axis."""
+  replicated. ZeRO-3 / FSDP falls out of the rules: 'embed' dimensions split over the fsdp axis.
+  `offload_optimizer` places the optimizer state in pinned host memory (ZeRO-Offload)."""
   import optax
 
   named = lambda spec: jax.sharding.NamedSharding(mesh, spec)  # noqa: E731
@@ -111,6 +113,8 @@ def state_shardings(mesh: jax.sharding.Mesh, abstract_state: dict, param_spec_tr
       optimizer, lambda leaf, sh, p: sh if getattr(leaf, "shape", None) == p.shape else replicated,
       abstract_state["opt_state"], params_sh, abstract_state["params"],
       transform_non_params=lambda _: replicated)
+  if offload_optimizer:
+    opt_sh = jax.tree.map(lambda s: s.with_memory_kind("pinned_host"), opt_sh)
   return {"step": replicated, "params": params_sh, "opt_state": opt_sh, "rng": replicated}
 
 

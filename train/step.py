@@ -63,7 +63,8 @@ def summed_loss(params: dict, graphdef: nnx.GraphDef, batch: Batch, z_loss: floa
 
 def train_step(state: TrainState, batch: Batch, *, graphdef: nnx.GraphDef,
                optimizer: optax.GradientTransformation, schedule: optax.Schedule, grad_accum_steps: int,
-               z_loss: float, moe_coefs: tuple[float, float] = (0.0, 0.0)) -> tuple[TrainState, dict[str, jax.Array]]:
+               z_loss: float, moe_coefs: tuple[float, float] = (0.0, 0.0),
+               offload_optimizer: bool = False) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimizer update on `batch` ([B, L] arrays), accumulating gradients over `grad_accum_steps` micro-batches.
 
   Gradients of the summed loss are added over micro-batches and divided once by the batch's total token weight, so
@@ -85,7 +86,12 @@ def train_step(state: TrainState, batch: Batch, *, graphdef: nnx.GraphDef,
     (objective, nll, weight, moe, grads), _ = jax.lax.scan(accumulate, zeros, micro)
   denom = jnp.maximum(weight, 1.0)
   grads = jax.tree.map(lambda g: g / denom, grads)
-  updates, opt_state = optimizer.update(grads, state["opt_state"], params)
+  opt_state = state["opt_state"]
+  if offload_optimizer:  # the moments live in host memory between steps; bring them in for the update only
+    opt_state = jax.tree.map(lambda x: jax.device_put(x, jax.memory.Space.Device), opt_state)
+  updates, opt_state = optimizer.update(grads, opt_state, params)
+  if offload_optimizer:
+    opt_state = jax.tree.map(lambda x: jax.device_put(x, jax.memory.Space.Host), opt_state)
   new_state = {"step": state["step"] + 1, "params": optax.apply_updates(params, updates), "opt_state": opt_state,
                "rng": state["rng"]}
   metrics = {"loss": nll / denom, "objective": objective / denom, "grad_norm": optax.tree.norm(grads),
@@ -102,11 +108,12 @@ def eval_step(params: dict, batch: Batch, *, graphdef: nnx.GraphDef) -> dict[str
 
 
 def jit_train_step(graphdef, optimizer, schedule, grad_accum_steps: int, z_loss: float, state_shardings=None,
-                   batch_sharding=None, moe_coefs: tuple[float, float] = (0.0, 0.0)):
+                   batch_sharding=None, moe_coefs: tuple[float, float] = (0.0, 0.0), offload_optimizer: bool = False):
   """The train step jitted with the state donated (its buffers are reused for the new state); with shardings, the
   state keeps its layout across steps and batches are split as `batch_sharding` says."""
   fn = functools.partial(train_step, graphdef=graphdef, optimizer=optimizer, schedule=schedule,
-                         grad_accum_steps=grad_accum_steps, z_loss=z_loss, moe_coefs=moe_coefs)
+                         grad_accum_steps=grad_accum_steps, z_loss=z_loss, moe_coefs=moe_coefs,
+                         offload_optimizer=offload_optimizer)
   if state_shardings is None:
     return jax.jit(fn, donate_argnums=0)
   return jax.jit(fn, donate_argnums=0, in_shardings=(state_shardings, batch_sharding),

@@ -106,7 +106,11 @@ def run(config, workdir: str, on_step: Callable[[int], None] | None = None) -> d
   mesh = sharding.make_mesh(dict(config.mesh))
   param_specs = sharding.param_specs(nnx.eval_shape(lambda: Transformer(spec, rngs=nnx.Rngs(params=0))))
   sharding.check_divisible(abstract_params, param_specs, mesh)
-  state_sh = sharding.state_shardings(mesh, abstract_state, param_specs, optimizer)
+  if t.offload_optimizer and not all("pinned_host" in {m.kind for m in d.addressable_memories()}
+                                     for d in mesh.devices.flat if d.process_index == jax.process_index()):
+    raise ValueError(f"config.train.offload_optimizer=True needs devices with pinned host memory; "
+                     f"{jax.default_backend()} devices here have none")
+  state_sh = sharding.state_shardings(mesh, abstract_state, param_specs, optimizer, t.offload_optimizer)
   batch_sh = sharding.batch_sharding(mesh)
   abstract_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state,
                                 state_sh)
@@ -119,7 +123,9 @@ def run(config, workdir: str, on_step: Callable[[int], None] | None = None) -> d
     state = ckpt.restore(start_step, abstract_state, train_iter)
     log.info("resumed from step %d", start_step)
   else:
-    state = jax.jit(lambda: step_lib.init_state(spec, optimizer, t.seed), out_shardings=state_sh)()
+    device_sh = jax.tree.map(lambda s: s.with_memory_kind("device"), state_sh)
+    state = jax.jit(lambda: step_lib.init_state(spec, optimizer, t.seed), out_shardings=device_sh)()
+    state = jax.device_put(state, state_sh)  # optimizer state to host memory when offloaded
     start_step = 0
 
   batch_spec = {k: jax.ShapeDtypeStruct((t.batch_size, config.data.seq_len),  # the global batch
@@ -127,7 +133,8 @@ def run(config, workdir: str, on_step: Callable[[int], None] | None = None) -> d
                 for k in ("inputs", "targets", "segment_ids", "positions", "weights")}
   with jax.set_mesh(mesh):  # activations' logical constraints resolve against this mesh while tracing
     compiled = step_lib.jit_train_step(graphdef, optimizer, schedule, t.grad_accum_steps, t.z_loss, state_sh,
-                                       batch_sh, moe_coefs=(t.moe_aux_loss, t.router_z_loss)).lower(abstract_state, batch_spec).compile()
+                                       batch_sh, moe_coefs=(t.moe_aux_loss, t.router_z_loss),
+                                       offload_optimizer=t.offload_optimizer).lower(abstract_state, batch_spec).compile()
   log.info("mesh %s over %d devices", dict(mesh.shape), mesh.size)
   _log_compiled(compiled)
   eval_fn = step_lib.jit_eval_step(graphdef)
