@@ -30,12 +30,6 @@ from infer import evaluate, generate, loading
 from infer.compress import calibrate, qmoe, storage
 from model import flops
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "Trained float MoE workdir.", required=True)
-_OUT = flags.DEFINE_string("out", "", "Output directory (default WORKDIR/case_study_qmoe).")
-_SAMPLES = flags.DEFINE_integer("calibration_samples", 128, "Calibration windows.")
-_EVAL_TOKENS = flags.DEFINE_integer("eval_tokens", 65536, "Validation tokens scored per format (0: all).")
-_GEN_TOKENS = flags.DEFINE_integer("gen_tokens", 32, "Tokens generated for the speed comparison (0 skips).")
-
 # SwitchTransformer-c2048 in the QMoE paper (as quoted in the survey issue): 3.2 TB bf16 -> 160 GB, 0.8 bits per
 # parameter, about 20x; C4 validation loss 1.18 (bf16) -> 1.26 (ternary).
 PAPER = {"bf16_bytes": 3.2e12, "compressed_bytes": 160e9, "bits_per_param": 0.8, "ratio": 20.0,
@@ -194,12 +188,22 @@ def plot(r: dict, path: str) -> None:
   plt.close(fig)
 
 
+def _define_flags():
+  """Flags exist only when run as a script, so tests can import several scripts."""
+  flags.DEFINE_string("workdir", None, "Trained float MoE workdir.", required=True)
+  flags.DEFINE_string("out", "", "Output directory (default WORKDIR/case_study_qmoe).")
+  flags.DEFINE_integer("calibration_samples", 128, "Calibration windows.")
+  flags.DEFINE_integer("eval_tokens", 65536, "Validation tokens scored per format (0: all).")
+  flags.DEFINE_integer("gen_tokens", 32, "Tokens generated for the speed comparison (0 skips).")
+
+
 def main(argv):
   del argv
-  out = _OUT.value or os.path.join(_WORKDIR.value, "case_study_qmoe")
+  f = flags.FLAGS
+  out = f.out or os.path.join(f.workdir, "case_study_qmoe")
   try:
-    report = run(_WORKDIR.value, out, calibration_samples=_SAMPLES.value, eval_tokens=_EVAL_TOKENS.value,
-                 gen_tokens=_GEN_TOKENS.value)
+    report = run(f.workdir, out, calibration_samples=f.calibration_samples, eval_tokens=f.eval_tokens,
+                 gen_tokens=f.gen_tokens)
   except (FileNotFoundError, FileExistsError, ValueError) as e:
     sys.exit(f"error: {e}")
   print(markdown(report))
@@ -207,4 +211,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  _define_flags()
   app.run(main)

@@ -25,16 +25,6 @@ from configs import compress as compress_config
 from infer import compress, evaluate, loading
 from infer.compress import calibrate
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "Trained float workdir.", required=True)
-_OUT = flags.DEFINE_string("out", "", "Output directory (default WORKDIR/case_study_sparsegpt).")
-_SAMPLES = flags.DEFINE_integer("calibration_samples", 128, "Calibration windows (the papers use 128).")
-_EVAL_TOKENS = flags.DEFINE_integer("eval_tokens", 0, "Validation tokens scored per row (0: the whole split).")
-_DATA = flags.DEFINE_string("data", "", "Data source for calibration (train split) and scoring (validation split); "
-                            "default: the run's data.source, e.g. files:/data/wikitext2/*.txt.")
-_ROWS = flags.DEFINE_list("rows", [], "Only these row labels (default: all), e.g. 'dense,sparsegpt 50%'.")
-_CURVE = flags.DEFINE_list("curve", ["0.1", "0.2", "0.3", "0.4", "0.5", "0.6", "0.7", "0.8"],
-                           "Sparsities of the magnitude vs SparseGPT curve (empty: no curve).")
-
 # The papers' OPT-125M numbers (WikiText2 perplexity): SparseGPT (Frantar and Alistarh, 2023) Table 1 and
 # GPTQ (Frantar et al., 2023) Table 3, as quoted in the issue.
 PAPER_OPT125M = {"dense": 27.66, "magnitude 50%": 193.0, "sparsegpt 50%": 36.85, "gptq 4-bit": 31.12,
@@ -161,12 +151,26 @@ def plot(curve: dict, dense_ppl: float, path: str) -> None:
   plt.close(fig)
 
 
+def _define_flags():
+  """Flags exist only when run as a script, so tests can import several scripts."""
+  flags.DEFINE_string("workdir", None, "Trained float workdir.", required=True)
+  flags.DEFINE_string("out", "", "Output directory (default WORKDIR/case_study_sparsegpt).")
+  flags.DEFINE_integer("calibration_samples", 128, "Calibration windows (the papers use 128).")
+  flags.DEFINE_integer("eval_tokens", 0, "Validation tokens scored per row (0: the whole split).")
+  flags.DEFINE_string("data", "", "Data source for calibration (train split) and scoring (validation split); "
+                      "default: the run's data.source, e.g. files:/data/wikitext2/*.txt.")
+  flags.DEFINE_list("rows", [], "Only these row labels (default: all), e.g. 'dense,sparsegpt 50%'.")
+  flags.DEFINE_list("curve", ["0.1", "0.2", "0.3", "0.4", "0.5", "0.6", "0.7", "0.8"],
+                    "Sparsities of the magnitude vs SparseGPT curve (empty: no curve).")
+
+
 def main(argv):
   del argv
-  out = _OUT.value or os.path.join(_WORKDIR.value, "case_study_sparsegpt")
+  f = flags.FLAGS
+  out = f.out or os.path.join(f.workdir, "case_study_sparsegpt")
   try:
-    report = run(_WORKDIR.value, out, calibration_samples=_SAMPLES.value, eval_tokens=_EVAL_TOKENS.value,
-                 only=_ROWS.value, curve=[float(s) for s in _CURVE.value], data=_DATA.value)
+    report = run(f.workdir, out, calibration_samples=f.calibration_samples, eval_tokens=f.eval_tokens, only=f.rows,
+                 curve=[float(s) for s in f.curve], data=f.data)
   except (FileNotFoundError, ValueError) as e:
     sys.exit(f"error: {e}")
   print(markdown(report))
@@ -174,4 +178,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  _define_flags()
   app.run(main)
