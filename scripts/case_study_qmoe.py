@@ -22,7 +22,6 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from absl import app, flags
 from flax import nnx
 
@@ -145,7 +144,7 @@ def markdown(r: dict) -> str:
            f"| MoE weights (ours) | {mb(bf16['expert_bytes'])} | {mb(qm['expert_bytes'])} | {qm['expert_ratio']:.1f}x | "
            f"{qm['bits_per_expert_param']:.3f} | {bf16['loss']:.4f} | {qm['loss']:.4f} |",
            f"| whole model (ours) | {mb(bf16['model_bytes'])} | {mb(qm['model_bytes'])} | {qm['model_ratio']:.2f}x | | | |",
-           f"| SwitchTransformer-c2048 (paper) | 3.2 TB | 160 GB | 20x | 0.8 | 1.18 | 1.26 |", "",
+           "| SwitchTransformer-c2048 (paper) | 3.2 TB | 160 GB | 20x | 0.8 | 1.18 | 1.26 |", "",
            f"Natural sparsity of the ternary experts: {r['natural_sparsity']:.1%} zeros; entropy bound "
            f"{r['entropy_bits']:.3f} bits per weight; dictionary codewords {r['code_bits_per_weight']:.3f} bits per "
            f"weight ({r['dictionary_entries']:,} entries of {r['code_bits']}-bit codewords), "
