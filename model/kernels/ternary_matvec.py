@@ -60,8 +60,8 @@ def ternary_matvec(x: jax.Array, codes: jax.Array, offsets: jax.Array, entries: 
                 full((total,)), full((total,)), full((m, k))],
       out_specs=pl.BlockSpec((m, 1), lambda i: (0, i)),
       out_shape=jax.ShapeDtypeStruct((m, n), jnp.float32), interpret=interpret, name="ternary_matvec")(
-          jnp.reshape(jnp.asarray(row_start, jnp.int32), (1,)), offsets.astype(jnp.int32), codes.astype(jnp.int32), entries.astype(jnp.int32), lengths.astype(jnp.int32),
-          lo.astype(jnp.float32), hi.astype(jnp.float32), x)
+          jnp.reshape(jnp.asarray(row_start, jnp.int32), (1,)), offsets.astype(jnp.int32), codes.astype(jnp.int32),
+          entries.astype(jnp.int32), lengths.astype(jnp.int32), lo.astype(jnp.float32), hi.astype(jnp.float32), x)
 
 
 def ternary_matvec_reference(x, symbols: np.ndarray, lo, hi) -> jax.Array:
