@@ -3,6 +3,8 @@ dense matmul rates (float32, and bfloat16 operands with float32 accumulation) me
 
   python -m scripts.bench_train [--config=configs/shape_s.py] [--config.model.dtype=bfloat16] [--steps=20]
       [--out=bench_train.json]
+  XLA_FLAGS=--xla_force_host_platform_device_count=8 python -m scripts.bench_train --config=configs/tiny.py \
+      --meshes=data=8,fsdp=8,tensor=8,data=2/fsdp=2/tensor=2       # the same step under several meshes
 
 Batches are random tokens of the config's shape (one document per row), so the data pipeline is not measured; the
 step is the trainer's own jitted, donated train step.
@@ -10,6 +12,7 @@ step is the trainer's own jitted, donated train step.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import statistics
@@ -21,8 +24,10 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from configs import base
-from model import flops
-from model.transformer import ModelSpec
+from flax import nnx
+
+from model import flops, sharding
+from model.transformer import ModelSpec, Transformer
 from train import metrics, optim
 from train import step as step_lib
 
@@ -30,6 +35,19 @@ _CONFIG = config_flags.DEFINE_config_file("config", "configs/shape_s.py", "Confi
 _STEPS = flags.DEFINE_integer("steps", 20, "Timed steps (after warm-up).")
 _WARMUP = flags.DEFINE_integer("warmup", 3, "Untimed steps after compilation.")
 _OUT = flags.DEFINE_string("out", "bench_train.json", "Where to write the JSON results.")
+_MESHES = flags.DEFINE_list("meshes", [], "Meshes to compare, each AXIS=SIZE[/AXIS=SIZE...] over config.mesh's axes "
+                            "(e.g. data=8,fsdp=8,data=2/tensor=4); empty: the plain one-device step.")
+
+
+def parse_mesh(text: str) -> dict[str, int]:
+  """'data=2/tensor=4' -> sizes for every mesh axis (unnamed axes 1); ValueError names a bad part."""
+  sizes = {a: 1 for a in sharding.MESH_AXES}
+  for part in text.split("/"):
+    name, _, value = part.partition("=")
+    if name not in sizes or not value.isdigit() or int(value) < 1:
+      raise ValueError(f"mesh part {part!r} in {text!r}: use AXIS=SIZE with AXIS one of {', '.join(sharding.MESH_AXES)}")
+    sizes[name] = int(value)
+  return sizes
 
 
 def random_batch(config, seed: int) -> dict[str, np.ndarray]:
@@ -40,17 +58,38 @@ def random_batch(config, seed: int) -> dict[str, np.ndarray]:
           "weights": np.ones((b, l), np.float32)}
 
 
-def benchmark(config, steps: int, warmup: int) -> dict:
-  """Times `steps` train steps of `config` (each blocked) after compilation and `warmup` steps."""
+def benchmark(config, steps: int, warmup: int, mesh_sizes: dict[str, int] | None = None) -> dict:
+  """Times `steps` train steps of `config` (each blocked) after compilation and `warmup` steps, on one device or,
+  with `mesh_sizes`, sharded over that mesh exactly as the trainer does."""
   base.validate(config)
   t = config.train
   spec = ModelSpec.from_config(config.model)
   params = jax.eval_shape(lambda: step_lib.init_params(spec, 0))
   optimizer = optim.make_optimizer(t, params)
-  state = jax.jit(lambda: step_lib.init_state(spec, optimizer, 0))()
-  step_fn = step_lib.jit_train_step(step_lib.model_graphdef(spec), optimizer, optim.make_schedule(t),
-                                    t.grad_accum_steps, t.z_loss)
-  batches = [jax.device_put(random_batch(config, i)) for i in range(4)]
+  graphdef, schedule = step_lib.model_graphdef(spec), optim.make_schedule(t)
+  if mesh_sizes is None:
+    mesh = None
+    state = jax.jit(lambda: step_lib.init_state(spec, optimizer, 0))()
+    step_fn = step_lib.jit_train_step(graphdef, optimizer, schedule, t.grad_accum_steps, t.z_loss)
+    batches = [jax.device_put(random_batch(config, i)) for i in range(4)]
+  else:
+    mesh = sharding.make_mesh(mesh_sizes)
+    specs = sharding.param_specs(nnx.eval_shape(lambda: Transformer(spec, rngs=nnx.Rngs(params=0))))
+    sharding.check_divisible(params, specs, mesh)
+    abstract_state = jax.eval_shape(lambda: step_lib.init_state(spec, optimizer, 0))
+    state_sh = sharding.state_shardings(mesh, abstract_state, specs, optimizer)
+    state = jax.jit(lambda: step_lib.init_state(spec, optimizer, 0), out_shardings=state_sh)()
+    batch_sh = sharding.batch_sharding(mesh)
+    step_fn = step_lib.jit_train_step(graphdef, optimizer, schedule, t.grad_accum_steps, t.z_loss, state_sh,
+                                      batch_sh)
+    batches = [jax.device_put(random_batch(config, i), batch_sh) for i in range(4)]
+  with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
+    return _time_steps(config, spec, state, step_fn, batches, steps, warmup)
+
+
+def _time_steps(config, spec, state, step_fn, batches, steps, warmup) -> dict:
+  """Compiles (first call), warms up, then times `steps` blocked steps: median step time and derived rates."""
+  t = config.train
   start = time.perf_counter()
   state, m = step_fn(state, batches[0])
   jax.block_until_ready(m)
@@ -77,6 +116,20 @@ def main(argv):
   config = _CONFIG.value
   device = jax.devices()[0]
   peaks = {dtype: metrics.measure_matmul_flops(dtype, size=1024, repeats=10) for dtype in ("float32", "bfloat16")}
+  if _MESHES.value:
+    rows = []
+    for text in _MESHES.value:
+      row = benchmark(config, _STEPS.value, _WARMUP.value, parse_mesh(text))
+      row.update(mesh=text, mfu_f32=row["flops_per_token"] * row["tokens_per_sec"] / (peaks["float32"] * jax.device_count()))
+      rows.append(row)
+    print(f"device {device.device_kind} x{jax.device_count()}; MFU against {jax.device_count()} x the f32 matmul peak")
+    print(f"{'mesh':<28} {'tokens/s':>9} {'step ms':>8} {'MFU f32':>8} {'loss':>8}")
+    for row in rows:
+      print(f"{row['mesh']:<28} {row['tokens_per_sec']:9,.0f} {row['step_time_s'] * 1e3:8.1f} {row['mfu_f32']:8.1%} "
+            f"{row['final_loss']:8.4f}")
+    with open(_OUT.value, "w", encoding="utf-8") as f:
+      json.dump({"device": device.device_kind, "devices": jax.device_count(), "rows": rows}, f, indent=2)
+    return
   result = benchmark(config, _STEPS.value, _WARMUP.value)
   achieved = result["flops_per_token"] * result["tokens_per_sec"]
   result.update({"device": device.device_kind, "devices": jax.device_count(), "compute_dtype": config.model.dtype,

@@ -143,3 +143,21 @@ def test_optimizer_offload_to_host_memory_trains_identically_and_resumes(data_di
   sh = sharding.state_shardings(mesh, abstract_state, specs, optimizer, offload_optimizer=True)
   kinds = {s.memory_kind for s in jax.tree.leaves(sh["opt_state"])}
   assert kinds == {"pinned_host"} and {s.memory_kind for s in jax.tree.leaves(sh["params"])} != {"pinned_host"}
+
+
+def test_bench_train_compares_meshes(tmp_path):
+  """scripts/bench_train.py --meshes: the same steps under each mesh (same batches, so the same losses)."""
+  import subprocess
+  import sys
+
+  out = tmp_path / "bench.json"
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+  cmd = [sys.executable, "-m", "scripts.bench_train", "--config=configs/tiny.py", "--steps=2", "--warmup=0",
+         "--meshes=data=8,fsdp=4/tensor=2", f"--out={out}"]
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  done = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=600)
+  assert done.returncode == 0, done.stderr[-3000:]
+  rows = json.loads(out.read_text())["rows"]
+  assert [r["mesh"] for r in rows] == ["data=8", "fsdp=4/tensor=2"]
+  assert rows[0]["tokens_per_sec"] > 0 and "fsdp=4/tensor=2" in done.stdout
+  assert rows[0]["final_loss"] == pytest.approx(rows[1]["final_loss"], rel=1e-4)
