@@ -89,10 +89,11 @@ def stream_perplexity(model, tokens: np.ndarray, seq_len: int, batch_size: int =
   """Perplexity of `model` on `tokens` [n] cut into floor(n / seq_len) windows of seq_len (the remainder dropped).
 
   Each window predicts its tokens 1..seq_len-1 from its own prefix. Batches of `batch_size` windows; the last batch
-  is padded with repeated windows whose scores are discarded, so the result does not depend on batch_size. Returns
+  is padded with repeated windows whose scores are discarded, so the result does not depend on batch_size (except
+  for MoE models with capacity_factor > 0, whose dropped tokens depend on what shares a batch). Returns
   {"loss", "ppl", "tokens", "windows", "seq_len"}."""
-  if seq_len < 2 or seq_len > model.spec.max_len:
-    raise ValueError(f"seq_len={seq_len} must be in [2, model max_len={model.spec.max_len}]")
+  if seq_len < 2 or seq_len - 1 > model.spec.max_len:  # the model reads seq_len - 1 tokens of each window
+    raise ValueError(f"seq_len={seq_len} must be in [2, model max_len + 1={model.spec.max_len + 1}]")
   count = len(tokens) // seq_len
   if count == 0:
     raise ValueError(f"{len(tokens)} tokens are fewer than one window of seq_len={seq_len}")

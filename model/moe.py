@@ -8,6 +8,8 @@ experts that all compute the same function:
   * expert parallelism: under a mesh whose `expert` axis is > 1, the capacity buffers are exchanged with
     `all_to_all` inside `jax.shard_map` so each device runs only its own experts (capacity = all local tokens when
     capacity_factor is 0, which keeps it dropless).
+The three agree exactly whenever nothing is dropped. With capacity_factor > 0 the dropped assignments differ: the
+expert-parallel path sizes capacity and gives slot priority per token shard. Padding tokens never take a slot.
 
 Shapes: T tokens, d model width, E experts, k experts per token, f expert hidden width. Expert weights are
 w_in/w_gate [E, d, f] and w_out [E, f, d]; the router is [d, E] and runs in float32.
@@ -81,20 +83,23 @@ def dropless_experts(x, r: Routing, w_in, w_gate, w_out, activation: str) -> jax
   return jnp.einsum("tkd,tk->td", unsorted.astype(jnp.float32), r.weights).astype(x.dtype)
 
 
-def dispatch_positions(expert_ids: jax.Array, num_experts: int, capacity: int) -> tuple[jax.Array, jax.Array]:
+def dispatch_positions(expert_ids: jax.Array, num_experts: int, capacity: int,
+                       valid: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
   """expert_ids [T, k] -> (slot [T, k] int32 of each assignment in its expert's buffer, kept [T, k] bool).
 
   Slots are given choice-major (every token's first choice before any second choice), so when capacity runs out
-  the lower-priority choices are the ones dropped."""
+  the lower-priority choices are the ones dropped. Tokens with valid [T] false (padding) take no slot."""
   t, k = expert_ids.shape
   onehot = jax.nn.one_hot(expert_ids.T.reshape(-1), num_experts, dtype=jnp.int32)  # [k*T, E], choice-major
+  live = jnp.ones((t,), bool) if valid is None else valid.astype(bool)
+  onehot = onehot * jnp.tile(live, k).astype(jnp.int32)[:, None]
   slot = (jnp.cumsum(onehot, axis=0) - 1) * onehot
   slot = slot.sum(-1).reshape(k, t).T
-  return slot, slot < capacity
+  return slot, (slot < capacity) & live[:, None]
 
 
-def _dispatch(x, r: Routing, num_experts: int, capacity: int):
-  slot, kept = dispatch_positions(r.expert_ids, num_experts, capacity)
+def _dispatch(x, r: Routing, num_experts: int, capacity: int, valid=None):
+  slot, kept = dispatch_positions(r.expert_ids, num_experts, capacity, valid)
   t, k = slot.shape
   token = jnp.broadcast_to(jnp.arange(t)[:, None], (t, k))
   slot_or_out = jnp.where(kept, slot, capacity)  # out-of-range slots are dropped by the scatter
@@ -124,16 +129,22 @@ def capacity(tokens: int, k: int, num_experts: int, capacity_factor: float) -> i
   return max(1, math.ceil(capacity_factor * tokens * k / num_experts))
 
 
-def capacity_experts(x, r: Routing, w_in, w_gate, w_out, activation: str, capacity_factor: float):
-  """x [T, d] -> ([T, d], dropped assignments as a float32 scalar) with per-expert buffers of fixed capacity."""
+def _dropped(kept, valid):
+  live = jnp.ones(kept.shape[:1], bool) if valid is None else valid.astype(bool)
+  return jnp.sum(~kept & live[:, None]).astype(jnp.float32)
+
+
+def capacity_experts(x, r: Routing, w_in, w_gate, w_out, activation: str, capacity_factor: float, valid=None):
+  """x [T, d] -> ([T, d], dropped assignments of real tokens as a float32 scalar) with per-expert buffers of fixed
+  capacity; tokens with valid [T] false (padding) take no slot and get 0."""
   e = w_in.shape[0]
   c = capacity(x.shape[0], r.expert_ids.shape[1], e, capacity_factor)
-  buffers, slot, kept = _dispatch(x, r, e, c)
+  buffers, slot, kept = _dispatch(x, r, e, c, valid)
   y = _combine(_expert_ffn(buffers, w_in, w_gate, w_out, activation), r, slot, kept, x.dtype)
-  return y, jnp.sum(~kept).astype(jnp.float32)
+  return y, _dropped(kept, valid)
 
 
-def expert_parallel(x, r: Routing, w_in, w_gate, w_out, activation: str, capacity_factor: float, mesh):
+def expert_parallel(x, r: Routing, w_in, w_gate, w_out, activation: str, capacity_factor: float, mesh, valid=None):
   """`capacity_experts` with the experts split over the mesh `expert` axis and the tokens over the batch axes.
 
   x [T, d] and routing are sharded by token; inside `shard_map`, each device fills [E, C, d] buffers from its own
@@ -143,21 +154,23 @@ def expert_parallel(x, r: Routing, w_in, w_gate, w_out, activation: str, capacit
   tok = P(token_axes or None)
   experts = P("expert")
 
-  def local(x, ids, weights, w_in, w_gate, w_out):
+  def local(x, ids, weights, valid, w_in, w_gate, w_out):
     e = w_in.shape[0] * jax.lax.axis_size("expert")
     rl = Routing(ids, weights, None, None)
     c = capacity(x.shape[0], ids.shape[1], e, capacity_factor)
-    buffers, slot, kept = _dispatch(x, rl, e, c)
+    buffers, slot, kept = _dispatch(x, rl, e, c, valid)
     buffers = jax.lax.all_to_all(buffers, "expert", split_axis=0, concat_axis=1, tiled=True)  # [E/n, n*C, d]
     out = _expert_ffn(buffers, w_in, w_gate, w_out, activation)
     out = jax.lax.all_to_all(out, "expert", split_axis=1, concat_axis=0, tiled=True)  # [E, C, d]
-    dropped = jax.lax.psum(jnp.sum(~kept).astype(jnp.float32), token_axes) if token_axes else jnp.sum(~kept)
+    dropped = _dropped(kept, valid)
+    dropped = jax.lax.psum(dropped, token_axes) if token_axes else dropped
     return _combine(out, rl, slot, kept, x.dtype), dropped.astype(jnp.float32)
 
   gate_spec = None if w_gate is None else experts
-  fn = jax.shard_map(local, mesh=mesh, in_specs=(tok, tok, tok, experts, gate_spec, experts),
+  fn = jax.shard_map(local, mesh=mesh, in_specs=(tok, tok, tok, tok, experts, gate_spec, experts),
                      out_specs=(tok, P()), check_vma=False)
-  return fn(x, r.expert_ids, r.weights, w_in, w_gate, w_out)
+  valid = jnp.ones(x.shape[:1], bool) if valid is None else valid.astype(bool)
+  return fn(x, r.expert_ids, r.weights, valid, w_in, w_gate, w_out)
 
 
 def dense_reference(x, r: Routing, w_in, w_gate, w_out, activation: str) -> jax.Array:
@@ -230,7 +243,8 @@ class MoE(nnx.Module):
     b, l, d = x.shape
     flat = x.reshape(b * l, d).astype(spec.compute_dtype)
     r = route(flat, self.router[...], spec.experts_per_token, spec.moe_renormalize)
-    aux = aux_losses(r, None if token_mask is None else token_mask.reshape(-1))
+    valid = None if token_mask is None else token_mask.reshape(-1)
+    aux = aux_losses(r, valid)
     activation = "silu" if spec.family == "llama" else spec.activation
     w_gate = None if self.w_gate is None else self.w_gate[...]
     mesh = jax.sharding.get_abstract_mesh()
@@ -240,12 +254,13 @@ class MoE(nnx.Module):
       y, dropped = coded_experts(flat, r, coded, dims, activation), jnp.zeros((), jnp.float32)
     elif mesh is not None and not mesh.empty and mesh.shape.get("expert", 1) > 1:
       y, dropped = expert_parallel(flat, r, self.w_in[...], w_gate, self.w_out[...], activation,
-                                   spec.capacity_factor, mesh)
+                                   spec.capacity_factor, mesh, valid)
     elif spec.capacity_factor > 0:
       y, dropped = capacity_experts(flat, r, self.w_in[...], w_gate, self.w_out[...], activation,
-                                    spec.capacity_factor)
+                                    spec.capacity_factor, valid)
     else:
       y = dropless_experts(flat, r, self.w_in[...], w_gate, self.w_out[...], activation)
       dropped = jnp.zeros((), jnp.float32)
-    aux["dropped"] = dropped / (b * l * spec.experts_per_token)
+    real = jnp.float32(b * l) if valid is None else jnp.maximum(jnp.sum(valid).astype(jnp.float32), 1.0)
+    aux["dropped"] = dropped / (real * spec.experts_per_token)
     return y.reshape(b, l, d), aux

@@ -37,8 +37,16 @@ FORMATS = (("bf16", None, 16), ("2-bit GPTQ", "gptq", 2), ("ternary GPTQ (QMoE)"
            ("ternary RTN", "ternary_rtn", 0))
 
 
-def _bf16(params):
-  return jax.tree.map(lambda a: a.astype(jnp.bfloat16).astype(a.dtype) if a.dtype == jnp.float32 else a, params)
+def _bf16(params, keep_experts: bool = False):
+  """Float32 leaves rounded to bf16 (what the size columns assume); `keep_experts` leaves the expert weights as
+  they are (compressed formats: exact grid values)."""
+  out = jax.tree.map(lambda a: a.astype(jnp.bfloat16).astype(a.dtype) if a.dtype == jnp.float32 else a, params)
+  if keep_experts:
+    for i, layer in params["blocks"]["layers"].items():
+      for name in qmoe.EXPERT_WEIGHTS:
+        if name in layer.get("moe", {}):
+          out["blocks"]["layers"][i]["moe"][name] = layer["moe"][name]
+  return out
 
 
 def _tokens_per_second(model, tokenizer, n: int) -> float:
@@ -63,8 +71,9 @@ def run(workdir: str, out: str, *, calibration_samples: int = 128, eval_tokens: 
   samples = calibrate.calibration_samples(config, tokenizer, num_samples=calibration_samples, seq_len=seq_len, seed=0)
   n_total, n_experts = flops.param_count(spec), qmoe.expert_param_count(spec)
 
-  def loss_of(params):
-    return evaluate.stream_perplexity(loading.as_model(spec, params), tokens, seq_len, batch_size)["loss"]
+  def loss_of(params):  # every format scored with its float parts rounded to bf16, as they are sized
+    return evaluate.stream_perplexity(loading.as_model(spec, _bf16(params, keep_experts=True)), tokens, seq_len,
+                                      batch_size)["loss"]
 
   rows, results_by_mode = [], {}
   for label, mode, bits in FORMATS:

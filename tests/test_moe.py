@@ -192,3 +192,16 @@ def test_expert_parallel_inference_equals_one_device():
     got, got_aux = jax.jit(lambda p, t: nnx.merge(graphdef, p).forward_with_aux(t))(params, tokens)
   np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5)
   assert float(got_aux["load_balance"]) == pytest.approx(float(want_aux["load_balance"]), rel=1e-5)
+
+
+def test_padding_takes_no_expert_slot_and_is_not_counted_as_dropped():
+  x, router, w_in, _, w_out = _weights(11, t=12, e=2)
+  del router
+  r = moe.Routing(jnp.zeros((12, 1), jnp.int32), jnp.ones((12, 1)), None, None)  # every token goes to expert 0
+  valid = jnp.arange(12) >= 4  # the first four tokens are padding
+  cap = moe.capacity(12, 1, 2, 1.0)  # 6 slots per expert: exactly the six real tokens 4..9 fit
+  slot, kept = moe.dispatch_positions(r.expert_ids, 2, cap, valid)
+  np.testing.assert_array_equal(np.asarray(kept[:, 0]), (np.arange(12) >= 4) & (np.arange(12) < 10))
+  y, dropped = moe.capacity_experts(x, r, w_in, None, w_out, "gelu", 1.0, valid)
+  assert float(dropped) == 2  # tokens 10 and 11; padding is not counted
+  assert float(jnp.abs(y[:4]).max()) == 0.0

@@ -111,6 +111,11 @@ def test_qmoe_model_compresses_codes_and_reloads_bit_exact(tiny_moe_run, tmp_pat
   config, model, tokenizer, step = loading.load_trained(workdir)
   before = nnx.to_pure_dict(nnx.state(model, nnx.Param))
   samples = calibrate.calibration_samples(config, tokenizer, num_samples=8, seq_len=32, seed=0)
+  from configs import compress as compress_config
+  from infer import compress
+
+  with pytest.raises(ValueError, match="QMoE"):  # the dense-model methods refuse MoE models
+    compress.compress_workdir(config, model, tokenizer, step, compress_config.get_config(), source_workdir=workdir)
   params, results, stats = qmoe.compress_model(model, samples, batch_size=4)
   assert set(results) == {(u, 1, n) for u in range(config.model.num_layers // 2) for n in ("w_in", "w_out")}
   assert np.asarray(stats["tokens_per_expert"]).sum(1).max() <= 8 * 32 * 2

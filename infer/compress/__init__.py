@@ -13,6 +13,9 @@ def compress_workdir(config, model, tokenizer, step: int, c, *, source_workdir: 
   from infer.compress import calibrate, pipeline, storage
 
   compress_config.validate(c)
+  if model.spec.num_experts:
+    raise ValueError(f"the model has {model.spec.num_experts}-expert MoE layers; compress it with QMoE "
+                     "(python -m scripts.case_study_qmoe, infer/compress/qmoe.py)")
   if model.spec.quant != "none":
     raise ValueError(f"the model is already int8-quantized (model.quant={model.spec.quant!r}); compress a float one")
   if samples is None and c.method in compress_config.HESSIAN_METHODS:

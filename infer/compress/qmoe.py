@@ -114,7 +114,9 @@ def _expert_hessians(block, xs, positions, visibility, token_cap: float, which: 
 
 def compress_model(model, samples: np.ndarray, *, mode: str = "ternary_gptq", bits: int = 2, damp: float = 0.1,
                    block_size: int = 128, batch_size: int = 8, token_cap: float = 4.0):
-  """Compresses every expert weight of an MoE `model` layer by layer. samples [n, L] int32 calibration windows.
+  """Compresses every expert weight of an MoE `model` layer by layer. samples [n, L] int32 calibration windows (run
+  in batches of batch_size; a last partial batch is left out). Experts that no calibration token reaches are
+  rounded to nearest (identity Hessian) rather than zeroed.
 
   Returns (params: the model's pure parameter dict with compressed experts, results: {(unit, layer, name):
   ExpertResult}, stats: {"seconds", "tokens_per_expert"})."""
@@ -138,6 +140,9 @@ def compress_model(model, samples: np.ndarray, *, mode: str = "ternary_gptq", bi
           h = None
           if needs_h:
             h, counts = _expert_hessians(block, xs, positions, visibility, token_cap, which)
+            # An expert no calibration token reached keeps its weights' information: identity Hessian = RTN.
+            eye = jnp.eye(h.shape[-1], dtype=h.dtype)
+            h = jnp.where((counts == 0)[:, None, None], eye, h)
             if which == "in":
               tokens_per_expert.append(np.asarray(counts))
           for name in names:

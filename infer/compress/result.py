@@ -22,7 +22,7 @@ class Compressed:
   codes: jax.Array | None = None
   scale: jax.Array | None = None
   zero: jax.Array | None = None
-  loss: float = float("nan")  # the method's own estimate of ||W X - W' X||^2 (OBS methods), nan otherwise
+  loss: float = float("nan")  # OBS estimate of ||W X - W' X||^2 per calibration token (H = 2/n X^T X), else nan
 
   @property
   def sparsity(self) -> float:
