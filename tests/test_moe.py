@@ -12,6 +12,7 @@ from model import flops, moe, sharding
 from model.transformer import ModelSpec, Transformer
 from train import optim
 from train import step as step_lib
+from test_sharding import batches  # the same random token batches as the dense sharding tests
 
 
 def _weights(seed, t=40, d=16, e=6, f=24, gated=False):
@@ -102,16 +103,6 @@ def test_moe_model_counts_trains_and_decodes(family):
   np.testing.assert_allclose(np.asarray(last[:, 0]), np.asarray(logits[:, 8]), atol=2e-5)
 
 
-def _batches(n, seed=0):
-  rng = np.random.default_rng(seed)
-  out = []
-  for _ in range(n):
-    tokens = rng.integers(0, 64, (8, 17)).astype(np.int32)
-    out.append({"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "segment_ids": np.ones((8, 16), np.int32),
-                "positions": np.tile(np.arange(16, dtype=np.int32), (8, 1)), "weights": np.ones((8, 16), np.float32)})
-  return out
-
-
 def _train(c, mesh_sizes, data):
   spec = ModelSpec.from_config(c.model)
   params = jax.eval_shape(lambda: step_lib.init_params(spec, 0))
@@ -134,7 +125,7 @@ def _train(c, mesh_sizes, data):
 
 def test_expert_parallel_training_equals_one_device():
   c = _tiny_moe()
-  data = _batches(4)
+  data = batches(4)
   one = {a: 1 for a in sharding.MESH_AXES}
   state1, losses1, metrics1, _ = _train(c, one, data)
   state8, losses8, metrics8, sh = _train(c, {**one, "data": 2, "expert": 4}, data)
@@ -152,7 +143,7 @@ def test_expert_parallel_training_equals_one_device():
 
 def test_capacity_factor_training_logs_dropped_tokens():
   c = _tiny_moe(capacity_factor=0.5)
-  _, losses, metrics, _ = _train(c, {a: 1 for a in sharding.MESH_AXES}, _batches(2))
+  _, losses, metrics, _ = _train(c, {a: 1 for a in sharding.MESH_AXES}, batches(2))
   assert np.isfinite(losses).all() and 0.0 < float(metrics[0]["moe_dropped"]) < 1.0
 
 
