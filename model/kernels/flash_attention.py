@@ -172,7 +172,8 @@ def _dq_kernel(*refs, sm_scale, causal, block_q, block_k, kv_len, padded_len, ha
 
 
 def _compiler_params(interpret: bool):
-  if interpret or jax.default_backend() != "gpu":
+  """Triton compiler params for compiled GPU kernels (also when lowering for CUDA from a CPU host via jax.export)."""
+  if interpret or jax.default_backend() == "tpu":
     return None
   from jax.experimental.pallas import triton as plgpu
 

@@ -6,9 +6,10 @@ codes [C] (all rows, row after row), offsets [N + 1] (row n is codes[offsets[n]:
 [D, max_len] (the symbol run of each codeword) and lengths [D].
 
 `ternary_matvec(x, ...)` computes x [M, K] @ W -> [M, N] float32 without materialising W: each program decodes one
-output row into a K-symbol buffer by table lookups, maps the symbols to {0, lo, hi} and reduces against x. The work
-per row is its codeword count, which is what the compression saves. Interpret mode on CPU; Triton on GPU is not
-yet verified (the per-row loop has a data-dependent trip count). `ternary_matvec_reference` decodes then multiplies.
+output row, one codeword at a time: it looks the codeword's symbol run up in the dictionary, maps it to {0, lo, hi}
+and reduces it against the slice of x that the run covers. The work per row is its codeword count, which is what
+the compression saves. Interpret mode on CPU, Triton on GPU (tiles padded to powers of two).
+`ternary_matvec_reference` decodes then multiplies.
 """
 
 from __future__ import annotations
@@ -20,22 +21,26 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
 
+from model.kernels.flash_attention import _compiler_params, _pad_axis
 
-def _kernel(row_ref, offsets_ref, codes_ref, entries_ref, lengths_ref, lo_ref, hi_ref, x_ref, o_ref, *, cols, max_len):
+
+def _kernel(row_ref, offsets_ref, codes_ref, entries_ref, lengths_ref, lo_ref, hi_ref, x_ref, o_ref, *, run_len):
   n = row_ref[0] + pl.program_id(0)
   start, end = offsets_ref[n], offsets_ref[n + 1]
+  lo, hi = lo_ref[n], hi_ref[n]
+  step = jax.lax.broadcasted_iota(jnp.int32, (1, run_len), 1)
 
   def body(c, carry):
-    buf, pos = carry
+    acc, pos = carry
     code = codes_ref[c]
-    run = entries_ref[pl.ds(code, 1), :][0]
-    buf = jax.lax.dynamic_update_slice(buf, run, (pos,))
-    return buf, pos + lengths_ref[code]
+    run = entries_ref[pl.ds(code, 1), :]  # [1, run_len] symbols of this codeword
+    length = lengths_ref[code]
+    w = jnp.where((run == 1) & (step < length), lo, jnp.where((run == 2) & (step < length), hi, 0.0))
+    xs = x_ref[:, pl.ds(pos, run_len)].astype(jnp.float32)  # [M, run_len] inputs this run covers
+    return acc + jnp.sum(xs * w, axis=1, keepdims=True), pos + length
 
-  buf, _ = jax.lax.fori_loop(start, end, body, (jnp.zeros((cols + max_len,), jnp.int32), jnp.int32(0)))
-  sym = buf[:cols]
-  w = jnp.where(sym == 1, lo_ref[n], jnp.where(sym == 2, hi_ref[n], 0.0)).astype(jnp.float32)
-  o_ref[...] = jnp.sum(x_ref[...].astype(jnp.float32) * w[None, :], axis=1, keepdims=True)
+  acc, _ = jax.lax.fori_loop(start, end, body, (jnp.zeros(o_ref.shape, jnp.float32), jnp.int32(0)))
+  o_ref[...] = acc
 
 
 def ternary_matvec(x: jax.Array, codes: jax.Array, offsets: jax.Array, entries: jax.Array, lengths: jax.Array,
@@ -50,18 +55,22 @@ def ternary_matvec(x: jax.Array, codes: jax.Array, offsets: jax.Array, entries: 
   n = total if rows is None else rows
   if offsets.shape != (total + 1,) or hi.shape != (total,):
     raise ValueError(f"offsets must be [{total + 1}] and lo/hi [{total}]; got {offsets.shape}, {lo.shape}, {hi.shape}")
-  max_len = entries.shape[1]
+  run_len = max(16, pl.next_power_of_2(entries.shape[1]))  # Triton tiles are powers of two
+  mp = pl.next_power_of_2(m)
+  entries_p = _pad_axis(entries.astype(jnp.int32), 1, run_len)
+  x_p = _pad_axis(_pad_axis(x, 0, mp), 1, k + run_len)  # a run may read past K: zeros there
   interpret = jax.default_backend() == "cpu" if interpret is None else interpret
   full = lambda shape: pl.BlockSpec(shape, lambda i: (0,) * len(shape))  # noqa: E731
-  kernel = functools.partial(_kernel, cols=k, max_len=max_len)
-  return pl.pallas_call(
-      kernel, grid=(n,),
-      in_specs=[full((1,)), full((total + 1,)), full(codes.shape), full(entries.shape), full(lengths.shape),
-                full((total,)), full((total,)), full((m, k))],
-      out_specs=pl.BlockSpec((m, 1), lambda i: (0, i)),
-      out_shape=jax.ShapeDtypeStruct((m, n), jnp.float32), interpret=interpret, name="ternary_matvec")(
+  out = pl.pallas_call(
+      functools.partial(_kernel, run_len=run_len), grid=(n,),
+      in_specs=[full((1,)), full((total + 1,)), full(codes.shape), full(entries_p.shape), full(lengths.shape),
+                full((total,)), full((total,)), full(x_p.shape)],
+      out_specs=pl.BlockSpec((mp, 1), lambda i: (0, i)),
+      out_shape=jax.ShapeDtypeStruct((mp, n), jnp.float32), interpret=interpret,
+      compiler_params=_compiler_params(interpret), name="ternary_matvec")(
           jnp.reshape(jnp.asarray(row_start, jnp.int32), (1,)), offsets.astype(jnp.int32), codes.astype(jnp.int32),
-          entries.astype(jnp.int32), lengths.astype(jnp.int32), lo.astype(jnp.float32), hi.astype(jnp.float32), x)
+          entries_p, lengths.astype(jnp.int32), lo.astype(jnp.float32), hi.astype(jnp.float32), x_p)
+  return out[:m]
 
 
 def ternary_matvec_reference(x, symbols: np.ndarray, lo, hi) -> jax.Array:
