@@ -1,9 +1,13 @@
 #!/usr/bin/env bash
-# One-shot accelerator check (about 8 minutes on one H100/H200): versions; the kernel, model and step tests compiled
-# for the GPU; the attention kernel benchmark; short GPT-2 124M training runs with xla vs pallas attention.
-# Usage on a GPU machine: bash scripts/gpu_check.sh [OUT_DIR]; wheels for missing packages may sit in .whl/.
+# One-shot accelerator check on one H100/H200 (about 7 minutes): versions; the kernel, model and quantization tests
+# compiled for the GPU; the kernel benchmark (attention TFLOP/s, int8 decode-matmul GB/s); short GPT-2 124M training
+# runs with xla, pallas and cudnn attention.
+# Usage on a GPU machine: bash scripts/gpu_check.sh [OUT_DIR] [SECTION ...]   (sections: tests bench train; default all)
+# Wheels for packages the machine lacks may sit in .whl/.
 set -uo pipefail
 OUT=${1:-${OUT:-/tmp/gpu_check}}
+shift || true
+SECTIONS=${*:-tests bench train}
 mkdir -p "$OUT"
 if compgen -G ".whl/*.whl" > /dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
@@ -12,26 +16,32 @@ fi
 export PYTHONUNBUFFERED=1
 python3 -c "import jax, flax; print('jax', jax.__version__, 'flax', flax.__version__, jax.devices())" \
   2>&1 | tee "$OUT/versions.txt"
-nvidia-smi --query-gpu=name,memory.total --format=csv >> "$OUT/versions.txt" 2>&1
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>&1 | tee -a "$OUT/versions.txt"
 
-# 1. Tests compiled for the GPU (kernels leave interpret mode off the CPU).
-JAX_PLATFORMS=cuda JAX_DEFAULT_MATMUL_PRECISION=highest timeout 200 python3 -m pytest -q -p no:cacheprovider \
-  tests/test_flash_attention.py tests/test_decode_attention.py tests/test_int8_matmul.py tests/test_quant.py \
-  tests/test_model.py 2>&1 | tail -30 | tee "$OUT/tests.txt"
+if [[ " $SECTIONS " == *" tests "* ]]; then
+  # Kernels leave interpret mode off the CPU, so these run the Triton-compiled kernels.
+  JAX_PLATFORMS=cuda JAX_DEFAULT_MATMUL_PRECISION=highest timeout 200 python3 -m pytest -q -p no:cacheprovider -x \
+    --durations=5 tests/test_flash_attention.py tests/test_decode_attention.py tests/test_int8_matmul.py \
+    tests/test_quant.py tests/test_model.py "tests/test_qmoe.py::test_fused_decode_matvec_equals_decode_then_matmul" \
+    2>&1 | tail -40 | tee "$OUT/tests.txt"
+fi
 
-# 2. Attention kernel benchmark (table + JSON).
-timeout 150 python3 -m scripts.bench_kernels --repeats=5 --out="$OUT/bench_kernels.json" 2>&1 | grep -v "^W\|^I" \
-  | tee "$OUT/bench_kernels.txt"
+if [[ " $SECTIONS " == *" bench "* ]]; then
+  timeout 170 python3 -m scripts.bench_kernels --repeats=5 --out="$OUT/bench_kernels.json" 2>&1 | grep -v "^W\|^I" \
+    | tee "$OUT/bench_kernels.txt"
+fi
 
-# 3. GPT-2 124M, bf16: the same short run with each attention implementation.
-for impl in xla pallas; do
-  timeout 80 python3 -m train --config=configs/gpt2_124m.py --workdir=/tmp/gpt2_$impl --config.train.steps=40 \
-    --config.train.warmup_steps=10 --config.train.eval_every=0 --config.train.eval_batches=2 \
-    --config.train.checkpoint_every=1000 --config.train.batch_size=32 --config.data.num_workers=8 \
-    --config.data.tokenizer_train_bytes=4000000 --config.sample.max_new_tokens=8 \
-    --config.model.attention_impl=$impl --config.train.progress_bar=False > "$OUT/gpt2_$impl.log" 2>&1
-  tail -1 /tmp/gpt2_$impl/metrics.jsonl 2>/dev/null | sed "s/^/$impl eval: /"
-  grep -v eval /tmp/gpt2_$impl/metrics.jsonl 2>/dev/null | tail -1 | sed "s/^/$impl last: /"
-  grep -E "Traceback|Error" -A3 "$OUT/gpt2_$impl.log" | head -20 || true
-done
+if [[ " $SECTIONS " == *" train "* ]]; then
+  # GPT-2 124M, bf16: the same short run with each attention implementation.
+  for impl in xla pallas cudnn; do
+    limit=70; [[ $impl == xla ]] && limit=150  # the first run also prepares the data
+    timeout $limit python3 -m train --config=configs/gpt2_124m.py --workdir=/tmp/gpt2_$impl --config.train.steps=30 \
+      --config.train.warmup_steps=10 --config.train.eval_every=0 --config.train.eval_batches=2 \
+      --config.train.checkpoint_every=1000 --config.train.batch_size=32 --config.data.num_workers=8 \
+      --config.data.tokenizer_train_bytes=4000000 --config.sample.max_new_tokens=8 \
+      --config.model.attention_impl=$impl --config.train.progress_bar=False > "$OUT/gpt2_$impl.log" 2>&1
+    grep -v eval /tmp/gpt2_$impl/metrics.jsonl 2>/dev/null | tail -1 | sed "s/^/$impl last: /"
+    grep -E "Traceback|Error" -A3 "$OUT/gpt2_$impl.log" | head -12 || true
+  done
+fi
 exit 0
