@@ -15,14 +15,18 @@ from model.transformer import ModelSpec, Transformer
 from train import checkpoint, optim, step as step_lib
 
 
-def load_trained(workdir: str, step: int | None = None, matmul_impl: str | None = None):
+def load_trained(workdir: str, step: int | None = None, matmul_impl: str | None = None,
+                 attention_impl: str | None = None):
   """Returns (config, model, tokenizer, step) for the latest (or given) checkpoint of `workdir`.
 
   `matmul_impl` overrides the run's model.matmul_impl (`pallas` on a QMoE workdir decodes the experts inside the
-  fused kernel during generation; the returned model is then unstacked and carries the coded weights)."""
+  fused kernel during generation; the returned model is then unstacked and carries the coded weights);
+  `attention_impl` overrides model.attention_impl."""
   config = checkpoint.load_config(workdir)
   if matmul_impl:
     config.model.matmul_impl = matmul_impl
+  if attention_impl:
+    config.model.attention_impl = attention_impl
   spec = ModelSpec.from_config(config.model)
   abstract_params = jax.eval_shape(lambda: step_lib.init_params(spec, 0))
   if storage.is_compressed(workdir):  # infer.compress output: packed codes are dequantized into the float model

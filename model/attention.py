@@ -20,6 +20,7 @@ import jax.numpy as jnp
 
 from model.kernels import decode_attention as decode
 from model.kernels import flash_attention as flash
+from model.kernels import paged_attention as paged
 
 NEG_INF = flash.NEG_INF
 
@@ -48,6 +49,45 @@ class Visibility:
     kv = self.kv_segment_ids[:, None, :]
     same = (self.q_segment_ids[:, :, None] == kv) & (kv != 0)
     return (causal & same)[:, None]
+
+
+@dataclasses.dataclass(frozen=True)
+class PagedVisibility:
+  """Who sees whom in a paged KV cache (`infer/engine.py`), one sequence per row, slot = position in the sequence.
+
+  q_segment_ids [B, L] int32: 1 for a real token, 0 for padding (not written; sees nothing). q_slots [B, L] int32:
+  the slot each token is written to. page_table [B, M] int32: each row's pages in order (page 0 is the engine's
+  scratch page, where padding writes land). lengths [B] int32: each row's live slots once this step is written."""
+
+  q_segment_ids: jax.Array
+  q_slots: jax.Array
+  page_table: jax.Array
+  lengths: jax.Array
+
+
+def write_pages(pages: jax.Array, new: jax.Array, visibility: PagedVisibility) -> jax.Array:
+  """Scatters this step's keys or values into their pages. pages [N, P, K, D], new [B, L, K, D] -> pages."""
+  page_size = pages.shape[1]
+  slots = visibility.q_slots
+  page = jnp.take_along_axis(visibility.page_table, slots // page_size, axis=1, mode="clip")
+  page = jnp.where(visibility.q_segment_ids > 0, page, 0)
+  return pages.at[page, slots % page_size].set(new.astype(pages.dtype))
+
+
+def attend_paged(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, visibility: PagedVisibility, *,
+                 impl: str = "xla", sm_scale: float | None = None) -> jax.Array:
+  """q [B, L, H, D] against paged k/v [N, P, K, D] -> [B, L, H, D]. `pallas` runs the paged decode kernel for
+  one-token steps; everything else gathers each row's pages and runs the `xla` reference."""
+  scale = sm_scale if sm_scale is not None else q.shape[-1] ** -0.5
+  live = visibility.q_segment_ids
+  if impl == "pallas" and q.shape[1] == 1:
+    lengths = jnp.where(live[:, 0] > 0, visibility.lengths, 0)
+    return paged.paged_decode_attention(q[:, 0], k_pages, v_pages, visibility.page_table, lengths,
+                                        sm_scale=scale)[:, None]
+  k = paged.gather_pages(k_pages, visibility.page_table).astype(q.dtype)
+  v = paged.gather_pages(v_pages, visibility.page_table).astype(q.dtype)
+  kv_live = (jnp.arange(k.shape[1], dtype=jnp.int32)[None, :] < visibility.lengths[:, None]).astype(jnp.int32)
+  return xla_attention(q, k, v, Visibility(live, kv_live, visibility.q_slots), scale)
 
 
 def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, visibility: Visibility, sm_scale: float) -> jax.Array:

@@ -199,6 +199,10 @@ class Attention(nnx.Module):
     if spec.family == "llama":
       q, k = rope(q, positions, spec.rope_theta), rope(k, positions, spec.rope_theta)
     q = constrain(q, ("batch", "length", "heads", "head_dim"))
+    if isinstance(visibility, attention_lib.PagedVisibility):  # kv_cache is this layer's (k_pages, v_pages)
+      kv_cache = tuple(attention_lib.write_pages(pages, new, visibility) for pages, new in zip(kv_cache, (k, v)))
+      out = attention_lib.attend_paged(q, *kv_cache, visibility, impl=spec.attention_impl)
+      return checkpoint_name(out, "attention_out"), kv_cache
     if kv_cache is not None:
       k_cache, v_cache = kv_cache
       start = (0, q_slots_start, 0, 0)
@@ -383,6 +387,24 @@ class Transformer(nnx.Module):
     visibility = attention_lib.Visibility(live(segment_ids), live(kv_segments), q_slots)
     logits, (k, v), _ = self._forward(inputs, positions, visibility, start, (cache["k"], cache["v"]))
     return logits, {"k": k, "v": v, "segment_ids": kv_segments, "index": start + l}
+
+  def init_pages(self, num_pages: int, page_size: int, dtype=None) -> Cache:
+    """An empty paged KV pool: k/v [layers, num_pages, page_size, kv_heads, head_dim] in `dtype`."""
+    s = self.spec
+    shape = (s.num_layers, num_pages, page_size, s.num_kv_heads, s.head_dim)
+    return {"k": jnp.zeros(shape, dtype or s.compute_dtype), "v": jnp.zeros(shape, dtype or s.compute_dtype)}
+
+  def extend_paged(self, inputs: jax.Array, live: jax.Array, positions: jax.Array, page_table: jax.Array,
+                   lengths: jax.Array, pages: Cache) -> tuple[jax.Array, Cache]:
+    """Appends L tokens per row to a paged KV pool (`infer/engine.py`): prefill chunks and decode steps alike.
+
+    inputs/live/positions [B, L] int32 (live 0 marks padding; a token's position is also its slot); page_table
+    [B, M] int32; lengths [B] int32 live slots after the write; pages from `init_pages`. Returns (logits [B, L,
+    vocab] float32, updated pages)."""
+    visibility = attention_lib.PagedVisibility(live.astype(jnp.int32), positions.astype(jnp.int32),
+                                               page_table.astype(jnp.int32), lengths.astype(jnp.int32))
+    logits, (k, v), _ = self._forward(inputs, positions, visibility, None, (pages["k"], pages["v"]))
+    return logits, {"k": k, "v": v}
 
   # -- internals --------------------------------------------------------------------------------------------------
 

@@ -1,0 +1,246 @@
+"""Serving engine: a fixed set of decode slots over a paged KV cache, with jitted static-shape steps.
+
+The JetStream-style cycle, driven by `infer/scheduler.py`:
+  * `insert(prompt, params)` takes a free slot and reserves the pages the request can ever need
+    (ceil((prompt + max_tokens) / page_size)); it returns None when no slot or not enough free pages are left.
+  * `prefill(slot)` runs the next chunk of the slot's prompt (at most `prefill_chunk` tokens, padded to a power-of-two
+    bucket so that only a few shapes compile) and writes its keys and values into the slot's pages. After the last
+    chunk it samples the first new token and the slot starts decoding; earlier chunks return None. Chunking keeps a
+    long prompt from stalling the running decodes for a whole prefill.
+  * `generate()` runs one decode step for every decoding slot at once (one jitted call over all slots; idle slots
+    write to the scratch page 0 and are ignored) and returns {slot: token}.
+  * `release(slot)` returns the slot's pages to the free list (on completion or cancellation).
+
+Pages are `page_size` slots of every layer's keys and values: k/v [layers, num_pages, page_size, kv_heads,
+head_dim]. Page 0 is scratch and never handed out. Attention reads pages through the slot's page table: the Pallas
+paged decode kernel (`model.attention_impl=pallas`) or a gather plus the jnp reference (`xla`).
+
+Sampling runs on device with per-request settings (temperature, top-k, top-p, seed); a request's key for its i-th
+new token is fold_in(key(seed), i), so a seeded request samples the same tokens whatever else is running.
+Greedy decoding (temperature 0) gives the same tokens as `infer.generate.generate` on the prompt alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+  """Per-request decoding settings. temperature 0 is greedy; top_k 0 and top_p 1 are off; generation ends at
+  max_tokens new tokens, at any of stop_tokens (included in the output) or when the text reaches one of
+  stop_strings (the text is cut before it)."""
+
+  max_tokens: int = 16
+  temperature: float = 0.0
+  top_k: int = 0
+  top_p: float = 1.0
+  seed: int = 0
+  stop_tokens: tuple[int, ...] = ()
+  stop_strings: tuple[str, ...] = ()
+
+  def validate(self) -> "SamplingParams":
+    if self.max_tokens < 1:
+      raise ValueError(f"max_tokens={self.max_tokens} must be >= 1")
+    if self.temperature < 0:
+      raise ValueError(f"temperature={self.temperature} must be >= 0")
+    if self.top_k < 0:
+      raise ValueError(f"top_k={self.top_k} must be >= 0 (0 disables)")
+    if not 0.0 < self.top_p <= 1.0:
+      raise ValueError(f"top_p={self.top_p} must be in (0, 1]")
+    if not 0 <= self.seed < 2**31:
+      raise ValueError(f"seed={self.seed} must be in [0, 2**31)")
+    return self
+
+
+def sample_rows(logits: jax.Array, seeds: jax.Array, counters: jax.Array, temperature: jax.Array, top_k: jax.Array,
+                top_p: jax.Array) -> jax.Array:
+  """One token per row with per-row settings. logits [B, V] float; seeds, counters, top_k [B] int32; temperature,
+  top_p [B] float32. Same rules as `generate.sample_logits` (top-k, then the nucleus of what is left; greedy at
+  temperature 0); row b's key is fold_in(key(seeds[b]), counters[b]). Returns [B] int32."""
+  logits = logits.astype(jnp.float32)
+  greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+  def sampled(_):
+    vocab = logits.shape[-1]
+    scaled = logits / jnp.maximum(temperature, 1e-6)[:, None]
+    ordered = -jnp.sort(-scaled, axis=-1)  # descending
+    rank = jnp.arange(vocab, dtype=jnp.int32)[None, :]
+    in_top_k = (top_k[:, None] == 0) | (rank < top_k[:, None])
+    ordered = jnp.where(in_top_k, ordered, -jnp.inf)
+    probs = jax.nn.softmax(ordered, axis=-1)
+    mass_before = jnp.cumsum(probs, axis=-1) - probs
+    keep = jnp.sum((mass_before < top_p[:, None]) & in_top_k, axis=-1, keepdims=True)  # >= 1
+    threshold = jnp.take_along_axis(ordered, keep - 1, axis=-1)  # smallest kept logit
+    masked = jnp.where(scaled < threshold, -jnp.inf, scaled)
+    keys = jax.vmap(lambda s, c: jax.random.fold_in(jax.random.key(s), c))(seeds, counters)
+    drawn = jax.vmap(lambda k, row: jax.random.categorical(k, row))(keys, masked).astype(jnp.int32)
+    return jnp.where(temperature > 0, drawn, greedy)
+
+  return jax.lax.cond(jnp.any(temperature > 0), sampled, lambda _: greedy, None)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("pages",))
+def _step(graphdef, state, pages, tokens, live, positions, page_table, lengths, last_index, seeds, counters,
+          temperature, top_k, top_p):
+  """One paged extend + sampling at each row's `last_index`. tokens/live/positions [B, L]; returns ([B], pages)."""
+  model = nnx.merge(graphdef, state)
+  logits, pages = model.extend_paged(tokens, live, positions, page_table, lengths, pages)
+  last = jnp.take_along_axis(logits, last_index[:, None, None], axis=1)[:, 0]
+  return sample_rows(last, seeds, counters, temperature, top_k, top_p), pages
+
+
+@dataclasses.dataclass
+class _Slot:
+  prompt: list[int]
+  params: SamplingParams
+  pages: list[int]
+  prefilled: int = 0  # prompt tokens already written
+  generated: int = 0  # new tokens sampled so far
+  last_token: int = -1
+
+
+class Engine:
+  """Continuous-batching engine over a paged KV cache (see the module docstring).
+
+  model: a `Transformer` (float or int8 weights). slots: concurrent sequences. page_size: slots per page (a power
+  of two >= 16). num_pages: pages in the pool including the scratch page (default: enough for every slot at the
+  model's max_len). prefill_chunk: the most prompt tokens per prefill call (default max_len: no chunking).
+  """
+
+  def __init__(self, model, *, slots: int = 8, page_size: int = 16, num_pages: int | None = None,
+               prefill_chunk: int | None = None):
+    spec = model.spec
+    self.max_len = spec.max_len
+    if slots < 1:
+      raise ValueError(f"slots={slots} must be >= 1")
+    if page_size < 16 or page_size & (page_size - 1):
+      raise ValueError(f"page_size={page_size} must be a power of two >= 16")
+    self.slots, self.page_size = slots, page_size
+    self.max_pages = math.ceil(self.max_len / page_size)
+    self.num_pages = num_pages or slots * self.max_pages + 1
+    if self.num_pages < 2:
+      raise ValueError(f"num_pages={self.num_pages} must be >= 2 (page 0 is scratch)")
+    self.prefill_chunk = prefill_chunk or self.max_len
+    if not 1 <= self.prefill_chunk <= self.max_len:
+      raise ValueError(f"prefill_chunk={self.prefill_chunk} must be in [1, max_len={self.max_len}]")
+    self._graphdef, self._state = nnx.split(model.unstacked())
+    self._pages = model.init_pages(self.num_pages, page_size)
+    self._free_pages = list(range(self.num_pages - 1, 0, -1))  # a stack; page 0 is scratch
+    self._table = np.zeros((slots, self.max_pages), np.int32)
+    self._active: dict[int, _Slot] = {}
+
+  # -- capacity ---------------------------------------------------------------------------------------------------
+
+  @property
+  def free_pages(self) -> int:
+    return len(self._free_pages)
+
+  @property
+  def active_slots(self) -> int:
+    return len(self._active)
+
+  def pages_needed(self, prompt_len: int, max_tokens: int) -> int:
+    return math.ceil((prompt_len + max_tokens) / self.page_size)
+
+  def check_fits(self, prompt: Sequence[int], params: SamplingParams) -> None:
+    """ValueError unless the request could ever run here (context length and pool size)."""
+    if not prompt:
+      raise ValueError("the prompt must have at least one token")
+    if len(prompt) + params.max_tokens > self.max_len:
+      raise ValueError(f"prompt ({len(prompt)} tokens) + max_tokens ({params.max_tokens}) = "
+                       f"{len(prompt) + params.max_tokens} exceeds the model's context of {self.max_len} tokens")
+    if self.pages_needed(len(prompt), params.max_tokens) > self.num_pages - 1:
+      raise ValueError(f"the request needs {self.pages_needed(len(prompt), params.max_tokens)} pages but the pool "
+                       f"has {self.num_pages - 1}")
+
+  def can_insert(self, prompt_len: int, max_tokens: int) -> bool:
+    return len(self._active) < self.slots and self.pages_needed(prompt_len, max_tokens) <= len(self._free_pages)
+
+  # -- the cycle --------------------------------------------------------------------------------------------------
+
+  def insert(self, prompt: Sequence[int], params: SamplingParams) -> int | None:
+    """Reserves a free slot and the request's pages. Returns the slot, or None when they are not free now."""
+    params.validate()
+    self.check_fits(prompt, params)
+    if not self.can_insert(len(prompt), params.max_tokens):
+      return None
+    slot = next(s for s in range(self.slots) if s not in self._active)
+    pages = [self._free_pages.pop() for _ in range(self.pages_needed(len(prompt), params.max_tokens))]
+    self._table[slot] = 0
+    self._table[slot, :len(pages)] = pages
+    self._active[slot] = _Slot(list(prompt), params, pages)
+    return slot
+
+  def is_prefilling(self, slot: int) -> bool:
+    s = self._active[slot]
+    return s.prefilled < len(s.prompt)
+
+  def prefill(self, slot: int) -> int | None:
+    """Writes the slot's next prompt chunk. Returns the first new token after the last chunk, else None."""
+    s = self._active[slot]
+    n = min(self.prefill_chunk, len(s.prompt) - s.prefilled)
+    bucket = min(max(16, 1 << (n - 1).bit_length()), self.prefill_chunk if self.prefill_chunk >= 16 else 16)
+    bucket = max(bucket, n)
+    tokens = np.zeros((1, bucket), np.int32)
+    live = np.zeros((1, bucket), np.int32)
+    positions = np.zeros((1, bucket), np.int32)
+    tokens[0, :n] = s.prompt[s.prefilled:s.prefilled + n]
+    live[0, :n] = 1
+    positions[0, :n] = np.arange(s.prefilled, s.prefilled + n)
+    s.prefilled += n
+    token = self._run(tokens, live, positions, self._table[slot:slot + 1], np.array([s.prefilled], np.int32),
+                      np.array([n - 1], np.int32), [s])[0]
+    if s.prefilled < len(s.prompt):
+      return None
+    s.last_token, s.generated = int(token), 1
+    return int(token)
+
+  def generate(self) -> dict[int, int]:
+    """One decode step for every slot whose prompt is fully prefilled. Returns {slot: new token}."""
+    decoding = [slot for slot, s in self._active.items() if s.prefilled == len(s.prompt)]
+    if not decoding:
+      return {}
+    tokens = np.zeros((self.slots, 1), np.int32)
+    live = np.zeros((self.slots, 1), np.int32)
+    positions = np.zeros((self.slots, 1), np.int32)
+    lengths = np.zeros((self.slots,), np.int32)
+    rows: list[_Slot | None] = [None] * self.slots
+    for slot in decoding:
+      s = self._active[slot]
+      position = len(s.prompt) + s.generated - 1  # the last sampled token goes to the next free slot
+      tokens[slot, 0], live[slot, 0], positions[slot, 0], lengths[slot] = s.last_token, 1, position, position + 1
+      rows[slot] = s
+    table = np.where(live > 0, self._table, 0)
+    out = self._run(tokens, live, positions, table, lengths, np.zeros((self.slots,), np.int32), rows)
+    result = {}
+    for slot in decoding:
+      s = self._active[slot]
+      s.last_token, s.generated = int(out[slot]), s.generated + 1
+      result[slot] = s.last_token
+    return result
+
+  def release(self, slot: int) -> None:
+    """Frees the slot and returns its pages (finished or cancelled request)."""
+    s = self._active.pop(slot)
+    self._free_pages.extend(reversed(s.pages))
+    self._table[slot] = 0
+
+  # -- internals --------------------------------------------------------------------------------------------------
+
+  def _run(self, tokens, live, positions, table, lengths, last_index, rows: Sequence[_Slot | None]) -> np.ndarray:
+    params = [r.params if r is not None else SamplingParams() for r in rows]
+    counters = np.array([r.generated if r is not None else 0 for r in rows], np.int32)
+    out, self._pages = _step(
+        self._graphdef, self._state, self._pages, tokens, live, positions, table, lengths, last_index,
+        np.array([p.seed for p in params], np.int32), counters, np.array([p.temperature for p in params], np.float32),
+        np.array([p.top_k for p in params], np.int32), np.array([p.top_p for p in params], np.float32))
+    return np.asarray(jax.device_get(out))

@@ -1,0 +1,98 @@
+"""Serve a trained (or quantized) workdir over HTTP with continuous batching: `python -m infer.serve --workdir=DIR`.
+
+  python -m infer.serve --workdir=runs/default [--port=8000] [--slots=8] [--page_size=16] [--num_pages=0]
+      [--prefill_chunk=0] [--max_queue=64] [--mode=continuous|static] [--attention_impl=xla|pallas]
+
+SIGTERM (or Ctrl-C) drains: new requests get 503 while those in flight finish, then the process exits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+
+from aiohttp import web
+
+from infer.engine import Engine
+from infer.scheduler import Scheduler
+from infer.server import Metrics, Server
+
+
+def build(workdir: str, *, slots: int = 8, page_size: int = 16, num_pages: int = 0, prefill_chunk: int = 0,
+          max_queue: int = 64, mode: str = "continuous", attention_impl: str | None = None,
+          matmul_impl: str | None = None, step: int | None = None) -> Server:
+  """Loads `workdir` and wires engine, scheduler (started), metrics and server together."""
+  from infer import loading
+  from train.tokenizer import decode
+
+  _, model, tokenizer, _ = loading.load_trained(workdir, step, matmul_impl, attention_impl)
+  engine = Engine(model, slots=slots, page_size=page_size, num_pages=num_pages or None,
+                  prefill_chunk=prefill_chunk or None)
+  holder = {}
+  scheduler = Scheduler(engine, lambda ids: decode(tokenizer, ids), mode=mode, max_queue=max_queue,
+                        on_finish=lambda r: holder["metrics"].on_finish(r))
+  holder["metrics"] = metrics = Metrics(scheduler)
+  scheduler.start()
+  return Server(scheduler, tokenizer, os.path.basename(os.path.normpath(workdir)), metrics)
+
+
+async def _serve(server: Server, host: str, port: int, drain_timeout: float) -> None:
+  runner = web.AppRunner(server.app(), handler_cancellation=True)
+  await runner.setup()
+  await web.TCPSite(runner, host, port, backlog=1024).start()
+  print(f"serving {server.model_id} on http://{host}:{port} (POST /v1/completions, GET /v1/models, /health, "
+        "/metrics)", flush=True)
+  stop = asyncio.Event()
+  loop = asyncio.get_running_loop()
+  for sig in (signal.SIGTERM, signal.SIGINT):
+    loop.add_signal_handler(sig, stop.set)
+  await stop.wait()
+  server.draining = True
+  print("draining: new requests get 503 while those in flight finish", flush=True)
+  drained = await loop.run_in_executor(None, server.scheduler.drain, drain_timeout)
+  await runner.cleanup()
+  server.scheduler.stop()
+  print("drained" if drained else f"drain timed out after {drain_timeout}s", flush=True)
+
+
+def main(argv):
+  from absl import flags
+
+  if len(argv) > 1:
+    sys.exit(f"error: unexpected arguments {argv[1:]}")
+  f = flags.FLAGS
+  try:
+    server = build(f.workdir, slots=f.slots, page_size=f.page_size, num_pages=f.num_pages,
+                   prefill_chunk=f.prefill_chunk, max_queue=f.max_queue, mode=f.mode, attention_impl=f.attention_impl,
+                   matmul_impl=f.matmul_impl, step=f.step)
+  except (FileNotFoundError, ValueError) as e:
+    sys.exit(f"error: cannot serve --workdir={f.workdir}: {e}")
+  asyncio.run(_serve(server, f.host, f.port, f.drain_timeout))
+
+
+def _define_flags():
+  from absl import flags
+
+  flags.DEFINE_string("workdir", None, "Training run directory (float, quantized or compressed).")
+  flags.DEFINE_string("host", "127.0.0.1", "Interface to listen on.")
+  flags.DEFINE_integer("port", 8000, "Port to listen on.")
+  flags.DEFINE_integer("slots", 8, "Concurrent sequences (the decode batch).")
+  flags.DEFINE_integer("page_size", 16, "KV-cache slots per page (a power of two >= 16).")
+  flags.DEFINE_integer("num_pages", 0, "KV pages in the pool (0: enough for every slot at full context).")
+  flags.DEFINE_integer("prefill_chunk", 0, "Most prompt tokens per prefill call (0: whole prompts).")
+  flags.DEFINE_integer("max_queue", 64, "Waiting requests beyond which the server answers 429.")
+  flags.DEFINE_enum("mode", "continuous", ["continuous", "static"], "Batching mode.")
+  flags.DEFINE_enum("attention_impl", None, ["xla", "pallas"], "Override model.attention_impl.")
+  flags.DEFINE_enum("matmul_impl", None, ["xla", "pallas"], "Override model.matmul_impl.")
+  flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
+  flags.DEFINE_float("drain_timeout", 300.0, "Seconds to wait for requests in flight on SIGTERM.")
+  flags.mark_flag_as_required("workdir")
+
+
+if __name__ == "__main__":
+  from absl import app
+
+  _define_flags()
+  app.run(main)

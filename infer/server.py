@@ -1,0 +1,311 @@
+"""OpenAI-compatible HTTP server (aiohttp) over a `Scheduler`: completions, streaming, models, health and metrics.
+
+Routes:
+  * `POST /v1/completions`: prompt (string, list of strings, token ids or list of token-id lists), max_tokens,
+    temperature, top_p, top_k (an extension, as in vLLM), n, stop (string or up to 4 strings), seed, stream (server-sent
+    events ending in `data: [DONE]`), stream_options.include_usage; `usage` counts tokens. String prompts start with
+    `<|endoftext|>` as training documents do, and every completion stops at it.
+  * `GET /v1/models`, `GET /health` (503 while draining), `GET /metrics` (Prometheus text: queue length, active
+    slots, free pages, tokens/s, time-to-first-token and time-per-output-token histograms).
+Bad requests get 400 with an OpenAI-style error body (`{"error": {"message", "type", "param", "code"}}`); a full
+queue gets 429 and a draining server 503. A client that disconnects has its requests cancelled and their pages
+freed. `BackgroundServer` runs the app on a loopback port in a thread (tests, benchmarks).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import json
+import threading
+import time
+import uuid
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from infer.engine import SamplingParams
+from infer.scheduler import Draining, Event, QueueFull, Request, Scheduler
+
+MAX_N = 16
+MAX_STOP = 4
+# Accepted OpenAI fields that only have their neutral value here (anything else gets a 400 naming the field).
+NEUTRAL = {"frequency_penalty": (0, 0.0, None), "presence_penalty": (0, 0.0, None), "logprobs": (None,),
+           "echo": (False, None), "suffix": (None,), "logit_bias": (None,), "best_of": (None, 1)}
+KNOWN = {"model", "prompt", "max_tokens", "temperature", "top_p", "top_k", "n", "stop", "stream", "stream_options",
+         "seed", "user", *NEUTRAL}
+
+
+class BadRequest(Exception):
+  def __init__(self, message: str, param: str | None = None, code: str | None = None, status: int = 400):
+    super().__init__(message)
+    self.param, self.code, self.status = param, code, status
+
+
+def error_response(status: int, message: str, *, type_: str = "invalid_request_error", param=None, code=None):
+  body = {"error": {"message": message, "type": type_, "param": param, "code": code}}
+  return web.json_response(body, status=status)
+
+
+def _int(body, name, default, lo, hi):
+  value = body.get(name, default)
+  if value is None:
+    value = default
+  if isinstance(value, bool) or not isinstance(value, int):
+    raise BadRequest(f"'{name}' must be an integer; got {value!r}", name)
+  if not lo <= value <= hi:
+    raise BadRequest(f"'{name}'={value} must be between {lo} and {hi}", name)
+  return value
+
+
+def _float(body, name, default, lo, hi, *, lo_open=False):
+  value = body.get(name, default)
+  if value is None:
+    value = default
+  if isinstance(value, bool) or not isinstance(value, (int, float)):
+    raise BadRequest(f"'{name}' must be a number; got {value!r}", name)
+  if not (lo < value if lo_open else lo <= value) or value > hi:
+    raise BadRequest(f"'{name}'={value} must be in {'(' if lo_open else '['}{lo}, {hi}]", name)
+  return float(value)
+
+
+class Metrics:
+  """Prometheus metrics in a registry of their own (no process-global state)."""
+
+  def __init__(self, scheduler: Scheduler):
+    self.registry = r = CollectorRegistry()
+    engine = scheduler.engine
+    Gauge("peakllm_queue_length", "Requests waiting for a slot.", registry=r).set_function(
+        lambda: scheduler.queue_length)
+    Gauge("peakllm_active_slots", "Slots running a request.", registry=r).set_function(lambda: engine.active_slots)
+    Gauge("peakllm_free_pages", "Free KV-cache pages.", registry=r).set_function(lambda: engine.free_pages)
+    self._window: collections.deque[tuple[float, int]] = collections.deque()
+    Gauge("peakllm_tokens_per_second", "Output tokens per second over the last 10 s.", registry=r).set_function(
+        lambda: self._rate(scheduler.generated_tokens))
+    self.tokens = Counter("peakllm_generated_tokens", "Output tokens generated.", registry=r)
+    self.requests = Counter("peakllm_requests", "Finished requests by finish reason.", ["finish_reason"], registry=r)
+    self.rejected = Counter("peakllm_rejected_requests", "Requests refused by status code.", ["status"], registry=r)
+    buckets = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+    self.ttft = Histogram("peakllm_time_to_first_token_seconds", "Arrival to first token.", buckets=buckets,
+                          registry=r)
+    self.tpot = Histogram("peakllm_time_per_output_token_seconds", "Mean gap between output tokens after the first.",
+                          buckets=buckets, registry=r)
+
+  def _rate(self, total: int) -> float:
+    now = time.monotonic()
+    self._window.append((now, total))
+    while len(self._window) > 1 and now - self._window[0][0] > 10:
+      self._window.popleft()
+    t0, n0 = self._window[0]
+    return (total - n0) / (now - t0) if now > t0 else 0.0
+
+  def on_finish(self, request: Request) -> None:
+    self.requests.labels(request.finish_reason).inc()
+    self.tokens.inc(len(request.output_ids))
+    if request.ttft is not None:
+      self.ttft.observe(request.ttft)
+    if request.tpot is not None:
+      self.tpot.observe(request.tpot)
+
+
+class Server:
+  """The aiohttp application over a scheduler. tokenizer: a `tokenizers.Tokenizer` with `<|endoftext|>`."""
+
+  def __init__(self, scheduler: Scheduler, tokenizer, model_id: str, metrics: Metrics):
+    from train.tokenizer import eot_id
+
+    self.scheduler, self.tokenizer, self.model_id, self.metrics = scheduler, tokenizer, model_id, metrics
+    self.eot = eot_id(tokenizer)
+    self.vocab = tokenizer.get_vocab_size()
+    self.created = int(time.time())
+    self.draining = False
+
+  def app(self) -> web.Application:
+    app = web.Application(client_max_size=4 * 2**20)
+    app.add_routes([web.post("/v1/completions", self.completions), web.get("/v1/models", self.models),
+                    web.get("/health", self.health), web.get("/metrics", self.metrics_text)])
+    return app
+
+  # -- simple routes ----------------------------------------------------------------------------------------------
+
+  async def models(self, request):
+    return web.json_response({"object": "list", "data": [
+        {"id": self.model_id, "object": "model", "created": self.created, "owned_by": "peakllm"}]})
+
+  async def health(self, request):
+    if self.draining:
+      return web.json_response({"status": "draining"}, status=503)
+    return web.json_response({"status": "ok"})
+
+  async def metrics_text(self, request):
+    return web.Response(body=generate_latest(self.metrics.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+  # -- completions ------------------------------------------------------------------------------------------------
+
+  def _prompts(self, prompt) -> list[list[int]]:
+    from train.tokenizer import encode
+
+    def ids(p):
+      if isinstance(p, str):
+        return [self.eot] + encode(self.tokenizer, p)
+      if isinstance(p, list) and p and all(isinstance(t, int) and not isinstance(t, bool) for t in p):
+        bad = [t for t in p if not 0 <= t < self.vocab]
+        if bad:
+          raise BadRequest(f"token ids {bad[:5]} are outside the vocabulary [0, {self.vocab})", "prompt")
+        return list(p)
+      raise BadRequest("'prompt' must be a string, a list of strings, a non-empty list of token ids or a list of "
+                       "such lists", "prompt")
+
+    if isinstance(prompt, list) and prompt and all(isinstance(p, (str, list)) for p in prompt):
+      return [ids(p) for p in prompt]
+    return [ids(prompt)]
+
+  def parse(self, body) -> tuple[list[list[int]], SamplingParams, int, bool, bool]:
+    """Validated (prompts, params, n, stream, include_usage) of a completions body, or BadRequest."""
+    if not isinstance(body, dict):
+      raise BadRequest("the request body must be a JSON object")
+    unknown = sorted(set(body) - KNOWN)
+    if unknown:
+      raise BadRequest(f"Unrecognized request argument supplied: {', '.join(unknown)}", unknown[0])
+    for name, allowed in NEUTRAL.items():
+      if name in body and body[name] not in allowed and not (name == "logit_bias" and body[name] == {}):
+        raise BadRequest(f"'{name}'={body[name]!r} is not supported by this server (allowed: {allowed})", name)
+    model = body.get("model", self.model_id)
+    if model != self.model_id:
+      raise BadRequest(f"The model '{model}' does not exist; this server serves '{self.model_id}'", "model",
+                       "model_not_found", status=404)
+    if "prompt" not in body:
+      raise BadRequest("'prompt' is required", "prompt")
+    prompts = self._prompts(body["prompt"])
+    n = _int(body, "n", 1, 1, MAX_N)
+    if body.get("best_of") not in (None, 1, n):
+      raise BadRequest("'best_of' must equal n", "best_of")
+    stop = body.get("stop")
+    if isinstance(stop, str):
+      stop = [stop]
+    if stop is None:
+      stop = []
+    if not isinstance(stop, list) or len(stop) > MAX_STOP or not all(isinstance(s, str) and s for s in stop):
+      raise BadRequest(f"'stop' must be a non-empty string or a list of at most {MAX_STOP} of them", "stop")
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool):
+      raise BadRequest(f"'stream' must be a boolean; got {stream!r}", "stream")
+    options = body.get("stream_options") or {}
+    if not isinstance(options, dict) or set(options) - {"include_usage"}:
+      raise BadRequest("'stream_options' may only hold 'include_usage'", "stream_options")
+    params = SamplingParams(
+        max_tokens=_int(body, "max_tokens", 16, 1, self.scheduler.engine.max_len),
+        temperature=_float(body, "temperature", 1.0, 0.0, 2.0), top_p=_float(body, "top_p", 1.0, 0.0, 1.0,
+                                                                              lo_open=True),
+        top_k=_int(body, "top_k", 0, 0, self.vocab), seed=_int(body, "seed", 0, 0, 2**31 - 1),
+        stop_tokens=(self.eot,), stop_strings=tuple(stop))
+    for p in prompts:
+      try:
+        self.scheduler.engine.check_fits(p, params)
+      except ValueError as e:
+        raise BadRequest(str(e), "prompt", "context_length_exceeded") from None
+    return prompts, params, n, stream, bool(options.get("include_usage", False))
+
+  def _submit_all(self, prompts, params, n, loop) -> tuple[list[Request], list[asyncio.Queue]]:
+    requests, queues = [], []
+    try:
+      for p in prompts:
+        for j in range(n):
+          queue: asyncio.Queue[Event] = asyncio.Queue()
+          forward = lambda event, q=queue: loop.call_soon_threadsafe(q.put_nowait, event)  # noqa: E731
+          seeded = SamplingParams(**{**params.__dict__, "seed": (params.seed + j) % 2**31})
+          requests.append(self.scheduler.submit(p, seeded, forward))
+          queues.append(queue)
+    except (QueueFull, Draining):
+      for r in requests:
+        r.cancel()
+      raise
+    return requests, queues
+
+  async def completions(self, request: web.Request):
+    if self.draining:
+      self.metrics.rejected.labels("503").inc()
+      return error_response(503, "The server is shutting down", type_="server_error", code="draining")
+    try:
+      body = await request.json()
+    except (json.JSONDecodeError, UnicodeDecodeError):
+      return error_response(400, "The request body is not valid JSON")
+    try:
+      prompts, params, n, stream, include_usage = self.parse(body)
+    except BadRequest as e:
+      return error_response(e.status, str(e), param=e.param, code=e.code)
+    loop = asyncio.get_running_loop()
+    try:
+      requests, queues = self._submit_all(prompts, params, n, loop)
+    except QueueFull as e:
+      self.metrics.rejected.labels("429").inc()
+      return error_response(429, f"The server is at capacity: {e}; retry later", type_="rate_limit_exceeded")
+    except Draining:
+      self.metrics.rejected.labels("503").inc()
+      return error_response(503, "The server is shutting down", type_="server_error", code="draining")
+    head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
+            "model": self.model_id}
+    usage = lambda: {"prompt_tokens": sum(len(r.prompt) for r in requests),  # noqa: E731
+                     "completion_tokens": sum(len(r.output_ids) for r in requests),
+                     "total_tokens": sum(len(r.prompt) + len(r.output_ids) for r in requests)}
+    try:
+      if not stream:
+        for queue in queues:
+          while (await queue.get()).finish_reason is None:
+            pass
+        choices = [{"text": r.text, "index": i, "logprobs": None, "finish_reason": r.finish_reason}
+                   for i, r in enumerate(requests)]
+        return web.json_response({**head, "choices": choices, "usage": usage()})
+      response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+      await response.prepare(request)
+      send = lambda data: response.write(f"data: {json.dumps(data)}\n\n".encode())  # noqa: E731
+      pending = {asyncio.ensure_future(q.get()): i for i, q in enumerate(queues)}
+      while pending:
+        done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+        for task in done:
+          i = pending.pop(task)
+          event = task.result()
+          if event.text or event.finish_reason:
+            choice = {"text": event.text, "index": i, "logprobs": None, "finish_reason": event.finish_reason}
+            await send({**head, "choices": [choice]})
+          if event.finish_reason is None:
+            pending[asyncio.ensure_future(queues[i].get())] = i
+      if include_usage:
+        await send({**head, "choices": [], "usage": usage()})
+      await response.write(b"data: [DONE]\n\n")
+      await response.write_eof()
+      return response
+    finally:  # a client that went away (handler cancelled or write failed): free its slots and pages
+      for r in requests:
+        if r.finish_reason is None:
+          r.cancel()
+
+
+class BackgroundServer:
+  """Runs a `Server` on 127.0.0.1 in a thread with its own event loop. `url` is the base URL once started."""
+
+  def __init__(self, server: Server, port: int = 0):
+    self.server, self.port = server, port
+    self._loop = asyncio.new_event_loop()
+    self._runner: web.AppRunner | None = None
+    self._thread = threading.Thread(target=self._loop.run_forever, name="http", daemon=True)
+    self.url = ""
+
+  def __enter__(self) -> "BackgroundServer":
+    self._thread.start()
+    asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(timeout=60)
+    return self
+
+  async def _start(self):
+    self._runner = web.AppRunner(self.server.app(), handler_cancellation=True)
+    await self._runner.setup()
+    site = web.TCPSite(self._runner, "127.0.0.1", self.port, backlog=1024)
+    await site.start()
+    self.port = self._runner.addresses[0][1]
+    self.url = f"http://127.0.0.1:{self.port}"
+
+  def __exit__(self, *exc) -> None:
+    asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(timeout=60)
+    self._loop.call_soon_threadsafe(self._loop.stop)
+    self._thread.join(timeout=10)

@@ -1,0 +1,96 @@
+"""Paged decode attention in Pallas (vLLM's PagedAttention): one new query per sequence against KV pages.
+
+The cache is a pool of fixed-size pages, k_pages / v_pages [num_pages, page_size, K, D]. Sequence b owns the pages
+listed in page_table[b] ([max_pages] int32, in order) and its first lengths[b] slots are live: slot s lives in page
+page_table[b, s // page_size] at offset s % page_size. `paged_decode_attention(q, k_pages, v_pages, page_table,
+lengths)` takes q [B, H, D] (K | H, grouped-query) and returns [B, H, D]. Each program owns one (sequence, kv head)
+pair and the H/K query heads that share it, and visits only the sequence's live pages, one page per step, with an
+online softmax in float32. A sequence of length 0 returns zeros. Interpret mode on CPU, Triton on GPU.
+
+`reference_paged_decode_attention` gathers the pages into a contiguous cache and runs the plain-jnp decode
+reference; it is what the kernel is tested against and what `attention_impl=xla` serves with.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from model.kernels.decode_attention import reference_decode_attention
+from model.kernels.flash_attention import NEG_INF, _compiler_params, _dot, _pad_axis
+
+
+def gather_pages(pages: jax.Array, page_table: jax.Array) -> jax.Array:
+  """pages [N, P, K, D], page_table [B, M] -> each sequence's slots in order, [B, M * P, K, D]."""
+  b, m = page_table.shape
+  return pages[page_table].reshape(b, m * pages.shape[1], *pages.shape[2:])
+
+
+def reference_paged_decode_attention(q, k_pages, v_pages, page_table, lengths, *, sm_scale=None):
+  """Plain-jnp paged decode attention (gather, then contiguous decode). Returns [B, H, D] in q's dtype."""
+  k, v = gather_pages(k_pages, page_table), gather_pages(v_pages, page_table)
+  return reference_decode_attention(q, k, v, jnp.zeros_like(lengths), lengths, sm_scale=sm_scale)
+
+
+def _paged_kernel(table_ref, lengths_ref, q_ref, k_ref, v_ref, o_ref, *, sm_scale, page_size, max_pages):
+  b = pl.program_id(0)
+  length = lengths_ref[b]
+  q = q_ref[...]  # [G, D]
+
+  def body(j, carry):
+    acc, m, l = carry
+    page = table_ref[b * max_pages + j]
+    rows = pl.ds(pl.multiple_of(page * page_size, page_size), page_size)
+    s = _dot(q, k_ref[rows, :], 1, 1) * sm_scale  # [G, page_size]
+    slot = j * page_size + jax.lax.broadcasted_iota(jnp.int32, s.shape, 1)
+    valid = slot < length
+    s = jnp.where(valid, s, NEG_INF)
+    m_new = jnp.maximum(m, s.max(axis=1))
+    p = jnp.where(valid, jnp.exp(s - m_new[:, None]), 0.0)
+    alpha = jnp.exp(m - m_new)
+    v = v_ref[rows, :]
+    return acc * alpha[:, None] + _dot(p.astype(v.dtype), v, 1, 0), m_new, l * alpha + p.sum(axis=1)
+
+  g, d = q.shape
+  init = (jnp.zeros((g, d), jnp.float32), jnp.full((g,), NEG_INF, jnp.float32), jnp.zeros((g,), jnp.float32))
+  acc, _, l = jax.lax.fori_loop(0, pl.cdiv(length, page_size), body, init)
+  o_ref[...] = (acc / jnp.where(l == 0.0, 1.0, l)[:, None]).astype(o_ref.dtype)
+
+
+def paged_decode_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, page_table: jax.Array,
+                           lengths: jax.Array, *, sm_scale: float | None = None,
+                           interpret: bool | None = None) -> jax.Array:
+  """q [B, H, D]; k/v pages [N, P, K, D] (P a power of two >= 16, K | H); page_table [B, M]; lengths [B] -> [B, H, D].
+
+  lengths[b] <= M * P; entries of page_table beyond a sequence's live pages are never read."""
+  if q.ndim != 3 or k_pages.ndim != 4 or k_pages.shape != v_pages.shape:
+    raise ValueError(f"paged_decode_attention expects q [B, H, D] and pages [N, P, K, D]; got {q.shape}, "
+                     f"{k_pages.shape}, {v_pages.shape}")
+  b, h, d = q.shape
+  num_pages, page_size, kv_heads, _ = k_pages.shape
+  if k_pages.shape[3] != d or h % kv_heads:
+    raise ValueError(f"pages {k_pages.shape} do not match q {q.shape}: need the same head_dim and kv heads dividing "
+                     "query heads")
+  if page_size < 16 or page_size & (page_size - 1):
+    raise ValueError(f"page_size={page_size} must be a power of two >= 16 (it is the kernel's key block)")
+  if page_table.ndim != 2 or page_table.shape[0] != b or lengths.shape != (b,):
+    raise ValueError(f"page_table {page_table.shape} must be [B={b}, max_pages] and lengths {lengths.shape} [B]")
+  sm_scale = d**-0.5 if sm_scale is None else float(sm_scale)
+  interpret = jax.default_backend() == "cpu" if interpret is None else interpret
+  group, max_pages = h // kv_heads, page_table.shape[1]
+  gp, dp = max(16, pl.next_power_of_2(group)), max(16, pl.next_power_of_2(d))
+  qg = _pad_axis(_pad_axis(q.reshape(b, kv_heads, group, d), 2, gp), 3, dp)
+  k_, v_ = (_pad_axis(x, 3, dp).reshape(num_pages * page_size, kv_heads, dp) for x in (k_pages, v_pages))
+  flat = lambda n: pl.BlockSpec((n,), lambda bi, ki: (0,))  # noqa: E731
+  pool = pl.BlockSpec((num_pages * page_size, None, dp), lambda bi, ki: (0, ki, 0))
+  head_block = pl.BlockSpec((None, None, gp, dp), lambda bi, ki: (bi, ki, 0, 0))
+  kernel = functools.partial(_paged_kernel, sm_scale=sm_scale, page_size=page_size, max_pages=max_pages)
+  out = pl.pallas_call(
+      kernel, grid=(b, kv_heads), in_specs=[flat(b * max_pages), flat(b), head_block, pool, pool],
+      out_specs=head_block, out_shape=jax.ShapeDtypeStruct(qg.shape, q.dtype), interpret=interpret,
+      compiler_params=_compiler_params(interpret), name="paged_decode_attention")(
+          page_table.astype(jnp.int32).reshape(-1), lengths.astype(jnp.int32), qg, k_, v_)
+  return out[:, :, :group, :d].reshape(b, h, d)
