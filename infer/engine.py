@@ -118,8 +118,8 @@ class Engine:
 
   def __init__(self, model, *, slots: int = 8, page_size: int = 16, num_pages: int | None = None,
                prefill_chunk: int | None = None):
-    spec = model.spec
-    self.max_len = spec.max_len
+    self.model = model
+    self.max_len = model.spec.max_len
     if slots < 1:
       raise ValueError(f"slots={slots} must be >= 1")
     if page_size < 16 or page_size & (page_size - 1):

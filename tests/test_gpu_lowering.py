@@ -13,6 +13,7 @@ from jax import export
 from model.kernels import int8_matmul as q8
 from model.kernels.decode_attention import decode_attention
 from model.kernels.flash_attention import flash_attention
+from model.kernels.paged_attention import paged_decode_attention
 from model.kernels.ternary_matvec import ternary_matvec
 
 S = jax.ShapeDtypeStruct
@@ -45,6 +46,12 @@ def test_decode_attention_lowers_to_triton(dtype):
   lengths = S((3,), jnp.int32)
   fn = lambda q, k, v, s, e: decode_attention(q, k, v, s, e, interpret=False)  # noqa: E731
   assert _triton_calls(fn, S((3, 8, 64), dtype), cache, cache, lengths, lengths) == 1
+
+
+def test_paged_decode_attention_lowers_to_triton():
+  pages = S((20, 16, 2, 64), jnp.bfloat16)
+  fn = lambda q, k, v, t, n: paged_decode_attention(q, k, v, t, n, interpret=False)  # noqa: E731
+  assert _triton_calls(fn, S((3, 8, 64), jnp.bfloat16), pages, pages, S((3, 6), jnp.int32), S((3,), jnp.int32)) == 1
 
 
 def test_int8_matmuls_lower_to_triton():

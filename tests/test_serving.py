@@ -1,0 +1,329 @@
+"""Serving: the paged decode kernel, the continuous-batching engine and scheduler, and the OpenAI-compatible server."""
+
+import asyncio
+import json
+import threading
+import time
+
+import aiohttp
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from infer import generate, loading, serve
+from infer.engine import Engine, SamplingParams, sample_rows
+from infer.scheduler import QueueFull, Scheduler
+from infer.server import BackgroundServer
+from model.kernels import paged_attention as pa
+
+
+# -- paged decode kernel ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype,tol", [(jnp.float32, 2e-5), (jnp.bfloat16, 2e-2)])
+def test_paged_decode_kernel_matches_reference_for_ragged_rows(dtype, tol):
+  rng = np.random.default_rng(0)
+  b, h, kv, d, page, num_pages, max_pages = 4, 8, 2, 32, 16, 24, 5
+  ks = jax.random.split(jax.random.key(1), 3)
+  q = jax.random.normal(ks[0], (b, h, d), dtype)
+  k_pages = jax.random.normal(ks[1], (num_pages, page, kv, d), dtype)
+  v_pages = jax.random.normal(ks[2], (num_pages, page, kv, d), dtype)
+  table = rng.permutation(np.arange(1, num_pages))[:b * max_pages].reshape(b, max_pages).astype(np.int32)
+  lengths = np.array([1, 37, 80, 0], np.int32)  # one slot, partial pages, all pages, an empty row
+  got = pa.paged_decode_attention(q, k_pages, v_pages, jnp.asarray(table), jnp.asarray(lengths), interpret=True)
+  want = pa.reference_paged_decode_attention(q, k_pages, v_pages, jnp.asarray(table), jnp.asarray(lengths))
+  np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), atol=tol, rtol=tol)
+  assert np.all(np.asarray(got[3]) == 0)  # nothing to attend to: zeros
+  # Pages past a row's length are never read: poisoning them changes nothing.
+  poisoned_k = k_pages.at[table[1, 3:]].set(jnp.nan)
+  again = pa.paged_decode_attention(q, poisoned_k, v_pages, jnp.asarray(table), jnp.asarray(lengths), interpret=True)
+  np.testing.assert_array_equal(np.asarray(again[1]), np.asarray(got[1]))
+
+
+def test_paged_decode_kernel_rejects_bad_page_sizes():
+  q = jnp.zeros((1, 2, 16))
+  pages = jnp.zeros((4, 24, 2, 16))
+  with pytest.raises(ValueError, match="page_size=24"):
+    pa.paged_decode_attention(q, pages, pages, jnp.zeros((1, 2), jnp.int32), jnp.ones((1,), jnp.int32))
+
+
+# -- engine -------------------------------------------------------------------------------------------------------------
+
+
+def _prompts(vocab, lengths, seed=0):
+  rng = np.random.default_rng(seed)
+  return [rng.integers(1, vocab, size=n).tolist() for n in lengths]
+
+
+def _drive(engine, prompts, params_list):
+  """Runs requests through the engine as the scheduler does (admission while room, chunked prefill, decode)."""
+  outputs, owner, waiting = {i: [] for i in range(len(prompts))}, {}, list(range(len(prompts)))
+  max_active = 0
+  while waiting or owner:
+    while waiting and engine.can_insert(len(prompts[waiting[0]]), params_list[waiting[0]].max_tokens):
+      i = waiting.pop(0)
+      owner[engine.insert(prompts[i], params_list[i])] = i
+    max_active = max(max_active, engine.active_slots)
+    for slot in [s for s in owner if engine.is_prefilling(s)]:
+      token = engine.prefill(slot)
+      if token is not None:
+        outputs[owner[slot]].append(token)
+    for slot, token in engine.generate().items():
+      outputs[owner[slot]].append(token)
+    for slot in list(owner):
+      if len(outputs[owner[slot]]) >= params_list[owner[slot]].max_tokens:
+        engine.release(slot)
+        del owner[slot]
+  return outputs, max_active
+
+
+@pytest.mark.parametrize("attention_impl", ["xla", "pallas"])
+def test_engine_greedy_under_load_equals_generate_alone_and_frees_every_page(tiny_run, attention_impl):
+  _, model, _, _ = loading.load_trained(tiny_run[0], attention_impl=attention_impl)
+  prompts = _prompts(model.spec.vocab_size, [5, 33, 12, 40, 1, 20, 9])
+  new = [8, 12, 5, 20, 16, 3, 10]
+  engine = Engine(model, slots=3, page_size=16, num_pages=9, prefill_chunk=16)  # 8 usable pages: admission waits
+  outputs, max_active = _drive(engine, prompts, [SamplingParams(max_tokens=n) for n in new])
+  assert max_active == 3
+  for i, (prompt, n) in enumerate(zip(prompts, new)):
+    assert outputs[i] == generate.generate(model, [prompt], max_new_tokens=n)[0], f"request {i}"
+  assert engine.free_pages == engine.num_pages - 1 and engine.active_slots == 0
+
+
+def test_engine_seeded_sampling_does_not_depend_on_the_rest_of_the_batch(tiny_run):
+  _, model, _, _ = loading.load_trained(tiny_run[0])
+  prompts = _prompts(model.spec.vocab_size, [6, 15, 3])
+  sampled = SamplingParams(max_tokens=10, temperature=1.0, top_k=20, top_p=0.9, seed=7)
+  alone, _ = _drive(Engine(model, slots=1), prompts[:1], [sampled])
+  mixed, _ = _drive(Engine(model, slots=3), prompts, [sampled, SamplingParams(max_tokens=10),
+                                                       SamplingParams(max_tokens=4, temperature=0.7, seed=3)])
+  assert mixed[0] == alone[0]
+  other_seed, _ = _drive(Engine(model, slots=1), prompts[:1], [SamplingParams(**{**sampled.__dict__, "seed": 8})])
+  assert other_seed[0] != alone[0]
+
+
+def test_sample_rows_keeps_each_rows_top_k_and_nucleus():
+  logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]] * 3))
+  counters = jnp.arange(3, dtype=jnp.int32)
+  sample = jax.jit(sample_rows)
+  for seed in range(30):
+    seeds = jnp.full((3,), seed, jnp.int32)
+    out = sample(logits, seeds, counters, jnp.array([1.0, 1.0, 0.0]), jnp.array([2, 0, 0], jnp.int32),
+                      jnp.array([1.0, 0.7, 1.0]))
+    assert int(out[0]) in (0, 1)  # top-2
+    assert int(out[1]) in (0, 1)  # nucleus 0.7: 0.5 + 0.3 reaches it
+    assert int(out[2]) == 0  # greedy row
+
+
+def test_engine_refuses_requests_that_can_never_fit(tiny_run):
+  _, model, _, _ = loading.load_trained(tiny_run[0])
+  engine = Engine(model, slots=2, page_size=16, num_pages=3)
+  with pytest.raises(ValueError, match="exceeds the model's context"):
+    engine.insert([1] * 60, SamplingParams(max_tokens=10))
+  with pytest.raises(ValueError, match="needs 3 pages but the pool has 2"):
+    engine.insert([1] * 40, SamplingParams(max_tokens=2))
+  with pytest.raises(ValueError, match="page_size=20"):
+    Engine(model, page_size=20)
+
+
+# -- scheduler ----------------------------------------------------------------------------------------------------------
+
+
+def _scheduler(model, tokenizer, **kw):
+  from train.tokenizer import decode
+
+  return Scheduler(Engine(model, slots=kw.pop("slots", 2)), lambda ids: decode(tokenizer, ids), **kw)
+
+
+def test_cancelled_and_finished_requests_return_all_pages_and_the_queue_is_bounded(tiny_run):
+  _, model, tokenizer, _ = loading.load_trained(tiny_run[0])
+  sched = _scheduler(model, tokenizer, max_queue=3)  # not started: stepped by hand
+  events = []
+  reqs = [sched.submit([1, 2, 3], SamplingParams(max_tokens=30), events.append) for _ in range(3)]
+  with pytest.raises(QueueFull):
+    sched.submit([1], SamplingParams(max_tokens=2), events.append)
+  sched._admit()
+  sched.step()
+  assert sched.engine.active_slots == 2 and sched.queue_length == 1
+  reqs[0].cancel()
+  reqs[2].cancel()  # still waiting
+  sched._end_cancelled()
+  assert [r.finish_reason for r in reqs] == ["cancelled", None, "cancelled"]
+  while reqs[1].finish_reason is None:
+    sched.step()
+  assert reqs[1].finish_reason == "length" and len(reqs[1].output_ids) == 30
+  assert sched.engine.free_pages == sched.engine.num_pages - 1 and sched.engine.active_slots == 0
+
+
+def test_stop_strings_cut_the_text_and_end_the_request(tiny_run):
+  from train.tokenizer import decode
+
+  _, model, tokenizer, _ = loading.load_trained(tiny_run[0])
+  prompt = generate.encode_prompt(tokenizer, "def ")
+  free_text = decode(tokenizer, generate.generate(model, [prompt], max_new_tokens=20)[0])
+  stop = free_text[3:6]
+  assert stop and stop in free_text
+  sched = _scheduler(model, tokenizer).start()
+  done = threading.Event()
+  req = sched.submit(prompt, SamplingParams(max_tokens=20, stop_strings=(stop,)),
+                     lambda e: e.finish_reason and done.set())
+  assert done.wait(60)
+  sched.stop()
+  assert req.finish_reason == "stop" and req.text == free_text[:free_text.find(stop)]
+
+
+# -- HTTP server --------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def server(tiny_run):
+  srv = serve.build(tiny_run[0], slots=4, max_queue=32)
+  with BackgroundServer(srv) as bg:
+    yield srv, bg
+  srv.scheduler.stop()
+
+
+async def _post(session, url, body, raw=None):
+  data = raw if raw is not None else json.dumps(body)
+  async with session.post(url + "/v1/completions", data=data, headers={"Content-Type": "application/json"}) as r:
+    return r.status, await r.text()
+
+
+def test_streaming_returns_the_same_text_as_non_streaming(server):
+  srv, bg = server
+
+  async def go():
+    async with aiohttp.ClientSession() as s:
+      body = {"prompt": "import ", "max_tokens": 20, "temperature": 0, "n": 2}
+      status, text = await _post(s, bg.url, body)
+      status_s, stream = await _post(s, bg.url, {**body, "stream": True, "stream_options": {"include_usage": True}})
+      return status, json.loads(text), status_s, stream
+
+  status, whole, status_s, stream = asyncio.run(go())
+  assert status == status_s == 200
+  events = [line[6:] for line in stream.split("\n\n") if line.startswith("data: ")]
+  assert events[-1] == "[DONE]"
+  chunks = [json.loads(e) for e in events[:-1]]
+  texts = ["", ""]
+  for c in chunks[:-1]:
+    (choice,) = c["choices"]
+    texts[choice["index"]] += choice["text"]
+  assert texts == [c["text"] for c in whole["choices"]]
+  assert whole["usage"] == chunks[-1]["usage"]
+  alone = generate.generate(srv.scheduler.engine.model, [generate.encode_prompt(srv.tokenizer, "import ")],
+                            max_new_tokens=20, eos_id=srv.eot)[0]
+  assert whole["usage"]["completion_tokens"] == 2 * len(alone)  # greedy: both choices are the prompt's continuation
+  assert whole["choices"][0]["text"] == generate.decode_completion(srv.tokenizer, alone)
+
+
+def test_two_hundred_concurrent_requests_all_complete_or_get_429(server):
+  srv, bg = server
+
+  async def go():
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as s:
+      bodies = [{"prompt": f"x = {i}", "max_tokens": 1 + i % 5, "temperature": 0} for i in range(200)]
+      return await asyncio.gather(*(_post(s, bg.url, b) for b in bodies))
+
+  results = asyncio.run(go())
+  codes = [status for status, _ in results]
+  assert set(codes) <= {200, 429} and codes.count(200) >= 32
+  for (status, text), i in zip(results, range(200)):
+    body = json.loads(text)
+    if status == 200:
+      assert body["usage"]["completion_tokens"] <= 1 + i % 5 and body["choices"][0]["finish_reason"] in ("stop",
+                                                                                                          "length")
+    else:
+      assert body["error"]["type"] == "rate_limit_exceeded"
+  engine = srv.scheduler.engine
+  assert engine.active_slots == 0 and engine.free_pages == engine.num_pages - 1
+
+
+BAD = [
+    ("not json", None, "{not json"),
+    ("body not an object", [1, 2], None),
+    ("missing prompt", {"max_tokens": 3}, None),
+    ("negative max_tokens", {"prompt": "a", "max_tokens": -1}, None),
+    ("huge max_tokens", {"prompt": "a", "max_tokens": 10**9}, None),
+    ("string max_tokens", {"prompt": "a", "max_tokens": "3"}, None),
+    ("bool n", {"prompt": "a", "n": True}, None),
+    ("n too big", {"prompt": "a", "n": 1000}, None),
+    ("temperature type", {"prompt": "a", "temperature": "hot"}, None),
+    ("temperature range", {"prompt": "a", "temperature": -1}, None),
+    ("top_p zero", {"prompt": "a", "top_p": 0}, None),
+    ("stream not bool", {"prompt": "a", "stream": "yes"}, None),
+    ("unknown field", {"prompt": "a", "frobnicate": 1}, None),
+    ("prompt type", {"prompt": 5}, None),
+    ("token out of vocab", {"prompt": [1, 10**7]}, None),
+    ("empty token list", {"prompt": []}, None),
+    ("stop list too long", {"prompt": "a", "stop": ["a", "b", "c", "d", "e"]}, None),
+    ("prompt too long", {"prompt": "word " * 500, "max_tokens": 4}, None),
+    ("unsupported echo", {"prompt": "a", "echo": True}, None),
+]
+
+
+def test_malformed_requests_get_400_and_the_server_keeps_serving(server):
+  _, bg = server
+
+  async def go():
+    async with aiohttp.ClientSession() as s:
+      out = [await _post(s, bg.url, body, raw) for _, body, raw in BAD]
+      return out, await _post(s, bg.url, {"prompt": "ok", "max_tokens": 2})
+
+  results, after = asyncio.run(go())
+  for (name, _, _), (status, text) in zip(BAD, results):
+    assert status == 400, name
+    assert json.loads(text)["error"]["type"] == "invalid_request_error", name
+  assert after[0] == 200
+
+
+def test_openai_client_works_against_the_server(server):
+  import openai
+
+  srv, bg = server
+  client = openai.OpenAI(base_url=bg.url + "/v1", api_key="unused", max_retries=0)
+  assert [m.id for m in client.models.list().data] == [srv.model_id]
+  completion = client.completions.create(model=srv.model_id, prompt="def ", max_tokens=8, temperature=0)
+  want = generate.generate_text(srv.scheduler.engine.model, srv.tokenizer, ["def "], max_new_tokens=8)[0]
+  assert completion.choices[0].text == want
+  streamed = "".join(c.choices[0].text for c in client.completions.create(
+      model=srv.model_id, prompt="def ", max_tokens=8, temperature=0, stream=True) if c.choices)
+  assert streamed == want
+  with pytest.raises(openai.BadRequestError):
+    client.completions.create(model=srv.model_id, prompt="a", max_tokens=-5)
+
+
+def test_a_client_that_disconnects_is_cancelled_and_its_pages_freed(server, monkeypatch):
+  srv, bg = server
+  engine = srv.scheduler.engine
+  slow = engine.generate
+  monkeypatch.setattr(engine, "generate", lambda: (time.sleep(0.05), slow())[1])  # 48 tokens take ~2.4 s
+  finished = []
+  monkeypatch.setattr(srv.scheduler, "_on_finish", finished.append)
+
+  async def go():
+    async with aiohttp.ClientSession() as s:
+      body = {"prompt": "while True:", "max_tokens": 48, "temperature": 0, "stream": True}
+      async with s.post(bg.url + "/v1/completions", json=body) as r:
+        assert r.status == 200
+        await r.content.readline()  # the first event arrived: the request is running
+    # leaving the block closes the connection mid-stream
+
+  asyncio.run(go())
+  deadline = time.time() + 10
+  while not finished and time.time() < deadline:
+    time.sleep(0.02)
+  assert [r.finish_reason for r in finished] == ["cancelled"]
+  assert len(finished[0].output_ids) < 48
+  assert engine.active_slots == 0 and engine.free_pages == engine.num_pages - 1
+
+
+def test_metrics_and_health(server):
+  _, bg = server
+  import urllib.request
+
+  text = urllib.request.urlopen(bg.url + "/metrics").read().decode()
+  for name in ("peakllm_queue_length", "peakllm_active_slots", "peakllm_free_pages", "peakllm_tokens_per_second",
+               "peakllm_time_to_first_token_seconds_bucket", "peakllm_time_per_output_token_seconds_bucket"):
+    assert name in text
+  assert json.loads(urllib.request.urlopen(bg.url + "/health").read()) == {"status": "ok"}
