@@ -4,7 +4,8 @@ Routes:
   * `POST /v1/completions`: prompt (string, list of strings, token ids or list of token-id lists), max_tokens,
     temperature, top_p, top_k (an extension, as in vLLM), n, stop (string or up to 4 strings), seed, stream (server-sent
     events ending in `data: [DONE]`), stream_options.include_usage; `usage` counts tokens. String prompts start with
-    `<|endoftext|>` as training documents do, and every completion stops at it.
+    `<|endoftext|>` as training documents do, and every completion stops at it unless `ignore_eos` (an extension,
+    as in vLLM, for benchmarks) is true.
   * `GET /v1/models`, `GET /health` (503 while draining), `GET /metrics` (Prometheus text: queue length, active
     slots, free pages, tokens/s, time-to-first-token and time-per-output-token histograms).
 Bad requests get 400 with an OpenAI-style error body (`{"error": {"message", "type", "param", "code"}}`); a full
@@ -34,7 +35,7 @@ MAX_STOP = 4
 NEUTRAL = {"frequency_penalty": (0, 0.0, None), "presence_penalty": (0, 0.0, None), "logprobs": (None,),
            "echo": (False, None), "suffix": (None,), "logit_bias": (None,), "best_of": (None, 1)}
 KNOWN = {"model", "prompt", "max_tokens", "temperature", "top_p", "top_k", "n", "stop", "stream", "stream_options",
-         "seed", "user", *NEUTRAL}
+         "seed", "user", "ignore_eos", *NEUTRAL}
 
 
 class BadRequest(Exception):
@@ -191,6 +192,9 @@ class Server:
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
       raise BadRequest(f"'stream' must be a boolean; got {stream!r}", "stream")
+    ignore_eos = body.get("ignore_eos", False)
+    if not isinstance(ignore_eos, bool):
+      raise BadRequest(f"'ignore_eos' must be a boolean; got {ignore_eos!r}", "ignore_eos")
     options = body.get("stream_options") or {}
     if not isinstance(options, dict) or set(options) - {"include_usage"}:
       raise BadRequest("'stream_options' may only hold 'include_usage'", "stream_options")
@@ -199,7 +203,7 @@ class Server:
         temperature=_float(body, "temperature", 1.0, 0.0, 2.0), top_p=_float(body, "top_p", 1.0, 0.0, 1.0,
                                                                               lo_open=True),
         top_k=_int(body, "top_k", 0, 0, self.vocab), seed=_int(body, "seed", 0, 0, 2**31 - 1),
-        stop_tokens=(self.eot,), stop_strings=tuple(stop))
+        stop_tokens=() if ignore_eos else (self.eot,), stop_strings=tuple(stop))
     for p in prompts:
       try:
         self.scheduler.engine.check_fits(p, params)
