@@ -327,3 +327,68 @@ def test_metrics_and_health(server):
                "peakllm_time_to_first_token_seconds_bucket", "peakllm_time_per_output_token_seconds_bucket"):
     assert name in text
   assert json.loads(urllib.request.urlopen(bg.url + "/health").read()) == {"status": "ok"}
+
+
+def test_draining_server_answers_503(server):
+  srv, bg = server
+  import urllib.error
+  import urllib.request
+
+  srv.draining = True
+  try:
+    for path, data in (("/health", None), ("/v1/completions", b'{"prompt": "a"}')):
+      with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(urllib.request.Request(bg.url + path, data=data))
+      assert e.value.code == 503
+  finally:
+    srv.draining = False
+
+
+def test_sigterm_drains_in_flight_requests_then_exits(tiny_run):
+  import signal
+  import socket
+  import subprocess
+  import sys
+  import urllib.error
+  import urllib.request
+
+  with socket.socket() as sock:
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+  proc = subprocess.Popen([sys.executable, "-m", "infer.serve", f"--workdir={tiny_run[0]}", f"--port={port}",
+                           "--slots=2"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  url = f"http://127.0.0.1:{port}"
+  try:
+    deadline = time.time() + 120
+    while True:
+      assert proc.poll() is None and time.time() < deadline, "the server did not start"
+      try:
+        urllib.request.urlopen(url + "/health")
+        break
+      except OSError:
+        time.sleep(0.3)
+
+    async def go():
+      async with aiohttp.ClientSession() as s:
+        # 16 choices x 40 tokens on 2 slots: seconds of work still in flight when SIGTERM arrives
+        body = {"prompt": "def ", "max_tokens": 40, "n": 16, "ignore_eos": True, "temperature": 0, "stream": True}
+        async with s.post(url + "/v1/completions", json=body) as r:
+          assert r.status == 200
+          await r.content.readline()
+          proc.send_signal(signal.SIGTERM)
+          await asyncio.sleep(0.2)
+          async with s.get(url + "/health") as h:
+            health = h.status
+          lines = [line async for line in r.content]
+      return health, [json.loads(x[6:]) for x in lines if x.startswith(b"data: {")]
+
+    health, events = asyncio.run(go())
+    assert health == 503
+    finished = [c for e in events for c in e["choices"] if c["finish_reason"]]
+    assert sorted(c["index"] for c in finished) == list(range(16))
+    assert all(c["finish_reason"] == "length" for c in finished)
+    assert proc.wait(timeout=60) == 0
+    assert "drained" in proc.stdout.read()
+  finally:
+    if proc.poll() is None:
+      proc.kill()
