@@ -8,7 +8,8 @@ The JetStream-style cycle, driven by `infer/scheduler.py`:
     chunk it samples the first new token and the slot starts decoding; earlier chunks return None. Chunking keeps a
     long prompt from stalling the running decodes for a whole prefill.
   * `generate()` runs one decode step for every decoding slot at once (one jitted call over all slots; idle slots
-    write to the scratch page 0 and are ignored) and returns {slot: token}.
+    write to the scratch page 0 and are ignored) and returns {slot: token}. Steps read only as many page-table
+    columns as the longest sequence needs, rounded up to a power of two.
   * `release(slot)` returns the slot's pages to the free list (on completion or cancellation).
 
 Pages are `page_size` slots of every layer's keys and values: k/v [layers, num_pages, page_size, kv_heads,
@@ -198,7 +199,8 @@ class Engine:
     live[0, :n] = 1
     positions[0, :n] = np.arange(s.prefilled, s.prefilled + n)
     s.prefilled += n
-    token = self._run(tokens, live, positions, self._table[slot:slot + 1], np.array([s.prefilled], np.int32),
+    width = self._table_width(s.prefilled)
+    token = self._run(tokens, live, positions, self._table[slot:slot + 1, :width], np.array([s.prefilled], np.int32),
                       np.array([n - 1], np.int32), [s])[0]
     if s.prefilled < len(s.prompt):
       return None
@@ -220,7 +222,7 @@ class Engine:
       position = len(s.prompt) + s.generated - 1  # the last sampled token goes to the next free slot
       tokens[slot, 0], live[slot, 0], positions[slot, 0], lengths[slot] = s.last_token, 1, position, position + 1
       rows[slot] = s
-    table = np.where(live > 0, self._table, 0)
+    table = np.where(live > 0, self._table, 0)[:, :self._table_width(int(lengths.max()))]
     out = self._run(tokens, live, positions, table, lengths, np.zeros((self.slots,), np.int32), rows)
     result = {}
     for slot in decoding:
@@ -236,6 +238,11 @@ class Engine:
     self._table[slot] = 0
 
   # -- internals --------------------------------------------------------------------------------------------------
+
+  def _table_width(self, longest: int) -> int:
+    """Page-table columns a step reads: the longest sequence's pages rounded up to a power of two (a few shapes to
+    compile, and attention over short sequences does not pay for the whole context)."""
+    return min(self.max_pages, 1 << (math.ceil(longest / self.page_size) - 1).bit_length())
 
   def _run(self, tokens, live, positions, table, lengths, last_index, rows: Sequence[_Slot | None]) -> np.ndarray:
     params = [r.params if r is not None else SamplingParams() for r in rows]

@@ -388,23 +388,31 @@ class Transformer(nnx.Module):
     logits, (k, v), _ = self._forward(inputs, positions, visibility, start, (cache["k"], cache["v"]))
     return logits, {"k": k, "v": v, "segment_ids": kv_segments, "index": start + l}
 
-  def init_pages(self, num_pages: int, page_size: int, dtype=None) -> Cache:
-    """An empty paged KV pool: k/v [layers, num_pages, page_size, kv_heads, head_dim] in `dtype`."""
+  def init_pages(self, num_pages: int, page_size: int, dtype=None) -> list[tuple[jax.Array, jax.Array]]:
+    """An empty paged KV pool, one (k, v) pair per scanned unit (a block, or a MoE block group): each
+    [num_pages, page_size, kv_heads, head_dim] ([layers_per_unit, ...] for MoE groups) in `dtype`. Separate
+    per-unit arrays let every decode step update the pool in place (a stacked pool would be sliced and restacked,
+    copying all of it at every step)."""
     s = self.spec
-    shape = (s.num_layers, num_pages, page_size, s.num_kv_heads, s.head_dim)
-    return {"k": jnp.zeros(shape, dtype or s.compute_dtype), "v": jnp.zeros(shape, dtype or s.compute_dtype)}
+    shape = (num_pages, page_size, s.num_kv_heads, s.head_dim)
+    if s.layers_per_unit > 1:
+      shape = (s.layers_per_unit, *shape)
+    zeros = lambda: jnp.zeros(shape, dtype or s.compute_dtype)  # noqa: E731
+    return [(zeros(), zeros()) for _ in range(s.num_layers // s.layers_per_unit)]
 
   def extend_paged(self, inputs: jax.Array, live: jax.Array, positions: jax.Array, page_table: jax.Array,
-                   lengths: jax.Array, pages: Cache) -> tuple[jax.Array, Cache]:
+                   lengths: jax.Array, pages: list) -> tuple[jax.Array, list]:
     """Appends L tokens per row to a paged KV pool (`infer/engine.py`): prefill chunks and decode steps alike.
 
-    inputs/live/positions [B, L] int32 (live 0 marks padding; a token's position is also its slot); page_table
-    [B, M] int32; lengths [B] int32 live slots after the write; pages from `init_pages`. Returns (logits [B, L,
-    vocab] float32, updated pages)."""
+    Call it on `unstacked()` models. inputs/live/positions [B, L] int32 (live 0 marks padding; a token's position is
+    also its slot); page_table [B, M] int32; lengths [B] int32 live slots after the write; pages from `init_pages`.
+    Returns (logits [B, L, vocab] float32, updated pages)."""
+    if not isinstance(self.blocks, nnx.List):
+      raise ValueError("extend_paged runs on per-layer blocks: call it on model.unstacked()")
     visibility = attention_lib.PagedVisibility(live.astype(jnp.int32), positions.astype(jnp.int32),
                                                page_table.astype(jnp.int32), lengths.astype(jnp.int32))
-    logits, (k, v), _ = self._forward(inputs, positions, visibility, None, (pages["k"], pages["v"]))
-    return logits, {"k": k, "v": v}
+    logits, pages, _ = self._forward(inputs, positions, visibility, None, list(pages))
+    return logits, pages
 
   # -- internals --------------------------------------------------------------------------------------------------
 
@@ -451,6 +459,13 @@ class Transformer(nnx.Module):
   def _run_blocks(self, x, positions, visibility, start, kv_cache):
     spec = self.spec
     units = spec.num_layers // spec.layers_per_unit
+    if isinstance(kv_cache, list):  # a paged pool: one entry per unit, updated in place (see `init_pages`)
+      aux, new_pages = _zero_aux(), []
+      for block, unit_pages in zip(self.blocks, kv_cache):
+        x, unit_pages, block_aux = block(x, positions, visibility, start, unit_pages)
+        new_pages.append(unit_pages)
+        aux = jax.tree.map(jnp.add, aux, block_aux)
+      return x, new_pages, aux
     if kv_cache is not None and spec.num_experts:  # [layers, ...] -> [units, layers per unit, ...]
       kv_cache = jax.tree.map(lambda a: a.reshape(units, spec.layers_per_unit, *a.shape[1:]), kv_cache)
 
