@@ -91,6 +91,24 @@ def test_engine_greedy_under_load_equals_generate_alone_and_frees_every_page(tin
   assert engine.free_pages == engine.num_pages - 1 and engine.active_slots == 0
 
 
+@pytest.mark.parametrize("kind", ["int8_weight", "moe"])
+def test_engine_serves_int8_and_moe_checkpoints_like_generate(kind, tiny_run, tiny_moe_run, tmp_path):
+  from scripts.quantize import quantize_workdir
+
+  if kind == "moe":
+    workdir = tiny_moe_run[0]
+  else:
+    workdir = str(tmp_path / kind)
+    quantize_workdir(tiny_run[0], workdir, kind, calibration_batches=1)
+  _, model, _, _ = loading.load_trained(workdir)
+  prompts = _prompts(model.spec.vocab_size, [7, 21, 3], seed=1)
+  engine = Engine(model, slots=2, prefill_chunk=16)
+  outputs, _ = _drive(engine, prompts, [SamplingParams(max_tokens=9)] * 3)
+  for i, prompt in enumerate(prompts):
+    assert outputs[i] == generate.generate(model, [prompt], max_new_tokens=9)[0], f"request {i}"
+  assert engine.free_pages == engine.num_pages - 1
+
+
 def test_engine_seeded_sampling_does_not_depend_on_the_rest_of_the_batch(tiny_run):
   _, model, _, _ = loading.load_trained(tiny_run[0])
   prompts = _prompts(model.spec.vocab_size, [6, 15, 3])
