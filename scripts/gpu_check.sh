@@ -24,6 +24,7 @@ if [[ " $SECTIONS " == *" tests "* ]]; then
   JAX_PLATFORMS=cuda JAX_DEFAULT_MATMUL_PRECISION=highest timeout 200 python3 -m pytest -q -p no:cacheprovider -x \
     --durations=5 tests/test_flash_attention.py tests/test_decode_attention.py tests/test_int8_matmul.py \
     tests/test_quant.py "tests/test_qmoe.py::test_fused_decode_matvec_equals_decode_then_matmul" \
+    "tests/test_serving.py::test_paged_decode_kernel_matches_reference_for_ragged_rows" \
     2>&1 | tail -40 | tee "$OUT/tests.txt"
 fi
 
