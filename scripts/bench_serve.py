@@ -155,7 +155,10 @@ def main(argv):
   from train import checkpoint
 
   model_config = checkpoint.load_config(_WORKDIR.value).model
-  rows = [bench_mode(mode, model_config.vocab_size, model_config.max_len) for mode in _MODES.value]
+  rows = []
+  for mode in _MODES.value:
+    rows.append(bench_mode(mode, model_config.vocab_size, model_config.max_len))
+    print(json.dumps(rows[-1]), flush=True)
   print(f"\nserving {_WORKDIR.value} on {jax.devices()[0].device_kind} (server in its own process): {_REQUESTS.value} requests, "
         f"{_CONCURRENCY.value} clients, {_SLOTS.value} slots, prompts {'-'.join(_PROMPT_LENGTHS.value)} tokens, "
         f"outputs {'-'.join(_OUTPUT_LENGTHS.value)} tokens")
