@@ -31,13 +31,13 @@ def test_paged_decode_kernel_matches_reference_for_ragged_rows(dtype, tol):
   v_pages = jax.random.normal(ks[2], (num_pages, page, kv, d), dtype)
   table = rng.permutation(np.arange(1, num_pages))[:b * max_pages].reshape(b, max_pages).astype(np.int32)
   lengths = np.array([1, 37, 80, 0], np.int32)  # one slot, partial pages, all pages, an empty row
-  got = pa.paged_decode_attention(q, k_pages, v_pages, jnp.asarray(table), jnp.asarray(lengths), interpret=True)
+  got = pa.paged_decode_attention(q, k_pages, v_pages, jnp.asarray(table), jnp.asarray(lengths))
   want = pa.reference_paged_decode_attention(q, k_pages, v_pages, jnp.asarray(table), jnp.asarray(lengths))
   np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), atol=tol, rtol=tol)
   assert np.all(np.asarray(got[3]) == 0)  # nothing to attend to: zeros
   # Pages past a row's length are never read: poisoning them changes nothing.
   poisoned_k = k_pages.at[table[1, 3:]].set(jnp.nan)
-  again = pa.paged_decode_attention(q, poisoned_k, v_pages, jnp.asarray(table), jnp.asarray(lengths), interpret=True)
+  again = pa.paged_decode_attention(q, poisoned_k, v_pages, jnp.asarray(table), jnp.asarray(lengths))
   np.testing.assert_array_equal(np.asarray(again[1]), np.asarray(got[1]))
 
 
