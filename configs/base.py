@@ -42,6 +42,7 @@ def get_config() -> ml_collections.ConfigDict:
   m.param_dtype = "float32"  # storage dtype of parameters
   m.dtype = "float32"  # compute dtype of matmuls; softmax, norms and the loss always run in float32
   m.remat = "none"  # activation recomputation policy, one of REMAT_POLICIES
+  m.pipeline_microbatches = 0  # GPipe micro-batches per step when mesh.pipeline > 1 (0: 2 x stages)
   m.scan_layers = True  # run the blocks with lax.scan (one compiled block) instead of unrolling them
   m.attention_impl = "xla"  # one of ATTENTION_IMPLS; kernels serve full-sequence causal attention, cache steps use xla
   m.init_std = 0.02  # normal init scale; residual output projections are scaled by 1/sqrt(2 * num_layers)
@@ -99,7 +100,7 @@ def get_config() -> ml_collections.ConfigDict:
   mesh.data = -1  # data parallelism (batch split, parameters replicated)
   mesh.fsdp = 1  # fully sharded data parallelism (ZeRO-3): batch split, parameters and optimizer state split
   mesh.tensor = 1  # tensor (Megatron) parallelism: heads and MLP columns split
-  mesh.pipeline = 1  # pipeline stages (reserved for the pipeline schedule)
+  mesh.pipeline = 1  # pipeline (GPipe) stages: the blocks split into contiguous stages, micro-batches flow through
   mesh.expert = 1  # expert parallelism: MoE experts split over devices (tokens too, like data parallelism)
   mesh.dcn = ml_collections.ConfigDict({a: 1 for a in MESH_AXES})  # sizes across slices/processes (multi-slice);
   # with any > 1 the sizes above are per slice (or per process off TPU) and each axis spans ICI x DCN devices
@@ -191,8 +192,19 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   dcn = config.mesh.dcn
   if any(not isinstance(dcn[a], int) or dcn[a] < 1 for a in MESH_AXES):
     _fail("mesh.dcn", dict(dcn), "each DCN size must be an int >= 1")
-  if config.mesh.pipeline != 1 or dcn.pipeline != 1:
-    _fail("mesh.pipeline", config.mesh.pipeline, "the pipeline axis must be 1 until the pipeline schedule exists")
+  stages = config.mesh.pipeline * dcn.pipeline
+  if config.mesh.pipeline == -1:
+    _fail("mesh.pipeline", -1, "give the number of pipeline stages explicitly")
+  if stages > 1:
+    if m.num_layers % stages:
+      _fail("mesh.pipeline", stages, f"must divide model.num_layers={m.num_layers} (each stage holds L / stages layers)")
+    if m.num_experts:
+      _fail("mesh.pipeline", stages, "MoE models are not pipelined yet; use mesh.expert, data or fsdp")
+    micro = m.pipeline_microbatches or 2 * stages
+    per_pass = config.train.batch_size // config.train.grad_accum_steps
+    if m.pipeline_microbatches < 0 or per_pass % micro:
+      _fail("model.pipeline_microbatches", m.pipeline_microbatches,
+            f"must be >= 0 and its value ({micro}) must divide the {per_pass} sequences of each forward pass")
   if config.mesh.expert != 1 and not m.num_experts:
     _fail("mesh.expert", config.mesh.expert, "expert parallelism needs an MoE model (model.num_experts > 0)")
   if m.num_experts:

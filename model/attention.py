@@ -14,6 +14,7 @@ are never used (their loss weight is 0), and every real token gets identical att
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -25,6 +26,8 @@ from model.kernels import paged_attention as paged
 NEG_INF = flash.NEG_INF
 
 
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["q_segment_ids", "kv_segment_ids", "q_slots"],
+                   meta_fields=["self_attention"])
 @dataclasses.dataclass(frozen=True)
 class Visibility:
   """Who sees whom. q_segment_ids [B, Lq], kv_segment_ids [B, Lk] int32 (0 = padding/empty); q_slots [B, Lq] int32:

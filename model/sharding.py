@@ -25,8 +25,7 @@ LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("mlp", "tensor"),
     ("vocab", "tensor"),
     ("expert", "expert"),
-    ("layers", None),
-    ("stage", "pipeline"),
+    ("layers", "pipeline"),  # stacked blocks: pipeline stage s holds its contiguous share of the layers
 )
 
 

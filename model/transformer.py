@@ -51,6 +51,7 @@ class ModelSpec:
   param_dtype: str = "float32"
   dtype: str = "float32"
   remat: str = "none"
+  pipeline_microbatches: int = 0  # GPipe micro-batches when the mesh has a pipeline axis (0: 2 x stages)
   scan_layers: bool = True
   attention_impl: str = "xla"
   init_std: float = 0.02
@@ -72,7 +73,8 @@ class ModelSpec:
                num_heads=m.num_heads, num_kv_heads=base.num_kv_heads(m), head_dim=base.head_dim(m),
                mlp_dim=base.mlp_dim(m), max_len=m.max_len, activation=m.activation, norm_eps=m.norm_eps,
                rope_theta=m.rope_theta, tie_embeddings=m.tie_embeddings, use_bias=base.use_bias(m),
-               param_dtype=m.param_dtype, dtype=m.dtype, remat=m.remat, scan_layers=m.scan_layers,
+               param_dtype=m.param_dtype, dtype=m.dtype, remat=m.remat, pipeline_microbatches=m.pipeline_microbatches,
+               scan_layers=m.scan_layers,
                attention_impl=m.attention_impl, init_std=m.init_std, quant=m.quant, matmul_impl=m.matmul_impl,
                num_experts=m.num_experts, experts_per_token=m.experts_per_token,
                expert_mlp_dim=m.expert_mlp_dim or base.mlp_dim(m), moe_every=m.moe_every,
@@ -484,7 +486,22 @@ class Transformer(nnx.Module):
         aux = jax.tree.map(jnp.add, aux, block_aux)
       stacked = None if kv_cache is None else jax.tree.map(lambda *a: jnp.stack(a), *layer_caches)
       return x, merge_layers(stacked), aux
+    mesh = jax.sharding.get_abstract_mesh()
+    stages = 1 if mesh is None or mesh.empty else dict(mesh.shape).get("pipeline", 1)
+    if stages > 1 and kv_cache is None:  # GPipe over the mesh's pipeline axis (train/pipeline.py)
+      from train import pipeline
+
+      return pipeline.run_blocks(self, x, positions, visibility, stages), None, aux
     graphdef, params = nnx.split(self.blocks)
+    x, kv_cache, aux = self.scan_units(graphdef, params, x, positions, visibility, start, kv_cache)
+    return x, (None if kv_cache is None else merge_layers(kv_cache)), aux
+
+  def scan_units(self, graphdef, params, x, positions, visibility, start=None, kv_cache=None):
+    """Runs stacked units (params [units, ...], e.g. one pipeline stage's share) over x [B, L, D] with the configured
+    remat policy, scanned or unrolled. Returns (x, stacked unit caches or None, summed MoE aux)."""
+    spec = self.spec
+    aux = _zero_aux()
+    units = jax.tree.leaves(params)[0].shape[0]
 
     def body(carry, layer):
       x, aux = carry
@@ -497,7 +514,7 @@ class Transformer(nnx.Module):
       body = jax.checkpoint(body, policy=_REMAT_POLICIES[spec.remat], prevent_cse=not spec.scan_layers)
     if spec.scan_layers:
       (x, aux), kv_cache = jax.lax.scan(body, (x, aux), (params, kv_cache))
-      return x, merge_layers(kv_cache), aux
+      return x, kv_cache, aux
     outputs = []
     for i in range(units):
       layer = jax.tree.map(lambda a: a[i], (params, kv_cache))
@@ -505,7 +522,7 @@ class Transformer(nnx.Module):
       outputs.append(layer_cache)
     if kv_cache is None:
       return x, None, aux
-    return x, merge_layers(jax.tree.map(lambda *a: jnp.stack(a), *outputs)), aux
+    return x, jax.tree.map(lambda *a: jnp.stack(a), *outputs), aux
 
 
 def build(model_config, seed: int = 0) -> Transformer:

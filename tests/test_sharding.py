@@ -39,9 +39,10 @@ def test_mesh_shapes_resolve_and_bad_sizes_are_named():
     base.validate(c)
 
 
-def setup(mesh_sizes):
+def setup(mesh_sizes, num_layers=2):
   c = tiny.get_config()
-  c.model.update(family="llama", num_layers=2, embed_dim=32, num_heads=4, num_kv_heads=2, vocab_size=64, max_len=16)
+  c.mesh.pipeline = mesh_sizes.get("pipeline", 1)
+  c.model.update(family="llama", num_layers=num_layers, embed_dim=32, num_heads=4, num_kv_heads=2, vocab_size=64, max_len=16)
   c.data.seq_len = 16
   c.train.update(batch_size=8, steps=10, warmup_steps=1, learning_rate=1e-2)
   spec = ModelSpec.from_config(base.validate(c).model)
@@ -69,13 +70,15 @@ def batches(n):
   return out
 
 
-def run(mesh_sizes, data):
-  state, fn, mesh = setup(mesh_sizes)
+def run(mesh_sizes, data, num_layers=2, grad_norms=None):
+  state, fn, mesh = setup(mesh_sizes, num_layers)
   losses = []
   with jax.set_mesh(mesh):
     for b in data:
       state, m = fn(state, b)
       losses.append(float(m["loss"]))
+      if grad_norms is not None:
+        grad_norms.append(float(m["grad_norm"]))
   return state, losses
 
 
@@ -92,6 +95,47 @@ def test_sharded_training_matches_one_device_and_really_shards():
   mu = sharded["opt_state"][1][0].mu["blocks"]["mlp"]["w_in"]  # Adam first moment follows its parameter (ZeRO)
   assert mu.sharding.spec == P(None, "fsdp", "tensor")
   assert len(single["params"]["embed"].sharding.device_set) == 1 and len(w_in.sharding.device_set) == 8
+
+
+@pytest.fixture(scope="module")
+def four_layer_baseline():
+  """(losses, gradient norms) of 5 single-device steps of the 4-layer model on `batches(5)`."""
+  norms = []
+  _, losses = run(sizes(), batches(5), num_layers=4, grad_norms=norms)
+  return losses, norms
+
+
+@pytest.mark.parametrize("mesh_sizes", [sizes(pipeline=2), sizes(pipeline=4), sizes(data=2, pipeline=2)],
+                         ids=lambda s: str({k: v for k, v in s.items() if v > 1}))
+def test_pipeline_training_matches_one_device(mesh_sizes, four_layer_baseline):
+  data = batches(5)
+  single_losses, single_norms = four_layer_baseline
+  pipe_norms = []
+  piped, piped_losses = run(mesh_sizes, data, num_layers=4, grad_norms=pipe_norms)
+  np.testing.assert_allclose(piped_losses, single_losses, rtol=1e-5)
+  np.testing.assert_allclose(pipe_norms, single_norms, rtol=1e-4)  # gradients, not just Adam-normalised steps
+  w_in = piped["params"]["blocks"]["mlp"]["w_in"]  # [layers, embed, mlp]: each stage holds its own layers
+  assert w_in.sharding.spec[0] == "pipeline"
+  assert w_in.addressable_shards[0].data.shape[0] == 4 // mesh_sizes["pipeline"]
+
+
+def test_pipeline_config_errors_are_named():
+  c = tiny.get_config()
+  c.mesh.update(data=1, pipeline=4)
+  c.model.num_layers = 6
+  with pytest.raises(ValueError, match="mesh.pipeline=4.*must divide model.num_layers=6"):
+    base.validate(c)
+  c.model.num_layers = 4
+  c.model.pipeline_microbatches = 3
+  with pytest.raises(ValueError, match="model.pipeline_microbatches=3.*must divide the 8 sequences"):
+    base.validate(c)
+
+
+def test_bubble_fraction():
+  from train import pipeline
+
+  assert pipeline.bubble_fraction(4, 8) == pytest.approx(3 / 11)
+  assert pipeline.bubble_fraction(1, 8) == 0.0
 
 
 def test_an_axis_that_does_not_divide_a_dimension_is_named():

@@ -29,6 +29,7 @@ from train import checkpoint as checkpoint_lib
 from train import data as data_lib
 from train import metrics as metrics_lib
 from train import optim
+from train import pipeline
 from train import step as step_lib
 from train import distributed
 from train import tokenizer as tokenizer_lib
@@ -136,6 +137,11 @@ def run(config, workdir: str, on_step: Callable[[int], None] | None = None) -> d
                                        batch_sh, moe_coefs=(t.moe_aux_loss, t.router_z_loss),
                                        offload_optimizer=t.offload_optimizer).lower(abstract_state, batch_spec).compile()
   log.info("mesh %s over %d devices", dict(mesh.shape), mesh.size)
+  stages = dict(mesh.shape).get("pipeline", 1)
+  bubble = pipeline.bubble_fraction(stages, pipeline.default_microbatches(stages, spec.pipeline_microbatches))
+  if stages > 1:
+    log.info("pipeline: %d stages x %d micro-batches (GPipe), bubble fraction %.3f", stages,
+             pipeline.default_microbatches(stages, spec.pipeline_microbatches), bubble)
   _log_compiled(compiled)
   eval_fn = step_lib.jit_eval_step(graphdef)
   to_global = lambda b: distributed.global_batch(b, batch_sh)  # noqa: E731
@@ -200,7 +206,8 @@ def run(config, workdir: str, on_step: Callable[[int], None] | None = None) -> d
     ckpt.close()
   bar.close()
 
-  summary: dict[str, Any] = {"step": step, "interrupted": interrupted, "parameters": n_params, **throughput}
+  summary: dict[str, Any] = {"step": step, "interrupted": interrupted, "parameters": n_params, **throughput,
+                             "pipeline_bubble_fraction": bubble}
   if not interrupted:
     if not last_eval:
       last_eval = evaluate_lib.validation_loss(eval_fn, state["params"], config, sources["validation"], tokenizer,

@@ -1,0 +1,200 @@
+"""Memory planner (LLMem's idea): per-device bytes of a config's training step on a mesh, before running it.
+
+  python -m scripts.plan --config=configs/llama_1b.py --devices=8 --device_memory_gb=80 \
+      [--config.mesh.fsdp=8 --config.mesh.data=1] [--config.model.remat=full] [--compile]
+
+Parameters, gradients and optimizer state are counted exactly from the abstract train state and the shardings the
+trainer would use (each leaf's shard shape on this mesh; optimizer state offloaded to host memory is reported apart).
+Activations are an analytic estimate: the tensors each layer keeps for the backward pass under the remat policy
+(`none`: every intermediate; `save_dots`: matmul outputs; `full`: only each layer's input, plus one layer recomputed
+during the backward pass), the attention logits and probabilities (xla attention) or just the row statistics
+(kernels), the float32 logits and their gradient, for this device's share of the batch (data/FSDP/expert split the batch, tensor
+splits heads, MLP and vocabulary; a pipeline stage holds its layers for all micro-batches, bubble ticks included),
+and under FSDP the all-gathered weights in flight.
+
+`--compile` also lowers and compiles the real train step on `--devices` devices (simulated on CPU) and prints
+XLA's own memory analysis next to the estimate. Prints a table and writes JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+
+_DEVICES_FLAG = next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--devices=")), None)
+if _DEVICES_FLAG and "jax" not in sys.modules:  # simulated devices must be requested before jax starts
+  os.environ.setdefault("XLA_FLAGS", f"--xla_force_host_platform_device_count={_DEVICES_FLAG}")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from model import sharding  # noqa: E402
+from model.transformer import ModelSpec, Transformer  # noqa: E402
+from train import optim  # noqa: E402
+from train import pipeline as pipeline_lib  # noqa: E402
+from train import step as step_lib  # noqa: E402
+
+GB = 1e9
+
+
+def _state_and_shardings(config, devices):
+  spec = ModelSpec.from_config(config.model)
+  params = jax.eval_shape(lambda: step_lib.init_params(spec, 0))
+  optimizer = optim.make_optimizer(config.train, params)
+  abstract_state = jax.eval_shape(lambda: step_lib.init_state(spec, optimizer, 0))
+  mesh = sharding.make_mesh(dict(config.mesh), devices)
+  param_specs = sharding.param_specs(nnx.eval_shape(lambda: Transformer(spec, rngs=nnx.Rngs(params=0))))
+  sharding.check_divisible(params, param_specs, mesh)
+  state_sh = sharding.state_shardings(mesh, abstract_state, param_specs, optimizer, config.train.offload_optimizer)
+  return spec, optimizer, abstract_state, state_sh, mesh
+
+
+def _shard_bytes(tree, shardings) -> tuple[int, int]:
+  """(device bytes, host bytes) of one device's shards of `tree`."""
+  device = host = 0
+  for leaf, sh in zip(jax.tree.leaves(tree), jax.tree.leaves(shardings)):
+    n = math.prod(sh.shard_shape(leaf.shape)) * jnp.dtype(leaf.dtype).itemsize
+    if getattr(sh, "memory_kind", None) == "pinned_host":
+      host += n
+    else:
+      device += n
+  return device, host
+
+
+def activation_bytes(spec: ModelSpec, config, mesh_shape: dict[str, int]) -> dict[str, float]:
+  """Analytic per-device activation bytes of one forward+backward pass (see the module docstring)."""
+  t = config.train
+  batch_shards = mesh_shape.get("data", 1) * mesh_shape.get("fsdp", 1) * mesh_shape.get("expert", 1)
+  tp = mesh_shape.get("tensor", 1)
+  stages = mesh_shape.get("pipeline", 1)
+  seq = config.data.seq_len
+  tokens = t.batch_size // t.grad_accum_steps / batch_shards * seq  # this device's tokens per pass
+  c = jnp.dtype(spec.compute_dtype).itemsize
+  d, hd = spec.embed_dim, spec.head_dim
+  h, k, f, v = spec.num_heads / tp, spec.num_kv_heads / tp, spec.mlp_dim / tp, spec.vocab_size / tp
+  gated = spec.activation in ("swiglu", "geglu")
+  # Bytes per token per layer. `every` counts what XLA keeps without remat: residual stream, norm inputs, statistics
+  # and outputs (~10 D), q/k/v and attention outputs, the MLP's pre-activations, activation-function intermediates
+  # and outputs (~5 F, 6 F gated), and float32 attention logits and probabilities (xla attention) or row statistics.
+  attn = 2 * 4 * h * seq if spec.attention_impl == "xla" else 2 * 4 * h
+  qkv, attn_out = (h + 2 * k) * hd * c, h * hd * c
+  every = 10 * d * c + qkv + attn_out + (6 if gated else 5) * f * c + attn
+  # save_dots keeps the layer input and every matmul output (q/k/v, logits, attention output, both projections).
+  dots = d * c + qkv + attn / 2 + attn_out + d * c + (2 if gated else 1) * f * c + d * c
+  per_layer_token = {"none": every, "save_dots": dots, "full": 2 * d * c}[spec.remat]
+  layers = spec.num_layers / stages
+  saved = per_layer_token * layers * tokens
+  pipeline_extra = 0.0
+  if stages > 1:  # GPipe: bubble ticks also keep activations, and each tick saves the schedule's carries
+    micro = pipeline_lib.default_microbatches(stages, spec.pipeline_microbatches)
+    ticks = micro + stages - 1
+    pipeline_extra = saved * (stages - 1) / micro + ticks * tokens * (1 + 1 / micro) * d * c
+  # The backward pass recomputes one layer at a time; about half of what it recomputes is live at once.
+  recompute = {"none": 0.0, "save_dots": 0.5 * (every - dots), "full": 0.5 * every}[spec.remat] * tokens
+  logits = 2 * tokens * v * 4  # float32 logits and their gradient
+  embed = 3 * tokens * d * c  # embeddings, final norm input and output
+  return {"layers": saved, "recompute": recompute, "logits": logits, "embed": embed, "pipeline": pipeline_extra,
+          "total": saved + recompute + logits + embed + pipeline_extra}
+
+
+def plan(config, devices=None, device_memory_gb: float = 0.0) -> dict:
+  """The estimate for `config` on `devices` (default: all): bytes per device by category, and whether it fits."""
+  spec, optimizer, abstract_state, state_sh, mesh = _state_and_shardings(config, devices)
+  params, _ = _shard_bytes(abstract_state["params"], state_sh["params"])
+  opt_device, opt_host = _shard_bytes(abstract_state["opt_state"], state_sh["opt_state"])
+  grads = params  # one gradient per parameter shard, in the parameter dtype
+  acts = activation_bytes(spec, config, dict(mesh.shape))
+  fsdp = dict(mesh.shape).get("fsdp", 1)
+  if fsdp > 1:  # FSDP all-gathers weights before use: two layers' worth in flight, plus embedding and head
+    blocks, _ = _shard_bytes(abstract_state["params"]["blocks"], state_sh["params"]["blocks"])
+    rest = params - blocks
+    per_layer = blocks / (spec.num_layers / dict(mesh.shape).get("pipeline", 1))
+    acts["fsdp_gathered"] = fsdp * (rest + min(2, spec.num_layers) * per_layer)
+    acts["total"] += acts["fsdp_gathered"]
+  batch = 5 * 4 * config.train.batch_size * config.data.seq_len / max(
+      1, dict(mesh.shape).get("data", 1) * dict(mesh.shape).get("fsdp", 1) * dict(mesh.shape).get("expert", 1))
+  total = params + grads + opt_device + acts["total"] + batch
+  stages = dict(mesh.shape).get("pipeline", 1)
+  out = {"mesh": {k: int(v) for k, v in mesh.shape.items()}, "devices": mesh.size, "remat": spec.remat,
+         "params": params, "grads": grads, "optimizer": opt_device, "optimizer_host": opt_host,
+         "activations": acts["total"], "activation_parts": acts, "batch": batch, "total": total,
+         "pipeline_bubble_fraction": pipeline_lib.bubble_fraction(
+             stages, pipeline_lib.default_microbatches(stages, spec.pipeline_microbatches))}
+  if device_memory_gb:
+    out["device_memory"] = device_memory_gb * GB
+    out["fits"] = total <= device_memory_gb * GB
+  return out
+
+
+def compiled_memory(config, devices=None) -> dict:
+  """XLA's memory analysis of the compiled train step: per-device argument, output, alias and temp bytes, and
+  their peak (arguments + outputs - aliased + temporaries)."""
+  spec, optimizer, abstract_state, state_sh, mesh = _state_and_shardings(config, devices)
+  batch_sh = sharding.batch_sharding(mesh)
+  abstract_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state,
+                                state_sh)
+  batch = {key: jax.ShapeDtypeStruct((config.train.batch_size, config.data.seq_len),
+                                     jnp.float32 if key == "weights" else jnp.int32, sharding=batch_sh)
+           for key in ("inputs", "targets", "segment_ids", "positions", "weights")}
+  t = config.train
+  with jax.set_mesh(mesh):
+    compiled = step_lib.jit_train_step(step_lib.model_graphdef(spec), optimizer, optim.make_schedule(t),
+                                       t.grad_accum_steps, t.z_loss, state_sh, batch_sh,
+                                       moe_coefs=(t.moe_aux_loss, t.router_z_loss),
+                                       offload_optimizer=t.offload_optimizer).lower(abstract_state, batch).compile()
+  m = compiled.memory_analysis()
+  if m is None:
+    return {}
+  out = {name: int(getattr(m, f"{name}_size_in_bytes")) for name in ("argument", "output", "alias", "temp")}
+  out["peak"] = out["argument"] + out["output"] - out["alias"] + out["temp"]
+  return out
+
+
+def _fmt(n: float) -> str:
+  return f"{n / GB:9.3f} GB" if n >= 0.1 * GB else f"{n / 1e6:9.2f} MB"
+
+
+def main(argv):
+  from absl import flags
+
+  del argv
+  from configs import base
+
+  f = flags.FLAGS
+  config = base.validate(f.config)
+  devices = jax.devices()[:f.devices] if f.devices else None
+  result = plan(config, devices, f.device_memory_gb)
+  rows = [("parameters", result["params"]), ("gradients", result["grads"]), ("optimizer state", result["optimizer"]),
+          ("activations", result["activations"]), ("batch", result["batch"]), ("total (estimate)", result["total"])]
+  print(f"mesh {result['mesh']} ({result['devices']} devices), remat={result['remat']}, per device:")
+  for name, value in rows:
+    print(f"  {name:<18} {_fmt(value)}")
+  if result["optimizer_host"]:
+    print(f"  {'optimizer (host)':<18} {_fmt(result['optimizer_host'])}")
+  if "fits" in result:
+    print(f"  fits in {f.device_memory_gb:g} GB per device: {'yes' if result['fits'] else 'NO'} "
+          f"({100 * result['total'] / result['device_memory']:.0f}% used)")
+  if f.compile:
+    result["compiled"] = compiled = compiled_memory(config, devices)
+    if compiled:
+      print("  compiled step (XLA memory analysis): " + ", ".join(f"{k} {_fmt(v).strip()}" for k, v in
+                                                                  compiled.items()))
+      print(f"  estimate / compiled peak: {result['total'] / compiled['peak']:.2f}")
+  with open(f.out, "w", encoding="utf-8") as fh:
+    json.dump(result, fh, indent=1, default=float)
+
+
+if __name__ == "__main__":
+  from absl import app, flags
+  from ml_collections import config_flags
+
+  config_flags.DEFINE_config_file("config", "configs/tiny.py", "Config to plan.")
+  flags.DEFINE_integer("devices", 0, "Devices to plan for (0: all; on CPU they are simulated).")
+  flags.DEFINE_float("device_memory_gb", 0.0, "Per-device memory to check the total against (0: no check).")
+  flags.DEFINE_bool("compile", False, "Also compile the step and print XLA's memory analysis.")
+  flags.DEFINE_string("out", "plan.json", "Where to write the JSON result.")
+  app.run(main)

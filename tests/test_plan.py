@@ -1,0 +1,42 @@
+"""Memory planner: the analytic per-device estimate against XLA's memory analysis of the compiled step."""
+
+import jax
+import pytest
+
+from configs import base, tiny
+from scripts import plan
+
+
+def _config(**mesh):
+  c = tiny.get_config()
+  c.mesh.update({"data": 1, **mesh})
+  return c
+
+
+@pytest.mark.parametrize("name,mesh,model", [
+    ("one device, no remat", {}, {}),
+    ("one device, full remat", {}, {"remat": "full"}),
+    ("llama, save_dots", {}, {"family": "llama", "remat": "save_dots"}),
+    ("data x fsdp x tensor", {"data": 2, "fsdp": 2, "tensor": 2}, {}),
+    ("fsdp 8", {"fsdp": 8}, {}),
+    ("pipeline 2", {"pipeline": 2}, {"num_layers": 4}),
+])
+def test_estimate_is_within_20_percent_of_the_compiled_step(name, mesh, model):
+  c = _config(**mesh)
+  c.model.update(model)
+  c = base.validate(c)
+  devices = jax.devices()[:max(1, c.mesh.data * c.mesh.fsdp * c.mesh.tensor * c.mesh.pipeline)]
+  estimate = plan.plan(c, devices)
+  compiled = plan.compiled_memory(c, devices)
+  assert 0.8 <= estimate["total"] / compiled["peak"] <= 1.2, (name, estimate["total"], compiled)
+  assert estimate["params"] == estimate["grads"]
+  assert estimate["optimizer"] == pytest.approx(2 * estimate["params"], abs=1024)  # Adam moments + step counters
+
+
+def test_sharding_divides_the_exact_state_bytes_and_the_fit_check_reports():
+  one = plan.plan(base.validate(_config()), jax.devices()[:1], device_memory_gb=1.0)
+  fsdp = plan.plan(base.validate(_config(fsdp=8)), jax.devices()[:8], device_memory_gb=1e-3)
+  assert fsdp["params"] == pytest.approx(one["params"] / 8, rel=0.06)  # about 1/8: a few small leaves stay whole
+  assert one["fits"] and not fsdp["fits"]  # 1 GB holds the tiny step; 1 MB does not
+  tensor = plan.plan(base.validate(_config(tensor=2)), jax.devices()[:2])
+  assert tensor["activation_parts"]["logits"] == pytest.approx(one["activation_parts"]["logits"] / 2)
