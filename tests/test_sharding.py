@@ -90,10 +90,10 @@ def test_sharded_training_matches_one_device_and_really_shards():
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-5, rtol=1e-4), sharded["params"],
                single["params"])
   w_in = sharded["params"]["blocks"]["mlp"]["w_in"]  # [layers, embed, mlp]
-  assert w_in.sharding.spec == P(None, "fsdp", "tensor")
+  assert w_in.sharding.spec == P("pipeline", "fsdp", "tensor")  # layers over the (size-1 here) pipeline axis
   assert w_in.addressable_shards[0].data.shape == (2, 16, w_in.shape[2] // 2)  # 1/4 of the weight per device
   mu = sharded["opt_state"][1][0].mu["blocks"]["mlp"]["w_in"]  # Adam first moment follows its parameter (ZeRO)
-  assert mu.sharding.spec == P(None, "fsdp", "tensor")
+  assert mu.sharding.spec == P("pipeline", "fsdp", "tensor")
   assert len(single["params"]["embed"].sharding.device_set) == 1 and len(w_in.sharding.device_set) == 8
 
 
