@@ -98,6 +98,35 @@ def test_sharded_training_matches_one_device_and_really_shards():
 
 
 @pytest.fixture(scope="module")
+def two_layer_baseline():
+  """(losses, gradient norms) of 5 single-device steps of the 2-layer model on `batches(5)`."""
+  norms = []
+  _, losses = run(sizes(), batches(5), grad_norms=norms)
+  return losses, norms
+
+
+def _device_bytes(tree) -> tuple[int, int]:
+  """(bytes held by device 0, total bytes) over the arrays of `tree`."""
+  arrays = jax.tree.leaves(tree)
+  held = sum(s.data.nbytes for a in arrays for s in a.addressable_shards if s.device == jax.devices()[0])
+  return held, sum(a.nbytes for a in arrays)
+
+
+@pytest.mark.parametrize("mesh_sizes", [sizes(data=8), sizes(fsdp=8), sizes(tensor=2), sizes(fsdp=4, tensor=2)],
+                         ids=lambda s: str({k: v for k, v in s.items() if v > 1}))
+def test_each_parallelism_matches_one_device(mesh_sizes, two_layer_baseline):
+  single_losses, single_norms = two_layer_baseline
+  norms = []
+  state, losses = run(mesh_sizes, batches(5), grad_norms=norms)
+  np.testing.assert_allclose(losses, single_losses, rtol=1e-5)
+  np.testing.assert_allclose(norms, single_norms, rtol=1e-4)
+  if mesh_sizes["fsdp"] == 8:  # ZeRO-3: each device holds about 1/8 of the parameters and of the Adam moments
+    for tree in (state["params"], state["opt_state"]):
+      held, total = _device_bytes(tree)
+      assert held <= total / 8 * 1.1, (held, total)
+
+
+@pytest.fixture(scope="module")
 def four_layer_baseline():
   """(losses, gradient norms) of 5 single-device steps of the 4-layer model on `batches(5)`."""
   norms = []
@@ -151,10 +180,10 @@ def test_a_checkpoint_written_on_one_mesh_resumes_on_another(data_dir, tmp_path)
 
   workdir = str(tmp_path / "resharded")
   first = tiny_config(data_dir, **steps)
-  first.mesh.update(data=2, fsdp=2, tensor=2)  # 8 devices
+  first.mesh.update(data=1, fsdp=8)  # ZeRO-3 over 8 devices
   trainer.run(first, workdir, on_step=lambda s: s == 4 and os.kill(os.getpid(), signal.SIGTERM))
   second = tiny_config(data_dir, **steps)
-  second.mesh.update(data=1, fsdp=4)  # 4 devices, different layout
+  second.mesh.update(data=4, tensor=2)  # a different layout: data x tensor
   summary = trainer.run(second, workdir)
   assert summary["step"] == 8 and not summary["interrupted"]
   got = [r["loss"] for r in map(json.loads, open(f"{workdir}/metrics.jsonl")) if "loss" in r]
