@@ -38,29 +38,41 @@ def reference_decode_attention(q, k, v, starts, ends, *, sm_scale=None):
   return out.reshape(b, h, d).astype(q.dtype)
 
 
+def online_softmax_init(g: int, d: int):
+  """Empty (accumulator [G, D], running max [G], running sum [G]) for `online_softmax_step`."""
+  return jnp.zeros((g, d), jnp.float32), jnp.full((g,), NEG_INF, jnp.float32), jnp.zeros((g,), jnp.float32)
+
+
+def online_softmax_step(carry, q, k, v, valid, sm_scale):
+  """Folds one key block into the running softmax of q [G, D] against k, v [N, D] (valid [G, N] bool)."""
+  acc, m, l = carry
+  s = jnp.where(valid, _dot(q, k, 1, 1) * sm_scale, NEG_INF)
+  m_new = jnp.maximum(m, s.max(axis=1))
+  p = jnp.where(valid, jnp.exp(s - m_new[:, None]), 0.0)
+  alpha = jnp.exp(m - m_new)
+  return acc * alpha[:, None] + _dot(p.astype(v.dtype), v, 1, 0), m_new, l * alpha + p.sum(axis=1)
+
+
+def online_softmax_finish(carry):
+  """acc / sum, with zeros for rows that saw no valid key."""
+  acc, _, l = carry
+  return acc / jnp.where(l == 0.0, 1.0, l)[:, None]
+
+
 def _decode_kernel(starts_ref, ends_ref, q_ref, k_ref, v_ref, o_ref, *, sm_scale, block_k):
   b = pl.program_id(0)
   start, end = starts_ref[b], ends_ref[b]
   q = q_ref[...]  # [G, D]
 
   def body(j, carry):
-    acc, m, l = carry
     k_start = pl.multiple_of(j * block_k, block_k)
     keys = pl.ds(k_start, block_k)
-    s = _dot(q, k_ref[keys, :], 1, 1) * sm_scale  # [G, block_k]
-    slot = k_start + jax.lax.broadcasted_iota(jnp.int32, s.shape, 1)
+    slot = k_start + jax.lax.broadcasted_iota(jnp.int32, (q.shape[0], block_k), 1)
     valid = (slot >= start) & (slot < end)
-    s = jnp.where(valid, s, NEG_INF)
-    m_new = jnp.maximum(m, s.max(axis=1))
-    p = jnp.where(valid, jnp.exp(s - m_new[:, None]), 0.0)
-    alpha = jnp.exp(m - m_new)
-    v = v_ref[keys, :]
-    return acc * alpha[:, None] + _dot(p.astype(v.dtype), v, 1, 0), m_new, l * alpha + p.sum(axis=1)
+    return online_softmax_step(carry, q, k_ref[keys, :], v_ref[keys, :], valid, sm_scale)
 
-  g, d = q.shape
-  init = (jnp.zeros((g, d), jnp.float32), jnp.full((g,), NEG_INF, jnp.float32), jnp.zeros((g,), jnp.float32))
-  acc, _, l = jax.lax.fori_loop(start // block_k, pl.cdiv(end, block_k), body, init)
-  o_ref[...] = (acc / jnp.where(l == 0.0, 1.0, l)[:, None]).astype(o_ref.dtype)
+  carry = jax.lax.fori_loop(start // block_k, pl.cdiv(end, block_k), body, online_softmax_init(*q.shape))
+  o_ref[...] = online_softmax_finish(carry).astype(o_ref.dtype)
 
 
 def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, starts: jax.Array, ends: jax.Array, *,

@@ -19,8 +19,9 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from model.kernels.decode_attention import reference_decode_attention
-from model.kernels.flash_attention import NEG_INF, _compiler_params, _dot, _pad_axis
+from model.kernels.decode_attention import (online_softmax_finish, online_softmax_init, online_softmax_step,
+                                            reference_decode_attention)
+from model.kernels.flash_attention import _compiler_params, _pad_axis
 
 
 def gather_pages(pages: jax.Array, page_table: jax.Array) -> jax.Array:
@@ -41,23 +42,13 @@ def _paged_kernel(table_ref, lengths_ref, q_ref, k_ref, v_ref, o_ref, *, sm_scal
   q = q_ref[...]  # [G, D]
 
   def body(j, carry):
-    acc, m, l = carry
     page = table_ref[b * max_pages + j]
     rows = pl.ds(pl.multiple_of(page * page_size, page_size), page_size)
-    s = _dot(q, k_ref[rows, :], 1, 1) * sm_scale  # [G, page_size]
-    slot = j * page_size + jax.lax.broadcasted_iota(jnp.int32, s.shape, 1)
-    valid = slot < length
-    s = jnp.where(valid, s, NEG_INF)
-    m_new = jnp.maximum(m, s.max(axis=1))
-    p = jnp.where(valid, jnp.exp(s - m_new[:, None]), 0.0)
-    alpha = jnp.exp(m - m_new)
-    v = v_ref[rows, :]
-    return acc * alpha[:, None] + _dot(p.astype(v.dtype), v, 1, 0), m_new, l * alpha + p.sum(axis=1)
+    slot = j * page_size + jax.lax.broadcasted_iota(jnp.int32, (q.shape[0], page_size), 1)
+    return online_softmax_step(carry, q, k_ref[rows, :], v_ref[rows, :], slot < length, sm_scale)
 
-  g, d = q.shape
-  init = (jnp.zeros((g, d), jnp.float32), jnp.full((g,), NEG_INF, jnp.float32), jnp.zeros((g,), jnp.float32))
-  acc, _, l = jax.lax.fori_loop(0, pl.cdiv(length, page_size), body, init)
-  o_ref[...] = (acc / jnp.where(l == 0.0, 1.0, l)[:, None]).astype(o_ref.dtype)
+  carry = jax.lax.fori_loop(0, pl.cdiv(length, page_size), body, online_softmax_init(*q.shape))
+  o_ref[...] = online_softmax_finish(carry).astype(o_ref.dtype)
 
 
 def paged_decode_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, page_table: jax.Array,
