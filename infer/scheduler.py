@@ -114,6 +114,8 @@ class Scheduler:
     params.validate()
     self.engine.check_fits(prompt, params)
     with self._lock:
+      if self.error is not None:
+        raise Draining(f"the engine failed ({type(self.error).__name__}: {self.error}); restart the server")
       if self._draining or self._stop:
         raise Draining("the server is shutting down")
       if len(self._waiting) >= self.max_queue:

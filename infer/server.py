@@ -135,6 +135,8 @@ class Server:
         {"id": self.model_id, "object": "model", "created": self.created, "owned_by": "peakllm"}]})
 
   async def health(self, request):
+    if self.scheduler.error is not None:
+      return web.json_response({"status": "failed", "error": str(self.scheduler.error)}, status=503)
     if self.draining:
       return web.json_response({"status": "draining"}, status=503)
     return web.json_response({"status": "ok"})
@@ -245,9 +247,9 @@ class Server:
     except QueueFull as e:
       self.metrics.rejected.labels("429").inc()
       return error_response(429, f"The server is at capacity: {e}; retry later", type_="rate_limit_exceeded")
-    except Draining:
+    except Draining as e:
       self.metrics.rejected.labels("503").inc()
-      return error_response(503, "The server is shutting down", type_="server_error", code="draining")
+      return error_response(503, f"Service unavailable: {e}", type_="server_error", code="unavailable")
     head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
             "model": self.model_id}
     usage = lambda: {"prompt_tokens": sum(len(r.prompt) for r in requests),  # noqa: E731
