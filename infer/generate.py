@@ -57,7 +57,7 @@ def _generate_padded(graphdef, state, tokens, positions, segment_ids, lengths, k
   model = nnx.merge(graphdef, state).unstacked()  # per-layer weights sliced once, not at every decode step
   b, p = tokens.shape
   sample = functools.partial(sample_logits, temperature=temperature, top_k=top_k, top_p=top_p)
-  cache = model.init_cache(b, p + max_new_tokens)
+  cache = model.init_cache(b, p + max_new_tokens, per_layer=True)  # updated in place at every step
   logits, cache = model.extend(tokens, positions, segment_ids, cache)
   key, sub = jax.random.split(key)
   first = sample(logits[:, -1], sub)

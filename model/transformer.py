@@ -362,13 +362,21 @@ class Transformer(nnx.Module):
     moe_blocks = max(self.spec.num_layers // self.spec.moe_every, 1) if self.spec.num_experts else 1
     return logits, {k: v / moe_blocks for k, v in aux.items()}
 
-  def init_cache(self, batch: int, length: int, dtype=None) -> Cache:
-    """An empty KV cache of `length` slots: k/v [layers, batch, length, kv_heads, head_dim] in `dtype`."""
+  def init_cache(self, batch: int, length: int, dtype=None, per_layer: bool = False) -> Cache:
+    """An empty KV cache of `length` slots: k/v [layers, batch, length, kv_heads, head_dim] in `dtype`.
+
+    `per_layer=True` (for `unstacked()` models, as decode loops use) keeps one (k, v) pair per layer unit under "kv"
+    instead, so each step updates the cache in place rather than slicing and restacking all of it."""
     s = self.spec
     dtype = dtype or s.compute_dtype
+    meta = {"segment_ids": jnp.zeros((batch, length), jnp.int32), "index": jnp.zeros((), jnp.int32)}
+    if per_layer:
+      shape = (batch, length, s.num_kv_heads, s.head_dim)
+      shape = (s.layers_per_unit, *shape) if s.layers_per_unit > 1 else shape
+      units = s.num_layers // s.layers_per_unit
+      return {"kv": [(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(units)], **meta}
     shape = (s.num_layers, batch, length, s.num_kv_heads, s.head_dim)
-    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
-            "segment_ids": jnp.zeros((batch, length), jnp.int32), "index": jnp.zeros((), jnp.int32)}
+    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype), **meta}
 
   def extend(self, inputs: jax.Array, positions: jax.Array, segment_ids: jax.Array,
              cache: Cache) -> tuple[jax.Array, Cache]:
@@ -387,6 +395,11 @@ class Transformer(nnx.Module):
     # One sequence per row: a live query sees every filled slot up to its own; padding queries see nothing.
     live = lambda ids: jnp.minimum(ids, 1).astype(jnp.int32)  # noqa: E731
     visibility = attention_lib.Visibility(live(segment_ids), live(kv_segments), q_slots)
+    if "kv" in cache:  # per-layer cache (see `init_cache`)
+      if not isinstance(self.blocks, nnx.List):
+        raise ValueError("a per_layer cache needs per-layer blocks: call extend on model.unstacked()")
+      logits, kv, _ = self._forward(inputs, positions, visibility, start, list(cache["kv"]))
+      return logits, {"kv": kv, "segment_ids": kv_segments, "index": start + l}
     logits, (k, v), _ = self._forward(inputs, positions, visibility, start, (cache["k"], cache["v"]))
     return logits, {"k": k, "v": v, "segment_ids": kv_segments, "index": start + l}
 
@@ -461,7 +474,7 @@ class Transformer(nnx.Module):
   def _run_blocks(self, x, positions, visibility, start, kv_cache):
     spec = self.spec
     units = spec.num_layers // spec.layers_per_unit
-    if isinstance(kv_cache, list):  # a paged pool: one entry per unit, updated in place (see `init_pages`)
+    if isinstance(kv_cache, list):  # one entry per unit, updated in place (`init_pages`, `init_cache(per_layer)`)
       aux, new_pages = _zero_aux(), []
       for block, unit_pages in zip(self.blocks, kv_cache):
         x, unit_pages, block_aux = block(x, positions, visibility, start, unit_pages)

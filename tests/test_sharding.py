@@ -82,21 +82,6 @@ def run(mesh_sizes, data, num_layers=2, grad_norms=None):
   return state, losses
 
 
-def test_sharded_training_matches_one_device_and_really_shards():
-  data = batches(4)
-  single, single_losses = run(sizes(), data)
-  sharded, sharded_losses = run(sizes(data=2, fsdp=2, tensor=2), data)
-  np.testing.assert_allclose(sharded_losses, single_losses, rtol=2e-5)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-5, rtol=1e-4), sharded["params"],
-               single["params"])
-  w_in = sharded["params"]["blocks"]["mlp"]["w_in"]  # [layers, embed, mlp]
-  assert w_in.sharding.spec == P("pipeline", "fsdp", "tensor")  # layers over the (size-1 here) pipeline axis
-  assert w_in.addressable_shards[0].data.shape == (2, 16, w_in.shape[2] // 2)  # 1/4 of the weight per device
-  mu = sharded["opt_state"][1][0].mu["blocks"]["mlp"]["w_in"]  # Adam first moment follows its parameter (ZeRO)
-  assert mu.sharding.spec == P("pipeline", "fsdp", "tensor")
-  assert len(single["params"]["embed"].sharding.device_set) == 1 and len(w_in.sharding.device_set) == 8
-
-
 @pytest.fixture(scope="module")
 def two_layer_baseline():
   """(losses, gradient norms) of 5 single-device steps of the 2-layer model on `batches(5)`."""
@@ -124,6 +109,12 @@ def test_each_parallelism_matches_one_device(mesh_sizes, two_layer_baseline):
     for tree in (state["params"], state["opt_state"]):
       held, total = _device_bytes(tree)
       assert held <= total / 8 * 1.1, (held, total)
+  if mesh_sizes["fsdp"] == 4 and mesh_sizes["tensor"] == 2:  # FSDP over embed, Megatron over the MLP columns
+    w_in = state["params"]["blocks"]["mlp"]["w_in"]  # [layers, embed, mlp]
+    assert w_in.sharding.spec == P("pipeline", "fsdp", "tensor")  # layers over the (size-1 here) pipeline axis
+    assert w_in.addressable_shards[0].data.shape == (2, 32 // 4, w_in.shape[2] // 2)
+    mu = state["opt_state"][1][0].mu["blocks"]["mlp"]["w_in"]  # Adam first moment follows its parameter
+    assert mu.sharding.spec == P("pipeline", "fsdp", "tensor")
 
 
 @pytest.fixture(scope="module")
