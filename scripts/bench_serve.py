@@ -159,14 +159,15 @@ def main(argv):
   for mode in _MODES.value:
     rows.append(bench_mode(mode, model_config.vocab_size, model_config.max_len))
     print(json.dumps(rows[-1]), flush=True)
-  print(f"\nserving {_WORKDIR.value} on {jax.devices()[0].device_kind} (server in its own process): {_REQUESTS.value} requests, "
-        f"{_CONCURRENCY.value} clients, {_SLOTS.value} slots, prompts {'-'.join(_PROMPT_LENGTHS.value)} tokens, "
+  print(f"\nserving {_WORKDIR.value} on {jax.devices()[0].device_kind} (server in its own process): "
+        f"{_REQUESTS.value} requests, {_CONCURRENCY.value} clients, {_SLOTS.value} slots, prompts {'-'.join(_PROMPT_LENGTHS.value)} tokens, "
         f"outputs {'-'.join(_OUTPUT_LENGTHS.value)} tokens")
   print("| mode | requests | req/s | output tok/s | TTFT p50 / p99 (s) | TPOT p50 / p99 (ms) |")
   print("|---|---|---|---|---|---|")
   for r in rows:
+    tpot = f"{1e3 * r['tpot_p50_s']:.1f} / {1e3 * r['tpot_p99_s']:.1f}"
     print(f"| {r['mode']} | {r['requests']} | {r['requests_per_s']:.2f} | {r['output_tokens_per_s']:.1f} | "
-          f"{r['ttft_p50_s']:.2f} / {r['ttft_p99_s']:.2f} | {1e3 * r['tpot_p50_s']:.1f} / {1e3 * r['tpot_p99_s']:.1f} |")
+          f"{r['ttft_p50_s']:.2f} / {r['ttft_p99_s']:.2f} | {tpot} |")
   by_mode = {r["mode"]: r for r in rows}
   result = {"device": jax.devices()[0].device_kind, "workdir": _WORKDIR.value, "slots": _SLOTS.value,
             "concurrency": _CONCURRENCY.value, "modes": rows}
