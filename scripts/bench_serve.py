@@ -160,7 +160,8 @@ def main(argv):
     rows.append(bench_mode(mode, model_config.vocab_size, model_config.max_len))
     print(json.dumps(rows[-1]), flush=True)
   print(f"\nserving {_WORKDIR.value} on {jax.devices()[0].device_kind} (server in its own process): "
-        f"{_REQUESTS.value} requests, {_CONCURRENCY.value} clients, {_SLOTS.value} slots, prompts {'-'.join(_PROMPT_LENGTHS.value)} tokens, "
+        f"{_REQUESTS.value} requests, {_CONCURRENCY.value} clients, {_SLOTS.value} slots, "
+        f"prompts {'-'.join(_PROMPT_LENGTHS.value)} tokens, "
         f"outputs {'-'.join(_OUTPUT_LENGTHS.value)} tokens")
   print("| mode | requests | req/s | output tok/s | TTFT p50 / p99 (s) | TPOT p50 / p99 (ms) |")
   print("|---|---|---|---|---|---|")

@@ -18,7 +18,7 @@ from infer.server import BackgroundServer
 from model.kernels import paged_attention as pa
 
 
-# -- paged decode kernel ----------------------------------------------------------------------------------------------
+# -- paged decode kernel -----------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("dtype,tol", [(jnp.float32, 2e-5), (jnp.bfloat16, 2e-2)])
@@ -48,7 +48,7 @@ def test_paged_decode_kernel_rejects_bad_page_sizes():
     pa.paged_decode_attention(q, pages, pages, jnp.zeros((1, 2), jnp.int32), jnp.ones((1,), jnp.int32))
 
 
-# -- engine -------------------------------------------------------------------------------------------------------------
+# -- engine ------------------------------------------------------------------------------------------------------------
 
 
 def _prompts(vocab, lengths, seed=0):
@@ -149,7 +149,7 @@ def test_engine_refuses_requests_that_can_never_fit(tiny_run):
     Engine(model, page_size=20)
 
 
-# -- scheduler ----------------------------------------------------------------------------------------------------------
+# -- scheduler ---------------------------------------------------------------------------------------------------------
 
 
 def _scheduler(model, tokenizer, **kw):
@@ -195,7 +195,7 @@ def test_stop_strings_cut_the_text_and_end_the_request(tiny_run):
   assert req.finish_reason == "stop" and req.text == free_text[:free_text.find(stop)]
 
 
-# -- HTTP server --------------------------------------------------------------------------------------------------------
+# -- HTTP server -------------------------------------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")

@@ -42,7 +42,8 @@ def test_mesh_shapes_resolve_and_bad_sizes_are_named():
 def setup(mesh_sizes, num_layers=2):
   c = tiny.get_config()
   c.mesh.pipeline = mesh_sizes.get("pipeline", 1)
-  c.model.update(family="llama", num_layers=num_layers, embed_dim=32, num_heads=4, num_kv_heads=2, vocab_size=64, max_len=16)
+  c.model.update(family="llama", num_layers=num_layers, embed_dim=32, num_heads=4, num_kv_heads=2, vocab_size=64,
+                 max_len=16)
   c.data.seq_len = 16
   c.train.update(batch_size=8, steps=10, warmup_steps=1, learning_rate=1e-2)
   spec = ModelSpec.from_config(base.validate(c).model)
