@@ -9,8 +9,8 @@ Activations are an analytic estimate: the tensors each layer keeps for the backw
 (`none`: every intermediate; `save_dots`: matmul outputs; `full`: only each layer's input, plus one layer recomputed
 during the backward pass), the attention logits and probabilities (xla attention) or just the row statistics
 (kernels), the float32 logits and their gradient, for this device's share of the batch (data/FSDP/expert split
-the batch, tensor splits heads, MLP and vocabulary; a pipeline stage holds its layers for all micro-batches, bubble ticks included),
-and under FSDP the all-gathered weights in flight.
+the batch, tensor splits heads, MLP and vocabulary; a pipeline stage holds its layers for all micro-batches,
+bubble ticks included), and under FSDP the all-gathered weights in flight.
 
 `--compile` also lowers and compiles the real train step on `--devices` devices (simulated on CPU) and prints
 XLA's own memory analysis next to the estimate. Prints a table and writes JSON.
