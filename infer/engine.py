@@ -190,8 +190,7 @@ class Engine:
     """Writes the slot's next prompt chunk. Returns the first new token after the last chunk, else None."""
     s = self._active[slot]
     n = min(self.prefill_chunk, len(s.prompt) - s.prefilled)
-    bucket = min(max(16, 1 << (n - 1).bit_length()), self.prefill_chunk if self.prefill_chunk >= 16 else 16)
-    bucket = max(bucket, n)
+    bucket = max(n, min(max(16, 1 << (n - 1).bit_length()), max(16, self.prefill_chunk)))  # a power of two or the chunk
     tokens = np.zeros((1, bucket), np.int32)
     live = np.zeros((1, bucket), np.int32)
     positions = np.zeros((1, bucket), np.int32)

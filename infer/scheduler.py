@@ -96,7 +96,7 @@ class Scheduler:
       raise ValueError(f"max_queue={max_queue} must be >= 1")
     self.engine, self.mode, self.max_queue = engine, mode, max_queue
     self._detokenize = detokenize
-    self._on_finish = on_finish
+    self.on_finish = on_finish  # may be set after construction (the server's metrics)
     self._waiting: collections.deque[Request] = collections.deque()
     self._running: dict[int, Request] = {}  # slot -> request
     self._lock = threading.Condition()
@@ -247,5 +247,5 @@ class Scheduler:
     request.finish_time = time.perf_counter()
     request.finish_reason = reason
     request.on_event(Event(token_ids, text, reason))
-    if self._on_finish is not None:
-      self._on_finish(request)
+    if self.on_finish is not None:
+      self.on_finish(request)

@@ -30,10 +30,9 @@ def build(workdir: str, *, slots: int = 8, page_size: int = 16, num_pages: int =
   _, model, tokenizer, _ = loading.load_trained(workdir, step, matmul_impl, attention_impl)
   engine = Engine(model, slots=slots, page_size=page_size, num_pages=num_pages or None,
                   prefill_chunk=prefill_chunk or None)
-  holder = {}
-  scheduler = Scheduler(engine, lambda ids: decode(tokenizer, ids), mode=mode, max_queue=max_queue,
-                        on_finish=lambda r: holder["metrics"].on_finish(r))
-  holder["metrics"] = metrics = Metrics(scheduler)
+  scheduler = Scheduler(engine, lambda ids: decode(tokenizer, ids), mode=mode, max_queue=max_queue)
+  metrics = Metrics(scheduler)
+  scheduler.on_finish = metrics.on_finish
   scheduler.start()
   return Server(scheduler, tokenizer, os.path.basename(os.path.normpath(workdir)), metrics)
 

@@ -321,7 +321,7 @@ def test_a_client_that_disconnects_is_cancelled_and_its_pages_freed(server, monk
   slow = engine.generate
   monkeypatch.setattr(engine, "generate", lambda: (time.sleep(0.05), slow())[1])  # 48 tokens take ~2.4 s
   finished = []
-  monkeypatch.setattr(srv.scheduler, "_on_finish", finished.append)
+  monkeypatch.setattr(srv.scheduler, "on_finish", finished.append)
 
   async def go():
     async with aiohttp.ClientSession() as s:

@@ -138,10 +138,10 @@ def run(config, workdir: str, on_step: Callable[[int], None] | None = None) -> d
                                        offload_optimizer=t.offload_optimizer).lower(abstract_state, batch_spec).compile()
   log.info("mesh %s over %d devices", dict(mesh.shape), mesh.size)
   stages = dict(mesh.shape).get("pipeline", 1)
-  bubble = pipeline.bubble_fraction(stages, pipeline.default_microbatches(stages, spec.pipeline_microbatches))
+  microbatches = pipeline.default_microbatches(stages, spec.pipeline_microbatches)
+  bubble = pipeline.bubble_fraction(stages, microbatches)
   if stages > 1:
-    log.info("pipeline: %d stages x %d micro-batches (GPipe), bubble fraction %.3f", stages,
-             pipeline.default_microbatches(stages, spec.pipeline_microbatches), bubble)
+    log.info("pipeline: %d stages x %d micro-batches (GPipe), bubble fraction %.3f", stages, microbatches, bubble)
   _log_compiled(compiled)
   eval_fn = step_lib.jit_eval_step(graphdef)
   to_global = lambda b: distributed.global_batch(b, batch_sh)  # noqa: E731
