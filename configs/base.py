@@ -17,7 +17,9 @@ MATMUL_IMPLS = ("xla", "pallas")
 OPTIMIZERS = ("adamw", "adafactor", "lion")
 MESH_AXES = ("data", "fsdp", "tensor", "pipeline", "expert")  # the same names as model/sharding.py
 SCHEDULES = ("cosine", "linear", "constant")
-ACTIVATIONS = ("gelu", "relu", "silu")
+ACTIVATIONS = ("gelu", "gelu_exact", "relu", "silu")  # gelu is the tanh approximation (GPT-2's gelu_new)
+NORM_POSITIONS = ("pre", "post")  # pre: x + f(norm(x)) (GPT-2, Llama); post: norm(x + f(x)) (OPT-350m), no final norm
+ROPE_SCALINGS = ("none", "llama3")
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -37,8 +39,16 @@ def get_config() -> ml_collections.ConfigDict:
   m.activation = "gelu"  # MLP nonlinearity for gpt (llama always uses SwiGLU with silu)
   m.norm_eps = 1e-5  # epsilon of LayerNorm / RMSNorm
   m.rope_theta = 10000.0  # RoPE base frequency (llama family)
+  m.rope_scaling = "none"  # one of ROPE_SCALINGS: llama3 stretches the low RoPE frequencies (Llama 3.1 and later)
+  m.rope_scaling_factor = 8.0  # llama3: how much the low frequencies are divided by
+  m.rope_low_freq_factor = 1.0  # llama3: wavelengths above original_max_len / this are fully scaled
+  m.rope_high_freq_factor = 4.0  # llama3: wavelengths below original_max_len / this are left as they are
+  m.rope_original_max_len = 8192  # llama3: the context length the model was pretrained with
+  m.norm_position = "pre"  # one of NORM_POSITIONS
+  m.embed_proj_dim = 0  # width of the token embedding when it differs from embed_dim (OPT-350m: 512); 0 = embed_dim
   m.tie_embeddings = True  # share the token embedding with the output projection
-  m.use_bias = -1  # biases in dense layers: 1 yes, 0 no, -1 family default (gpt yes, llama no)
+  m.use_bias = -1  # biases in attention projections: 1 yes, 0 no, -1 family default (gpt yes, llama no)
+  m.mlp_bias = -1  # biases in the MLP: 1 yes, 0 no, -1 same as use_bias
   m.param_dtype = "float32"  # storage dtype of parameters
   m.dtype = "float32"  # compute dtype of matmuls; softmax, norms and the loss always run in float32
   m.remat = "none"  # activation recomputation policy, one of REMAT_POLICIES
@@ -148,6 +158,8 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   _choice(config, "model.remat", REMAT_POLICIES)
   _choice(config, "model.attention_impl", ATTENTION_IMPLS)
   _choice(config, "model.activation", ACTIVATIONS)
+  _choice(config, "model.norm_position", NORM_POSITIONS)
+  _choice(config, "model.rope_scaling", ROPE_SCALINGS)
   _choice(config, "model.quant", QUANT_MODES)
   _choice(config, "model.matmul_impl", MATMUL_IMPLS)
   _choice(config, "train.optimizer", OPTIMIZERS)
@@ -155,19 +167,25 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   for key in ("model.vocab_size", "model.num_layers", "model.embed_dim", "model.num_heads", "model.max_len",
               "data.seq_len", "train.batch_size", "train.grad_accum_steps", "train.steps", "train.learning_rate",
               "train.log_every", "train.eval_batches", "train.checkpoint_every", "train.max_to_keep",
-              "model.norm_eps", "model.rope_theta"):
+              "model.norm_eps", "model.rope_theta", "model.rope_scaling_factor", "model.rope_original_max_len"):
     _positive(config, key)
   for key in ("model.num_kv_heads", "model.head_dim", "model.mlp_dim", "train.warmup_steps", "train.weight_decay",
               "train.grad_clip", "train.z_loss", "train.eval_every", "data.num_workers", "train.peak_flops",
               "data.max_docs", "model.num_experts", "model.expert_mlp_dim", "model.capacity_factor",
-              "train.moe_aux_loss", "train.router_z_loss"):
+              "train.moe_aux_loss", "train.router_z_loss", "model.embed_proj_dim"):
     _positive(config, key, zero_ok=True)
   if not m.head_dim and m.embed_dim % m.num_heads:
     _fail("model.num_heads", m.num_heads, f"must divide model.embed_dim={m.embed_dim} (or set model.head_dim)")
   if m.num_kv_heads and m.num_heads % m.num_kv_heads:
     _fail("model.num_kv_heads", m.num_kv_heads, f"must divide model.num_heads={m.num_heads}")
-  if m.use_bias not in (-1, 0, 1):
-    _fail("model.use_bias", m.use_bias, "allowed values are -1 (family default), 0, 1")
+  for key in ("use_bias", "mlp_bias"):
+    if m[key] not in (-1, 0, 1):
+      _fail(f"model.{key}", m[key], "allowed values are -1 (default), 0, 1")
+  if m.rope_scaling == "llama3" and not 0 < m.rope_low_freq_factor < m.rope_high_freq_factor:
+    _fail("model.rope_high_freq_factor", m.rope_high_freq_factor,
+          f"must exceed model.rope_low_freq_factor={m.rope_low_freq_factor} > 0")
+  if m.family == "llama" and m.norm_position != "pre":
+    _fail("model.norm_position", m.norm_position, "the llama family is pre-norm only")
   if m.family == "llama" and head_dim(m) % 2:
     _fail("model.head_dim", head_dim(m), "RoPE needs an even head dimension")
   if d.seq_len > m.max_len:
@@ -249,3 +267,7 @@ def mlp_dim(m: ml_collections.ConfigDict) -> int:
 
 def use_bias(m: ml_collections.ConfigDict) -> bool:
   return bool(m.use_bias) if m.use_bias != -1 else m.family == "gpt"
+
+
+def mlp_bias(m: ml_collections.ConfigDict) -> bool:
+  return bool(m.mlp_bias) if m.mlp_bias != -1 else use_bias(m)

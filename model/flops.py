@@ -29,17 +29,23 @@ def _moe_blocks(s: ModelSpec) -> int:
 def param_count(s: ModelSpec) -> int:
   """Total number of parameters (embeddings, norms, biases and every expert included)."""
   d = s.embed_dim
+  token_dim = s.embed_proj_dim or d
   moe_blocks = _moe_blocks(s)
-  norms = s.num_layers * 2 * d * (2 if s.family == "gpt" else 1)
+  norm = d * (2 if s.family == "gpt" else 1)
   attn_biases = s.num_layers * (s.head_dim * (s.num_heads + 2 * s.num_kv_heads) + d) if s.use_bias else 0
-  mlp_biases = (s.num_layers - moe_blocks) * (s.mlp_dim + d) if s.use_bias else 0
+  mlp_bias_width = s.mlp_dim * (2 if s.family == "llama" else 1) + d
+  mlp_biases = (s.num_layers - moe_blocks) * mlp_bias_width if s.has_mlp_bias else 0
   total = (s.num_layers * _attn_params(s) + (s.num_layers - moe_blocks) * _mlp_params(s, s.mlp_dim)
            + moe_blocks * (s.num_experts * _mlp_params(s, s.expert_mlp_dim) + d * s.num_experts)
-           + norms + attn_biases + mlp_biases + s.vocab_size * d + d * (2 if s.family == "gpt" else 1))
+           + s.num_layers * 2 * norm + attn_biases + mlp_biases + s.vocab_size * token_dim)
+  if s.norm_position == "pre":
+    total += norm  # the final norm
+  if token_dim != d:
+    total += 2 * token_dim * d  # project_in and project_out
   if s.family == "gpt":
     total += s.max_len * d
   if not s.tie_embeddings:
-    total += d * s.vocab_size
+    total += token_dim * s.vocab_size
   return total
 
 
@@ -49,7 +55,8 @@ def matmul_param_count(s: ModelSpec) -> int:
   moe_blocks = _moe_blocks(s)
   return (s.num_layers * _attn_params(s) + (s.num_layers - moe_blocks) * _mlp_params(s, s.mlp_dim)
           + moe_blocks * (s.experts_per_token * _mlp_params(s, s.expert_mlp_dim) + s.embed_dim * s.num_experts)
-          + s.embed_dim * s.vocab_size)
+          + (s.embed_proj_dim or s.embed_dim) * s.vocab_size
+          + (2 * s.embed_proj_dim * s.embed_dim if s.embed_proj_dim not in (0, s.embed_dim) else 0))
 
 
 def flops_per_token(s: ModelSpec, context: int, training: bool = True) -> float:

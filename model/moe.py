@@ -25,7 +25,8 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-ACTIVATIONS = {"gelu": lambda a: jax.nn.gelu(a, approximate=True), "relu": jax.nn.relu, "silu": jax.nn.silu}
+ACTIVATIONS = {"gelu": lambda a: jax.nn.gelu(a, approximate=True),  # the tanh form (GPT-2's gelu_new)
+               "gelu_exact": lambda a: jax.nn.gelu(a, approximate=False), "relu": jax.nn.relu, "silu": jax.nn.silu}
 
 
 @jax.tree_util.register_dataclass

@@ -13,11 +13,13 @@ import math
 from typing import Any
 
 import jax
+import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 import jax.numpy as jnp
 from flax import nnx
 
 from model import attention as attention_lib
+from model.moe import ACTIVATIONS
 from model.sharding import constrain
 
 Cache = dict[str, jax.Array]  # k, v: [layers, B, S, K, D]; segment_ids: [B, S] int32; index: [] int32 (next slot)
@@ -63,6 +65,14 @@ class ModelSpec:
   moe_every: int = 1
   capacity_factor: float = 0.0  # 0: dropless
   moe_renormalize: bool = True
+  mlp_bias: bool | None = None  # None: same as use_bias
+  norm_position: str = "pre"  # "pre": x + f(norm(x)) and a final norm; "post": norm(x + f(x)), no final norm (OPT-350m)
+  embed_proj_dim: int = 0  # token embedding width when it differs from embed_dim (projected in and out); 0 = embed_dim
+  rope_scaling: str = "none"  # "none" | "llama3"
+  rope_scaling_factor: float = 8.0
+  rope_low_freq_factor: float = 1.0
+  rope_high_freq_factor: float = 4.0
+  rope_original_max_len: int = 8192
 
   @classmethod
   def from_config(cls, m) -> "ModelSpec":
@@ -78,12 +88,35 @@ class ModelSpec:
                attention_impl=m.attention_impl, init_std=m.init_std, quant=m.quant, matmul_impl=m.matmul_impl,
                num_experts=m.num_experts, experts_per_token=m.experts_per_token,
                expert_mlp_dim=m.expert_mlp_dim or base.mlp_dim(m), moe_every=m.moe_every,
-               capacity_factor=m.capacity_factor, moe_renormalize=m.moe_renormalize)
+               capacity_factor=m.capacity_factor, moe_renormalize=m.moe_renormalize, mlp_bias=base.mlp_bias(m),
+               norm_position=m.norm_position, embed_proj_dim=m.embed_proj_dim, rope_scaling=m.rope_scaling,
+               rope_scaling_factor=m.rope_scaling_factor, rope_low_freq_factor=m.rope_low_freq_factor,
+               rope_high_freq_factor=m.rope_high_freq_factor, rope_original_max_len=m.rope_original_max_len)
 
   @property
   def layers_per_unit(self) -> int:
     """Blocks per scanned unit: 1 for dense models, moe_every for MoE models (see `BlockGroup`)."""
     return self.moe_every if self.num_experts else 1
+
+  @property
+  def has_mlp_bias(self) -> bool:
+    return self.use_bias if self.mlp_bias is None else self.mlp_bias
+
+  def rope_frequencies(self) -> np.ndarray:
+    """RoPE inverse frequencies [head_dim // 2] float32, theta^(-2i/d), with Llama 3's rescaling when configured:
+    wavelengths longer than original_max_len / low_freq_factor are divided by the factor, shorter than
+    original_max_len / high_freq_factor kept, and the band between interpolated smoothly."""
+    d = self.head_dim
+    inv_freq = (1.0 / self.rope_theta ** (np.arange(0, d, 2, dtype=np.float32) / np.float32(d))).astype(np.float32)
+    if self.rope_scaling == "none":
+      return inv_freq
+    factor, low, high = self.rope_scaling_factor, self.rope_low_freq_factor, self.rope_high_freq_factor
+    wavelen = 2 * np.pi / inv_freq
+    scaled = np.where(wavelen > self.rope_original_max_len / low, inv_freq / factor, inv_freq)
+    smooth = (self.rope_original_max_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= self.rope_original_max_len / high) & (wavelen <= self.rope_original_max_len / low)
+    return np.where(medium, smoothed, scaled).astype(np.float32)
 
   @property
   def compute_dtype(self):
@@ -150,10 +183,10 @@ class Norm(nnx.Module):
     return y.astype(self.spec.compute_dtype)
 
 
-def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
-  """Rotary embedding (half-split convention, as in HF Llama). x [B, L, N, D], positions [B, L] -> same shape/dtype."""
-  d = x.shape[-1]
-  freqs = theta ** (-jnp.arange(0, d, 2, dtype=jnp.float32) / d)
+def rope(x: jax.Array, positions: jax.Array, inv_freq) -> jax.Array:
+  """Rotary embedding (half-split convention, as in HF Llama). x [B, L, N, D], positions [B, L], inv_freq [D/2]
+  float32 (`ModelSpec.rope_frequencies`) -> same shape/dtype as x."""
+  freqs = jnp.asarray(inv_freq, jnp.float32)
   angles = positions.astype(jnp.float32)[:, :, None, None] * freqs  # [B, L, 1, D/2]
   sin, cos = jnp.sin(angles), jnp.cos(angles)
   x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
@@ -199,7 +232,8 @@ class Attention(nnx.Module):
     k = self._project(x, self.wk, self.wk_scale, self.bk)
     v = self._project(x, self.wv, self.wv_scale, self.bv)
     if spec.family == "llama":
-      q, k = rope(q, positions, spec.rope_theta), rope(k, positions, spec.rope_theta)
+      inv_freq = spec.rope_frequencies()
+      q, k = rope(q, positions, inv_freq), rope(k, positions, inv_freq)
     q = constrain(q, ("batch", "length", "heads", "head_dim"))
     if isinstance(visibility, attention_lib.PagedVisibility):  # kv_cache is this layer's (k_pages, v_pages)
       kv_cache = tuple(attention_lib.write_pages(pages, new, visibility) for pages, new in zip(kv_cache, (k, v)))
@@ -231,8 +265,9 @@ class MLP(nnx.Module):
     self.w_gate, self.w_gate_scale = (_weight(spec, rngs, (d, f), ("embed", "mlp"), spec.init_std)
                                       if spec.family == "llama" else (None, None))
     self.w_out, self.w_out_scale = _weight(spec, rngs, (f, d), ("mlp", "embed"), out_std)
-    self.b_in = _param(rngs, (f,), ("mlp",), dt, 0.0) if spec.use_bias else None
-    self.b_out = _param(rngs, (d,), ("embed",), dt, 0.0) if spec.use_bias else None
+    self.b_in = _param(rngs, (f,), ("mlp",), dt, 0.0) if spec.has_mlp_bias else None
+    self.b_gate = _param(rngs, (f,), ("mlp",), dt, 0.0) if spec.has_mlp_bias and spec.family == "llama" else None
+    self.b_out = _param(rngs, (d,), ("embed",), dt, 0.0) if spec.has_mlp_bias else None
 
   def __call__(self, x):
     return self.project_out(self.hidden(x))
@@ -244,10 +279,12 @@ class MLP(nnx.Module):
     if self.b_in is not None:
       h = h + self.b_in[...].astype(h.dtype)
     if self.w_gate is not None:
-      h = jax.nn.silu(_matmul(spec, x, self.w_gate, self.w_gate_scale)) * h
+      gate = _matmul(spec, x, self.w_gate, self.w_gate_scale)
+      if self.b_gate is not None:
+        gate = gate + self.b_gate[...].astype(gate.dtype)
+      h = jax.nn.silu(gate) * h
     else:
-      h = {"gelu": lambda a: jax.nn.gelu(a, approximate=True), "relu": jax.nn.relu, "silu": jax.nn.silu}[
-          spec.activation](h)
+      h = ACTIVATIONS[spec.activation](h)
     return constrain(h, ("batch", "length", "mlp"))
 
   def project_out(self, h):
@@ -265,7 +302,8 @@ def _zero_aux() -> MoEAux:
 
 
 class Block(nnx.Module):
-  """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x)); `moe` swaps the MLP for a `moe.MoE`."""
+  """Residual block, pre-norm x + attn(norm(x)) then x + mlp(norm(x)), or post-norm norm(x + attn(x)) then
+  norm(x + mlp(x)) (`spec.norm_position`); `moe` swaps the MLP for a `moe.MoE`."""
 
   def __init__(self, spec: ModelSpec, rngs: nnx.Rngs, moe: bool = False):
     from model import moe as moe_lib
@@ -278,13 +316,15 @@ class Block(nnx.Module):
 
   def __call__(self, x, positions, visibility, q_slots_start=None, kv_cache=None):
     """Returns (x [B, L, D], kv_cache, MoE auxiliary terms (zeros for a dense block))."""
-    y, kv_cache = self.attn(self.attn_norm(x), positions, visibility, q_slots_start, kv_cache)
-    x = x + y
+    pre = self.attn_norm.spec.norm_position == "pre"
+    y, kv_cache = self.attn(self.attn_norm(x) if pre else x, positions, visibility, q_slots_start, kv_cache)
+    x = x + y if pre else self.attn_norm(x + y)
+    h = self.mlp_norm(x) if pre else x
     if self.moe is not None:
-      y, aux = self.moe(self.mlp_norm(x), (visibility.q_segment_ids > 0))
+      y, aux = self.moe(h, (visibility.q_segment_ids > 0))
     else:
-      y, aux = self.mlp(self.mlp_norm(x)), _zero_aux()
-    x = x + y
+      y, aux = self.mlp(h), _zero_aux()
+    x = x + y if pre else self.mlp_norm(x + y)
     return constrain(x, ("batch", "length", "embed")), kv_cache, aux
 
 
@@ -316,8 +356,12 @@ class Transformer(nnx.Module):
     self.spec = spec
     dt = spec.weight_dtype
     # Quantized: int8 rows with one scale per vocabulary entry, which is also the tied head's per-output scale.
-    self.embed, self.embed_scale = _weight(spec, rngs, (spec.vocab_size, spec.embed_dim), ("vocab", "embed"),
+    token_dim = spec.embed_proj_dim or spec.embed_dim
+    self.embed, self.embed_scale = _weight(spec, rngs, (spec.vocab_size, token_dim), ("vocab", "embed"),
                                            spec.init_std, scale_axes=(0,))
+    projected = spec.embed_proj_dim not in (0, spec.embed_dim)  # OPT-350m: tokens live in a narrower space
+    self.project_in = _param(rngs, (token_dim, spec.embed_dim), (None, "embed"), dt, spec.init_std) if projected else None
+    self.project_out = _param(rngs, (spec.embed_dim, token_dim), ("embed", None), dt, spec.init_std) if projected else None
     self.pos_embed = (_param(rngs, (spec.max_len, spec.embed_dim), (None, "embed"), dt, spec.init_std / 2)
                       if spec.family == "gpt" else None)
 
@@ -331,9 +375,9 @@ class Transformer(nnx.Module):
       return unit(spec, r)
 
     self.blocks = make_blocks(rngs)
-    self.final_norm = Norm(spec, rngs)
+    self.final_norm = Norm(spec, rngs) if spec.norm_position == "pre" else None
     self.head, self.head_scale = ((None, None) if spec.tie_embeddings else
-                                  _weight(spec, rngs, (spec.embed_dim, spec.vocab_size), ("embed", "vocab"),
+                                  _weight(spec, rngs, (token_dim, spec.vocab_size), ("embed", "vocab"),
                                           spec.init_std))
 
   # -- public API -------------------------------------------------------------------------------------------------
@@ -438,6 +482,8 @@ class Transformer(nnx.Module):
     if self.embed_scale is not None:
       x = x * jnp.take(self.embed_scale[...], inputs, axis=0)[..., None]
     x = x.astype(spec.compute_dtype)
+    if self.project_in is not None:
+      x = _matmul(spec, x, self.project_in)
     if self.pos_embed is not None:
       x = x + jnp.take(self.pos_embed[...], positions, axis=0).astype(spec.compute_dtype)
     return constrain(x, ("batch", "length", "embed"))
@@ -446,7 +492,10 @@ class Transformer(nnx.Module):
     spec = self.spec
     x = self.embed_tokens(inputs, positions)
     x, kv_cache, aux = self._run_blocks(x, positions, visibility, start, kv_cache)
-    x = self.final_norm(x)
+    if self.final_norm is not None:
+      x = self.final_norm(x)
+    if self.project_out is not None:
+      x = _matmul(spec, x, self.project_out)
     if self.head is not None and self.head_scale is not None:
       logits = _matmul(spec, x, self.head, self.head_scale).astype(jnp.float32)
     elif self.head is not None:

@@ -130,6 +130,8 @@ def test_bfloat16_compute_stays_close_to_float32():
 @pytest.mark.parametrize("kw", [
     dict(family="gpt"), dict(family="gpt", tie_embeddings=False), dict(family="llama"),
     dict(family="llama", use_bias=1, tie_embeddings=False, mlp_dim=48), dict(family="gpt", head_dim=12),
+    dict(family="llama", mlp_bias=True), dict(family="gpt", norm_position="post", embed_proj_dim=16),
+    dict(family="gpt", norm_position="post", embed_proj_dim=16, tie_embeddings=False),
 ])
 def test_parameter_and_flop_counts_match_the_parameter_tree(kw):
   spec = small_spec(**kw)
@@ -137,7 +139,7 @@ def test_parameter_and_flop_counts_match_the_parameter_tree(kw):
   assert flops.param_count(spec) == flops.tree_param_count(model)
   state = nnx.to_pure_dict(nnx.state(model, nnx.Param))
   matmul = sum(v.size for path, v in jax.tree_util.tree_leaves_with_path(state)
-               if str(path[-1].key).startswith("w") or path[-1].key == "head")
+               if str(path[-1].key).startswith("w") or path[-1].key in ("head", "project_in", "project_out"))
   matmul += 0 if "head" in state else state["embed"].size
   assert flops.matmul_param_count(spec) == matmul
   fwd = flops.flops_per_token(spec, 16, training=False)
