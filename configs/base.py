@@ -79,6 +79,7 @@ def get_config() -> ml_collections.ConfigDict:
   d.num_workers = 0  # grain worker processes (0 reads in the main process)
 
   c.train = t = ml_collections.ConfigDict()
+  t.init_from = ""  # a workdir whose latest parameters start this run instead of a random init (fine-tuning)
   t.seed = 0  # parameter init seed (and the train state's RNG key, reserved for stochastic layers)
   t.batch_size = 8  # sequences per optimizer step (global)
   t.grad_accum_steps = 1  # micro-batches per step; must divide batch_size

@@ -57,13 +57,13 @@ def perplexity(model, config, tokenizer, num_batches: int | None = None) -> dict
 
 
 def token_stream(source, tokenizer, max_tokens: int | None = None) -> np.ndarray:
-  """EOT + tokens of every document of `source` in order, concatenated: [n] int32 (cut at max_tokens if given)."""
-  eot = tokenizer_lib.eot_id(tokenizer)
+  """BOS (EOT for our tokenizers) + tokens of every document of `source` in order, concatenated: [n] int32 (cut at max_tokens if given)."""
+  bos = tokenizer_lib.bos_id(tokenizer)
   pieces, total = [], 0
   for i in range(len(source)):
     text = source[i]["text"]
     text = bytes(text).decode("utf-8", errors="replace") if not isinstance(text, str) else text
-    ids = np.asarray([eot, *tokenizer_lib.encode(tokenizer, text)], np.int32)
+    ids = np.asarray([bos, *tokenizer_lib.encode(tokenizer, text)], np.int32)
     pieces.append(ids)
     total += len(ids)
     if max_tokens and total >= max_tokens:

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from train.tokenizer import EOT, decode, encode, eot_id  # noqa: F401  (EOT: prompts start with it; a row stops at it)
+from train.tokenizer import EOT, bos_id, decode, encode, eot_id  # noqa: F401  (EOT: prompts start with it; a row stops at it)
 
 
 
@@ -138,8 +138,8 @@ def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, te
 
 
 def encode_prompt(tokenizer, text: str) -> list[int]:
-  """[EOT] + ids of `text`, matching how training documents start."""
-  return [eot_id(tokenizer)] + encode(tokenizer, text)
+  """[BOS] + ids of `text`, matching how training documents start (BOS is EOT for our own tokenizers)."""
+  return [bos_id(tokenizer)] + encode(tokenizer, text)
 
 
 def decode_completion(tokenizer, ids: Sequence[int]) -> str:

@@ -12,7 +12,7 @@ from flax import nnx
 
 from infer.compress import storage
 from model.transformer import ModelSpec, Transformer
-from train import checkpoint, optim, step as step_lib
+from train import checkpoint, step as step_lib, tokenizer as tokenizer_lib
 
 
 def load_trained(workdir: str, step: int | None = None, matmul_impl: str | None = None,
@@ -35,13 +35,8 @@ def load_trained(workdir: str, step: int | None = None, matmul_impl: str | None 
     if "coded_arrays" in meta and spec.matmul_impl == "pallas":
       model = _attach_coded(model, meta)
     return config, model, load_tokenizer(workdir), step
-  if spec.quant != "none":  # quantized workdirs (scripts/quantize.py) hold parameters only
-    abstract_state = {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": abstract_params}
-  else:
-    optimizer = optim.make_optimizer(config.train, abstract_params)
-    abstract_state = jax.eval_shape(lambda: step_lib.init_state(spec, optimizer, 0))
-  state, step = checkpoint.restore_state(workdir, abstract_state, step)
-  model = nnx.merge(step_lib.model_graphdef(spec), state["params"])
+  params, step = checkpoint.restore_params(workdir, abstract_params, step)  # train states, imports, int8 models
+  model = nnx.merge(step_lib.model_graphdef(spec), params)
   return config, model, load_tokenizer(workdir), step
 
 
@@ -77,7 +72,7 @@ def load_tokenizer(workdir: str) -> tokenizers.Tokenizer:
   path = os.path.join(workdir, "tokenizer.json")
   if not os.path.exists(path):
     raise FileNotFoundError(f"{path} not found: --workdir must be a directory written by `python -m train`")
-  return tokenizers.Tokenizer.from_file(path)
+  return tokenizer_lib.load(path)
 
 
 def as_model(spec: ModelSpec, params) -> Transformer:

@@ -111,13 +111,13 @@ class Metrics:
 
 
 class Server:
-  """The aiohttp application over a scheduler. tokenizer: a `tokenizers.Tokenizer` with `<|endoftext|>`."""
+  """The aiohttp application over a scheduler. tokenizer: a `tokenizers.Tokenizer` (see `train.tokenizer.load`)."""
 
   def __init__(self, scheduler: Scheduler, tokenizer, model_id: str, metrics: Metrics):
-    from train.tokenizer import eot_id
+    from train.tokenizer import bos_id, eot_id
 
     self.scheduler, self.tokenizer, self.model_id, self.metrics = scheduler, tokenizer, model_id, metrics
-    self.eot = eot_id(tokenizer)
+    self.eot, self.bos = eot_id(tokenizer), bos_id(tokenizer)
     self.vocab = tokenizer.get_vocab_size()
     self.created = int(time.time())
     self.draining = False
@@ -151,7 +151,7 @@ class Server:
 
     def ids(p):
       if isinstance(p, str):
-        return [self.eot] + encode(self.tokenizer, p)
+        return [self.bos] + encode(self.tokenizer, p)
       if isinstance(p, list) and p and all(isinstance(t, int) and not isinstance(t, bool) for t in p):
         bad = [t for t in p if not 0 <= t < self.vocab]
         if bad:

@@ -146,12 +146,16 @@ def config_from_hf(hf: dict, dtype: str = "float32") -> ml_collections.ConfigDic
   return base.validate(config)
 
 
-def architecture_of(spec: ModelSpec) -> str:
-  """The Hugging Face model_type that represents `spec` exactly; UnsupportedModelError says why none does."""
+def architecture_of(spec: ModelSpec, preferred: str | None = None) -> str:
+  """The Hugging Face model_type that represents `spec` exactly (`preferred`, e.g. the imported one, when it can:
+  Llama-style models without biases export as Mistral just as well); UnsupportedModelError says why none does."""
+  if preferred == "mistral" and spec.family == "llama" and not (spec.num_experts or spec.use_bias or spec.has_mlp_bias):
+    return "mistral"
   if spec.family == "gpt":
     if spec.num_experts or spec.num_kv_heads != spec.num_heads or not spec.use_bias or not spec.has_mlp_bias:
       raise UnsupportedModelError("gpt-family models export only dense, multi-head, with biases (GPT-2 or OPT)")
-    if spec.activation == "relu" or spec.norm_position == "post" or spec.embed_proj_dim not in (0, spec.embed_dim):
+    if (preferred == "opt" or spec.activation == "relu" or spec.norm_position == "post"
+        or spec.embed_proj_dim not in (0, spec.embed_dim)):
       return "opt"
     return "gpt2"
   if spec.num_experts:
@@ -191,6 +195,8 @@ def hf_config(spec: ModelSpec, model_type: str, extra: dict | None = None) -> di
     if model_type == "mixtral":
       out.update(num_local_experts=spec.num_experts, num_experts_per_tok=spec.experts_per_token,
                  intermediate_size=spec.expert_mlp_dim, sliding_window=None)
+    elif model_type == "mistral":
+      out.update(sliding_window=None)  # imports keep max_len within the window, where it changes nothing
     else:
       out.update(attention_bias=spec.use_bias, mlp_bias=spec.has_mlp_bias)
   return {**common, **out, **(extra or {})}
@@ -429,7 +435,7 @@ def _lookup(tree: dict, key: tuple):
 def hf_tensors(model: Transformer, model_type: str | None = None) -> dict[str, np.ndarray]:
   """Every tensor of the Hugging Face checkpoint of `model`, by name, in the parameters' dtype."""
   spec = model.spec
-  model_type = model_type or architecture_of(spec)
+  model_type = architecture_of(spec, model_type)
   params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
   pieces: dict[str, dict[int, np.ndarray]] = {}
   for rule in rules(spec, model_type):
@@ -445,16 +451,17 @@ def hf_tensors(model: Transformer, model_type: str | None = None) -> dict[str, n
 
 
 def save_pretrained(model: Transformer, out_dir: str, *, model_type: str | None = None, extra_config: dict | None = None,
-                    max_shard_bytes: int = 5 * 2**30) -> str:
+                    max_shard_bytes: int = 5 * 2**30, extra_files: dict[str, str | dict] | None = None) -> str:
   """Writes `model` as a Hugging Face directory (config.json and safetensors, sharded with an index past
   `max_shard_bytes`) that `transformers.AutoModelForCausalLM.from_pretrained` loads into the matching class.
 
-  `model_type` defaults to `architecture_of(model.spec)`; `extra_config` adds config keys (token ids, ...). The
+  `model_type` is a preference, used where it fits the model (`architecture_of`); `extra_config` adds config keys (token ids, ...);
+  `extra_files` {name: source path, or a dict written as JSON} go in as well (tokenizer files). The
   directory is written beside `out_dir` and renamed into place, so a crash leaves no half-written model; out_dir
   must not exist or be empty. Returns out_dir."""
   from safetensors.flax import save_file  # takes bfloat16, which the numpy writer cannot
 
-  model_type = model_type or architecture_of(model.spec)
+  model_type = architecture_of(model.spec, model_type)
   if os.path.exists(out_dir) and os.listdir(out_dir):
     raise FileExistsError(f"{out_dir} is not empty: choose a new directory for the export")
   tensors = hf_tensors(model, model_type)
@@ -482,6 +489,12 @@ def save_pretrained(model: Transformer, out_dir: str, *, model_type: str | None 
         json.dump(index, f, indent=2)
     with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
       json.dump(hf_config(model.spec, model_type, extra_config), f, indent=2)
+    for name, source in (extra_files or {}).items():
+      if isinstance(source, dict):
+        with open(os.path.join(tmp, name), "w", encoding="utf-8") as f:
+          json.dump(source, f, indent=2)
+      else:
+        shutil.copy(source, os.path.join(tmp, name))
     if os.path.exists(out_dir):
       os.rmdir(out_dir)
     os.rename(tmp, out_dir)

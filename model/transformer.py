@@ -416,7 +416,7 @@ class Transformer(nnx.Module):
     meta = {"segment_ids": jnp.zeros((batch, length), jnp.int32), "index": jnp.zeros((), jnp.int32)}
     if per_layer:
       shape = (batch, length, s.num_kv_heads, s.head_dim)
-      shape = (s.layers_per_unit, *shape) if s.layers_per_unit > 1 else shape
+      shape = (s.layers_per_unit, *shape) if s.num_experts else shape  # BlockGroup caches, even of one block
       units = s.num_layers // s.layers_per_unit
       return {"kv": [(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(units)], **meta}
     shape = (s.num_layers, batch, length, s.num_kv_heads, s.head_dim)
@@ -449,12 +449,12 @@ class Transformer(nnx.Module):
 
   def init_pages(self, num_pages: int, page_size: int, dtype=None) -> list[tuple[jax.Array, jax.Array]]:
     """An empty paged KV pool, one (k, v) pair per scanned unit (a block, or a MoE block group): each
-    [num_pages, page_size, kv_heads, head_dim] ([layers_per_unit, ...] for MoE groups) in `dtype`. Separate
+    [num_pages, page_size, kv_heads, head_dim] ([layers_per_unit, ...] for MoE models) in `dtype`. Separate
     per-unit arrays let every decode step update the pool in place (a stacked pool would be sliced and restacked,
     copying all of it at every step)."""
     s = self.spec
     shape = (num_pages, page_size, s.num_kv_heads, s.head_dim)
-    if s.layers_per_unit > 1:
+    if s.num_experts:  # BlockGroup units, even of one block
       shape = (s.layers_per_unit, *shape)
     zeros = lambda: jnp.zeros(shape, dtype or s.compute_dtype)  # noqa: E731
     return [(zeros(), zeros()) for _ in range(s.num_layers // s.layers_per_unit)]

@@ -12,6 +12,7 @@ from typing import Any
 
 import grain
 import jax
+import jax.numpy as jnp
 import ml_collections
 import orbax.checkpoint as ocp
 
@@ -98,3 +99,36 @@ def restore_state(workdir: str, abstract_state: Any, step: int | None = None) ->
   finally:
     manager.close()
   return restored["state"], step
+
+
+def save_params(workdir: str, step: int, params: Any) -> None:
+  """Writes a parameters-only checkpoint ({"step", "params"}) at `step`, as imports and quantized models are stored;
+  `restore_params` reads it, and `python -m train` fine-tunes from it (config.train.init_from)."""
+  manager = ocp.CheckpointManager(checkpoint_dir(workdir), item_names=("state",))
+  try:
+    manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(
+        {"step": jnp.asarray(step, jnp.int32), "params": params})))
+    manager.wait_until_finished()
+  finally:
+    manager.close()
+
+
+def restore_params(workdir: str, abstract_params: Any, step: int | None = None) -> tuple[Any, int]:
+  """Only the parameters of the latest (or given) checkpoint, whether it holds a whole train state or parameters
+  only: (params, step). Leaves of `abstract_params` without a sharding land on this process's first device."""
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  abstract_params = jax.tree.map(
+      lambda a: a if getattr(a, "sharding", None) is not None else jax.ShapeDtypeStruct(a.shape, a.dtype,
+                                                                                          sharding=device),
+      abstract_params)
+  item = {"params": abstract_params}
+  manager = ocp.CheckpointManager(checkpoint_dir(workdir), item_names=("state",))
+  try:
+    step = manager.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(f"no checkpoint in {checkpoint_dir(workdir)}: train first with `python -m train`")
+    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+        item, restore_args=ocp.checkpoint_utils.construct_restore_args(item), partial_restore=True)))
+  finally:
+    manager.close()
+  return restored["state"]["params"], step

@@ -231,11 +231,11 @@ def chunk_ids(ids: np.ndarray, seq_len: int) -> list[np.ndarray]:
 
 
 def tokenize_document(record: Mapping[str, Any], *, tokenizer: Tokenizer, seq_len: int) -> list[dict[str, np.ndarray]]:
-  """[EOT] + ids + [EOT] of record['text'], chunked by `chunk_ids`, as [{'inputs': [m] int32, 'targets': [m] int32}]."""
+  """[BOS] + ids + [EOT] of record['text'] (both EOT for our own tokenizers), chunked by `chunk_ids`, as [{'inputs': [m] int32, 'targets': [m] int32}]."""
   text = record["text"]
   text = bytes(text).decode("utf-8", errors="replace") if not isinstance(text, str) else text
-  eot = tokenizer_lib.eot_id(tokenizer)
-  ids = np.asarray([eot, *tokenizer_lib.encode(tokenizer, text), eot], dtype=np.int32)
+  bos, eot = tokenizer_lib.bos_id(tokenizer), tokenizer_lib.eot_id(tokenizer)
+  ids = np.asarray([bos, *tokenizer_lib.encode(tokenizer, text), eot], dtype=np.int32)
   return [{"inputs": c[:-1], "targets": c[1:]} for c in chunk_ids(ids, seq_len)]
 
 

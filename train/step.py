@@ -32,7 +32,11 @@ def init_params(spec: ModelSpec, seed: int) -> dict:
 
 
 def init_state(spec: ModelSpec, optimizer: optax.GradientTransformation, seed: int) -> TrainState:
-  params = init_params(spec, seed)
+  return state_from_params(init_params(spec, seed), optimizer, seed)
+
+
+def state_from_params(params: dict, optimizer: optax.GradientTransformation, seed: int) -> TrainState:
+  """A step-0 train state around given parameters (fresh optimizer state), e.g. to fine-tune imported weights."""
   return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": optimizer.init(params),
           "rng": jax.random.key_data(jax.random.key(seed + 1))}
 

@@ -3,11 +3,17 @@
 Every byte sequence is representable (the 256-symbol byte alphabet is always in the vocabulary), so
 `decode(tok, encode(tok, text)) == text` for any str. Id 0 is the special token `<|endoftext|>` (EOT), which the data
 pipeline puts around every document.
+
+Tokenizers imported from Hugging Face (`scripts/convert.py`) keep their own document tokens: `load` reads the
+`bos_token` / `eos_token` of a `tokenizer_config.json` beside the tokenizer.json (OPT: `</s>` for both, Llama:
+`<s>` and `</s>`) and `bos_id` / `eot_id` return them; without one, both are `<|endoftext|>`.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 from collections.abc import Iterable, Iterator, Sequence
 
 import ml_collections
@@ -34,12 +40,50 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Tokenizer:
   return tok
 
 
-def eot_id(tok: Tokenizer) -> int:
-  """Id of `<|endoftext|>`; ValueError if the tokenizer lacks it."""
-  i = tok.token_to_id(EOT)
+HF_CONFIG = "tokenizer_config.json"  # Hugging Face's file of special tokens, kept beside tokenizer.json
+
+
+def load(path: str) -> Tokenizer:
+  """The tokenizer of a tokenizer.json, with the document tokens of a `tokenizer_config.json` beside it, if any
+  (kept as the attributes `bos_token` / `eos_token`, which `bos_id` and `eot_id` read)."""
+  tok = Tokenizer.from_file(path)
+  config_path = os.path.join(os.path.dirname(path), HF_CONFIG)
+  if os.path.isfile(config_path):
+    with open(config_path, encoding="utf-8") as f:
+      hf = json.load(f)
+    for key in ("bos_token", "eos_token"):
+      token = hf.get(key)
+      token = token.get("content") if isinstance(token, dict) else token
+      if token is not None and tok.token_to_id(token) is None:
+        raise ValueError(f"{config_path}: {key}={token!r} is not in the vocabulary of {path}")
+      setattr(tok, key, token)
+  return tok
+
+
+def copy(src_dir: str, dst_dir: str) -> None:
+  """Copies tokenizer.json and its tokenizer_config.json (if any) from src_dir to dst_dir."""
+  for name in ("tokenizer.json", HF_CONFIG):
+    if os.path.isfile(os.path.join(src_dir, name)):
+      shutil.copy(os.path.join(src_dir, name), os.path.join(dst_dir, name))
+
+
+def _special_id(tok: Tokenizer, token: str | None, what: str) -> int:
+  i = tok.token_to_id(token or EOT)
   if i is None:
-    raise ValueError(f"tokenizer has no {EOT} token; peakllm needs it as document separator")
+    raise ValueError(f"tokenizer has no {token or EOT} token; peakllm needs it as the {what} (a tokenizer.json "
+                     f"without {EOT} needs a tokenizer_config.json naming its bos_token and eos_token)")
   return i
+
+
+def eot_id(tok: Tokenizer) -> int:
+  """Id of the end-of-document token: the eos_token of an imported tokenizer, else `<|endoftext|>`."""
+  return _special_id(tok, getattr(tok, "eos_token", None), "end-of-document token")
+
+
+def bos_id(tok: Tokenizer) -> int:
+  """Id of the token that starts documents and prompts: the bos_token of an imported tokenizer, else the EOT."""
+  token = getattr(tok, "bos_token", None) or getattr(tok, "eos_token", None)
+  return _special_id(tok, token, "start-of-document token")
 
 
 def encode(tok: Tokenizer, text: str) -> list[int]:
@@ -54,6 +98,7 @@ def decode(tok: Tokenizer, ids: Sequence[int]) -> str:
 
 def _check_vocab(tok: Tokenizer, config: ml_collections.ConfigDict, where: str) -> Tokenizer:
   eot_id(tok)
+  bos_id(tok)
   if tok.get_vocab_size() > config.model.vocab_size:
     raise ValueError(f"tokenizer {where} has {tok.get_vocab_size()} entries but config.model.vocab_size="
                      f"{config.model.vocab_size}; raise model.vocab_size or use a smaller tokenizer")
@@ -82,12 +127,16 @@ def load_or_train(config: ml_collections.ConfigDict, workdir: str, train_source=
     if not os.path.isfile(path):
       raise FileNotFoundError(f"config.data.tokenizer_path={config.data.tokenizer_path!r} does not exist; point it at "
                               f"a tokenizer.json or set it to '' to train one on the training split")
-    tok = _check_vocab(Tokenizer.from_file(path), config, f"data.tokenizer_path={path!r}")
-    _save(tok, os.path.join(workdir, "tokenizer.json"))  # the workdir stays self-contained for inference
+    tok = _check_vocab(load(path), config, f"data.tokenizer_path={path!r}")
+    if os.path.abspath(os.path.dirname(path)) != os.path.abspath(workdir):
+      os.makedirs(workdir, exist_ok=True)
+      _save(tok, os.path.join(workdir, "tokenizer.json"))  # the workdir stays self-contained for inference
+      if os.path.isfile(os.path.join(os.path.dirname(path), HF_CONFIG)):
+        shutil.copy(os.path.join(os.path.dirname(path), HF_CONFIG), os.path.join(workdir, HF_CONFIG))
     return tok
   path = os.path.join(workdir, "tokenizer.json")
   if os.path.isfile(path):
-    return _check_vocab(Tokenizer.from_file(path), config, f"{path!r} (delete it to retrain)")
+    return _check_vocab(load(path), config, f"{path!r} (delete it to retrain)")
   if config.data.tokenizer_train_bytes <= 0:
     raise ValueError(f"config.data.tokenizer_train_bytes={config.data.tokenizer_train_bytes!r} must be > 0")
   if train_source is None:

@@ -125,7 +125,12 @@ def run(config, workdir: str, on_step: Callable[[int], None] | None = None) -> d
     log.info("resumed from step %d", start_step)
   else:
     device_sh = jax.tree.map(lambda s: s.with_memory_kind("device"), state_sh)
-    state = jax.jit(lambda: step_lib.init_state(spec, optimizer, t.seed), out_shardings=device_sh)()
+    if t.init_from:  # fine-tuning: the parameters of another workdir (a run, or a Hugging Face import)
+      params = _initial_params(t.init_from, abstract_state["params"])
+      state = jax.jit(lambda p: step_lib.state_from_params(p, optimizer, t.seed), out_shardings=device_sh,
+                      donate_argnums=0)(params)
+    else:
+      state = jax.jit(lambda: step_lib.init_state(spec, optimizer, t.seed), out_shardings=device_sh)()
     state = jax.device_put(state, state_sh)  # optimizer state to host memory when offloaded
     start_step = 0
 
@@ -222,6 +227,24 @@ def run(config, workdir: str, on_step: Callable[[int], None] | None = None) -> d
     with open(os.path.join(workdir, "summary.json"), "w", encoding="utf-8") as f:
       json.dump({k: v for k, v in summary.items()}, f, indent=2)
   return summary
+
+
+def _initial_params(source: str, abstract_params):
+  """The latest parameters of the workdir `source`, placed as `abstract_params` (with shardings) says; ValueError
+  naming the first parameter whose shape differs (the model configs must match)."""
+  source_spec = ModelSpec.from_config(checkpoint_lib.load_config(source).model)
+  theirs = jax.eval_shape(lambda: step_lib.init_params(source_spec, 0))
+  ours_flat = jax.tree_util.tree_flatten_with_path(abstract_params)[0]
+  theirs_flat = dict(jax.tree_util.tree_flatten_with_path(theirs)[0])
+  for path, leaf in ours_flat:
+    other = theirs_flat.get(path)
+    if other is None or other.shape != leaf.shape:
+      raise ValueError(f"config.train.init_from={source!r}: parameter {jax.tree_util.keystr(path)} is "
+                       f"{None if other is None else other.shape} there but {leaf.shape} in this config's model; "
+                       f"start from that workdir's model config (configs/finetune.py does)")
+  params, step = checkpoint_lib.restore_params(source, abstract_params)
+  log.info("initialised from %s (step %d)", source, step)
+  return params
 
 
 def _sample(config, spec, graphdef, params, tokenizer) -> str:

@@ -39,13 +39,13 @@ def calibration_samples(config, tokenizer, *, num_samples: int, seq_len: int, se
     raise ValueError(f"calibration needs num_samples > 0 and seq_len > 1, got {num_samples} and {seq_len}")
   source = data_lib.load_sources(config)["train"]
   rng = np.random.default_rng(seed)
-  eot = tokenizer_lib.eot_id(tokenizer)
+  bos = tokenizer_lib.bos_id(tokenizer)
   stream, total = [], 0
   want = 4 * num_samples * seq_len  # enough text that windows rarely overlap
   for index in rng.permutation(len(source)):
     text = source[int(index)]["text"]
     text = bytes(text).decode("utf-8", errors="replace") if not isinstance(text, str) else text
-    ids = [eot, *tokenizer_lib.encode(tokenizer, text)]
+    ids = [bos, *tokenizer_lib.encode(tokenizer, text)]
     stream.append(np.asarray(ids, np.int32))
     total += len(ids)
     if total >= want:

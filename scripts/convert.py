@@ -1,0 +1,99 @@
+"""Moves models between Hugging Face directories and peakllm workdirs.
+
+  python -m scripts.convert --from_hf=DIR --workdir=OUT [--dtype=float32]
+      config.json + safetensors + tokenizer.json of DIR -> a workdir (config, orbax parameters at step 0,
+      tokenizer) that infer.generate, infer.evaluate, infer.compress, infer.serve and fine-tuning
+      (`python -m train --config=configs/finetune.py:OUT`) accept.
+  python -m scripts.convert --to_hf=OUT_DIR --workdir=DIR [--step=N] [--max_shard_gb=5]
+      the latest (or given) parameters of a workdir -> a directory `transformers` loads with from_pretrained.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+
+from absl import app, flags
+from flax import nnx
+
+from model import flops, hf
+from model.transformer import ModelSpec
+from train import checkpoint, tokenizer as tokenizer_lib, trainer
+
+HF_CONFIG_COPY = "hf_config.json"  # the imported config.json, kept for its token ids
+_TOKEN_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")
+
+
+def import_hf(hf_dir: str, workdir: str, dtype: str = "float32") -> dict:
+  """Writes the Hugging Face model of `hf_dir` as a peakllm workdir; returns a summary dict."""
+  if os.path.isdir(checkpoint.checkpoint_dir(workdir)):
+    raise FileExistsError(f"{workdir} already holds checkpoints: import into a new workdir")
+  tokenizer_path = os.path.join(hf_dir, "tokenizer.json")
+  if not os.path.isfile(tokenizer_path):
+    raise FileNotFoundError(f"{tokenizer_path} not found: save the fast tokenizer first, e.g. "
+                            f"AutoTokenizer.from_pretrained(DIR).save_pretrained(DIR)")
+  hf_cfg = hf.read_config(hf_dir)
+  config = hf.config_from_hf(hf_cfg, dtype)
+  tok = tokenizer_lib.load(tokenizer_path)  # checks its bos/eos tokens
+  if tok.get_vocab_size() > config.model.vocab_size:
+    raise ValueError(f"{tokenizer_path} has {tok.get_vocab_size()} entries, more than the model's vocab_size="
+                     f"{config.model.vocab_size}")
+  model = hf.load_weights(hf_dir, ModelSpec.from_config(config.model))
+  os.makedirs(workdir, exist_ok=True)
+  tokenizer_lib.copy(hf_dir, workdir)
+  shutil.copy(os.path.join(hf_dir, "config.json"), os.path.join(workdir, HF_CONFIG_COPY))
+  trainer.write_config(config, workdir)
+  checkpoint.save_params(workdir, 0, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+  return {"model_type": hf_cfg["model_type"], "parameters": flops.tree_param_count(model)}
+
+
+def export_hf(workdir: str, out_dir: str, step: int | None = None, max_shard_bytes: int = 5 * 2**30) -> str:
+  """Writes the latest (or given) parameters of `workdir` as a Hugging Face directory, with its tokenizer."""
+  from infer import loading
+
+  config, model, tok, step = loading.load_trained(workdir, step)
+  if model.spec.quant != "none":
+    raise ValueError(f"{workdir} holds int8 weights (model.quant={model.spec.quant!r}): export the float workdir")
+  extra = {"bos_token_id": tokenizer_lib.bos_id(tok), "eos_token_id": tokenizer_lib.eot_id(tok)}
+  imported = os.path.join(workdir, HF_CONFIG_COPY)
+  model_type = None
+  if os.path.isfile(imported):
+    with open(imported, encoding="utf-8") as f:
+      original = json.load(f)
+    extra.update({k: v for k, v in original.items() if k in _TOKEN_KEYS})
+    model_type = original.get("model_type")  # Mistral imports go back as Mistral
+  files = {name: os.path.join(workdir, name) for name in ("tokenizer.json", tokenizer_lib.HF_CONFIG)
+           if os.path.isfile(os.path.join(workdir, name))}
+  if tokenizer_lib.HF_CONFIG not in files:  # our own tokenizer: tell transformers how to load it
+    files[tokenizer_lib.HF_CONFIG] = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": tokenizer_lib.EOT,
+                                      "eos_token": tokenizer_lib.EOT, "model_max_length": model.spec.max_len}
+  return hf.save_pretrained(model, out_dir, model_type=model_type, extra_config=extra, max_shard_bytes=max_shard_bytes, extra_files=files)
+
+
+_FROM = flags.DEFINE_string("from_hf", None, "Hugging Face model directory to import.")
+_TO = flags.DEFINE_string("to_hf", None, "Directory to export a Hugging Face model into (must be new or empty).")
+_WORKDIR = flags.DEFINE_string("workdir", None, "The peakllm workdir written (import) or read (export).", required=True)
+_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16", "float16"], "Import: parameter/compute dtype.")
+_STEP = flags.DEFINE_integer("step", None, "Export: checkpoint step (default: latest).")
+_SHARD = flags.DEFINE_float("max_shard_gb", 5.0, "Export: largest safetensors file before sharding with an index.")
+
+
+def main(argv):
+  del argv
+  if bool(_FROM.value) == bool(_TO.value):
+    sys.exit("error: give exactly one of --from_hf=DIR (import) or --to_hf=DIR (export)")
+  try:
+    if _FROM.value:
+      summary = import_hf(_FROM.value, _WORKDIR.value, _DTYPE.value)
+      print(f"imported {summary['model_type']} ({summary['parameters'] / 1e6:.1f}M parameters) into {_WORKDIR.value}")
+    else:
+      out = export_hf(_WORKDIR.value, _TO.value, _STEP.value, int(_SHARD.value * 2**30))
+      print(f"exported {_WORKDIR.value} to {out}")
+  except (ValueError, FileNotFoundError, FileExistsError) as e:
+    sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+  app.run(main)
