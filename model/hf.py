@@ -115,8 +115,6 @@ def model_overrides(hf: dict) -> dict:
   # llama, mistral, mixtral
   if hf.get("hidden_act", "silu") not in ("silu", "swish"):
     _refuse(hf, "hidden_act", "only silu (SwiGLU)")
-  if hf.get("pretraining_tp", 1) not in (1, None) and kind == "llama":
-    pass  # tensor-parallel slicing in the original training; the same function
   d, heads = hf["hidden_size"], hf["num_attention_heads"]
   max_len = hf["max_position_embeddings"]
   window = hf.get("sliding_window") if hf.get("use_sliding_window", True) else None

@@ -72,28 +72,32 @@ def export_hf(workdir: str, out_dir: str, step: int | None = None, max_shard_byt
   return hf.save_pretrained(model, out_dir, model_type=model_type, extra_config=extra, max_shard_bytes=max_shard_bytes, extra_files=files)
 
 
-_FROM = flags.DEFINE_string("from_hf", None, "Hugging Face model directory to import.")
-_TO = flags.DEFINE_string("to_hf", None, "Directory to export a Hugging Face model into (must be new or empty).")
-_WORKDIR = flags.DEFINE_string("workdir", None, "The peakllm workdir written (import) or read (export).", required=True)
-_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16", "float16"], "Import: parameter/compute dtype.")
-_STEP = flags.DEFINE_integer("step", None, "Export: checkpoint step (default: latest).")
-_SHARD = flags.DEFINE_float("max_shard_gb", 5.0, "Export: largest safetensors file before sharding with an index.")
+def _define_flags():
+  # Defined only when run as a script, so importing this module never clashes with other programs' flags.
+  flags.DEFINE_string("from_hf", None, "Hugging Face model directory to import.")
+  flags.DEFINE_string("to_hf", None, "Directory to export a Hugging Face model into (must be new or empty).")
+  flags.DEFINE_string("workdir", None, "The peakllm workdir written (import) or read (export).", required=True)
+  flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16", "float16"], "Import: parameter/compute dtype.")
+  flags.DEFINE_integer("step", None, "Export: checkpoint step (default: latest).")
+  flags.DEFINE_float("max_shard_gb", 5.0, "Export: largest safetensors file before sharding with an index.")
 
 
 def main(argv):
   del argv
-  if bool(_FROM.value) == bool(_TO.value):
+  f = flags.FLAGS
+  if bool(f.from_hf) == bool(f.to_hf):
     sys.exit("error: give exactly one of --from_hf=DIR (import) or --to_hf=DIR (export)")
   try:
-    if _FROM.value:
-      summary = import_hf(_FROM.value, _WORKDIR.value, _DTYPE.value)
-      print(f"imported {summary['model_type']} ({summary['parameters'] / 1e6:.1f}M parameters) into {_WORKDIR.value}")
+    if f.from_hf:
+      summary = import_hf(f.from_hf, f.workdir, f.dtype)
+      print(f"imported {summary['model_type']} ({summary['parameters'] / 1e6:.1f}M parameters) into {f.workdir}")
     else:
-      out = export_hf(_WORKDIR.value, _TO.value, _STEP.value, int(_SHARD.value * 2**30))
-      print(f"exported {_WORKDIR.value} to {out}")
+      out = export_hf(f.workdir, f.to_hf, f.step, int(f.max_shard_gb * 2**30))
+      print(f"exported {f.workdir} to {out}")
   except (ValueError, FileNotFoundError, FileExistsError) as e:
     sys.exit(f"error: {e}")
 
 
 if __name__ == "__main__":
+  _define_flags()
   app.run(main)

@@ -250,3 +250,25 @@ def test_case_study_script_writes_table_json_and_plot(tiny_run, tmp_path):
     assert "| sparsegpt 50% |" in f.read()
   with open(f"{out}/sparsity_curve.png", "rb") as f:
     assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("norm_position", ["pre", "post"])
+def test_calibration_block_pass_is_the_model_block(norm_position):
+  """The calibration walk through a block (which records each linear layer's input) computes what `Block` does,
+  post-norm blocks (OPT-350m) included."""
+  from flax import nnx
+  from model.attention import Visibility
+  from model.transformer import ModelSpec, Transformer
+
+  spec = ModelSpec(family="gpt", vocab_size=64, num_layers=2, embed_dim=32, num_heads=4, num_kv_heads=4, head_dim=8,
+                   mlp_dim=64, max_len=16, norm_position=norm_position, init_std=0.2)
+  model = Transformer(spec, rngs=nnx.Rngs(params=0))
+  graphdef, blocks = nnx.split(model.blocks)
+  layer = jax.tree.map(lambda a: a[0], nnx.to_pure_dict(blocks))
+  x = jax.random.normal(jax.random.key(1), (2, 16, 32))
+  got, grams = calibrate.make_block_pass(graphdef)(layer, x, ("mlp_in",))
+  block = nnx.merge(graphdef, layer)
+  positions = jnp.broadcast_to(jnp.arange(16), (2, 16))
+  want, _, _ = block(x, positions, Visibility.causal_self(jnp.ones((2, 16), jnp.int32)))
+  np.testing.assert_allclose(got, want, atol=1e-5)
+  assert grams["mlp_in"].shape == (32, 32)

@@ -232,3 +232,29 @@ def test_convert_workdir_generate_evaluate_finetune_export(tmp_path, data_dir):
   hf_tok = transformers.AutoTokenizer.from_pretrained(out)
   assert hf_tok("def fibonacci(n):", add_special_tokens=False)["input_ids"] == tokenizer_lib.encode(tok, "def fibonacci(n):")
   assert json.load(open(os.path.join(out, "config.json")))["bos_token_id"] == 1
+
+
+def test_convert_cli_round_trip_and_errors(tmp_path):
+  import subprocess
+  import sys
+
+  src, workdir, out = str(tmp_path / "hf"), str(tmp_path / "wd"), str(tmp_path / "out")
+  reference = build_hf("opt_350m_style", src)
+  _write_tokenizer(src, ["import os\nprint(os.getcwd())\n" * 40])
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+  def convert(*args):
+    return subprocess.run([sys.executable, "-m", "scripts.convert", *args], capture_output=True, text=True, cwd=root,
+                          timeout=300)
+
+  done = convert(f"--from_hf={src}", f"--workdir={workdir}")
+  assert done.returncode == 0 and "imported opt" in done.stdout, done.stderr[-2000:]
+  done = convert(f"--to_hf={out}", f"--workdir={workdir}")
+  assert done.returncode == 0, done.stderr[-2000:]
+  exported = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+  assert type(exported) is type(reference)
+  ids = np.random.default_rng(5).integers(0, VOCAB, (1, 90))
+  np.testing.assert_array_equal(torch_logits(exported, ids), torch_logits(reference, ids))
+  assert "already holds checkpoints" in convert(f"--from_hf={src}", f"--workdir={workdir}").stderr
+  assert "is not empty" in convert(f"--to_hf={out}", f"--workdir={workdir}").stderr
+  assert "exactly one of" in convert(f"--workdir={workdir}").stderr

@@ -71,14 +71,17 @@ def make_block_pass(blocks_graphdef: nnx.GraphDef):
     b, l = x.shape[:2]
     positions = jnp.broadcast_to(jnp.arange(l, dtype=jnp.int32), (b, l))
     visibility = Visibility.causal_self(jnp.ones((b, l), jnp.int32))
+    pre = block.attn_norm.spec.norm_position == "pre"  # post-norm (OPT-350m): norm(x + f(x)), as in `Block`
     inputs = {}
-    inputs["attn_in"] = a = block.attn_norm(x)
+    inputs["attn_in"] = a = block.attn_norm(x) if pre else x
     heads, _ = block.attn.mix(a, positions, visibility)
     inputs["attn_out"] = heads.reshape(b, l, -1)
     h = x + block.attn.project_out(heads)
-    inputs["mlp_in"] = m = block.mlp_norm(h)
+    h = h if pre else block.attn_norm(h)
+    inputs["mlp_in"] = m = block.mlp_norm(h) if pre else h
     inputs["mlp_out"] = hidden = block.mlp.hidden(m)
     y = h + block.mlp.project_out(hidden)
+    y = y if pre else block.mlp_norm(y)
     return y, {name: _gram(inputs[name]) for name in which}
 
   return jax.jit(run, static_argnames="which")
