@@ -139,6 +139,9 @@ def quantize_model_params(spec, params: dict, mode: str, act_absmax: dict | None
     raise ValueError(f"mode={mode!r}: use int8_weight or w8a8")
   if spec.quant != "none":
     raise ValueError(f"the model is already quantized (quant={spec.quant!r})")
+  if mode == "w8a8" and spec.norm_position != "pre":
+    raise ValueError("w8a8 (SmoothQuant) folds scales into the norms before q/k/v and the MLP, which needs pre-norm "
+                     f"blocks; this model has model.norm_position={spec.norm_position!r}: use int8_weight")
   if mode == "w8a8":
     if act_absmax is None:
       raise ValueError("w8a8 needs calibration statistics (act_absmax) for SmoothQuant")
