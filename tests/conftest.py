@@ -15,6 +15,7 @@ def tiny_config(data_dir, **train):
   c = tiny.get_config()
   c.data.update(data_dir=data_dir, max_docs=300, tokenizer_train_bytes=300_000)
   c.mesh.data = 1  # one device: the sharded paths have their own tests
+  c.sample.max_new_tokens = 0  # no closing sample (compiling generation costs seconds); tiny_run keeps one
   c.train.update(train)
   return base.validate(c)
 
@@ -30,7 +31,9 @@ def tiny_run(data_dir, tmp_path_factory):
   from train import trainer
 
   workdir = str(tmp_path_factory.mktemp("tiny"))
-  return workdir, trainer.run(tiny_config(data_dir), workdir)
+  config = tiny_config(data_dir)
+  config.sample.max_new_tokens = 16  # test_train checks the closing sample
+  return workdir, trainer.run(config, workdir)
 
 
 @pytest.fixture(scope="session")

@@ -215,7 +215,7 @@ def test_convert_workdir_generate_evaluate_finetune_export(tmp_path, data_dir):
   ft_config.data.update(data_dir=tiny.data.data_dir, max_docs=tiny.data.max_docs, seq_len=64)
   ft_config.train.update(steps=2, warmup_steps=1, batch_size=2, eval_every=0, eval_batches=1, checkpoint_every=2,
                          progress_bar=False, learning_rate=1e-4)
-  ft_config.sample.max_new_tokens = 4
+  ft_config.sample.max_new_tokens = 0
   ft_config.mesh.data = 1
   ft_dir = str(tmp_path / "finetuned")
   trainer.run(ft_config, ft_dir)
