@@ -53,6 +53,8 @@ def get_config() -> ml_collections.ConfigDict:
   m.dtype = "float32"  # compute dtype of matmuls; softmax, norms and the loss always run in float32
   m.remat = "none"  # activation recomputation policy, one of REMAT_POLICIES
   m.pipeline_microbatches = 0  # GPipe micro-batches per step when mesh.pipeline > 1 (0: 2 x stages)
+  m.loss_chunk_tokens = 0  # training: output head + cross-entropy over chunks of this many tokens, recomputed in the
+  # backward pass, so the [tokens, vocab] logits are never stored whole (0: all at once)
   m.scan_layers = True  # run the blocks with lax.scan (one compiled block) instead of unrolling them
   m.attention_impl = "xla"  # one of ATTENTION_IMPLS; kernels serve full-sequence causal attention, cache steps use xla
   m.init_std = 0.02  # normal init scale; residual output projections are scaled by 1/sqrt(2 * num_layers)
@@ -173,7 +175,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   for key in ("model.num_kv_heads", "model.head_dim", "model.mlp_dim", "train.warmup_steps", "train.weight_decay",
               "train.grad_clip", "train.z_loss", "train.eval_every", "data.num_workers", "train.peak_flops",
               "data.max_docs", "model.num_experts", "model.expert_mlp_dim", "model.capacity_factor",
-              "train.moe_aux_loss", "train.router_z_loss", "model.embed_proj_dim"):
+              "train.moe_aux_loss", "train.router_z_loss", "model.embed_proj_dim", "model.loss_chunk_tokens"):
     _positive(config, key, zero_ok=True)
   if not m.head_dim and m.embed_dim % m.num_heads:
     _fail("model.num_heads", m.num_heads, f"must divide model.embed_dim={m.embed_dim} (or set model.head_dim)")

@@ -73,6 +73,7 @@ class ModelSpec:
   rope_low_freq_factor: float = 1.0
   rope_high_freq_factor: float = 4.0
   rope_original_max_len: int = 8192
+  loss_chunk_tokens: int = 0  # training: the head and cross-entropy run over chunks of this many tokens (0: at once)
 
   @classmethod
   def from_config(cls, m) -> "ModelSpec":
@@ -91,7 +92,8 @@ class ModelSpec:
                capacity_factor=m.capacity_factor, moe_renormalize=m.moe_renormalize, mlp_bias=base.mlp_bias(m),
                norm_position=m.norm_position, embed_proj_dim=m.embed_proj_dim, rope_scaling=m.rope_scaling,
                rope_scaling_factor=m.rope_scaling_factor, rope_low_freq_factor=m.rope_low_freq_factor,
-               rope_high_freq_factor=m.rope_high_freq_factor, rope_original_max_len=m.rope_original_max_len)
+               rope_high_freq_factor=m.rope_high_freq_factor, rope_original_max_len=m.rope_original_max_len,
+               loss_chunk_tokens=m.loss_chunk_tokens)
 
   @property
   def layers_per_unit(self) -> int:
@@ -397,14 +399,22 @@ class Transformer(nnx.Module):
                        segment_ids: jax.Array | None = None) -> tuple[jax.Array, MoEAux]:
     """`__call__` plus the MoE auxiliary terms averaged over MoE blocks (zeros for dense models): load_balance,
     router_z and the dropped share of assignments."""
+    x, aux = self.features_with_aux(inputs, positions, segment_ids)
+    return self.head_logits(x), aux
+
+  def features_with_aux(self, inputs: jax.Array, positions: jax.Array | None = None,
+                        segment_ids: jax.Array | None = None) -> tuple[jax.Array, MoEAux]:
+    """`forward_with_aux` without the output head: the final features [B, L, D'] (D' = embed_proj_dim or
+    embed_dim) that `head_logits` turns into logits, for losses that run the head in chunks."""
     b, l = inputs.shape
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(l, dtype=jnp.int32), (b, l))
     if segment_ids is None:
       segment_ids = jnp.ones((b, l), jnp.int32)
-    logits, _, aux = self._forward(inputs, positions, attention_lib.Visibility.causal_self(segment_ids), None, None)
+    visibility = attention_lib.Visibility.causal_self(segment_ids)
+    x, _, aux = self._features(inputs, positions, visibility, None, None)
     moe_blocks = max(self.spec.num_layers // self.spec.moe_every, 1) if self.spec.num_experts else 1
-    return logits, {k: v / moe_blocks for k, v in aux.items()}
+    return x, {k: v / moe_blocks for k, v in aux.items()}
 
   def init_cache(self, batch: int, length: int, dtype=None, per_layer: bool = False) -> Cache:
     """An empty KV cache of `length` slots: k/v [layers, batch, length, kv_heads, head_dim] in `dtype`.
@@ -489,13 +499,21 @@ class Transformer(nnx.Module):
     return constrain(x, ("batch", "length", "embed"))
 
   def _forward(self, inputs, positions, visibility, start, kv_cache):
-    spec = self.spec
+    x, kv_cache, aux = self._features(inputs, positions, visibility, start, kv_cache)
+    return self.head_logits(x), kv_cache, aux
+
+  def _features(self, inputs, positions, visibility, start, kv_cache):
     x = self.embed_tokens(inputs, positions)
     x, kv_cache, aux = self._run_blocks(x, positions, visibility, start, kv_cache)
     if self.final_norm is not None:
       x = self.final_norm(x)
     if self.project_out is not None:
-      x = _matmul(spec, x, self.project_out)
+      x = _matmul(self.spec, x, self.project_out)
+    return x, kv_cache, aux
+
+  def head_logits(self, x: jax.Array) -> jax.Array:
+    """Final features [B, L, D'] -> logits [B, L, vocab] float32 (tied embedding or separate head, float or int8)."""
+    spec = self.spec
     if self.head is not None and self.head_scale is not None:
       logits = _matmul(spec, x, self.head, self.head_scale).astype(jnp.float32)
     elif self.head is not None:
@@ -504,7 +522,7 @@ class Transformer(nnx.Module):
       logits = _matmul(spec, x, self.embed[...].T, self.embed_scale).astype(jnp.float32)
     else:
       logits = jnp.einsum("bld,vd->blv", x, self.embed[...].astype(x.dtype), preferred_element_type=jnp.float32)
-    return constrain(logits, ("batch", "length", "vocab")), kv_cache, aux
+    return constrain(logits, ("batch", "length", "vocab"))
 
   def unstacked(self) -> "Transformer":
     """A copy whose blocks are separate per-layer modules (the stacked weights sliced once, here).

@@ -51,16 +51,18 @@ def copy_bandwidth(mib: int = 256, repeats: int = 5) -> float:
 
 
 def build_model(shape: str, fmt: str) -> Transformer:
-  """A random-weight model of configs/<shape>.py in `fmt` (float32, bfloat16 params+compute, or int8 W8A16)."""
+  """A random-weight model of configs/<shape>.py in `fmt` (float32, bfloat16 params+compute, int8 W8A16, or w8a8:
+  int8 weights and per-token int8 activations, int32 accumulation)."""
   cfg = importlib.import_module(f"configs.{shape}").get_config()
   spec = dataclasses.replace(ModelSpec.from_config(cfg.model), remat="none", param_dtype="float32",
                              dtype="float32", attention_impl="xla")
   if fmt == "bfloat16":
     spec = dataclasses.replace(spec, param_dtype="bfloat16", dtype="bfloat16")
   model = Transformer(spec, rngs=nnx.Rngs(params=0))
-  if fmt == "int8":
+  if fmt in ("int8", "w8a8"):
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-    qspec, qparams = quant.quantize_model_params(spec, params, "int8_weight")
+    stats = {norm: jnp.ones((spec.num_layers, spec.embed_dim)) for norm in quant.SMOOTHED}  # random weights: flat
+    qspec, qparams = quant.quantize_model_params(spec, params, "int8_weight" if fmt == "int8" else "w8a8", stats)
     model = loading.as_model(qspec, qparams)
   return model
 

@@ -49,14 +49,36 @@ def token_losses(logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.
   return log_z - target_logit, log_z
 
 
+def chunked_token_losses(model, features: jax.Array, targets: jax.Array, chunk: int) -> tuple[jax.Array, jax.Array]:
+  """`token_losses` of `model.head_logits(features)` computed `chunk` tokens at a time under `jax.checkpoint`, so
+  only one chunk's [chunk, vocab] logits exist at once, in the forward and the backward pass. features [B, L, D],
+  targets [B, L] -> (nll, log_z) float32 [B, L]."""
+  b, l, d = features.shape
+  n = b * l
+  pad = -n % chunk
+  x = jnp.pad(features.reshape(n, d), ((0, pad), (0, 0))).reshape(-1, 1, chunk, d)
+  t = jnp.pad(targets.reshape(n), (0, pad)).reshape(-1, 1, chunk)
+
+  @jax.checkpoint
+  def one(carry, xt):
+    return carry, token_losses(model.head_logits(xt[0]), xt[1])
+
+  _, (nll, log_z) = jax.lax.scan(one, None, (x, t))
+  return nll.reshape(-1)[:n].reshape(b, l), log_z.reshape(-1)[:n].reshape(b, l)
+
+
 def summed_loss(params: dict, graphdef: nnx.GraphDef, batch: Batch, z_loss: float,
                 moe_coefs: tuple[float, float] = (0.0, 0.0)):
   """Sum over real tokens of NLL (+ z_loss * log(Z)^2), plus for MoE models the batch's load-balancing and router
   z-losses times `moe_coefs` times the token count (so they enter the per-token mean with their coefficients).
   Returns (objective_sum, (nll_sum, weight_sum, moe_sums)) with moe_sums the MoE terms times the token count."""
   model = nnx.merge(graphdef, params)
-  logits, moe = model.forward_with_aux(batch["inputs"], batch["positions"], batch["segment_ids"])
-  nll, log_z = token_losses(logits, batch["targets"])
+  if model.spec.loss_chunk_tokens:
+    features, moe = model.features_with_aux(batch["inputs"], batch["positions"], batch["segment_ids"])
+    nll, log_z = chunked_token_losses(model, features, batch["targets"], model.spec.loss_chunk_tokens)
+  else:
+    logits, moe = model.forward_with_aux(batch["inputs"], batch["positions"], batch["segment_ids"])
+    nll, log_z = token_losses(logits, batch["targets"])
   w = batch["weights"].astype(jnp.float32)
   nll_sum, weight = jnp.sum(nll * w), jnp.sum(w)
   objective = nll_sum + z_loss * jnp.sum(jnp.square(log_z) * w) if z_loss else nll_sum
