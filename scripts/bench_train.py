@@ -35,6 +35,8 @@ _CONFIG = config_flags.DEFINE_config_file("config", "configs/shape_s.py", "Confi
 _STEPS = flags.DEFINE_integer("steps", 20, "Timed steps (after warm-up).")
 _WARMUP = flags.DEFINE_integer("warmup", 3, "Untimed steps after compilation.")
 _OUT = flags.DEFINE_string("out", "bench_train.json", "Where to write the JSON results.")
+_DONATE = flags.DEFINE_bool("donate", True, "Donate the train state to the step (--nodonate measures the cost of "
+                             "a fresh state buffer every step; one-device runs).")
 _MESHES = flags.DEFINE_list("meshes", [], "Meshes to compare, each AXIS=SIZE[/AXIS=SIZE...] over config.mesh's axes "
                             "(e.g. data=8,fsdp=8,data=2/tensor=4); empty: the plain one-device step.")
 
@@ -70,7 +72,8 @@ def benchmark(config, steps: int, warmup: int, mesh_sizes: dict[str, int] | None
   if mesh_sizes is None:
     mesh = None
     state = jax.jit(lambda: step_lib.init_state(spec, optimizer, 0))()
-    step_fn = step_lib.jit_train_step(graphdef, optimizer, schedule, t.grad_accum_steps, t.z_loss)
+    step_fn = step_lib.jit_train_step(graphdef, optimizer, schedule, t.grad_accum_steps, t.z_loss,
+                                      donate=_DONATE.value)
     batches = [jax.device_put(random_batch(config, i)) for i in range(4)]
   else:
     mesh = sharding.make_mesh(mesh_sizes)

@@ -134,15 +134,18 @@ def eval_step(params: dict, batch: Batch, *, graphdef: nnx.GraphDef) -> dict[str
 
 
 def jit_train_step(graphdef, optimizer, schedule, grad_accum_steps: int, z_loss: float, state_shardings=None,
-                   batch_sharding=None, moe_coefs: tuple[float, float] = (0.0, 0.0), offload_optimizer: bool = False):
-  """The train step jitted with the state donated (its buffers are reused for the new state); with shardings, the
-  state keeps its layout across steps and batches are split as `batch_sharding` says."""
+                   batch_sharding=None, moe_coefs: tuple[float, float] = (0.0, 0.0), offload_optimizer: bool = False,
+                   donate: bool = True):
+  """The train step jitted with the state donated (its buffers are reused for the new state; `donate=False` only
+  for measuring what that saves); with shardings, the state keeps its layout across steps and batches are split
+  as `batch_sharding` says."""
   fn = functools.partial(train_step, graphdef=graphdef, optimizer=optimizer, schedule=schedule,
                          grad_accum_steps=grad_accum_steps, z_loss=z_loss, moe_coefs=moe_coefs,
                          offload_optimizer=offload_optimizer)
+  donated = (0,) if donate else ()
   if state_shardings is None:
-    return jax.jit(fn, donate_argnums=0)
-  return jax.jit(fn, donate_argnums=0, in_shardings=(state_shardings, batch_sharding),
+    return jax.jit(fn, donate_argnums=donated)
+  return jax.jit(fn, donate_argnums=donated, in_shardings=(state_shardings, batch_sharding),
                  out_shardings=(state_shardings, None))
 
 
