@@ -1,7 +1,7 @@
 """Decode-sized matmuls by weight format on this device: f32, int8 widened to f32 then a dot (W8A16 as XLA runs it),
 int8 x int8 -> int32 (W8A8), and the int8 -> f32 convert alone. Median of 50 runs; GB/s counts the stored weight.
 
-  python -m scripts.bench_matvec [--shapes=768x3072,3072x768] [--batches=1,8]
+  python -m scripts.bench_matvec [--weights=768x3072,3072x768] [--rows=1,8]
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-_SHAPES = flags.DEFINE_list("shapes", ["768x3072", "3072x768"], "Weight shapes KxN (GPT-2 124M's MLP by default).")
-_BATCHES = flags.DEFINE_list("batches", ["1", "8"], "Rows of activations.")
+_SHAPES = flags.DEFINE_list("weights", ["768x3072", "3072x768"], "Weight shapes KxN (GPT-2 124M's MLP by default).")
+_BATCHES = flags.DEFINE_list("rows", ["1", "8"], "Rows of activations (batch).")
 
 
 def median_seconds(fn, *args, repeats: int = 50) -> float:

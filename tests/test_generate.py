@@ -157,3 +157,19 @@ def test_generate_text_uses_eot_convention():
   rows = G.generate(model, [ids, G.encode_prompt(tok, "n")], max_new_tokens=6, eos_id=0)
   assert texts == [tok.decode([t for t in r if t != 0], skip_special_tokens=False) for r in rows]
   assert all(isinstance(t, str) for t in texts)
+
+
+def test_profile_decode_script_reports_thunks_by_kind():
+  """scripts/profile_decode.py reads jax.profiler's trace (a private API that moves): the tiny preset's decode
+  must come out with a per-token time, a thunk count and the dots among the kinds."""
+  import os
+  import re
+  import subprocess
+  import sys
+
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  done = subprocess.run([sys.executable, "-m", "scripts.profile_decode", "--shape=tiny", "--new_tokens=8",
+                         "--prompt_len=4"], cwd=root, capture_output=True, text=True, timeout=300)
+  assert done.returncode == 0, done.stderr[-2000:]
+  assert re.search(r"ms per new token", done.stdout) and re.search(r"thunks per step [1-9]", done.stdout)
+  assert re.search(r"ms/step\s+\S*dot", done.stdout), done.stdout
