@@ -36,7 +36,7 @@ def _kind(name: str) -> str:
 
 def main(argv):
   del argv
-  model = build_model(_SHAPE.value, _FORMAT.value)
+  model = build_model(_SHAPE.value, _FORMAT.value).unstacked()  # as bench_decode: weights sliced once, up front
   prompts = [[1 + i % 100 for i in range(_PROMPT.value)]] * _BATCH.value
   args, kwargs = generate._prepare(model, prompts, _NEW.value, 0.0, 0, 1.0, 0, None)
   fn = generate._generate_padded
