@@ -22,6 +22,13 @@ NORM_POSITIONS = ("pre", "post")  # pre: x + f(norm(x)) (GPT-2, Llama); post: no
 ROPE_SCALINGS = ("none", "llama3")
 
 
+def check_implemented(key: str, allowed: tuple[str, ...], table) -> None:
+  """For the module that implements a choice: RuntimeError at import unless its `table` covers exactly the names
+  `validate` allows for `key`, so the allowed values are written once (above) and never drift from the code."""
+  if set(allowed) != set(table):
+    raise RuntimeError(f"config.{key}: validate allows {sorted(allowed)} but the implementation has {sorted(table)}")
+
+
 def get_config() -> ml_collections.ConfigDict:
   """Returns the full default config (a small GPT-2-style model on the embedded stdlib corpus)."""
   c = ml_collections.ConfigDict()
@@ -58,7 +65,7 @@ def get_config() -> ml_collections.ConfigDict:
   m.scan_layers = True  # run the blocks with lax.scan (one compiled block) instead of unrolling them
   m.attention_impl = "xla"  # one of ATTENTION_IMPLS; kernels serve full-sequence causal attention, cache steps use xla
   m.init_std = 0.02  # normal init scale; residual output projections are scaled by 1/sqrt(2 * num_layers)
-  m.quant = "none"  # one of QUANT_MODES; inference only, written by `python -m scripts.quantize`
+  m.quant = "none"  # one of QUANT_MODES; inference only, written by `python -m infer.quantize`
   m.matmul_impl = "xla"  # one of MATMUL_IMPLS: how quantized matmuls run (XLA int8 dot or our Pallas kernels)
   m.num_experts = 0  # experts per MoE MLP (model/moe.py); 0 = a dense model
   m.experts_per_token = 1  # top-k routing: 1 = Switch, 2 = Mixtral

@@ -33,70 +33,17 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-
-@dataclasses.dataclass(frozen=True)
-class SamplingParams:
-  """Per-request decoding settings. temperature 0 is greedy; top_k 0 and top_p 1 are off; generation ends at
-  max_tokens new tokens, at any of stop_tokens (included in the output) or when the text reaches one of
-  stop_strings (the text is cut before it)."""
-
-  max_tokens: int = 16
-  temperature: float = 0.0
-  top_k: int = 0
-  top_p: float = 1.0
-  seed: int = 0
-  stop_tokens: tuple[int, ...] = ()
-  stop_strings: tuple[str, ...] = ()
-
-  def validate(self) -> "SamplingParams":
-    if self.max_tokens < 1:
-      raise ValueError(f"max_tokens={self.max_tokens} must be >= 1")
-    if self.temperature < 0:
-      raise ValueError(f"temperature={self.temperature} must be >= 0")
-    if self.top_k < 0:
-      raise ValueError(f"top_k={self.top_k} must be >= 0 (0 disables)")
-    if not 0.0 < self.top_p <= 1.0:
-      raise ValueError(f"top_p={self.top_p} must be in (0, 1]")
-    if not 0 <= self.seed < 2**31:
-      raise ValueError(f"seed={self.seed} must be in [0, 2**31)")
-    return self
-
-
-def sample_rows(logits: jax.Array, seeds: jax.Array, counters: jax.Array, temperature: jax.Array, top_k: jax.Array,
-                top_p: jax.Array) -> jax.Array:
-  """One token per row with per-row settings. logits [B, V] float; seeds, counters, top_k [B] int32; temperature,
-  top_p [B] float32. Same rules as `generate.sample_logits` (top-k, then the nucleus of what is left; greedy at
-  temperature 0); row b's key is fold_in(key(seeds[b]), counters[b]). Returns [B] int32."""
-  logits = logits.astype(jnp.float32)
-  greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-
-  def sampled(_):
-    vocab = logits.shape[-1]
-    scaled = logits / jnp.maximum(temperature, 1e-6)[:, None]
-    ordered = -jnp.sort(-scaled, axis=-1)  # descending
-    rank = jnp.arange(vocab, dtype=jnp.int32)[None, :]
-    in_top_k = (top_k[:, None] == 0) | (rank < top_k[:, None])
-    ordered = jnp.where(in_top_k, ordered, -jnp.inf)
-    probs = jax.nn.softmax(ordered, axis=-1)
-    mass_before = jnp.cumsum(probs, axis=-1) - probs
-    keep = jnp.sum((mass_before < top_p[:, None]) & in_top_k, axis=-1, keepdims=True)  # >= 1
-    threshold = jnp.take_along_axis(ordered, keep - 1, axis=-1)  # smallest kept logit
-    masked = jnp.where(scaled < threshold, -jnp.inf, scaled)
-    keys = jax.vmap(lambda s, c: jax.random.fold_in(jax.random.key(s), c))(seeds, counters)
-    drawn = jax.vmap(lambda k, row: jax.random.categorical(k, row))(keys, masked).astype(jnp.int32)
-    return jnp.where(temperature > 0, drawn, greedy)
-
-  return jax.lax.cond(jnp.any(temperature > 0), sampled, lambda _: greedy, None)
+from infer import sampling
+from infer.sampling import SamplingParams
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("pages",))
-def _step(graphdef, state, pages, tokens, live, positions, page_table, lengths, last_index, seeds, counters,
-          temperature, top_k, top_p):
+def _step(graphdef, state, pages, tokens, live, positions, page_table, lengths, last_index, counters, settings):
   """One paged extend + sampling at each row's `last_index`. tokens/live/positions [B, L]; returns ([B], pages)."""
   model = nnx.merge(graphdef, state)
   logits, pages = model.extend_paged(tokens, live, positions, page_table, lengths, pages)
   last = jnp.take_along_axis(logits, last_index[:, None, None], axis=1)[:, 0]
-  return sample_rows(last, seeds, counters, temperature, top_k, top_p), pages
+  return sampling.sample(last, counters=counters, **settings), pages
 
 
 @dataclasses.dataclass
@@ -246,8 +193,6 @@ class Engine:
   def _run(self, tokens, live, positions, table, lengths, last_index, rows: Sequence[_Slot | None]) -> np.ndarray:
     params = [r.params if r is not None else SamplingParams() for r in rows]
     counters = np.array([r.generated if r is not None else 0 for r in rows], np.int32)
-    out, self._pages = _step(
-        self._graphdef, self._state, self._pages, tokens, live, positions, table, lengths, last_index,
-        np.array([p.seed for p in params], np.int32), counters, np.array([p.temperature for p in params], np.float32),
-        np.array([p.top_k for p in params], np.int32), np.array([p.top_p for p in params], np.float32))
+    out, self._pages = _step(self._graphdef, self._state, self._pages, tokens, live, positions, table, lengths,
+                             last_index, counters, sampling.row_settings(params))
     return np.asarray(jax.device_get(out))

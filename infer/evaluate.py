@@ -6,12 +6,12 @@ The default protocol is the one of the GPTQ/SparseGPT papers: the validation spl
 (documents in their fixed order, each preceded by EOT), cut into non-overlapping windows of seq_len tokens, and every
 window is scored from its own start; perplexity is exp of the mean next-token NLL over all predicted tokens. It is
 deterministic and independent of the batch size. The number is printed and written as JSON (--json, default
-DIR/eval.json). `validation_loss` is the packed-batch protocol the trainer logs during training.
+DIR/eval.json). `perplexity` scores a model with the packed-batch protocol the trainer logs during training
+(`train.validation`).
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import sys
@@ -19,38 +19,22 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import app, flags
 from flax import nnx
 
+from infer import loading
 from train import data as data_lib
 from train import step as step_lib
-from train import tokenizer as tokenizer_lib
-
-
-def validation_loss(eval_fn, params, config, source, tokenizer, num_batches: int | None = None,
-                    to_global=None) -> dict[str, float]:
-  """Mean NLL per real token, and its exp, over the first `num_batches` (default train.eval_batches) batches of the
-  validation `source`: always the same tokens, so runs and formats compare exactly. `eval_fn(params, batch)` returns
-  {"nll_sum", "weight_sum"} (see `train.step.eval_step`); `to_global` turns this process's rows into global arrays
-  in multi-process runs."""
-  iterator = data_lib.make_iterator(config, source, tokenizer, split="validation",
-                                    shard_index=jax.process_index(), shard_count=jax.process_count())
-  nll = weight = 0.0
-  for _ in range(num_batches or config.train.eval_batches):
-    batch = next(iterator)
-    out = eval_fn(params, to_global(batch) if to_global else batch)
-    nll += float(out["nll_sum"])
-    weight += float(out["weight_sum"])
-  if hasattr(iterator, "close"):
-    iterator.close()
-  loss = nll / max(weight, 1.0)
-  return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0)), "eval_tokens": weight}
+from train import validation
+from workdir import layout
+from workdir import tokenizer as tokenizer_lib
 
 
 def perplexity(model, config, tokenizer, num_batches: int | None = None) -> dict[str, float]:
-  """`validation_loss` of an NNX model (float or quantized) on the validation split of `config.data`."""
+  """`train.validation.validation_loss` of an NNX model (float or quantized) on the validation split of `config.data`."""
   graphdef, state = nnx.split(model)
   source = data_lib.load_sources(config)["validation"]
-  return validation_loss(step_lib.jit_eval_step(graphdef), state, config, source, tokenizer, num_batches)
+  return validation.validation_loss(step_lib.jit_eval_step(graphdef), state, config, source, tokenizer, num_batches)
 
 
 # -- the papers' protocol: one token stream, non-overlapping windows ----------------------------------------------------
@@ -58,12 +42,9 @@ def perplexity(model, config, tokenizer, num_batches: int | None = None) -> dict
 
 def token_stream(source, tokenizer, max_tokens: int | None = None) -> np.ndarray:
   """BOS (EOT for our tokenizers) + tokens of every document of `source` in order, concatenated: [n] int32 (cut at max_tokens if given)."""
-  bos = tokenizer_lib.bos_id(tokenizer)
   pieces, total = [], 0
   for i in range(len(source)):
-    text = source[i]["text"]
-    text = bytes(text).decode("utf-8", errors="replace") if not isinstance(text, str) else text
-    ids = np.asarray([bos, *tokenizer_lib.encode(tokenizer, text)], np.int32)
+    ids = np.asarray(tokenizer_lib.encode_document(tokenizer, source[i]["text"]), np.int32)
     pieces.append(ids)
     total += len(ids)
     if max_tokens and total >= max_tokens:
@@ -118,10 +99,6 @@ def validation_stream(config, tokenizer, max_tokens: int | None = None) -> np.nd
 
 
 def main(argv):
-  from absl import flags
-
-  from infer import loading
-
   del argv
   f = flags.FLAGS
   try:
@@ -143,14 +120,10 @@ def main(argv):
     result["compression"] = note
   print(f"{f.workdir} (step {step}): validation loss {result['loss']:.4f}, perplexity {result['ppl']:.2f} over "
         f"{result['tokens']} predicted tokens ({result['windows']} windows of {seq_len}) of {config.data.source}")
-  path = f.json or os.path.join(f.workdir, "eval.json")
-  with open(path, "w", encoding="utf-8") as out:
-    json.dump(result, out, indent=2)
+  layout.write_json(f.json or layout.path(f.workdir, "eval.json"), result, indent=2)
 
 
 if __name__ == "__main__":
-  from absl import app, flags
-
   flags.DEFINE_string("workdir", None, "Training, quantized or compressed run directory.", required=True)
   flags.DEFINE_string("data", "", "Data source whose validation split is scored (default: the run's data.source).")
   flags.DEFINE_integer("seq_len", 0, "Window length (default: the run's data.seq_len).")

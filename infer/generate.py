@@ -10,6 +10,7 @@ Sampling flags that are not given default to the run's `config.sample` section.
 from __future__ import annotations
 
 import functools
+import logging
 import sys
 import time
 from collections.abc import Sequence
@@ -17,80 +18,57 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import app, flags
 from flax import nnx
 
-from train.tokenizer import EOT, bos_id, decode, encode, eot_id  # noqa: F401  (EOT: prompts start with it; a row stops at it)
+from infer import loading
+from infer import sampling
+from infer.sampling import SamplingParams
+from workdir import tokenizer as tokenizer_lib
+from workdir.tokenizer import decode_completion, encode_document
 
 
-
-def sample_logits(logits: jax.Array, key: jax.Array, *, temperature: float, top_k: int = 0,
-                  top_p: float = 1.0) -> jax.Array:
-  """Draws one token per row. logits [B, V] float -> [B] int32.
-
-  temperature == 0 is greedy (argmax; key, top_k and top_p unused). Otherwise logits are divided by `temperature`,
-  then restricted to the `top_k` largest (0 = off), then to the nucleus: the smallest set of most likely tokens whose
-  probability reaches `top_p` (1.0 = off; the top token is always kept). Ties at a cut-off are kept. Jittable with
-  temperature/top_k/top_p static.
-  """
-  if temperature == 0:
-    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-  logits = logits.astype(jnp.float32) / temperature
-  vocab = logits.shape[-1]
-  if 0 < top_k < vocab:
-    kth = jax.lax.top_k(logits, top_k)[0][:, -1:]  # [B, 1]
-    logits = jnp.where(logits < kth, -jnp.inf, logits)
-  if top_p < 1.0:
-    sorted_logits = -jnp.sort(-logits, axis=-1)  # descending
-    probs = jax.nn.softmax(sorted_logits, axis=-1)
-    mass_before = jnp.cumsum(probs, axis=-1) - probs  # probability of the strictly more likely tokens
-    keep = jnp.sum(mass_before < top_p, axis=-1, keepdims=True)  # >= 1: mass_before of the top token is 0
-    threshold = jnp.take_along_axis(sorted_logits, keep - 1, axis=-1)  # [B, 1] smallest kept logit
-    logits = jnp.where(logits < threshold, -jnp.inf, logits)
-  return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
-
-
-@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "temperature", "top_k", "top_p"))
-def _generate_padded(graphdef, state, tokens, positions, segment_ids, lengths, key, eos_id, *, max_new_tokens: int,
-                     temperature: float, top_k: int, top_p: float):
-  """Prefill + decode loop. tokens/positions/segment_ids [B, P] int32 (left-padded), lengths [B] int32, eos_id []
-  int32 (-1 = none). Returns (new tokens [B, max_new_tokens] int32, number of decode steps run [] int32)."""
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens"))
+def _generate_padded(graphdef, state, tokens, positions, segment_ids, lengths, settings, eos_id, *,
+                     max_new_tokens: int):
+  """Prefill + decode loop. tokens/positions/segment_ids [B, P] int32 (left-padded), lengths [B] int32, settings:
+  `sampling.row_settings` arrays [B], eos_id [] int32 (-1 = none). Returns (new tokens [B, max_new_tokens] int32,
+  number of decode steps run [] int32). Token i of a row is drawn with counter i (see `sampling.sample`)."""
   model = nnx.merge(graphdef, state).unstacked()  # per-layer weights sliced once, not at every decode step
   b, p = tokens.shape
-  sample = functools.partial(sample_logits, temperature=temperature, top_k=top_k, top_p=top_p)
+  sample = lambda logits, i: sampling.sample(logits, counters=jnp.full((b,), i, jnp.int32), **settings)  # noqa: E731
   cache = model.init_cache(b, p + max_new_tokens, per_layer=True)  # updated in place at every step
   logits, cache = model.extend(tokens, positions, segment_ids, cache)
-  key, sub = jax.random.split(key)
-  first = sample(logits[:, -1], sub)
+  first = sample(logits[:, -1], 0)
   out = jnp.zeros((b, max_new_tokens), jnp.int32).at[:, 0].set(first)
   done = first == eos_id
   ones = jnp.ones((b, 1), jnp.int32)
 
   def cond(carry):
-    i, _, _, _, _, done = carry
+    i, _, _, _, done = carry
     return (i < max_new_tokens) & ~jnp.all(done)
 
   def body(carry):
-    i, last, cache, key, out, done = carry  # i tokens generated so far; `last` is token i-1 at position length+i-1
+    i, last, cache, out, done = carry  # i tokens generated so far; `last` is token i-1 at position length+i-1
     logits, cache = model.extend(last[:, None], (lengths + i - 1)[:, None], ones, cache)
-    key, sub = jax.random.split(key)
-    nxt = jnp.where(done, jnp.maximum(eos_id, 0), sample(logits[:, 0], sub))
+    nxt = jnp.where(done, jnp.maximum(eos_id, 0), sample(logits[:, 0], i))
     out = jax.lax.dynamic_update_slice(out, nxt[:, None], (0, i))
-    return i + 1, nxt, cache, key, out, done | (nxt == eos_id)
+    return i + 1, nxt, cache, out, done | (nxt == eos_id)
 
-  steps, _, _, _, out, _ = jax.lax.while_loop(cond, body, (jnp.int32(1), first, cache, key, out, done))
+  steps, _, _, out, _ = jax.lax.while_loop(cond, body, (jnp.int32(1), first, cache, out, done))
   return out, steps
 
 
 def _prepare(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, temperature: float, top_k: int,
              top_p: float, seed: int, eos_id: int | None):
-  """Validates the request and left-pads the prompts. Returns (args, kwargs) for `_generate_padded`."""
+  """Validates the request and left-pads the prompts. Returns (args, kwargs) for `_generate_padded`. Row b samples
+  as a request with seed `seed + b` does in the serving engine (as the server seeds the n copies of a prompt)."""
   if not prompts or any(len(p) == 0 for p in prompts):
     raise ValueError("generate needs at least one prompt and every prompt needs at least one token")
   if max_new_tokens < 1:
     raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
-  if temperature < 0 or top_k < 0 or not 0.0 < top_p <= 1.0:
-    raise ValueError(f"bad sampling settings temperature={temperature} top_k={top_k} top_p={top_p}: need "
-                     "temperature >= 0, top_k >= 0, 0 < top_p <= 1")
+  rows = [SamplingParams(max_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                         seed=(seed + b) % 2**31).validate() for b in range(len(prompts))]
   spec = model.spec
   b, p = len(prompts), max(len(x) for x in prompts)
   if p + max_new_tokens > spec.max_len:
@@ -108,10 +86,8 @@ def _prepare(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, tempe
   lengths = np.asarray([len(x) for x in prompts], np.int32)
   graphdef, state = nnx.split(model)
   eos = np.int32(-1 if eos_id is None else eos_id)
-  args = (graphdef, state, tokens, positions, segment_ids, lengths, jax.random.key(seed), eos)
-  kwargs = dict(max_new_tokens=int(max_new_tokens), temperature=float(temperature), top_k=int(top_k),
-                top_p=float(top_p))
-  return args, kwargs
+  args = (graphdef, state, tokens, positions, segment_ids, lengths, sampling.row_settings(rows), eos)
+  return args, dict(max_new_tokens=int(max_new_tokens))
 
 
 def _cut(out: np.ndarray, eos_id: int | None) -> list[list[int]]:
@@ -137,26 +113,28 @@ def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, te
   return _cut(jax.device_get(out), eos_id)
 
 
-def encode_prompt(tokenizer, text: str) -> list[int]:
-  """[BOS] + ids of `text`, matching how training documents start (BOS is EOT for our own tokenizers)."""
-  return [bos_id(tokenizer)] + encode(tokenizer, text)
-
-
-def decode_completion(tokenizer, ids: Sequence[int]) -> str:
-  """Text of generated ids, dropping a trailing EOT."""
-  eot = eot_id(tokenizer)
-  ids = list(ids)
-  if ids and ids[-1] == eot:
-    ids = ids[:-1]
-  return decode(tokenizer, ids)
-
-
 def generate_text(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int, temperature: float = 0.0,
                   top_k: int = 0, top_p: float = 1.0, seed: int = 0) -> list[str]:
   """Completions (new text only, EOT not included) of each prompt string; a row stops at `<|endoftext|>`."""
-  ids = generate(model, [encode_prompt(tokenizer, p) for p in prompts], max_new_tokens=max_new_tokens,
-                 temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, eos_id=eot_id(tokenizer))
+  ids = generate(model, [encode_document(tokenizer, p) for p in prompts], max_new_tokens=max_new_tokens,
+                 temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, eos_id=tokenizer_lib.eot_id(tokenizer))
   return [decode_completion(tokenizer, row) for row in ids]
+
+
+def closing_sample(model, tokenizer, config) -> str:
+  """The prompt of `config.sample` and its continuation by `model` with that section's settings (seed
+  train.seed), as the trainer prints at the end of a run; "" when sample.max_new_tokens is 0."""
+  s = config.sample
+  if s.max_new_tokens == 0:
+    return ""
+  room = model.spec.max_len - len(encode_document(tokenizer, s.prompt))
+  if room < 1:
+    logging.getLogger("peakllm.generate").warning("sample.prompt is %d tokens; no room to sample within "
+                                                  "model.max_len=%d", model.spec.max_len - room, model.spec.max_len)
+    return s.prompt
+  (text,) = generate_text(model, tokenizer, [s.prompt], max_new_tokens=min(s.max_new_tokens, room),
+                          temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, seed=config.train.seed)
+  return s.prompt + text
 
 
 # -- command line ---------------------------------------------------------------------------------------------------
@@ -164,7 +142,6 @@ def generate_text(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: i
 
 def _define_flags():
   # Defined only when run as a script so importing this module never clashes with other programs' flags.
-  from absl import flags
   flags.DEFINE_string("workdir", None, "Training run directory (config, checkpoints, tokenizer.json).")
   flags.DEFINE_multi_string("prompt", None, "Prompt text; repeat for a batch. Default: config.sample.prompt.")
   flags.DEFINE_integer("max_new_tokens", None, "Tokens to generate. Default: config.sample.max_new_tokens.")
@@ -179,9 +156,6 @@ def _define_flags():
 
 
 def main(argv):
-  from absl import flags
-  from infer import loading
-
   if len(argv) > 1:
     sys.exit(f"error: unexpected arguments {argv[1:]}")
   f = flags.FLAGS
@@ -194,9 +168,9 @@ def main(argv):
   prompts = f.prompt or [s.prompt]
   settings = dict(max_new_tokens=pick(f.max_new_tokens, s.max_new_tokens), temperature=pick(f.temperature,
                   s.temperature), top_k=pick(f.top_k, s.top_k), top_p=pick(f.top_p, s.top_p), seed=f.seed)
-  eos = eot_id(tokenizer)
+  eos = tokenizer_lib.eot_id(tokenizer)
   try:
-    args, kwargs = _prepare(model, [encode_prompt(tokenizer, p) for p in prompts], eos_id=eos, **settings)
+    args, kwargs = _prepare(model, [encode_document(tokenizer, p) for p in prompts], eos_id=eos, **settings)
   except ValueError as e:
     sys.exit(f"error: {e}")
   rows, stats = _timed_generate(args, kwargs, eos)
@@ -221,7 +195,7 @@ def _timed_generate(args, kwargs, eos_id):
   return rows, dict(tokens=n, seconds=t2 - t1, tokens_per_s=n / max(t2 - t1, 1e-9), steps=int(steps),
                     compile_s=t1 - t0)
 
+
 if __name__ == "__main__":
-  from absl import app
   _define_flags()
   app.run(main)

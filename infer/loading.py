@@ -1,18 +1,22 @@
-"""Loads what a training run left in its workdir: config, model with the latest parameters, tokenizer."""
+"""Loads a workdir for inference: its config, the model with the latest (or a given) checkpoint, and its tokenizer.
+
+Trained runs, Hugging Face imports and int8 workdirs hold plain parameter checkpoints; compressed workdirs
+(`infer.compress`, QMoE) are read through `infer.compress.storage`.
+"""
 
 from __future__ import annotations
 
-import json
-import os
-
 import jax
 import jax.numpy as jnp
-import tokenizers
 from flax import nnx
 
 from infer.compress import storage
-from model.transformer import ModelSpec, Transformer
-from train import checkpoint, step as step_lib, tokenizer as tokenizer_lib
+from model import moe
+from model import transformer
+from model.transformer import ModelSpec
+from workdir import checkpoint
+from workdir import layout
+from workdir import tokenizer as tokenizer_lib
 
 
 def load_trained(workdir: str, step: int | None = None, matmul_impl: str | None = None,
@@ -22,28 +26,25 @@ def load_trained(workdir: str, step: int | None = None, matmul_impl: str | None 
   `matmul_impl` overrides the run's model.matmul_impl (`pallas` on a QMoE workdir decodes the experts inside the
   fused kernel during generation; the returned model is then unstacked and carries the coded weights);
   `attention_impl` overrides model.attention_impl."""
-  config = checkpoint.load_config(workdir)
+  config = layout.load_config(workdir)
   if matmul_impl:
     config.model.matmul_impl = matmul_impl
   if attention_impl:
     config.model.attention_impl = attention_impl
   spec = ModelSpec.from_config(config.model)
-  abstract_params = jax.eval_shape(lambda: step_lib.init_params(spec, 0))
-  if storage.is_compressed(workdir):  # infer.compress output: packed codes are dequantized into the float model
+  abstract_params = jax.eval_shape(lambda: transformer.init_params(spec, 0))
+  if layout.is_compressed(workdir):  # infer.compress output: packed codes are dequantized into the float model
     params, step, meta = storage.load_params(workdir, abstract_params, step)
-    model = nnx.merge(step_lib.model_graphdef(spec), params)
+    model = transformer.from_params(spec, params)
     if "coded_arrays" in meta and spec.matmul_impl == "pallas":
       model = _attach_coded(model, meta)
-    return config, model, load_tokenizer(workdir), step
+    return config, model, tokenizer_lib.load_from(workdir), step
   params, step = checkpoint.restore_params(workdir, abstract_params, step)  # train states, imports, int8 models
-  model = nnx.merge(step_lib.model_graphdef(spec), params)
-  return config, model, load_tokenizer(workdir), step
+  return config, transformer.from_params(spec, params), tokenizer_lib.load_from(workdir), step
 
 
 def _attach_coded(model, meta: dict):
   """Unstacks a QMoE model and gives each MoE block its coded expert streams (see `model.moe.CodedExperts`)."""
-  from model import moe
-
   model = model.unstacked()
   per_block: dict[tuple[int, int], dict] = {}
   for key, w in meta["qmoe"]["weights"].items():
@@ -59,22 +60,9 @@ def _attach_coded(model, meta: dict):
 
 def compression_note(workdir: str) -> str | None:
   """One line on how a compressed workdir was made (method, sparsity, bits per weight), or None for other workdirs."""
-  if not storage.is_compressed(workdir):
+  if not layout.is_compressed(workdir):
     return None
-  with open(os.path.join(workdir, storage.METADATA), encoding="utf-8") as f:
-    meta = json.load(f)
+  meta = layout.read_json(layout.path(workdir, layout.COMPRESSION))
   s = meta["summary"]
   return (f"compressed with {meta['label']}: sparsity {s['sparsity']:.1%} and {s['bits_per_weight']:.2f} bits per "
           f"weight over {s['compressed_params']:,} {s.get('scope', 'block weights (embeddings, head and norms stay float)')}")
-
-
-def load_tokenizer(workdir: str) -> tokenizers.Tokenizer:
-  path = os.path.join(workdir, "tokenizer.json")
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"{path} not found: --workdir must be a directory written by `python -m train`")
-  return tokenizer_lib.load(path)
-
-
-def as_model(spec: ModelSpec, params) -> Transformer:
-  """Rebuilds a Transformer from a spec and a pure parameter dict."""
-  return nnx.merge(step_lib.model_graphdef(spec), params)

@@ -20,7 +20,8 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 
-from infer.engine import Engine, SamplingParams
+from infer.engine import Engine
+from infer.sampling import SamplingParams
 
 
 class QueueFull(Exception):

@@ -13,24 +13,24 @@ import os
 import signal
 import sys
 
+from absl import app, flags
 from aiohttp import web
 
+from infer import loading
 from infer.engine import Engine
 from infer.scheduler import Scheduler
 from infer.server import Metrics, Server
+from workdir import tokenizer as tokenizer_lib
 
 
 def build(workdir: str, *, slots: int = 8, page_size: int = 16, num_pages: int = 0, prefill_chunk: int = 0,
           max_queue: int = 64, mode: str = "continuous", attention_impl: str | None = None,
           matmul_impl: str | None = None, step: int | None = None) -> Server:
   """Loads `workdir` and wires engine, scheduler (started), metrics and server together."""
-  from infer import loading
-  from train.tokenizer import decode
-
   _, model, tokenizer, _ = loading.load_trained(workdir, step, matmul_impl, attention_impl)
   engine = Engine(model, slots=slots, page_size=page_size, num_pages=num_pages or None,
                   prefill_chunk=prefill_chunk or None)
-  scheduler = Scheduler(engine, lambda ids: decode(tokenizer, ids), mode=mode, max_queue=max_queue)
+  scheduler = Scheduler(engine, lambda ids: tokenizer_lib.decode(tokenizer, ids), mode=mode, max_queue=max_queue)
   metrics = Metrics(scheduler)
   scheduler.on_finish = metrics.on_finish
   scheduler.start()
@@ -57,8 +57,6 @@ async def _serve(server: Server, host: str, port: int, drain_timeout: float) -> 
 
 
 def main(argv):
-  from absl import flags
-
   if len(argv) > 1:
     sys.exit(f"error: unexpected arguments {argv[1:]}")
   f = flags.FLAGS
@@ -72,8 +70,6 @@ def main(argv):
 
 
 def _define_flags():
-  from absl import flags
-
   flags.DEFINE_string("workdir", None, "Training run directory (float, quantized or compressed).")
   flags.DEFINE_string("host", "127.0.0.1", "Interface to listen on.")
   flags.DEFINE_integer("port", 8000, "Port to listen on.")
@@ -91,7 +87,5 @@ def _define_flags():
 
 
 if __name__ == "__main__":
-  from absl import app
-
   _define_flags()
   app.run(main)

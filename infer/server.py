@@ -26,7 +26,8 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from infer.engine import SamplingParams
+from infer.sampling import SamplingParams
+from workdir import tokenizer as tokenizer_lib
 from infer.scheduler import Draining, Event, QueueFull, Request, Scheduler
 
 MAX_N = 16
@@ -111,13 +112,11 @@ class Metrics:
 
 
 class Server:
-  """The aiohttp application over a scheduler. tokenizer: a `tokenizers.Tokenizer` (see `train.tokenizer.load`)."""
+  """The aiohttp application over a scheduler. tokenizer: a `tokenizers.Tokenizer` (see `workdir.tokenizer`)."""
 
   def __init__(self, scheduler: Scheduler, tokenizer, model_id: str, metrics: Metrics):
-    from train.tokenizer import bos_id, eot_id
-
     self.scheduler, self.tokenizer, self.model_id, self.metrics = scheduler, tokenizer, model_id, metrics
-    self.eot, self.bos = eot_id(tokenizer), bos_id(tokenizer)
+    self.eot = tokenizer_lib.eot_id(tokenizer)
     self.vocab = tokenizer.get_vocab_size()
     self.created = int(time.time())
     self.draining = False
@@ -147,11 +146,9 @@ class Server:
   # -- completions ------------------------------------------------------------------------------------------------
 
   def _prompts(self, prompt) -> list[list[int]]:
-    from train.tokenizer import encode
-
     def ids(p):
       if isinstance(p, str):
-        return [self.bos] + encode(self.tokenizer, p)
+        return tokenizer_lib.encode_document(self.tokenizer, p)
       if isinstance(p, list) and p and all(isinstance(t, int) and not isinstance(t, bool) for t in p):
         bad = [t for t in p if not 0 <= t < self.vocab]
         if bad:

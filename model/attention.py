@@ -19,11 +19,11 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from configs import base
 from model.kernels import decode_attention as decode
 from model.kernels import flash_attention as flash
 from model.kernels import paged_attention as paged
-
-NEG_INF = flash.NEG_INF
+from model.kernels.common import NEG_INF
 
 
 @functools.partial(jax.tree_util.register_dataclass, data_fields=["q_segment_ids", "kv_segment_ids", "q_slots"],
@@ -132,6 +132,7 @@ def cudnn_attention(q, k, v, visibility: Visibility, sm_scale: float) -> jax.Arr
 
 
 IMPLS = {"xla": xla_attention, "pallas": pallas_attention, "cudnn": cudnn_attention}
+base.check_implemented("model.attention_impl", base.ATTENTION_IMPLS, IMPLS)
 
 
 def attend(q, k, v, visibility: Visibility, *, impl: str = "xla", sm_scale: float | None = None) -> jax.Array:

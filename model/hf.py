@@ -26,7 +26,10 @@ import ml_collections
 import numpy as np
 from flax import nnx
 from safetensors import safe_open
+from safetensors.flax import save_file  # takes bfloat16, which the numpy writer cannot
 
+from configs import base
+from model import sharding
 from model.transformer import ModelSpec, Transformer
 
 ARCHITECTURES = {"gpt2": "GPT2LMHeadModel", "opt": "OPTForCausalLM", "llama": "LlamaForCausalLM",
@@ -134,8 +137,6 @@ def model_overrides(hf: dict) -> dict:
 
 def config_from_hf(hf: dict, dtype: str = "float32") -> ml_collections.ConfigDict:
   """A full, validated peakllm config whose model is the Hugging Face one (parameters and compute in `dtype`)."""
-  from configs import base
-
   config = base.get_config()
   config.model.update(model_overrides(hf))
   config.model.param_dtype = config.model.dtype = dtype
@@ -393,8 +394,6 @@ def load_pretrained(hf_dir: str, *, dtype=jnp.float32, mesh: jax.sharding.Mesh |
 
 def load_weights(hf_dir: str, spec: ModelSpec, mesh: jax.sharding.Mesh | None = None) -> Transformer:
   """`load_pretrained` for a given spec (see `config_from_hf`)."""
-  from model import sharding
-
   model_type = read_config(hf_dir)["model_type"]
   abstract = nnx.eval_shape(lambda: Transformer(spec, rngs=nnx.Rngs(params=0)))
   graphdef, state = nnx.split(abstract)
@@ -457,8 +456,6 @@ def save_pretrained(model: Transformer, out_dir: str, *, model_type: str | None 
   `extra_files` {name: source path, or a dict written as JSON} go in as well (tokenizer files). The
   directory is written beside `out_dir` and renamed into place, so a crash leaves no half-written model; out_dir
   must not exist or be empty. Returns out_dir."""
-  from safetensors.flax import save_file  # takes bfloat16, which the numpy writer cannot
-
   model_type = architecture_of(model.spec, model_type)
   if os.path.exists(out_dir) and os.listdir(out_dir):
     raise FileExistsError(f"{out_dir} is not empty: choose a new directory for the export")

@@ -25,8 +25,8 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-ACTIVATIONS = {"gelu": lambda a: jax.nn.gelu(a, approximate=True),  # the tanh form (GPT-2's gelu_new)
-               "gelu_exact": lambda a: jax.nn.gelu(a, approximate=False), "relu": jax.nn.relu, "silu": jax.nn.silu}
+from model.activations import ACTIVATIONS
+from model.kernels import ternary_matvec as tm
 
 
 @jax.tree_util.register_dataclass
@@ -63,7 +63,7 @@ def aux_losses(r: Routing, mask: jax.Array | None = None) -> dict[str, jax.Array
   return {"load_balance": e * jnp.sum(f * p), "router_z": (z * z * mask).sum() / count}
 
 
-def _ffn(h_in, h_gate, activation):
+def gated_ffn(h_in, h_gate, activation):
   return ACTIVATIONS["silu"](h_gate) * h_in if h_gate is not None else ACTIVATIONS[activation](h_in)
 
 
@@ -78,7 +78,7 @@ def dropless_experts(x, r: Routing, w_in, w_gate, w_out, activation: str) -> jax
   xs = x[tokens]
   dot = lambda a, w: jax.lax.ragged_dot(a, w.astype(a.dtype), group_sizes,  # noqa: E731
                                         preferred_element_type=jnp.float32).astype(a.dtype)
-  h = _ffn(dot(xs, w_in), None if w_gate is None else dot(xs, w_gate), activation)
+  h = gated_ffn(dot(xs, w_in), None if w_gate is None else dot(xs, w_gate), activation)
   out = dot(h, w_out)  # [T * k, d] in sorted order
   unsorted = jnp.zeros_like(out).at[order].set(out).reshape(t, k, -1)
   return jnp.einsum("tkd,tk->td", unsorted.astype(jnp.float32), r.weights).astype(x.dtype)
@@ -99,7 +99,7 @@ def dispatch_positions(expert_ids: jax.Array, num_experts: int, capacity: int,
   return slot, (slot < capacity) & live[:, None]
 
 
-def _dispatch(x, r: Routing, num_experts: int, capacity: int, valid=None):
+def dispatch(x, r: Routing, num_experts: int, capacity: int, valid=None):
   slot, kept = dispatch_positions(r.expert_ids, num_experts, capacity, valid)
   t, k = slot.shape
   token = jnp.broadcast_to(jnp.arange(t)[:, None], (t, k))
@@ -118,7 +118,7 @@ def _combine(out_buffers, r: Routing, slot_or_out, kept, dtype):
 def _expert_ffn(buffers, w_in, w_gate, w_out, activation):
   """buffers [E, C, d] through each expert's MLP -> [E, C, d] (float32 accumulation)."""
   dot = lambda a, w, eq: jnp.einsum(eq, a, w.astype(a.dtype), preferred_element_type=jnp.float32).astype(a.dtype)  # noqa: E731
-  h = _ffn(dot(buffers, w_in, "ecd,edf->ecf"), None if w_gate is None else dot(buffers, w_gate, "ecd,edf->ecf"),
+  h = gated_ffn(dot(buffers, w_in, "ecd,edf->ecf"), None if w_gate is None else dot(buffers, w_gate, "ecd,edf->ecf"),
            activation)
   return dot(h, w_out, "ecf,efd->ecd")
 
@@ -140,7 +140,7 @@ def capacity_experts(x, r: Routing, w_in, w_gate, w_out, activation: str, capaci
   capacity; tokens with valid [T] false (padding) take no slot and get 0."""
   e = w_in.shape[0]
   c = capacity(x.shape[0], r.expert_ids.shape[1], e, capacity_factor)
-  buffers, slot, kept = _dispatch(x, r, e, c, valid)
+  buffers, slot, kept = dispatch(x, r, e, c, valid)
   y = _combine(_expert_ffn(buffers, w_in, w_gate, w_out, activation), r, slot, kept, x.dtype)
   return y, _dropped(kept, valid)
 
@@ -159,7 +159,7 @@ def expert_parallel(x, r: Routing, w_in, w_gate, w_out, activation: str, capacit
     e = w_in.shape[0] * jax.lax.axis_size("expert")
     rl = Routing(ids, weights, None, None)
     c = capacity(x.shape[0], ids.shape[1], e, capacity_factor)
-    buffers, slot, kept = _dispatch(x, rl, e, c, valid)
+    buffers, slot, kept = dispatch(x, rl, e, c, valid)
     buffers = jax.lax.all_to_all(buffers, "expert", split_axis=0, concat_axis=1, tiled=True)  # [E/n, n*C, d]
     out = _expert_ffn(buffers, w_in, w_gate, w_out, activation)
     out = jax.lax.all_to_all(out, "expert", split_axis=1, concat_axis=0, tiled=True)  # [E, C, d]
@@ -180,7 +180,7 @@ def dense_reference(x, r: Routing, w_in, w_gate, w_out, activation: str) -> jax.
   combine = jnp.einsum("tke,tk->te", jax.nn.one_hot(r.expert_ids, e, dtype=jnp.float32), r.weights)
   hp = jax.lax.Precision.HIGHEST
   h_in = jnp.einsum("td,edf->etf", x, w_in, precision=hp)
-  h = _ffn(h_in, None if w_gate is None else jnp.einsum("td,edf->etf", x, w_gate, precision=hp), activation)
+  h = gated_ffn(h_in, None if w_gate is None else jnp.einsum("td,edf->etf", x, w_gate, precision=hp), activation)
   out = jnp.einsum("etf,efd->etd", h, w_out, precision=hp)
   return jnp.einsum("etd,te->td", out, combine, precision=hp)
 
@@ -194,7 +194,6 @@ class CodedExperts(nnx.Variable):
 def coded_experts(x, r: Routing, coded: dict, dims: dict, activation: str) -> jax.Array:
   """x [T, d] through the experts straight from their coded ternary streams (one fused decode-matvec per
   assignment, `model/kernels/ternary_matvec.py`). For decode-sized T * k; returns [T, d] in x's dtype."""
-  from model.kernels import ternary_matvec as tm
 
   entries, lengths = coded["dictionary"]
 
@@ -211,7 +210,7 @@ def coded_experts(x, r: Routing, coded: dict, dims: dict, activation: str) -> ja
       e = r.expert_ids[ti, j]
       xt = x[ti:ti + 1].astype(jnp.float32)
       h = matvec("w_in", xt, e)
-      h = _ffn(h, matvec("w_gate", xt, e) if "w_gate" in coded else None, activation)
+      h = gated_ffn(h, matvec("w_gate", xt, e) if "w_gate" in coded else None, activation)
       acc = acc + r.weights[ti, j] * matvec("w_out", h, e)
     rows.append(acc)
   return jnp.concatenate(rows).astype(x.dtype)

@@ -115,12 +115,9 @@ def calibrate(model, batches: Iterable[dict]) -> dict[str, jax.Array]:
     attn_max, mlp_max = [], []
     for i in range(m.spec.num_layers):
       block = nnx.merge(blocks_def, jax.tree.map(lambda a: a[i], blocks))
-      a = block.attn_norm(x)
-      attn_max.append(jnp.where(real, jnp.abs(a.astype(jnp.float32)), 0).max(axis=(0, 1)))
-      h = x + block.attn(a, batch["positions"], visibility)[0]
-      b = block.mlp_norm(h)
-      mlp_max.append(jnp.where(real, jnp.abs(b.astype(jnp.float32)), 0).max(axis=(0, 1)))
-      x = h + block.mlp(b)
+      x, _, _, taps = block.forward(x, batch["positions"], visibility)
+      attn_max.append(jnp.where(real, jnp.abs(taps["attn_in"].astype(jnp.float32)), 0).max(axis=(0, 1)))
+      mlp_max.append(jnp.where(real, jnp.abs(taps["mlp_in"].astype(jnp.float32)), 0).max(axis=(0, 1)))
     return {"attn_norm": jnp.stack(attn_max), "mlp_norm": jnp.stack(mlp_max)}
 
   stats = None

@@ -10,9 +10,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import jax
+import optax
+from flax import nnx
+from jax.experimental import mesh_utils
 from jax.sharding import PartitionSpec
 
-MESH_AXES = ("data", "fsdp", "tensor", "pipeline", "expert")
+from configs.base import MESH_AXES
 
 # logical name -> mesh axes it is split over (first match wins; an axis is used once per array).
 LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
@@ -89,8 +92,6 @@ def make_mesh(sizes: dict, devices=None) -> jax.sharding.Mesh:
   if len(devices) % granules:
     raise ValueError(f"DCN sizes {dict(zip(MESH_AXES, dcn))} multiply to {granules}, which does not divide the "
                      f"{len(devices)} devices")
-  from jax.experimental import mesh_utils
-
   ici = mesh_shape(sizes, len(devices) // granules)
   grid = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices, process_is_granule=devices[0].platform != "tpu",
                                               allow_split_physical_axes=True)
@@ -103,8 +104,6 @@ def state_shardings(mesh: jax.sharding.Mesh, abstract_state: dict, param_spec_tr
   moments like the parameter they belong to (when shaped like it; factored statistics are replicated), the rest
   replicated. ZeRO-3 / FSDP falls out of the rules: 'embed' dimensions split over the fsdp axis.
   `offload_optimizer` places the optimizer state in pinned host memory (ZeRO-Offload)."""
-  import optax
-
   named = lambda spec: jax.sharding.NamedSharding(mesh, spec)  # noqa: E731
   replicated = named(PartitionSpec())
   params_sh = jax.tree.map(named, param_spec_tree, is_leaf=lambda x: isinstance(x, PartitionSpec))
@@ -124,8 +123,6 @@ def batch_sharding(mesh: jax.sharding.Mesh) -> jax.sharding.NamedSharding:
 
 def param_specs(abstract_model) -> dict:
   """PartitionSpecs (pure-dict tree like `nnx.to_pure_dict`) for a model's parameters from their `logical_axes`."""
-  from flax import nnx
-
   state = nnx.state(abstract_model, nnx.Param)
   return nnx.to_pure_dict(jax.tree.map(lambda v: v.replace(logical_to_spec(v.get_metadata()["logical_axes"])), state,
                                        is_leaf=lambda x: isinstance(x, nnx.Variable)))

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
 
 import jax
 import numpy as np
@@ -18,18 +17,24 @@ from jax.ad_checkpoint import checkpoint_name
 import jax.numpy as jnp
 from flax import nnx
 
+from configs import base
 from model import attention as attention_lib
-from model.moe import ACTIVATIONS
+from model import moe as moe_lib
+from model import pipeline
+from model import quant
+from model.activations import ACTIVATIONS
 from model.sharding import constrain
 
 Cache = dict[str, jax.Array]  # k, v: [layers, B, S, K, D]; segment_ids: [B, S] int32; index: [] int32 (next slot)
 
-_REMAT_POLICIES = {
+REMAT_POLICIES = {  # model.remat -> what jax.checkpoint saves ("none": no checkpointing; "full": nothing saved)
+    "none": None,
     "full": None,
     "save_dots": jax.checkpoint_policies.checkpoint_dots,
     "save_dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
     "save_attention_out": jax.checkpoint_policies.save_only_these_names("attention_out"),
 }
+base.check_implemented("model.remat", base.REMAT_POLICIES, REMAT_POLICIES)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,7 +62,7 @@ class ModelSpec:
   scan_layers: bool = True
   attention_impl: str = "xla"
   init_std: float = 0.02
-  quant: str = "none"  # "none" | "int8_weight" (W8A16) | "w8a8" (SmoothQuant); set by scripts/quantize.py
+  quant: str = "none"  # "none" | "int8_weight" (W8A16) | "w8a8" (SmoothQuant); set by infer/quantize.py
   matmul_impl: str = "xla"  # "xla" | "pallas": how quantized matmuls run
   num_experts: int = 0  # 0: dense MLPs; > 0: every moe_every-th block has a mixture-of-experts MLP (model/moe.py)
   experts_per_token: int = 1
@@ -78,8 +83,6 @@ class ModelSpec:
   @classmethod
   def from_config(cls, m) -> "ModelSpec":
     """Builds a spec from the `config.model` ConfigDict (defaults resolved as documented in configs/base.py)."""
-    from configs import base  # configs is a leaf package; imported lazily to keep model/ free of config parsing
-
     return cls(family=m.family, vocab_size=m.vocab_size, num_layers=m.num_layers, embed_dim=m.embed_dim,
                num_heads=m.num_heads, num_kv_heads=base.num_kv_heads(m), head_dim=base.head_dim(m),
                mlp_dim=base.mlp_dim(m), max_len=m.max_len, activation=m.activation, norm_eps=m.norm_eps,
@@ -158,8 +161,6 @@ def _matmul(spec: ModelSpec, x: jax.Array, w, scale: nnx.Param | None = None, n_
   `model.quant.quantized_matmul` (W8A16 or W8A8, XLA or Pallas per the spec)."""
   dt = spec.compute_dtype
   if scale is not None:
-    from model import quant  # quantized inference only
-
     return quant.quantized_matmul(spec, x.astype(dt), w[...], scale[...], n_in).astype(dt)
   dims = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
   out = jax.lax.dot_general(x.astype(dt), w[...].astype(dt), (dims, ((), ())), preferred_element_type=jnp.float32)
@@ -303,13 +304,24 @@ def _zero_aux() -> MoEAux:
   return {k: jnp.zeros((), jnp.float32) for k in MOE_AUX_KEYS}
 
 
+Taps = dict[str, jax.Array]  # the inputs of a block's linear layers, by the names in `TAPS`
+
+# Tap name -> the linear layers (parent, weight) that read it, in the block's order. "mlp_out" (the MLP's hidden
+# layer) exists only in dense blocks; a MoE block's experts read "mlp_in" through their router.
+TAPS = {
+    "attn_in": (("attn", "wq"), ("attn", "wk"), ("attn", "wv")),  # [B, L, D] the (normed) attention input
+    "attn_out": (("attn", "wo"),),  # [B, L, H * hd] the heads, before the output projection
+    "mlp_in": (("mlp", "w_in"), ("mlp", "w_gate")),  # [B, L, D] the (normed) MLP or MoE input
+    "mlp_out": (("mlp", "w_out"),),  # [B, L, F] the activated hidden layer
+}
+
+
 class Block(nnx.Module):
   """Residual block, pre-norm x + attn(norm(x)) then x + mlp(norm(x)), or post-norm norm(x + attn(x)) then
-  norm(x + mlp(x)) (`spec.norm_position`); `moe` swaps the MLP for a `moe.MoE`."""
+  norm(x + mlp(x)) (`spec.norm_position`); `moe` swaps the MLP for a `moe.MoE`. The wiring is written once, in
+  `forward`, which also returns the inputs of every linear layer (`TAPS`) for calibration and quantization."""
 
   def __init__(self, spec: ModelSpec, rngs: nnx.Rngs, moe: bool = False):
-    from model import moe as moe_lib
-
     self.attn_norm = Norm(spec, rngs)
     self.attn = Attention(spec, rngs)
     self.mlp_norm = Norm(spec, rngs)
@@ -318,16 +330,27 @@ class Block(nnx.Module):
 
   def __call__(self, x, positions, visibility, q_slots_start=None, kv_cache=None):
     """Returns (x [B, L, D], kv_cache, MoE auxiliary terms (zeros for a dense block))."""
+    x, kv_cache, aux, _ = self.forward(x, positions, visibility, q_slots_start, kv_cache)
+    return x, kv_cache, aux
+
+  def forward(self, x, positions, visibility, q_slots_start=None, kv_cache=None):
+    """`__call__` plus the block's taps: (x [B, L, D], kv_cache, MoE aux, taps {name in TAPS: input array}).
+    The taps are intermediates the block computes anyway; under jit, unused ones cost nothing."""
     pre = self.attn_norm.spec.norm_position == "pre"
-    y, kv_cache = self.attn(self.attn_norm(x) if pre else x, positions, visibility, q_slots_start, kv_cache)
+    taps: Taps = {}
+    taps["attn_in"] = self.attn_norm(x) if pre else x
+    heads, kv_cache = self.attn.mix(taps["attn_in"], positions, visibility, q_slots_start, kv_cache)
+    taps["attn_out"] = heads.reshape(*heads.shape[:2], -1)
+    y = self.attn.project_out(heads)
     x = x + y if pre else self.attn_norm(x + y)
-    h = self.mlp_norm(x) if pre else x
+    taps["mlp_in"] = self.mlp_norm(x) if pre else x
     if self.moe is not None:
-      y, aux = self.moe(h, (visibility.q_segment_ids > 0))
+      y, aux = self.moe(taps["mlp_in"], (visibility.q_segment_ids > 0))
     else:
-      y, aux = self.mlp(h), _zero_aux()
+      taps["mlp_out"] = self.mlp.hidden(taps["mlp_in"])
+      y, aux = self.mlp.project_out(taps["mlp_out"]), _zero_aux()
     x = x + y if pre else self.mlp_norm(x + y)
-    return constrain(x, ("batch", "length", "embed")), kv_cache, aux
+    return constrain(x, ("batch", "length", "embed")), kv_cache, aux, taps
 
 
 class BlockGroup(nnx.Module):
@@ -539,42 +562,35 @@ class Transformer(nnx.Module):
     return model
 
   def _run_blocks(self, x, positions, visibility, start, kv_cache):
+    """x [B, L, D] through every block. kv_cache: None, a list of per-unit caches or page pools (updated in place,
+    for `unstacked()` models), or a stacked (k, v) pair [layers, ...]. Returns (x, kv_cache as given, MoE aux)."""
+    if isinstance(kv_cache, list):
+      return self._run_unit_list(x, positions, visibility, start, kv_cache)
     spec = self.spec
     units = spec.num_layers // spec.layers_per_unit
-    if isinstance(kv_cache, list):  # one entry per unit, updated in place (`init_pages`, `init_cache(per_layer)`)
-      aux, new_pages = _zero_aux(), []
-      for block, unit_pages in zip(self.blocks, kv_cache):
-        x, unit_pages, block_aux = block(x, positions, visibility, start, unit_pages)
-        new_pages.append(unit_pages)
-        aux = jax.tree.map(jnp.add, aux, block_aux)
-      return x, new_pages, aux
     if kv_cache is not None and spec.num_experts:  # [layers, ...] -> [units, layers per unit, ...]
       kv_cache = jax.tree.map(lambda a: a.reshape(units, spec.layers_per_unit, *a.shape[1:]), kv_cache)
-
-    def merge_layers(cache):
-      if cache is None or not spec.num_experts:
-        return cache
-      return jax.tree.map(lambda a: a.reshape(spec.num_layers, *a.shape[2:]), cache)
-
-    aux = _zero_aux()
     if isinstance(self.blocks, nnx.List):  # see `unstacked`
-      layer_caches = []
-      for i, block in enumerate(self.blocks):
-        x, layer_cache, block_aux = block(x, positions, visibility, start,
-                                          None if kv_cache is None else jax.tree.map(lambda a, i=i: a[i], kv_cache))
-        layer_caches.append(layer_cache)
-        aux = jax.tree.map(jnp.add, aux, block_aux)
-      stacked = None if kv_cache is None else jax.tree.map(lambda *a: jnp.stack(a), *layer_caches)
-      return x, merge_layers(stacked), aux
-    mesh = jax.sharding.get_abstract_mesh()
-    stages = 1 if mesh is None or mesh.empty else dict(mesh.shape).get("pipeline", 1)
-    if stages > 1 and kv_cache is None:  # GPipe over the mesh's pipeline axis (train/pipeline.py)
-      from train import pipeline
+      per_unit = None if kv_cache is None else [jax.tree.map(lambda a, i=i: a[i], kv_cache) for i in range(units)]
+      x, per_unit, aux = self._run_unit_list(x, positions, visibility, start, per_unit)
+      kv_cache = None if kv_cache is None else jax.tree.map(lambda *a: jnp.stack(a), *per_unit)
+    elif pipeline.stages_of_active_mesh() > 1 and kv_cache is None:  # GPipe over the mesh's pipeline axis
+      return pipeline.run_blocks(self, x, positions, visibility), None, _zero_aux()
+    else:
+      graphdef, params = nnx.split(self.blocks)
+      x, kv_cache, aux = self.scan_units(graphdef, params, x, positions, visibility, start, kv_cache)
+    if kv_cache is not None and spec.num_experts:
+      kv_cache = jax.tree.map(lambda a: a.reshape(spec.num_layers, *a.shape[2:]), kv_cache)
+    return x, kv_cache, aux
 
-      return pipeline.run_blocks(self, x, positions, visibility, stages), None, aux
-    graphdef, params = nnx.split(self.blocks)
-    x, kv_cache, aux = self.scan_units(graphdef, params, x, positions, visibility, start, kv_cache)
-    return x, (None if kv_cache is None else merge_layers(kv_cache)), aux
+  def _run_unit_list(self, x, positions, visibility, start, caches):
+    """Per-layer blocks one after another; caches: one entry per unit, or None. Returns (x, caches, MoE aux)."""
+    aux, new_caches = _zero_aux(), []
+    for i, block in enumerate(self.blocks):
+      x, cache, block_aux = block(x, positions, visibility, start, None if caches is None else caches[i])
+      new_caches.append(cache)
+      aux = jax.tree.map(jnp.add, aux, block_aux)
+    return x, (None if caches is None else new_caches), aux
 
   def scan_units(self, graphdef, params, x, positions, visibility, start=None, kv_cache=None):
     """Runs stacked units (params [units, ...], e.g. one pipeline stage's share) over x [B, L, D] with the configured
@@ -591,7 +607,7 @@ class Transformer(nnx.Module):
       return (y, jax.tree.map(jnp.add, aux, block_aux)), layer_cache
 
     if spec.remat != "none":
-      body = jax.checkpoint(body, policy=_REMAT_POLICIES[spec.remat], prevent_cse=not spec.scan_layers)
+      body = jax.checkpoint(body, policy=REMAT_POLICIES[spec.remat], prevent_cse=not spec.scan_layers)
     if spec.scan_layers:
       (x, aux), kv_cache = jax.lax.scan(body, (x, aux), (params, kv_cache))
       return x, kv_cache, aux
@@ -605,12 +621,21 @@ class Transformer(nnx.Module):
     return x, jax.tree.map(lambda *a: jnp.stack(a), *outputs), aux
 
 
-def build(model_config, seed: int = 0) -> Transformer:
-  """Creates a Transformer from `config.model` with parameters initialised from `seed`."""
-  return Transformer(ModelSpec.from_config(model_config), rngs=nnx.Rngs(params=seed))
+def graphdef(spec: ModelSpec) -> nnx.GraphDef:
+  """The static structure of the model of `spec` (no parameters allocated)."""
+  return nnx.split(abstract_model(spec))[0]
 
 
-def abstract(model_config) -> Any:
-  """The model's parameter shapes without allocating them (nnx.eval_shape), for counting and planning."""
-  spec = ModelSpec.from_config(model_config)
+def abstract_model(spec: ModelSpec) -> Transformer:
+  """The model of `spec` with ShapeDtypeStruct parameters (nnx.eval_shape): for shapes, shardings and counting."""
   return nnx.eval_shape(lambda: Transformer(spec, rngs=nnx.Rngs(params=0)))
+
+
+def init_params(spec: ModelSpec, seed: int) -> dict:
+  """Freshly initialised parameters as a nested dict of arrays (call under jit to build them on device)."""
+  return nnx.to_pure_dict(nnx.state(Transformer(spec, rngs=nnx.Rngs(params=seed)), nnx.Param))
+
+
+def from_params(spec: ModelSpec, params) -> Transformer:
+  """The model of `spec` around a pure parameter dict (as `init_params`, checkpoints and compressors give)."""
+  return nnx.merge(graphdef(spec), params)

@@ -24,8 +24,8 @@ import numpy as np
 from absl import app, flags
 from flax import nnx
 
-from infer import generate, loading
-from model import quant
+from infer import generate
+from model import quant, transformer
 from model.transformer import ModelSpec, Transformer
 
 _SHAPES = flags.DEFINE_list("shapes", ["shape_s", "gpt2_124m"], "Config modules under configs/.")
@@ -63,7 +63,7 @@ def build_model(shape: str, fmt: str) -> Transformer:
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     stats = {norm: jnp.ones((spec.num_layers, spec.embed_dim)) for norm in quant.SMOOTHED}  # random weights: flat
     qspec, qparams = quant.quantize_model_params(spec, params, "int8_weight" if fmt == "int8" else "w8a8", stats)
-    model = loading.as_model(qspec, qparams)
+    model = transformer.from_params(qspec, qparams)
   return model
 
 

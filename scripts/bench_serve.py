@@ -26,7 +26,10 @@ import time
 import urllib.request
 
 import aiohttp
+import jax
 from absl import app, flags
+
+from workdir import layout
 
 _WORKDIR = flags.DEFINE_string("workdir", "runs/default", "Trained workdir to serve.")
 _REQUESTS = flags.DEFINE_integer("requests", 48, "Requests per mode.")
@@ -150,11 +153,7 @@ def bench_mode(mode: str, vocab: int, max_len: int) -> dict:
 
 def main(argv):
   del argv
-  import jax
-
-  from train import checkpoint
-
-  model_config = checkpoint.load_config(_WORKDIR.value).model
+  model_config = layout.load_config(_WORKDIR.value).model
   rows = []
   for mode in _MODES.value:
     rows.append(bench_mode(mode, model_config.vocab_size, model_config.max_len))

@@ -12,7 +12,6 @@ step is the trainer's own jitted, donated train step.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import statistics
@@ -23,20 +22,16 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from configs import base
-from flax import nnx
-
 from model import flops, sharding
-from model.transformer import ModelSpec, Transformer
-from train import metrics, optim
-from train import step as step_lib
+from train import metrics
+from train import setup as setup_lib
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/shape_s.py", "Config to benchmark.")
 _STEPS = flags.DEFINE_integer("steps", 20, "Timed steps (after warm-up).")
 _WARMUP = flags.DEFINE_integer("warmup", 3, "Untimed steps after compilation.")
 _OUT = flags.DEFINE_string("out", "bench_train.json", "Where to write the JSON results.")
 _DONATE = flags.DEFINE_bool("donate", True, "Donate the train state to the step (--nodonate measures the cost of "
-                             "a fresh state buffer every step; one-device runs).")
+                             "a fresh state buffer every step).")
 _MESHES = flags.DEFINE_list("meshes", [], "Meshes to compare, each AXIS=SIZE[/AXIS=SIZE...] over config.mesh's axes "
                             "(e.g. data=8,fsdp=8,data=2/tensor=4); empty: the plain one-device step.")
 
@@ -60,34 +55,22 @@ def random_batch(config, seed: int) -> dict[str, np.ndarray]:
           "weights": np.ones((b, l), np.float32)}
 
 
-def benchmark(config, steps: int, warmup: int, mesh_sizes: dict[str, int] | None = None) -> dict:
-  """Times `steps` train steps of `config` (each blocked) after compilation and `warmup` steps, on one device or,
-  with `mesh_sizes`, sharded over that mesh exactly as the trainer does."""
-  base.validate(config)
-  t = config.train
-  spec = ModelSpec.from_config(config.model)
-  params = jax.eval_shape(lambda: step_lib.init_params(spec, 0))
-  optimizer = optim.make_optimizer(t, params)
-  graphdef, schedule = step_lib.model_graphdef(spec), optim.make_schedule(t)
-  if mesh_sizes is None:
-    mesh = None
-    state = jax.jit(lambda: step_lib.init_state(spec, optimizer, 0))()
-    step_fn = step_lib.jit_train_step(graphdef, optimizer, schedule, t.grad_accum_steps, t.z_loss,
-                                      donate=_DONATE.value)
-    batches = [jax.device_put(random_batch(config, i)) for i in range(4)]
-  else:
-    mesh = sharding.make_mesh(mesh_sizes)
-    specs = sharding.param_specs(nnx.eval_shape(lambda: Transformer(spec, rngs=nnx.Rngs(params=0))))
-    sharding.check_divisible(params, specs, mesh)
-    abstract_state = jax.eval_shape(lambda: step_lib.init_state(spec, optimizer, 0))
-    state_sh = sharding.state_shardings(mesh, abstract_state, specs, optimizer)
-    state = jax.jit(lambda: step_lib.init_state(spec, optimizer, 0), out_shardings=state_sh)()
-    batch_sh = sharding.batch_sharding(mesh)
-    step_fn = step_lib.jit_train_step(graphdef, optimizer, schedule, t.grad_accum_steps, t.z_loss, state_sh,
-                                      batch_sh)
-    batches = [jax.device_put(random_batch(config, i), batch_sh) for i in range(4)]
-  with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
-    return _time_steps(config, spec, state, step_fn, batches, steps, warmup)
+def setup_for(config, mesh_sizes: dict[str, int] | None = None, donate: bool = True) -> setup_lib.TrainSetup:
+  """The trainer's own set-up of `config` (`train.setup.build`), on the config's mesh or on `mesh_sizes`."""
+  if mesh_sizes is not None:
+    config = config.copy_and_resolve_references()
+    config.mesh.update(mesh_sizes)
+  return setup_lib.build(config, donate=donate)
+
+
+def benchmark(config, steps: int, warmup: int, mesh_sizes: dict[str, int] | None = None, donate: bool = True) -> dict:
+  """Times `steps` train steps of `config` (each blocked) after compilation and `warmup` steps: the trainer's own
+  step (`setup_for`). `donate=False` measures what donating the state saves."""
+  setup = setup_for(config, mesh_sizes, donate)
+  state = setup.init_state()
+  batches = [jax.device_put(random_batch(config, i), setup.batch_sharding) for i in range(4)]
+  with jax.set_mesh(setup.mesh):
+    return _time_steps(config, setup.spec, state, setup.train_step, batches, steps, warmup)
 
 
 def _time_steps(config, spec, state, step_fn, batches, steps, warmup) -> dict:
@@ -122,7 +105,7 @@ def main(argv):
   if _MESHES.value:
     rows = []
     for text in _MESHES.value:
-      row = benchmark(config, _STEPS.value, _WARMUP.value, parse_mesh(text))
+      row = benchmark(config, _STEPS.value, _WARMUP.value, parse_mesh(text), donate=_DONATE.value)
       row.update(mesh=text, mfu_f32=row["flops_per_token"] * row["tokens_per_sec"] / (peaks["float32"] * jax.device_count()))
       rows.append(row)
     print(f"device {device.device_kind} x{jax.device_count()}; MFU against {jax.device_count()} x the f32 matmul peak")
@@ -133,7 +116,7 @@ def main(argv):
     with open(_OUT.value, "w", encoding="utf-8") as f:
       json.dump({"device": device.device_kind, "devices": jax.device_count(), "rows": rows}, f, indent=2)
     return
-  result = benchmark(config, _STEPS.value, _WARMUP.value)
+  result = benchmark(config, _STEPS.value, _WARMUP.value, donate=_DONATE.value)
   achieved = result["flops_per_token"] * result["tokens_per_sec"]
   result.update({"device": device.device_kind, "devices": jax.device_count(), "compute_dtype": config.model.dtype,
                  "matmul_peak_flops": peaks, "achieved_flops": achieved,

@@ -22,12 +22,17 @@ import time
 
 import jax
 import jax.numpy as jnp
+import matplotlib
 from absl import app, flags
 from flax import nnx
 
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (after choosing the file backend)
+
 from infer import evaluate, generate, loading
 from infer.compress import calibrate, qmoe, storage
-from model import flops
+from model import flops, transformer
+from workdir import tokenizer as tokenizer_lib
 
 # SwitchTransformer-c2048 in the QMoE paper (as quoted in the survey issue): 3.2 TB bf16 -> 160 GB, 0.8 bits per
 # parameter, about 20x; C4 validation loss 1.18 (bf16) -> 1.26 (ternary).
@@ -52,7 +57,7 @@ def _bf16(params, keep_experts: bool = False):
 def _tokens_per_second(model, tokenizer, n: int) -> float:
   """Greedy batch-1 generation of n new tokens (no early stop), after a compile run: tokens per second, prefill
   included."""
-  prompt = generate.encode_prompt(tokenizer, "def main(")
+  prompt = tokenizer_lib.encode_document(tokenizer, "def main(")
   generate.generate(model, [prompt], max_new_tokens=n)  # compile
   start = time.perf_counter()
   (row,) = generate.generate(model, [prompt], max_new_tokens=n)
@@ -72,7 +77,7 @@ def run(workdir: str, out: str, *, calibration_samples: int = 128, eval_tokens: 
   n_total, n_experts = flops.param_count(spec), qmoe.expert_param_count(spec)
 
   def loss_of(params):  # every format scored with its float parts rounded to bf16, as they are sized
-    return evaluate.stream_perplexity(loading.as_model(spec, _bf16(params, keep_experts=True)), tokens, seq_len,
+    return evaluate.stream_perplexity(transformer.from_params(spec, _bf16(params, keep_experts=True)), tokens, seq_len,
                                       batch_size)["loss"]
 
   rows, results_by_mode = [], {}
@@ -124,9 +129,9 @@ def run(workdir: str, out: str, *, calibration_samples: int = 128, eval_tokens: 
             "paper": PAPER}
   if gen_tokens:
     report["generation_tokens_per_s"] = {
-        "bf16-rounded float": _tokens_per_second(loading.as_model(spec, _bf16(float_params)).unstacked(), tokenizer,
+        "bf16-rounded float": _tokens_per_second(transformer.from_params(spec, _bf16(float_params)).unstacked(), tokenizer,
                                                  gen_tokens),
-        "QMoE, decoded at load": _tokens_per_second(loading.as_model(spec, reloaded_params).unstacked(), tokenizer,
+        "QMoE, decoded at load": _tokens_per_second(transformer.from_params(spec, reloaded_params).unstacked(), tokenizer,
                                                     gen_tokens)}
     # the fused path decodes every expert row inside the Pallas kernel at each step (interpret mode on CPU)
     _, fused, _, _ = loading.load_trained(qdir, matmul_impl="pallas")
@@ -174,11 +179,6 @@ def markdown(r: dict) -> str:
 
 
 def plot(r: dict, path: str) -> None:
-  import matplotlib
-
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
   fig, ax = plt.subplots(figsize=(6.5, 4))
   rows = r["rows"]
   bars = ax.bar([x["format"] for x in rows], [x["loss"] for x in rows], color=["gray", "tab:blue", "tab:orange",

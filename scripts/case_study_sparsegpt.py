@@ -18,12 +18,17 @@ import sys
 import time
 
 import jax
+import matplotlib
 from absl import app, flags
 from flax import nnx
 
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (after choosing the file backend)
+
 from configs import compress as compress_config
-from infer import compress, evaluate, loading
+from infer import evaluate, loading
 from infer.compress import calibrate
+from infer.compress import pipeline as compress
 
 # The papers' OPT-125M numbers (WikiText2 perplexity): SparseGPT (Frantar and Alistarh, 2023) Table 1 and
 # GPTQ (Frantar et al., 2023) Table 3, as quoted in the issue.
@@ -132,11 +137,6 @@ def markdown(report: dict) -> str:
 
 
 def plot(curve: dict, dense_ppl: float, path: str) -> None:
-  import matplotlib
-
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
   fig, ax = plt.subplots(figsize=(6, 4))
   for method, points in curve.items():
     ax.plot([100 * p["sparsity"] for p in points], [p["ppl"] for p in points], marker="o", label=method)

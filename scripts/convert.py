@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import sys
@@ -18,9 +17,11 @@ import sys
 from absl import app, flags
 from flax import nnx
 
+from infer import loading
 from model import flops, hf
 from model.transformer import ModelSpec
-from train import checkpoint, tokenizer as tokenizer_lib, trainer
+from workdir import checkpoint, layout
+from workdir import tokenizer as tokenizer_lib
 
 HF_CONFIG_COPY = "hf_config.json"  # the imported config.json, kept for its token ids
 _TOKEN_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")
@@ -28,9 +29,9 @@ _TOKEN_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")
 
 def import_hf(hf_dir: str, workdir: str, dtype: str = "float32") -> dict:
   """Writes the Hugging Face model of `hf_dir` as a peakllm workdir; returns a summary dict."""
-  if os.path.isdir(checkpoint.checkpoint_dir(workdir)):
+  if os.path.isdir(layout.checkpoint_dir(workdir)):
     raise FileExistsError(f"{workdir} already holds checkpoints: import into a new workdir")
-  tokenizer_path = os.path.join(hf_dir, "tokenizer.json")
+  tokenizer_path = layout.path(hf_dir, layout.TOKENIZER)
   if not os.path.isfile(tokenizer_path):
     raise FileNotFoundError(f"{tokenizer_path} not found: save the fast tokenizer first, e.g. "
                             f"AutoTokenizer.from_pretrained(DIR).save_pretrained(DIR)")
@@ -42,32 +43,29 @@ def import_hf(hf_dir: str, workdir: str, dtype: str = "float32") -> dict:
                      f"{config.model.vocab_size}")
   model = hf.load_weights(hf_dir, ModelSpec.from_config(config.model))
   os.makedirs(workdir, exist_ok=True)
-  tokenizer_lib.copy(hf_dir, workdir)
-  shutil.copy(os.path.join(hf_dir, "config.json"), os.path.join(workdir, HF_CONFIG_COPY))
-  trainer.write_config(config, workdir)
+  layout.copy_tokenizer(hf_dir, workdir)
+  shutil.copy(os.path.join(hf_dir, "config.json"), layout.path(workdir, HF_CONFIG_COPY))
+  layout.write_config(config, workdir)
   checkpoint.save_params(workdir, 0, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
   return {"model_type": hf_cfg["model_type"], "parameters": flops.tree_param_count(model)}
 
 
 def export_hf(workdir: str, out_dir: str, step: int | None = None, max_shard_bytes: int = 5 * 2**30) -> str:
   """Writes the latest (or given) parameters of `workdir` as a Hugging Face directory, with its tokenizer."""
-  from infer import loading
-
   config, model, tok, step = loading.load_trained(workdir, step)
   if model.spec.quant != "none":
     raise ValueError(f"{workdir} holds int8 weights (model.quant={model.spec.quant!r}): export the float workdir")
   extra = {"bos_token_id": tokenizer_lib.bos_id(tok), "eos_token_id": tokenizer_lib.eot_id(tok)}
-  imported = os.path.join(workdir, HF_CONFIG_COPY)
+  imported = layout.path(workdir, HF_CONFIG_COPY)
   model_type = None
   if os.path.isfile(imported):
-    with open(imported, encoding="utf-8") as f:
-      original = json.load(f)
+    original = layout.read_json(imported)
     extra.update({k: v for k, v in original.items() if k in _TOKEN_KEYS})
     model_type = original.get("model_type")  # Mistral imports go back as Mistral
-  files = {name: os.path.join(workdir, name) for name in ("tokenizer.json", tokenizer_lib.HF_CONFIG)
-           if os.path.isfile(os.path.join(workdir, name))}
-  if tokenizer_lib.HF_CONFIG not in files:  # our own tokenizer: tell transformers how to load it
-    files[tokenizer_lib.HF_CONFIG] = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": tokenizer_lib.EOT,
+  files = {name: layout.path(workdir, name) for name in (layout.TOKENIZER, layout.TOKENIZER_CONFIG)
+           if os.path.isfile(layout.path(workdir, name))}
+  if layout.TOKENIZER_CONFIG not in files:  # our own tokenizer: tell transformers how to load it
+    files[layout.TOKENIZER_CONFIG] = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": tokenizer_lib.EOT,
                                       "eos_token": tokenizer_lib.EOT, "model_max_length": model.spec.max_len}
   return hf.save_pretrained(model, out_dir, model_type=model_type, extra_config=extra, max_shard_bytes=max_shard_bytes, extra_files=files)
 

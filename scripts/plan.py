@@ -29,28 +29,15 @@ if _DEVICES_FLAG and "jax" not in sys.modules:  # simulated devices must be requ
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-from flax import nnx  # noqa: E402
+from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
 
-from model import sharding  # noqa: E402
-from model.transformer import ModelSpec, Transformer  # noqa: E402
-from train import optim  # noqa: E402
-from train import pipeline as pipeline_lib  # noqa: E402
-from train import step as step_lib  # noqa: E402
+from configs import base  # noqa: E402
+from model import pipeline as pipeline_lib  # noqa: E402
+from model.transformer import ModelSpec  # noqa: E402
+from train import setup as setup_lib  # noqa: E402
 
 GB = 1e9
-
-
-def _state_and_shardings(config, devices):
-  spec = ModelSpec.from_config(config.model)
-  params = jax.eval_shape(lambda: step_lib.init_params(spec, 0))
-  optimizer = optim.make_optimizer(config.train, params)
-  abstract_state = jax.eval_shape(lambda: step_lib.init_state(spec, optimizer, 0))
-  mesh = sharding.make_mesh(dict(config.mesh), devices)
-  param_specs = sharding.param_specs(nnx.eval_shape(lambda: Transformer(spec, rngs=nnx.Rngs(params=0))))
-  sharding.check_divisible(params, param_specs, mesh)
-  state_sh = sharding.state_shardings(mesh, abstract_state, param_specs, optimizer, config.train.offload_optimizer)
-  return spec, optimizer, abstract_state, state_sh, mesh
 
 
 def _shard_bytes(tree, shardings) -> tuple[int, int]:
@@ -103,7 +90,8 @@ def activation_bytes(spec: ModelSpec, config, mesh_shape: dict[str, int]) -> dic
 
 def plan(config, devices=None, device_memory_gb: float = 0.0) -> dict:
   """The estimate for `config` on `devices` (default: all): bytes per device by category, and whether it fits."""
-  spec, optimizer, abstract_state, state_sh, mesh = _state_and_shardings(config, devices)
+  setup = setup_lib.build(config, devices)
+  spec, abstract_state, state_sh, mesh = setup.spec, setup.abstract_state, setup.state_shardings, setup.mesh
   params, _ = _shard_bytes(abstract_state["params"], state_sh["params"])
   opt_device, opt_host = _shard_bytes(abstract_state["opt_state"], state_sh["opt_state"])
   grads = params  # one gradient per parameter shard, in the parameter dtype
@@ -133,19 +121,7 @@ def plan(config, devices=None, device_memory_gb: float = 0.0) -> dict:
 def compiled_memory(config, devices=None) -> dict:
   """XLA's memory analysis of the compiled train step: per-device argument, output, alias and temp bytes, and
   their peak (arguments + outputs - aliased + temporaries)."""
-  spec, optimizer, abstract_state, state_sh, mesh = _state_and_shardings(config, devices)
-  batch_sh = sharding.batch_sharding(mesh)
-  abstract_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state,
-                                state_sh)
-  batch = {key: jax.ShapeDtypeStruct((config.train.batch_size, config.data.seq_len),
-                                     jnp.float32 if key == "weights" else jnp.int32, sharding=batch_sh)
-           for key in ("inputs", "targets", "segment_ids", "positions", "weights")}
-  t = config.train
-  with jax.set_mesh(mesh):
-    compiled = step_lib.jit_train_step(step_lib.model_graphdef(spec), optimizer, optim.make_schedule(t),
-                                       t.grad_accum_steps, t.z_loss, state_sh, batch_sh,
-                                       moe_coefs=(t.moe_aux_loss, t.router_z_loss),
-                                       offload_optimizer=t.offload_optimizer).lower(abstract_state, batch).compile()
+  compiled = setup_lib.build(config, devices).compile()
   m = compiled.memory_analysis()
   if m is None:
     return {}
@@ -159,11 +135,7 @@ def _fmt(n: float) -> str:
 
 
 def main(argv):
-  from absl import flags
-
   del argv
-  from configs import base
-
   f = flags.FLAGS
   config = base.validate(f.config)
   devices = jax.devices()[:f.devices] if f.devices else None
@@ -189,9 +161,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  from absl import app, flags
-  from ml_collections import config_flags
-
   config_flags.DEFINE_config_file("config", "configs/tiny.py", "Config to plan.")
   flags.DEFINE_integer("devices", 0, "Devices to plan for (0: all; on CPU they are simulated).")
   flags.DEFINE_float("device_memory_gb", 0.0, "Per-device memory to check the total against (0: no check).")

@@ -32,8 +32,10 @@ def tiny_run(data_dir, tmp_path_factory):
 
   workdir = str(tmp_path_factory.mktemp("tiny"))
   config = tiny_config(data_dir)
+  from infer import generate
+
   config.sample.max_new_tokens = 16  # test_train checks the closing sample
-  return workdir, trainer.run(config, workdir)
+  return workdir, trainer.run(config, workdir, closing_sample=generate.closing_sample)
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from train.checkpoint import Checkpointer, checkpoint_dir
+from workdir.checkpoint import Checkpointer
+from workdir.layout import checkpoint_dir
 
 
 def make_state(seed):

@@ -151,6 +151,7 @@ def test_calibration_hessians_follow_the_compressed_model(tiny_run):
   from flax import nnx
 
   from infer import loading
+  from model import transformer
   from model.attention import Visibility
 
   config, model, _, _ = loading.load_trained(tiny_run[0])
@@ -162,7 +163,7 @@ def test_calibration_hessians_follow_the_compressed_model(tiny_run):
     return w * 0.5
 
   params = calibrate.sequential(model, samples, halve, batch_size=2)
-  final = loading.as_model(model.spec, params)
+  final = transformer.from_params(model.spec, params)
   blocks = nnx.split(final.blocks)
   b, l = samples.shape
   pos = jnp.broadcast_to(jnp.arange(l), (b, l))
@@ -186,7 +187,8 @@ def test_calibration_hessians_follow_the_compressed_model(tiny_run):
 @pytest.mark.parametrize("overrides", [dict(method="gptq", bits=3, group_size=32),
                                        dict(method="sparsegpt", prune_n=2, prune_m=4, bits=4)])
 def test_compressed_workdir_round_trips(tiny_run, tmp_path, overrides):
-  from infer import compress, evaluate, loading
+  from infer import evaluate, loading
+  from infer.compress import pipeline as compress
 
   config, model, tokenizer, step = loading.load_trained(tiny_run[0])
   c = compress_config.get_config()

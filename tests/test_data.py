@@ -10,7 +10,8 @@ import pytest
 
 from configs import base
 from train import data
-from train import tokenizer as tl
+from train import bpe
+from workdir import tokenizer as tl
 
 VOCAB = 320
 WORDS = ["def", "return", "self", "class", "import", "  ", "\t", "\n", "für", "naïve", "日本", "🙂", "x = 1", "(", ")"]
@@ -51,7 +52,7 @@ def env(corpus, tmp_path_factory):
   root, _ = corpus
   config = _config(root, tmp_path_factory.mktemp("tfds"))
   sources = data.load_sources(config)
-  tok = tl.load_or_train(config, str(tmp_path_factory.mktemp("workdir")), sources["train"])
+  tok = bpe.load_or_train(config, str(tmp_path_factory.mktemp("workdir")), sources["train"])
   return config, sources, tok
 
 
@@ -82,7 +83,7 @@ def _segments(batch):
 
 def test_tokenizer_round_trip_and_vocab_size(corpus):
   _, texts = corpus
-  tok = tl.train_tokenizer(texts.values(), VOCAB)
+  tok = bpe.train_tokenizer(texts.values(), VOCAB)
   assert tok.get_vocab_size() == VOCAB  # the corpus has enough pairs to fill the budget, never more
   assert tl.eot_id(tok) == 0
   samples = ["def f(x):\n\treturn x  # ünïcödé ✓\n", "   leading spaces", "\t\ttabs\n\n\nnewlines  ", "日本語 🙂🚀 ∑",
@@ -93,26 +94,26 @@ def test_tokenizer_round_trip_and_vocab_size(corpus):
     assert tl.decode(tok, ids) == s
   assert tl.decode(tok, [0]) == tl.EOT
   with pytest.raises(ValueError, match="vocab_size"):
-    tl.train_tokenizer(["abc"], 100)
+    bpe.train_tokenizer(["abc"], 100)
 
 
 def test_load_or_train_saves_reuses_and_checks(env, tmp_path):
   config, sources, _ = env
-  tok = tl.load_or_train(config, str(tmp_path), sources["train"])
+  tok = bpe.load_or_train(config, str(tmp_path), sources["train"])
   assert (tmp_path / "tokenizer.json").is_file()
-  again = tl.load_or_train(config, str(tmp_path))  # no source needed: the saved file is reused
+  again = bpe.load_or_train(config, str(tmp_path))  # no source needed: the saved file is reused
   assert again.get_vocab() == tok.get_vocab()
   small = config.copy_and_resolve_references()
   small.model.vocab_size = 300
   with pytest.raises(ValueError, match="model.vocab_size=300"):
-    tl.load_or_train(small, str(tmp_path))
+    bpe.load_or_train(small, str(tmp_path))
   missing = config.copy_and_resolve_references()
   missing.data.tokenizer_path = str(tmp_path / "nope.json")
   with pytest.raises(FileNotFoundError, match="data.tokenizer_path"):
-    tl.load_or_train(missing, str(tmp_path))
+    bpe.load_or_train(missing, str(tmp_path))
   given = config.copy_and_resolve_references()
   given.data.tokenizer_path = str(tmp_path / "tokenizer.json")
-  assert tl.load_or_train(given, str(tmp_path / "other")).get_vocab() == tok.get_vocab()
+  assert bpe.load_or_train(given, str(tmp_path / "other")).get_vocab() == tok.get_vocab()
 
 
 # --- corpus, splits, errors ---------------------------------------------------------------------------------------
@@ -180,7 +181,7 @@ def test_stdlib_source_smoke(tmp_path):
   sources = data.load_sources(base.validate(c))
   paths = [src[i]["path"].decode() for src in sources.values() for i in range(len(src))]
   assert 30 <= len(paths) <= 40 and all(p.endswith(".py") and "site-packages" not in p for p in paths)
-  tok = tl.load_or_train(c, str(tmp_path / "work"), sources["train"])
+  tok = bpe.load_or_train(c, str(tmp_path / "work"), sources["train"])
   batch = next(data.make_iterator(c, sources["train"], tok, split="train"))
   assert batch["inputs"].shape == (8, 16) and batch["weights"].sum() > 0
 

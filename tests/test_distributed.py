@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from conftest import tiny_config
+from model import transformer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -29,7 +30,7 @@ def test_two_processes_train_like_one_and_their_checkpoint_restores_in_one(tiny_
   from train import data as data_lib
   from train import optim
   from train import step as step_lib
-  from train import tokenizer as tokenizer_lib
+  from train import bpe
 
   tokenizer_path = os.path.join(tiny_run[0], "tokenizer.json")
   workdir = str(tmp_path / "two")
@@ -55,15 +56,15 @@ def test_two_processes_train_like_one_and_their_checkpoint_restores_in_one(tiny_
   # The same global batches in one process: shard 0's rows, then shard 1's, through a one-device step.
   config = tiny_config(data_dir, **train)
   config.data.tokenizer_path = tokenizer_path
-  tokenizer = tokenizer_lib.load_or_train(config, workdir)
+  tokenizer = bpe.load_or_train(config, workdir)
   source = data_lib.load_sources(config)["train"]
   shards = [data_lib.make_iterator(config, source, tokenizer, split="train", shard_index=i, shard_count=2)
             for i in range(2)]
   spec = ModelSpec.from_config(config.model)
-  params = jax.eval_shape(lambda: step_lib.init_params(spec, 0))
+  params = jax.eval_shape(lambda: transformer.init_params(spec, 0))
   optimizer = optim.make_optimizer(config.train, params)
   state = step_lib.init_state(spec, optimizer, 0)
-  fn = step_lib.jit_train_step(step_lib.model_graphdef(spec), optimizer, optim.make_schedule(config.train), 1, 0.0)
+  fn = step_lib.jit_train_step(transformer.graphdef(spec), optimizer, optim.make_schedule(config.train), 1, 0.0)
   expected = []
   for _ in range(4):
     parts = [next(it) for it in shards]

@@ -11,6 +11,7 @@ from flax import nnx
 from configs import base, tiny
 from infer import generate as G
 from model import transformer as T
+from workdir import tokenizer as tokenizer_lib
 
 VOCAB = 97
 MAX_LEN = 32
@@ -98,26 +99,6 @@ def test_top_k_one_equals_greedy():
   assert sampled == G.generate(model, PROMPTS, max_new_tokens=N)
 
 
-def test_sample_logits_top_k_and_top_p_keep_only_the_allowed_tokens():
-  probs = np.array([0.05, 0.4, 0.02, 0.25, 0.2, 0.08])  # sorted: 1 (.4), 3 (.25), 4 (.2), 5 (.08), 0, 2
-  logits = jnp.asarray(np.log(np.broadcast_to(probs, (4096, 6))), jnp.float32)
-  draw = functools.partial(G.sample_logits, temperature=1.0)  # eager: the variants share op compilations
-
-  def seen(**kw):
-    return set(np.unique(np.asarray(draw(logits, jax.random.key(0), **kw))).tolist())
-
-  assert seen(top_p=0.6) == {1, 3}  # .4 < .6 <= .65: the two most likely tokens
-  assert seen(top_p=0.7) == {1, 3, 4}
-  assert seen(top_p=0.01) == {1}  # the top token is always kept
-  assert seen(top_k=2) == {1, 3}
-  assert seen(top_k=4, top_p=0.7) == {1, 3, 4}
-  assert seen() == set(range(6))  # no filtering: every token appears in 4096 draws
-  # Among kept tokens the renormalised probabilities are preserved: token 1 has .4/.65 of the nucleus {1, 3}.
-  frac = np.mean(np.asarray(draw(logits, jax.random.key(1), top_p=0.6)) == 1)
-  assert abs(frac - 0.4 / 0.65) < 0.03
-  np.testing.assert_array_equal(G.sample_logits(logits[:2], None, temperature=0.0), [1, 1])
-
-
 def test_eos_stops_its_row_and_leaves_other_rows_alone():
   model = make_model("gpt")
   greedy = G.generate(model, PROMPTS, max_new_tokens=N)
@@ -145,16 +126,16 @@ def test_generate_text_uses_eot_convention():
   tok = tokenizers.Tokenizer(models.BPE())
   tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
   tok.decoder = decoders.ByteLevel()
-  trainer = tokenizers.trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=[G.EOT], show_progress=False,
+  trainer = tokenizers.trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=[tokenizer_lib.EOT], show_progress=False,
                                            initial_alphabet=pre_tokenizers.ByteLevel.alphabet()[:80])
   tok.train_from_iterator(["def fib(n): return n"] * 4, trainer=trainer)
   assert tok.get_vocab_size() <= VOCAB and G.eot_id(tok) == 0
   model = make_model("gpt")
-  ids = G.encode_prompt(tok, "def fib(")
+  ids = tokenizer_lib.encode_document(tok, "def fib(")
   assert ids[0] == 0 and len(ids) > 1
   texts = G.generate_text(model, tok, ["def fib(", "n"], max_new_tokens=6, temperature=0.0, top_k=0, top_p=1.0,
                           seed=0)
-  rows = G.generate(model, [ids, G.encode_prompt(tok, "n")], max_new_tokens=6, eos_id=0)
+  rows = G.generate(model, [ids, tokenizer_lib.encode_document(tok, "n")], max_new_tokens=6, eos_id=0)
   assert texts == [tok.decode([t for t in r if t != 0], skip_special_tokens=False) for r in rows]
   assert all(isinstance(t, str) for t in texts)
 

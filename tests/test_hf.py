@@ -186,7 +186,8 @@ def test_convert_workdir_generate_evaluate_finetune_export(tmp_path, data_dir):
   from configs import finetune
   from infer import evaluate, loading
   from scripts import convert
-  from train import tokenizer as tokenizer_lib, trainer
+  from train import trainer
+  from workdir import tokenizer as tokenizer_lib
 
   src = str(tmp_path / "hf")
   reference = build_hf("llama_gqa_llama3_rope", src)
@@ -199,7 +200,7 @@ def test_convert_workdir_generate_evaluate_finetune_export(tmp_path, data_dir):
   assert step == 0 and (tokenizer_lib.bos_id(tok), tokenizer_lib.eot_id(tok)) == (1, 2)
   ids = np.random.default_rng(4).integers(0, VOCAB, (1, 70))
   np.testing.assert_allclose(model(jnp.asarray(ids, jnp.int32)), torch_logits(reference, ids), atol=1e-4)
-  prompt = generate_lib.encode_prompt(tok, "def f")
+  prompt = tokenizer_lib.encode_document(tok, "def f")
   assert prompt[0] == 1  # documents and prompts start with the tokenizer's own <s>
   (text,) = generate_lib.generate_text(model, tok, ["def f"], max_new_tokens=8)
   assert isinstance(text, str)

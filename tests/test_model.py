@@ -150,7 +150,7 @@ def test_parameter_and_flop_counts_match_the_parameter_tree(kw):
 @pytest.mark.parametrize("preset,expected", [(gpt2_124m, 124_439_808), (llama_1b, 1_235_814_400)])
 def test_accelerator_presets_build_abstractly_with_published_parameter_counts(preset, expected):
   cfg = preset.get_config()
-  abstract = T.abstract(cfg.model)
+  abstract = T.abstract_model(T.ModelSpec.from_config(cfg.model))
   assert flops.tree_param_count(abstract) == expected
   assert flops.param_count(T.ModelSpec.from_config(cfg.model)) == expected
 

@@ -13,6 +13,7 @@ from model.transformer import ModelSpec, Transformer
 from train import optim
 from train import step as step_lib
 from test_sharding import batches  # the same random token batches as the dense sharding tests
+from model import transformer
 
 
 def _weights(seed, t=40, d=16, e=6, f=24, gated=False):
@@ -105,7 +106,7 @@ def test_moe_model_counts_trains_and_decodes(family):
 
 def _train(c, mesh_sizes, data):
   spec = ModelSpec.from_config(c.model)
-  params = jax.eval_shape(lambda: step_lib.init_params(spec, 0))
+  params = jax.eval_shape(lambda: transformer.init_params(spec, 0))
   optimizer = optim.make_optimizer(c.train, params)
   abstract_state = jax.eval_shape(lambda: step_lib.init_state(spec, optimizer, 0))
   mesh = sharding.make_mesh(mesh_sizes)
@@ -113,7 +114,7 @@ def _train(c, mesh_sizes, data):
   state_sh = sharding.state_shardings(mesh, abstract_state, specs, optimizer)
   state = jax.jit(lambda: step_lib.init_state(spec, optimizer, 0), out_shardings=state_sh)()
   with jax.set_mesh(mesh):
-    fn = step_lib.jit_train_step(step_lib.model_graphdef(spec), optimizer, optim.make_schedule(c.train), 1, 0.0,
+    fn = step_lib.jit_train_step(transformer.graphdef(spec), optimizer, optim.make_schedule(c.train), 1, 0.0,
                                  state_sh, sharding.batch_sharding(mesh), moe_coefs=(0.01, 0.001))
     losses, metrics = [], []
     for b in data:

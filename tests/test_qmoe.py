@@ -12,6 +12,7 @@ from infer.compress import ternary_code as tc
 from model import moe as moe_lib
 from model.attention import Visibility
 from model.kernels import ternary_matvec as tm
+from workdir import tokenizer as tokenizer_lib
 
 
 def _experts(seed, e=3, k=64, n=32, t=512):
@@ -112,7 +113,7 @@ def test_qmoe_model_compresses_codes_and_reloads_bit_exact(tiny_moe_run, tmp_pat
   before = nnx.to_pure_dict(nnx.state(model, nnx.Param))
   samples = calibrate.calibration_samples(config, tokenizer, num_samples=8, seq_len=32, seed=0)
   from configs import compress as compress_config
-  from infer import compress
+  from infer.compress import pipeline as compress
 
   with pytest.raises(ValueError, match="QMoE"):  # the dense-model methods refuse MoE models
     compress.compress_workdir(config, model, tokenizer, step, compress_config.get_config(), source_workdir=workdir)
@@ -150,7 +151,7 @@ def test_qmoe_model_compresses_codes_and_reloads_bit_exact(tiny_moe_run, tmp_pat
 
   _, fused, _, _ = loading.load_trained(out, matmul_impl="pallas")
   assert fused.blocks[0].layers[1].moe.coded is not None
-  prompt = generate.encode_prompt(tokenizer, "def f(")
+  prompt = tokenizer_lib.encode_document(tokenizer, "def f(")
   assert generate.generate(fused, [prompt], max_new_tokens=6) == generate.generate(reloaded, [prompt], max_new_tokens=6)
   cache = reloaded.init_cache(1, 16)
   ids = jnp.asarray([prompt[:4]], jnp.int32)

@@ -12,9 +12,9 @@ from flax import nnx
 
 from conftest import tiny_config
 from infer import evaluate, generate, loading
-from model import quant
+from model import quant, transformer
 from model.transformer import ModelSpec, Transformer
-from scripts.quantize import quantize_workdir
+from infer.quantize import quantize_workdir
 from train import trainer
 
 
@@ -32,7 +32,7 @@ def a_batch(seed=0):
 
 
 def build(spec, params):
-  return loading.as_model(spec, params)
+  return transformer.from_params(spec, params)
 
 
 @pytest.mark.parametrize("family", ["gpt", "llama"])

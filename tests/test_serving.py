@@ -12,10 +12,12 @@ import numpy as np
 import pytest
 
 from infer import generate, loading, serve
-from infer.engine import Engine, SamplingParams, sample_rows
+from infer.engine import Engine
+from infer.sampling import SamplingParams
 from infer.scheduler import QueueFull, Scheduler
 from infer.server import BackgroundServer
 from model.kernels import paged_attention as pa
+from workdir import tokenizer as tokenizer_lib
 
 
 # -- paged decode kernel -----------------------------------------------------------------------------------------------
@@ -96,7 +98,7 @@ def test_engine_greedy_under_load_equals_generate_alone_and_frees_every_page(tin
 
 @pytest.mark.parametrize("kind", ["int8_weight", "moe"])
 def test_engine_serves_int8_and_moe_checkpoints_like_generate(kind, tiny_run, tiny_moe_run, tmp_path):
-  from scripts.quantize import quantize_workdir
+  from infer.quantize import quantize_workdir
 
   if kind == "moe":
     workdir = tiny_moe_run[0]
@@ -125,19 +127,6 @@ def test_engine_seeded_sampling_does_not_depend_on_the_rest_of_the_batch(tiny_ru
   assert other_seed[0] != alone[0]
 
 
-def test_sample_rows_keeps_each_rows_top_k_and_nucleus():
-  logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]] * 3))
-  counters = jnp.arange(3, dtype=jnp.int32)
-  sample = jax.jit(sample_rows)
-  for seed in range(30):
-    seeds = jnp.full((3,), seed, jnp.int32)
-    out = sample(logits, seeds, counters, jnp.array([1.0, 1.0, 0.0]), jnp.array([2, 0, 0], jnp.int32),
-                      jnp.array([1.0, 0.7, 1.0]))
-    assert int(out[0]) in (0, 1)  # top-2
-    assert int(out[1]) in (0, 1)  # nucleus 0.7: 0.5 + 0.3 reaches it
-    assert int(out[2]) == 0  # greedy row
-
-
 def test_engine_refuses_requests_that_can_never_fit(tiny_run):
   _, model, _, _ = loading.load_trained(tiny_run[0])
   engine = Engine(model, slots=2, page_size=16, num_pages=3)
@@ -153,9 +142,7 @@ def test_engine_refuses_requests_that_can_never_fit(tiny_run):
 
 
 def _scheduler(model, tokenizer, **kw):
-  from train.tokenizer import decode
-
-  return Scheduler(Engine(model, slots=kw.pop("slots", 2)), lambda ids: decode(tokenizer, ids), **kw)
+  return Scheduler(Engine(model, slots=kw.pop("slots", 2)), lambda ids: tokenizer_lib.decode(tokenizer, ids), **kw)
 
 
 def test_cancelled_and_finished_requests_return_all_pages_and_the_queue_is_bounded(tiny_run):
@@ -179,11 +166,9 @@ def test_cancelled_and_finished_requests_return_all_pages_and_the_queue_is_bound
 
 
 def test_stop_strings_cut_the_text_and_end_the_request(tiny_run):
-  from train.tokenizer import decode
-
   _, model, tokenizer, _ = loading.load_trained(tiny_run[0])
-  prompt = generate.encode_prompt(tokenizer, "def ")
-  free_text = decode(tokenizer, generate.generate(model, [prompt], max_new_tokens=20)[0])
+  prompt = tokenizer_lib.encode_document(tokenizer, "def ")
+  free_text = tokenizer_lib.decode(tokenizer, generate.generate(model, [prompt], max_new_tokens=20)[0])
   stop = free_text[3:6]
   assert stop and stop in free_text
   sched = _scheduler(model, tokenizer).start()
@@ -233,10 +218,10 @@ def test_streaming_returns_the_same_text_as_non_streaming(server):
     texts[choice["index"]] += choice["text"]
   assert texts == [c["text"] for c in whole["choices"]]
   assert whole["usage"] == chunks[-1]["usage"]
-  alone = generate.generate(srv.scheduler.engine.model, [generate.encode_prompt(srv.tokenizer, "import ")],
+  alone = generate.generate(srv.scheduler.engine.model, [tokenizer_lib.encode_document(srv.tokenizer, "import ")],
                             max_new_tokens=20, eos_id=srv.eot)[0]
   assert whole["usage"]["completion_tokens"] == 2 * len(alone)  # greedy: both choices are the prompt's continuation
-  assert whole["choices"][0]["text"] == generate.decode_completion(srv.tokenizer, alone)
+  assert whole["choices"][0]["text"] == tokenizer_lib.decode_completion(srv.tokenizer, alone)
 
 
 def test_two_hundred_concurrent_requests_all_complete_or_get_429(server):

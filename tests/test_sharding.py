@@ -18,6 +18,7 @@ from model.transformer import ModelSpec, Transformer
 from conftest import tiny_config
 from train import optim, trainer
 from train import step as step_lib
+from model import transformer
 
 
 def sizes(**kw):
@@ -47,7 +48,7 @@ def setup(mesh_sizes, num_layers=2):
   c.data.seq_len = 16
   c.train.update(batch_size=8, steps=10, warmup_steps=1, learning_rate=1e-2)
   spec = ModelSpec.from_config(base.validate(c).model)
-  params = jax.eval_shape(lambda: step_lib.init_params(spec, 0))
+  params = jax.eval_shape(lambda: transformer.init_params(spec, 0))
   optimizer = optim.make_optimizer(c.train, params)
   abstract_state = jax.eval_shape(lambda: step_lib.init_state(spec, optimizer, 0))
   mesh = sharding.make_mesh(mesh_sizes)
@@ -56,7 +57,7 @@ def setup(mesh_sizes, num_layers=2):
   state_sh = sharding.state_shardings(mesh, abstract_state, specs, optimizer)
   init = jax.jit(lambda: step_lib.init_state(spec, optimizer, 0), out_shardings=state_sh)
   with jax.set_mesh(mesh):
-    fn = step_lib.jit_train_step(step_lib.model_graphdef(spec), optimizer, optim.make_schedule(c.train), 1, 0.0,
+    fn = step_lib.jit_train_step(transformer.graphdef(spec), optimizer, optim.make_schedule(c.train), 1, 0.0,
                                  state_sh, sharding.batch_sharding(mesh))
   return init(), fn, mesh
 
@@ -153,7 +154,7 @@ def test_pipeline_config_errors_are_named():
 
 
 def test_bubble_fraction():
-  from train import pipeline
+  from model import pipeline
 
   assert pipeline.bubble_fraction(4, 8) == pytest.approx(3 / 11)
   assert pipeline.bubble_fraction(1, 8) == 0.0
@@ -200,7 +201,7 @@ def test_optimizer_offload_to_host_memory_trains_identically_and_resumes(data_di
   assert summary["step"] == 8 and len(losses(offload)) == 8
 
   spec = ModelSpec.from_config(c.model)
-  params = jax.eval_shape(lambda: step_lib.init_params(spec, 0))
+  params = jax.eval_shape(lambda: transformer.init_params(spec, 0))
   optimizer = optim.make_optimizer(c.train, params)
   abstract_state = jax.eval_shape(lambda: step_lib.init_state(spec, optimizer, 0))
   mesh = sharding.make_mesh(sizes(data=1))

@@ -11,6 +11,7 @@ from configs import base, tiny
 from model.transformer import ModelSpec
 from train import optim
 from train import step as step_lib
+from model import transformer
 
 
 def small_config(**train):
@@ -37,10 +38,10 @@ def random_batch(seed, batch=8, length=16, vocab=61):
 def run_steps(config, batches):
   spec = ModelSpec.from_config(config.model)
   t = config.train
-  params = step_lib.init_params(spec, 0)
+  params = transformer.init_params(spec, 0)
   optimizer = optim.make_optimizer(t, params)
   state = step_lib.init_state(spec, optimizer, 0)
-  fn = step_lib.jit_train_step(step_lib.model_graphdef(spec), optimizer, optim.make_schedule(t), t.grad_accum_steps,
+  fn = step_lib.jit_train_step(transformer.graphdef(spec), optimizer, optim.make_schedule(t), t.grad_accum_steps,
                                t.z_loss)
   losses = []
   for b in batches:
@@ -63,7 +64,7 @@ def test_gradient_accumulation_equals_one_big_batch(optimizer):
 def model_and_batch(seed):
   """(params, graphdef, batch, logits [B, L, V]) of the small model on a random packed batch."""
   spec = ModelSpec.from_config(small_config().model)
-  params, graphdef, batch = step_lib.init_params(spec, 0), step_lib.model_graphdef(spec), random_batch(seed)
+  params, graphdef, batch = transformer.init_params(spec, 0), transformer.graphdef(spec), random_batch(seed)
   logits = step_lib.nnx.merge(graphdef, params)(batch["inputs"], batch["positions"], batch["segment_ids"])
   return params, graphdef, batch, logits
 
@@ -89,7 +90,7 @@ def test_z_loss_adds_the_squared_log_partition():
 
 def test_weight_decay_applies_to_matmul_weights_only():
   spec = ModelSpec.from_config(small_config().model)
-  mask = optim.weight_decay_mask(step_lib.init_params(spec, 0))
+  mask = optim.weight_decay_mask(transformer.init_params(spec, 0))
   assert mask["blocks"]["attn"]["wq"] and mask["blocks"]["mlp"]["w_out"]
   assert not mask["blocks"]["attn"]["bq"] and not mask["blocks"]["attn_norm"]["scale"]
   assert not mask["embed"] and not mask["pos_embed"] and not mask["final_norm"]["bias"]
@@ -115,7 +116,7 @@ def test_training_steps_reduce_the_loss_on_a_fixed_batch(optimizer, lr, ratio):
 def test_weight_decay_scales_with_the_learning_rate(optimizer):
   """At step 0 the warmup learning rate is 0: a zero gradient must leave every parameter unchanged."""
   t = small_config(optimizer=optimizer, weight_decay=0.1, warmup_steps=2).train
-  params = step_lib.init_params(ModelSpec.from_config(small_config().model), 0)
+  params = transformer.init_params(ModelSpec.from_config(small_config().model), 0)
   opt = optim.make_optimizer(t, params)
   updates, _ = opt.update(jax.tree.map(jnp.zeros_like, params), opt.init(params), params)
   assert max(float(jnp.abs(u).max()) for u in jax.tree.leaves(updates)) == 0.0
@@ -129,10 +130,10 @@ def test_chunked_cross_entropy_gives_the_same_loss_and_gradients(chunk, tie):
   config.model.tie_embeddings = tie
   spec = ModelSpec.from_config(config.model)
   chunked = dataclasses.replace(spec, loss_chunk_tokens=chunk)
-  params, batch = step_lib.init_params(spec, 0), random_batch(7)
+  params, batch = transformer.init_params(spec, 0), random_batch(7)
   grad = jax.jit(jax.value_and_grad(step_lib.summed_loss, has_aux=True), static_argnums=(1, 3))
-  (want, (nll, weight, _)), want_grads = grad(params, step_lib.model_graphdef(spec), batch, 1e-3)
-  (got, (got_nll, _, _)), got_grads = grad(params, step_lib.model_graphdef(chunked), batch, 1e-3)
+  (want, (nll, weight, _)), want_grads = grad(params, transformer.graphdef(spec), batch, 1e-3)
+  (got, (got_nll, _, _)), got_grads = grad(params, transformer.graphdef(chunked), batch, 1e-3)
   np.testing.assert_allclose(float(got), float(want), rtol=1e-6)
   np.testing.assert_allclose(float(got_nll), float(nll), rtol=1e-6)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5), got_grads, want_grads)

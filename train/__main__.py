@@ -1,4 +1,7 @@
-"""`python -m train --config=configs/tiny.py --workdir=DIR [--config.a.b=v ...]`: train, evaluate, print a sample."""
+"""`python -m train --config=configs/tiny.py --workdir=DIR [--config.a.b=v ...]`: train, evaluate, print a sample.
+
+An entry point: it composes the trainer with inference's closing sample (`infer.generate.closing_sample`), as
+the layers below it may not."""
 
 import logging
 import sys
@@ -7,6 +10,7 @@ import tensorflow_datasets as tfds
 from absl import app, flags
 from ml_collections import config_flags
 
+from infer import generate
 from train import distributed, trainer
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/default.py", "Preset config file.", lock_config=True)
@@ -21,7 +25,7 @@ def main(argv):
   tfds.disable_progress_bar()
   try:
     distributed.initialize(_CONFIG.value.distributed)
-    summary = trainer.run(_CONFIG.value, _WORKDIR.value)
+    summary = trainer.run(_CONFIG.value, _WORKDIR.value, closing_sample=generate.closing_sample)
   except (ValueError, FileNotFoundError) as e:
     sys.exit(f"error: {e}")
   if summary["interrupted"]:

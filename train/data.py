@@ -34,7 +34,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from tokenizers import Tokenizer
 
-from train import tokenizer as tokenizer_lib
+from workdir import tokenizer as tokenizer_lib
 
 FORMAT_VERSION = 1  # bump when the prepared records change; part of every TextFiles config name
 DEFAULT_DATA_DIR = "~/.cache/peakllm/tfds"
@@ -232,10 +232,8 @@ def chunk_ids(ids: np.ndarray, seq_len: int) -> list[np.ndarray]:
 
 def tokenize_document(record: Mapping[str, Any], *, tokenizer: Tokenizer, seq_len: int) -> list[dict[str, np.ndarray]]:
   """[BOS] + ids + [EOT] of record['text'] (both EOT for our own tokenizers), chunked by `chunk_ids`, as [{'inputs': [m] int32, 'targets': [m] int32}]."""
-  text = record["text"]
-  text = bytes(text).decode("utf-8", errors="replace") if not isinstance(text, str) else text
-  bos, eot = tokenizer_lib.bos_id(tokenizer), tokenizer_lib.eot_id(tokenizer)
-  ids = np.asarray([bos, *tokenizer_lib.encode(tokenizer, text), eot], dtype=np.int32)
+  ids = np.asarray([*tokenizer_lib.encode_document(tokenizer, record["text"]), tokenizer_lib.eot_id(tokenizer)],
+                   dtype=np.int32)
   return [{"inputs": c[:-1], "targets": c[1:]} for c in chunk_ids(ids, seq_len)]
 
 

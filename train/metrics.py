@@ -8,6 +8,7 @@ import time
 
 import jax
 import jax.numpy as jnp
+from tensorboardX import SummaryWriter  # TensorFlow-free event writer
 
 # Dense bf16 peak FLOP/s per chip (vendor figures, no sparsity), matched against `device_kind` by substring.
 PEAK_BF16_FLOPS = (
@@ -58,8 +59,6 @@ class MetricsWriter:
     if enabled:
       os.makedirs(workdir, exist_ok=True)
       self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")
-      from tensorboardX import SummaryWriter  # TensorFlow-free event writer
-
       self._tb = SummaryWriter(logdir=os.path.join(workdir, "tensorboard"))
 
   def write(self, step: int, row: dict[str, float]) -> None:

@@ -15,24 +15,16 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from model.transformer import ModelSpec, Transformer
+from model import transformer
+from model.transformer import ModelSpec
 
 TrainState = dict[str, Any]
 Batch = dict[str, jax.Array]
 
 
-def model_graphdef(spec: ModelSpec) -> nnx.GraphDef:
-  """The static structure of the model (no parameters allocated)."""
-  return nnx.split(nnx.eval_shape(lambda: Transformer(spec, rngs=nnx.Rngs(params=0))))[0]
-
-
-def init_params(spec: ModelSpec, seed: int) -> dict:
-  """Freshly initialised parameters as a nested dict of arrays (call under jit to build them on device)."""
-  return nnx.to_pure_dict(nnx.state(Transformer(spec, rngs=nnx.Rngs(params=seed)), nnx.Param))
-
-
 def init_state(spec: ModelSpec, optimizer: optax.GradientTransformation, seed: int) -> TrainState:
-  return state_from_params(init_params(spec, seed), optimizer, seed)
+  """A step-0 train state with fresh parameters from `seed` (call under jit to build it on device)."""
+  return state_from_params(transformer.init_params(spec, seed), optimizer, seed)
 
 
 def state_from_params(params: dict, optimizer: optax.GradientTransformation, seed: int) -> TrainState:

@@ -7,7 +7,6 @@ checkpoint (parameters, optimizer state, step, RNG and data position), and SIGTE
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import signal
@@ -15,24 +14,26 @@ import time
 from typing import Any, Callable
 
 import jax
-import jax.numpy as jnp
 import numpy as np
+import ml_collections
 import tqdm
 from flax import nnx
+from tokenizers import Tokenizer
 
 from configs import base
-from infer import evaluate as evaluate_lib
 from model import flops
-from model import sharding
+from model import pipeline
+from model import transformer
 from model.transformer import ModelSpec, Transformer
-from train import checkpoint as checkpoint_lib
+from train import bpe
 from train import data as data_lib
-from train import metrics as metrics_lib
-from train import optim
-from train import pipeline
-from train import step as step_lib
 from train import distributed
-from train import tokenizer as tokenizer_lib
+from train import metrics as metrics_lib
+from train import setup as setup_lib
+from train import step as step_lib
+from train import validation
+from workdir import checkpoint as checkpoint_lib
+from workdir import layout
 
 log = logging.getLogger("peakllm.train")
 
@@ -56,11 +57,6 @@ class _StopRequest:
         signal.signal(s, handler)
 
 
-def write_config(config, workdir: str) -> None:
-  with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
-    f.write(config.to_json_best_effort(indent=2))
-
-
 def _log_compiled(compiled) -> None:
   try:
     mem = compiled.memory_analysis()
@@ -72,75 +68,51 @@ def _log_compiled(compiled) -> None:
     log.info("train step memory (MiB): %s", {k: round(v / 2**20, 1) for k, v in sizes.items() if v is not None})
 
 
-def run(config, workdir: str, on_step: Callable[[int], None] | None = None) -> dict[str, Any]:
-  """Trains per `config` in `workdir` and returns a summary (final eval loss/ppl, throughput, MFU, sample).
+ClosingSample = Callable[[Transformer, Tokenizer, ml_collections.ConfigDict], str]
+
+
+def run(config, workdir: str, on_step: Callable[[int], None] | None = None,
+        closing_sample: ClosingSample | None = None) -> dict[str, Any]:
+  """Trains per `config` in `workdir` and returns a summary (final eval loss/ppl, throughput, MFU, and with
+  `closing_sample` the text it returns for the trained model, e.g. `infer.generate.closing_sample`).
 
   `on_step(step)` is called after every finished step (tests use it to deliver signals at a chosen step).
   """
   base.validate(config)
   if config.model.quant != "none":
     raise ValueError(f"config.model.quant={config.model.quant!r} is for inference: train in float, then run "
-                     "`python -m scripts.quantize`")
+                     "`python -m infer.quantize`")
   is_main = jax.process_index() == 0
   os.makedirs(workdir, exist_ok=True)
   if is_main:
-    write_config(config, workdir)
+    layout.write_config(config, workdir)
   t = config.train
 
   if is_main:  # process 0 prepares the data (and tokenizer) first; the others then read what it wrote
     sources = data_lib.load_sources(config)
-    tokenizer = tokenizer_lib.load_or_train(config, workdir)
+    tokenizer = bpe.load_or_train(config, workdir)
   distributed.barrier("peakllm:data-ready")
   if not is_main:
     sources = data_lib.load_sources(config)
-    tokenizer = tokenizer_lib.load_or_train(config, workdir)
+    tokenizer = bpe.load_or_train(config, workdir)
   if tokenizer.get_vocab_size() > config.model.vocab_size:
     raise ValueError(f"config.model.vocab_size={config.model.vocab_size} is smaller than the tokenizer's "
                      f"{tokenizer.get_vocab_size()} entries: raise it or use another data.tokenizer_path")
 
-  spec = ModelSpec.from_config(config.model)
-  graphdef = step_lib.model_graphdef(spec)
-  abstract_params = jax.eval_shape(lambda: step_lib.init_params(spec, t.seed))
-  optimizer = optim.make_optimizer(t, abstract_params)
-  schedule = optim.make_schedule(t)
-  abstract_state = jax.eval_shape(lambda: step_lib.init_state(spec, optimizer, t.seed))
-  mesh = sharding.make_mesh(dict(config.mesh))
-  param_specs = sharding.param_specs(nnx.eval_shape(lambda: Transformer(spec, rngs=nnx.Rngs(params=0))))
-  sharding.check_divisible(abstract_params, param_specs, mesh)
-  if t.offload_optimizer and not all("pinned_host" in {m.kind for m in d.addressable_memories()}
-                                     for d in mesh.devices.flat if d.process_index == jax.process_index()):
-    raise ValueError(f"config.train.offload_optimizer=True needs devices with pinned host memory; "
-                     f"{jax.default_backend()} devices here have none")
-  state_sh = sharding.state_shardings(mesh, abstract_state, param_specs, optimizer, t.offload_optimizer)
-  batch_sh = sharding.batch_sharding(mesh)
-  abstract_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state,
-                                state_sh)
+  setup = setup_lib.build(config)
+  spec, mesh, batch_sh = setup.spec, setup.mesh, setup.batch_sharding
 
   train_iter = data_lib.make_iterator(config, sources["train"], tokenizer, split="train",
                                       shard_index=jax.process_index(), shard_count=jax.process_count())
   ckpt = checkpoint_lib.Checkpointer(workdir, t.max_to_keep, t.async_checkpoint)
   start_step = ckpt.latest_step()
   if start_step is not None:
-    state = ckpt.restore(start_step, abstract_state, train_iter)
+    state = ckpt.restore(start_step, setup.abstract_state, train_iter)
     log.info("resumed from step %d", start_step)
-  else:
-    device_sh = jax.tree.map(lambda s: s.with_memory_kind("device"), state_sh)
-    if t.init_from:  # fine-tuning: the parameters of another workdir (a run, or a Hugging Face import)
-      params = _initial_params(t.init_from, abstract_state["params"])
-      state = jax.jit(lambda p: step_lib.state_from_params(p, optimizer, t.seed), out_shardings=device_sh,
-                      donate_argnums=0)(params)
-    else:
-      state = jax.jit(lambda: step_lib.init_state(spec, optimizer, t.seed), out_shardings=device_sh)()
-    state = jax.device_put(state, state_sh)  # optimizer state to host memory when offloaded
+  else:  # fine-tuning starts from the parameters of another workdir (a run, or a Hugging Face import)
+    state = setup.init_state(_initial_params(t.init_from, setup.abstract_state["params"]) if t.init_from else None)
     start_step = 0
-
-  batch_spec = {k: jax.ShapeDtypeStruct((t.batch_size, config.data.seq_len),  # the global batch
-                                       jnp.float32 if k == "weights" else jnp.int32, sharding=batch_sh)
-                for k in ("inputs", "targets", "segment_ids", "positions", "weights")}
-  with jax.set_mesh(mesh):  # activations' logical constraints resolve against this mesh while tracing
-    compiled = step_lib.jit_train_step(graphdef, optimizer, schedule, t.grad_accum_steps, t.z_loss, state_sh,
-                                       batch_sh, moe_coefs=(t.moe_aux_loss, t.router_z_loss),
-                                       offload_optimizer=t.offload_optimizer).lower(abstract_state, batch_spec).compile()
+  compiled = setup.compile()
   log.info("mesh %s over %d devices", dict(mesh.shape), mesh.size)
   stages = dict(mesh.shape).get("pipeline", 1)
   microbatches = pipeline.default_microbatches(stages, spec.pipeline_microbatches)
@@ -148,7 +120,7 @@ def run(config, workdir: str, on_step: Callable[[int], None] | None = None) -> d
   if stages > 1:
     log.info("pipeline: %d stages x %d micro-batches (GPipe), bubble fraction %.3f", stages, microbatches, bubble)
   _log_compiled(compiled)
-  eval_fn = step_lib.jit_eval_step(graphdef)
+  eval_fn = step_lib.jit_eval_step(setup.graphdef)
   to_global = lambda b: distributed.global_batch(b, batch_sh)  # noqa: E731
 
   n_params = flops.param_count(spec)
@@ -196,7 +168,7 @@ def run(config, workdir: str, on_step: Callable[[int], None] | None = None) -> d
         bar.set_postfix(loss=f"{out['loss']:.3f}", tok_s=f"{tps:,.0f}", mfu=f"{throughput['mfu']:.1%}")
         window_start, window_steps = time.perf_counter(), 0
       if (t.eval_every and step % t.eval_every == 0) or step == t.steps:
-        last_eval = evaluate_lib.validation_loss(eval_fn, state["params"], config, sources["validation"], tokenizer,
+        last_eval = validation.validation_loss(eval_fn, state["params"], config, sources["validation"], tokenizer,
                                                  to_global=to_global)
         writer.write(step, last_eval)
         bar.write(f"step {step}: eval loss {last_eval['eval_loss']:.4f}, perplexity {last_eval['eval_ppl']:.2f}")
@@ -215,25 +187,24 @@ def run(config, workdir: str, on_step: Callable[[int], None] | None = None) -> d
                              "pipeline_bubble_fraction": bubble}
   if not interrupted:
     if not last_eval:
-      last_eval = evaluate_lib.validation_loss(eval_fn, state["params"], config, sources["validation"], tokenizer,
+      last_eval = validation.validation_loss(eval_fn, state["params"], config, sources["validation"], tokenizer,
                                                to_global=to_global)
     summary.update(last_eval)
-    if jax.process_count() == 1:
-      summary["sample"] = _sample(config, spec, graphdef, state["params"], tokenizer)
-    else:
+    if closing_sample is not None and jax.process_count() == 1:
+      summary["sample"] = closing_sample(nnx.merge(setup.graphdef, state["params"]), tokenizer, config)
+    elif closing_sample is not None:
       summary["sample"] = "(no sample in multi-process runs: use python -m infer.generate on the workdir)"
   writer.close()
   if is_main:
-    with open(os.path.join(workdir, "summary.json"), "w", encoding="utf-8") as f:
-      json.dump({k: v for k, v in summary.items()}, f, indent=2)
+    layout.write_json(layout.path(workdir, layout.SUMMARY), summary, indent=2)
   return summary
 
 
 def _initial_params(source: str, abstract_params):
   """The latest parameters of the workdir `source`, placed as `abstract_params` (with shardings) says; ValueError
   naming the first parameter whose shape differs (the model configs must match)."""
-  source_spec = ModelSpec.from_config(checkpoint_lib.load_config(source).model)
-  theirs = jax.eval_shape(lambda: step_lib.init_params(source_spec, 0))
+  source_spec = ModelSpec.from_config(layout.load_config(source).model)
+  theirs = jax.eval_shape(lambda: transformer.init_params(source_spec, 0))
   ours_flat = jax.tree_util.tree_flatten_with_path(abstract_params)[0]
   theirs_flat = dict(jax.tree_util.tree_flatten_with_path(theirs)[0])
   for path, leaf in ours_flat:
@@ -245,20 +216,3 @@ def _initial_params(source: str, abstract_params):
   params, step = checkpoint_lib.restore_params(source, abstract_params)
   log.info("initialised from %s (step %d)", source, step)
   return params
-
-
-def _sample(config, spec, graphdef, params, tokenizer) -> str:
-  from infer import generate  # inference reads trained params; imported here to keep the module graph one-way
-
-  s = config.sample
-  if s.max_new_tokens == 0:
-    return ""
-  room = spec.max_len - len(generate.encode_prompt(tokenizer, s.prompt))
-  if room < 1:
-    log.warning("sample.prompt is %d tokens; no room to sample within model.max_len=%d", spec.max_len - room,
-                spec.max_len)
-    return s.prompt
-  model = nnx.merge(graphdef, params)
-  (text,) = generate.generate_text(model, tokenizer, [s.prompt], max_new_tokens=min(s.max_new_tokens, room),
-                                   temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, seed=config.train.seed)
-  return s.prompt + text

@@ -19,7 +19,7 @@ from ml_collections import config_flags
 
 from configs import compress as compress_config
 from infer import evaluate, loading
-from infer.compress import compress_workdir
+from infer.compress.pipeline import compress_workdir
 
 _CONFIG = config_flags.DEFINE_config_file("compress", "configs/compress.py", "Compression method and knobs.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Trained float workdir.", required=True)

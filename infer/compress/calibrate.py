@@ -18,16 +18,11 @@ import numpy as np
 from flax import nnx
 
 from model.attention import Visibility
+from model.transformer import TAPS
 from train import data as data_lib
-from train import tokenizer as tokenizer_lib
+from workdir import tokenizer as tokenizer_lib
 
-# Hessian name -> the block weights (parent, name) that read that input. Order = the order of true_sequential.
-LINEAR_INPUTS = {
-    "attn_in": (("attn", "wq"), ("attn", "wk"), ("attn", "wv")),
-    "attn_out": (("attn", "wo"),),
-    "mlp_in": (("mlp", "w_in"), ("mlp", "w_gate")),
-    "mlp_out": (("mlp", "w_out"),),
-}
+LINEAR_INPUTS = TAPS  # Hessian name -> the block weights (parent, name) that read that input, in true_sequential order
 N_IN = {"wo": 2}  # leading input axes of each weight (default 1)
 
 
@@ -39,13 +34,10 @@ def calibration_samples(config, tokenizer, *, num_samples: int, seq_len: int, se
     raise ValueError(f"calibration needs num_samples > 0 and seq_len > 1, got {num_samples} and {seq_len}")
   source = data_lib.load_sources(config)["train"]
   rng = np.random.default_rng(seed)
-  bos = tokenizer_lib.bos_id(tokenizer)
   stream, total = [], 0
   want = 4 * num_samples * seq_len  # enough text that windows rarely overlap
   for index in rng.permutation(len(source)):
-    text = source[int(index)]["text"]
-    text = bytes(text).decode("utf-8", errors="replace") if not isinstance(text, str) else text
-    ids = [bos, *tokenizer_lib.encode(tokenizer, text)]
+    ids = tokenizer_lib.encode_document(tokenizer, source[int(index)]["text"])
     stream.append(np.asarray(ids, np.int32))
     total += len(ids)
     if total >= want:
@@ -71,18 +63,8 @@ def make_block_pass(blocks_graphdef: nnx.GraphDef):
     b, l = x.shape[:2]
     positions = jnp.broadcast_to(jnp.arange(l, dtype=jnp.int32), (b, l))
     visibility = Visibility.causal_self(jnp.ones((b, l), jnp.int32))
-    pre = block.attn_norm.spec.norm_position == "pre"  # post-norm (OPT-350m): norm(x + f(x)), as in `Block`
-    inputs = {}
-    inputs["attn_in"] = a = block.attn_norm(x) if pre else x
-    heads, _ = block.attn.mix(a, positions, visibility)
-    inputs["attn_out"] = heads.reshape(b, l, -1)
-    h = x + block.attn.project_out(heads)
-    h = h if pre else block.attn_norm(h)
-    inputs["mlp_in"] = m = block.mlp_norm(h) if pre else h
-    inputs["mlp_out"] = hidden = block.mlp.hidden(m)
-    y = h + block.mlp.project_out(hidden)
-    y = y if pre else block.mlp_norm(y)
-    return y, {name: _gram(inputs[name]) for name in which}
+    y, _, _, taps = block.forward(x, positions, visibility)
+    return y, {name: _gram(taps[name]) for name in which}
 
   return jax.jit(run, static_argnames="which")
 

@@ -1,4 +1,5 @@
-"""Compresses a whole model with one method of `configs/compress.py`, recording what each layer became."""
+"""Compresses a whole model with one method of `configs/compress.py`, recording what each layer became, and writes
+the result as a compressed workdir (`compress_workdir`)."""
 
 from __future__ import annotations
 
@@ -10,8 +11,9 @@ import ml_collections
 import numpy as np
 
 from configs import compress as compress_config
-from infer.compress import calibrate, gptq, sparsegpt
+from infer.compress import calibrate, gptq, sparsegpt, storage
 from infer.compress.result import Compressed
+from model import transformer
 
 
 def layer_compressor(c: ml_collections.ConfigDict):
@@ -69,3 +71,28 @@ def summary(layers: dict[str, list[Compressed]]) -> dict:
   return {"weights": per_weight, "compressed_params": total, "sparsity": zeros / max(total, 1),
           "bits_per_weight": (code_bits + grid_bits) / max(total, 1),
           "code_bits_per_weight": code_bits / max(total, 1)}
+
+
+def compress_workdir(config, model, tokenizer, step: int, c, *, source_workdir: str, out: str | None = None,
+                     samples=None) -> dict:
+  """Compresses a loaded float model with the method config `c` (configs/compress.py), optionally saving the
+  result as workdir `out`. Draws calibration samples from the training split unless `samples` [n, L] are given.
+  Returns {"model": the compressed float model, "params", "layers", "metadata"}."""
+  compress_config.validate(c)
+  if model.spec.num_experts:
+    raise ValueError(f"the model has {model.spec.num_experts}-expert MoE layers; compress it with QMoE "
+                     "(python -m scripts.case_study_qmoe, infer/compress/qmoe.py)")
+  if model.spec.quant != "none":
+    raise ValueError(f"the model is already int8-quantized (model.quant={model.spec.quant!r}); compress a float one")
+  if samples is None and c.method in compress_config.HESSIAN_METHODS:
+    samples = calibrate.calibration_samples(config, tokenizer, num_samples=c.calibration_samples,
+                                            seq_len=c.calibration_len or config.data.seq_len,
+                                            seed=c.calibration_seed)
+  params, layers, seconds = compress_model(model, c, samples)
+  metadata = {"label": compress_config.describe(c), "method": c.to_dict(), "time_s": seconds,
+              "summary": summary(layers)}
+  if out is not None:
+    metadata = storage.save(out, config=config, source_workdir=source_workdir, step=step, params=params,
+                            layers=layers, metadata=metadata)
+  return {"model": transformer.from_params(model.spec, params), "params": params, "layers": layers,
+          "metadata": metadata}

@@ -92,15 +92,15 @@ def _expert_hessians(block, xs, positions, visibility, token_cap: float, which: 
 
   @nnx.jit
   def batch_stats(block, x):
-    h = x + block.attn(block.attn_norm(x), positions, visibility)[0]
-    flat = block.mlp_norm(h).reshape(-1, x.shape[-1]).astype(jnp.float32)
+    _, _, _, taps = block.forward(x, positions, visibility)
+    flat = taps["mlp_in"].reshape(-1, x.shape[-1]).astype(jnp.float32)
     r = moe_lib.route(flat, block.moe.router[...], spec.experts_per_token, spec.moe_renormalize)
     cap = moe_lib.capacity(flat.shape[0], spec.experts_per_token, e, token_cap)
-    buffers, _, kept = moe_lib._dispatch(flat, r, e, cap)  # [E, C, d]; unused slots are zero rows
+    buffers, _, kept = moe_lib.dispatch(flat, r, e, cap)  # [E, C, d]; unused slots are zero rows
     counts = jnp.zeros(e, jnp.float32).at[r.expert_ids].add(kept.astype(jnp.float32))
     if which == "out":
       w_gate = None if block.moe.w_gate is None else block.moe.w_gate[...].astype(jnp.float32)
-      buffers = moe_lib._ffn(jnp.einsum("ecd,edf->ecf", buffers, block.moe.w_in[...].astype(jnp.float32)),
+      buffers = moe_lib.gated_ffn(jnp.einsum("ecd,edf->ecf", buffers, block.moe.w_in[...].astype(jnp.float32)),
                              None if w_gate is None else jnp.einsum("ecd,edf->ecf", buffers, w_gate), activation)
     gram = jnp.einsum("eci,ecj->eij", buffers, buffers, precision=jax.lax.Precision.HIGHEST)
     return gram, counts

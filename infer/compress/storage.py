@@ -10,19 +10,16 @@ expert weights as dictionary-coded ternary streams instead (see `infer/compress/
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 
+from infer.compress import qmoe, ternary_code
 from infer.compress.result import Compressed
-from train import checkpoint as checkpoint_lib
-
-METADATA = "compression.json"
+from workdir import checkpoint as checkpoint_lib
+from workdir import layout
 
 
 def pack_codes(codes: np.ndarray, bits: int) -> np.ndarray:
@@ -40,10 +37,6 @@ def unpack_codes(packed: np.ndarray, bits: int, shape) -> np.ndarray:
   return np.packbits(np.concatenate([np.zeros((n, 8 - bits), np.uint8), b], axis=1), axis=1).reshape(shape)
 
 
-def is_compressed(workdir: str) -> bool:
-  return os.path.exists(os.path.join(workdir, METADATA))
-
-
 def _packed_abstract(meta: dict) -> dict:
   out = {}
   for path, p in meta["packed"].items():
@@ -59,9 +52,7 @@ def save(out: str, *, config, source_workdir: str, step: int, params: dict,
          layers: dict[str, list[Compressed]], metadata: dict) -> dict:
   """Writes the compressed workdir `out` (must not exist or be empty). `params` is the float dict with compressed
   weights (see `pipeline.compress_model`); quantized ones are stored packed. Returns the metadata written."""
-  if os.path.exists(out) and os.listdir(out):
-    raise FileExistsError(f"{out} exists and is not empty; choose a new directory")
-  os.makedirs(out, exist_ok=True)
+  layout.new_derived(out, source_workdir, config)
   params = jax.tree.map(lambda x: x, params)
   blocks = params["blocks"]
   packed, packed_meta = {}, {}
@@ -78,24 +69,15 @@ def save(out: str, *, config, source_workdir: str, step: int, params: dict,
                          "bits": bits, "group_size": group_size}
     del blocks[parent][name]
   meta = dict(metadata, source_workdir=os.path.abspath(source_workdir), step=step, packed=packed_meta)
-  with open(os.path.join(out, "config.json"), "w", encoding="utf-8") as f:
-    f.write(config.to_json_best_effort(indent=2))
-  shutil.copy(os.path.join(source_workdir, "tokenizer.json"), os.path.join(out, "tokenizer.json"))
-  manager = ocp.CheckpointManager(checkpoint_lib.checkpoint_dir(out), item_names=("state",))
-  manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(
-      {"step": jnp.asarray(step, jnp.int32), "params": params, "packed": packed})))
-  manager.wait_until_finished()
-  manager.close()
-  with open(os.path.join(out, METADATA), "w", encoding="utf-8") as f:  # last: its presence marks a complete save
-    json.dump(meta, f, indent=2)
+  checkpoint_lib.save_tree(out, step, {"step": jnp.asarray(step, jnp.int32), "params": params, "packed": packed})
+  layout.write_json(layout.path(out, layout.COMPRESSION), meta, indent=2)  # last: it marks a complete save
   return meta
 
 
 def load_params(workdir: str, abstract_params: dict, step: int | None = None) -> tuple[dict, int, dict]:
   """(float params with dequantized weights, step, metadata) of a compressed workdir; `abstract_params` is the
   float model's parameter tree (ShapeDtypeStructs)."""
-  with open(os.path.join(workdir, METADATA), encoding="utf-8") as f:
-    meta = json.load(f)
+  meta = layout.read_json(layout.path(workdir, layout.COMPRESSION))
   if "qmoe" in meta:
     return _load_qmoe(workdir, meta, abstract_params, step)
   abstract = jax.tree.map(lambda x: x, abstract_params)
@@ -129,9 +111,7 @@ def save_qmoe(out: str, *, config, source_workdir: str, step: int, params: dict,
               metadata: dict) -> dict:
   """Writes a QMoE workdir: every expert weight coded (codewords, row offsets, per-row lo/hi), one shared dictionary,
   and the other parameters as they are. `results`/`encoding` come from `qmoe.compress_model`/`qmoe.encode_model`."""
-  if os.path.exists(out) and os.listdir(out):
-    raise FileExistsError(f"{out} exists and is not empty; choose a new directory")
-  os.makedirs(out, exist_ok=True)
+  layout.new_derived(out, source_workdir, config)
   params = jax.tree.map(lambda x: x, params)
   coded, coded_meta = {}, {}
   for (u, j, name), r in results.items():
@@ -145,23 +125,13 @@ def save_qmoe(out: str, *, config, source_workdir: str, step: int, params: dict,
   d = encoding["dictionary"]
   meta = dict(metadata, source_workdir=os.path.abspath(source_workdir), step=step, packed={},
               qmoe={"weights": coded_meta, "entries": list(d.entries.shape), "code_bits": d.code_bits})
-  with open(os.path.join(out, "config.json"), "w", encoding="utf-8") as f:
-    f.write(config.to_json_best_effort(indent=2))
-  shutil.copy(os.path.join(source_workdir, "tokenizer.json"), os.path.join(out, "tokenizer.json"))
-  manager = ocp.CheckpointManager(checkpoint_lib.checkpoint_dir(out), item_names=("state",))
-  manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(
-      {"step": jnp.asarray(step, jnp.int32), "params": params, "qmoe": coded,
-       "dictionary": {"entries": d.entries, "lengths": d.lengths}})))
-  manager.wait_until_finished()
-  manager.close()
-  with open(os.path.join(out, METADATA), "w", encoding="utf-8") as f:
-    json.dump(meta, f, indent=2)
+  checkpoint_lib.save_tree(out, step, {"step": jnp.asarray(step, jnp.int32), "params": params, "qmoe": coded,
+                                       "dictionary": {"entries": d.entries, "lengths": d.lengths}})
+  layout.write_json(layout.path(out, layout.COMPRESSION), meta, indent=2)  # last: it marks a complete save
   return meta
 
 
 def _load_qmoe(workdir: str, meta: dict, abstract_params: dict, step: int | None):
-  from infer.compress import qmoe, ternary_code
-
   q = meta["qmoe"]
   abstract = jax.tree.map(lambda x: x, abstract_params)
   for w in q["weights"].values():

@@ -17,7 +17,8 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from model.kernels.flash_attention import NEG_INF, _compiler_params, _dot, _pad_axis
+from model.kernels.common import (NEG_INF, compiler_params, online_softmax_finish, online_softmax_init,
+                                  online_softmax_step, pad_axis)
 
 DEFAULT_BLOCK_K = 128
 
@@ -36,27 +37,6 @@ def reference_decode_attention(q, k, v, starts, ends, *, sm_scale=None):
   p = p / jnp.maximum(p.sum(-1, keepdims=True), 1e-30)
   out = jnp.einsum("bkgs,bskd->bkgd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
   return out.reshape(b, h, d).astype(q.dtype)
-
-
-def online_softmax_init(g: int, d: int):
-  """Empty (accumulator [G, D], running max [G], running sum [G]) for `online_softmax_step`."""
-  return jnp.zeros((g, d), jnp.float32), jnp.full((g,), NEG_INF, jnp.float32), jnp.zeros((g,), jnp.float32)
-
-
-def online_softmax_step(carry, q, k, v, valid, sm_scale):
-  """Folds one key block into the running softmax of q [G, D] against k, v [N, D] (valid [G, N] bool)."""
-  acc, m, l = carry
-  s = jnp.where(valid, _dot(q, k, 1, 1) * sm_scale, NEG_INF)
-  m_new = jnp.maximum(m, s.max(axis=1))
-  p = jnp.where(valid, jnp.exp(s - m_new[:, None]), 0.0)
-  alpha = jnp.exp(m - m_new)
-  return acc * alpha[:, None] + _dot(p.astype(v.dtype), v, 1, 0), m_new, l * alpha + p.sum(axis=1)
-
-
-def online_softmax_finish(carry):
-  """acc / sum, with zeros for rows that saw no valid key."""
-  acc, _, l = carry
-  return acc / jnp.where(l == 0.0, 1.0, l)[:, None]
 
 
 def _decode_kernel(starts_ref, ends_ref, q_ref, k_ref, v_ref, o_ref, *, sm_scale, block_k):
@@ -96,8 +76,8 @@ def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, starts: jax.Array
     raise ValueError(f"block_k={block_k} must be a power of two >= 16")
   group = h // kv_heads
   gp, dp, sp = max(16, pl.next_power_of_2(group)), max(16, pl.next_power_of_2(d)), pl.cdiv(s_len, block_k) * block_k
-  qg = _pad_axis(_pad_axis(q.reshape(b, kv_heads, group, d), 2, gp), 3, dp)
-  k_, v_ = (_pad_axis(_pad_axis(x, 1, sp), 3, dp) for x in (k, v))
+  qg = pad_axis(pad_axis(q.reshape(b, kv_heads, group, d), 2, gp), 3, dp)
+  k_, v_ = (pad_axis(pad_axis(x, 1, sp), 3, dp) for x in (k, v))
   kernel = functools.partial(_decode_kernel, sm_scale=sm_scale, block_k=block_k)
   grid_spec = pl.GridSpec(
       grid=(b, kv_heads),
@@ -107,6 +87,6 @@ def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, starts: jax.Array
                 pl.BlockSpec((None, sp, None, dp), lambda bi, ki: (bi, 0, ki, 0))],
       out_specs=pl.BlockSpec((None, None, gp, dp), lambda bi, ki: (bi, ki, 0, 0)))
   out = pl.pallas_call(kernel, grid_spec=grid_spec, out_shape=jax.ShapeDtypeStruct(qg.shape, q.dtype),
-                       interpret=interpret, compiler_params=_compiler_params(interpret), name="decode_attention")(
+                       interpret=interpret, compiler_params=compiler_params(interpret), name="decode_attention")(
                            starts.astype(jnp.int32), ends.astype(jnp.int32), qg, k_, v_)
   return out[:, :, :group, :d].reshape(b, h, d)

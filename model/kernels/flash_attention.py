@@ -24,7 +24,8 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-NEG_INF = -0.7 * float(jnp.finfo(jnp.float32).max)  # finite: rows with no visible key stay NaN-free
+from model.kernels.common import NEG_INF, compiler_params, dot, pad_axis
+
 DEFAULT_BLOCK = 128  # query and key block on GPU; smaller sequences use one block rounded up to a power of two
 
 
@@ -48,15 +49,6 @@ def reference_attention(q, k, v, *, causal=True, segment_ids=None, sm_scale=None
 
 
 # -- kernels --------------------------------------------------------------------------------------------------------
-
-
-def _dot(a, b, contract_a: int, contract_b: int):
-  """2-D matmul contracting a's axis `contract_a` with b's axis `contract_b`, float32 accumulation.
-
-  float32 operands use full IEEE precision (Triton would otherwise pick TF32); use bfloat16 inputs for speed."""
-  precision = jax.lax.Precision.HIGHEST if a.dtype == jnp.float32 else None
-  return jax.lax.dot_general(a, b, (((contract_a,), (contract_b,)), ((), ())), precision=precision,
-                             preferred_element_type=jnp.float32)
 
 
 def _block_mask(q_start, k_start, block_q, block_k, *, causal, kv_len, padded_len, q_seg, k_seg):
@@ -87,7 +79,7 @@ def _forward_kernel(*refs, sm_scale, causal, block_q, block_k, kv_len, padded_le
     acc, m, l = carry
     k_start = pl.multiple_of(j * block_k, block_k)
     keys = pl.ds(k_start, block_k)
-    s = _dot(q, k_ref[keys, :], 1, 1) * sm_scale
+    s = dot(q, k_ref[keys, :], 1, 1) * sm_scale
     mask = _block_mask(i * block_q, k_start, block_q, block_k, causal=causal, kv_len=kv_len, padded_len=padded_len,
                        q_seg=q_seg, k_seg=kseg_ref[keys] if has_segments else None)
     s = jnp.where(mask, s, NEG_INF)
@@ -95,7 +87,7 @@ def _forward_kernel(*refs, sm_scale, causal, block_q, block_k, kv_len, padded_le
     p = jnp.where(mask, jnp.exp(s - m_new[:, None]), 0.0)
     alpha = jnp.exp(m - m_new)
     v = v_ref[keys, :]
-    acc = acc * alpha[:, None] + _dot(p.astype(v.dtype), v, 1, 0)
+    acc = acc * alpha[:, None] + dot(p.astype(v.dtype), v, 1, 0)
     return acc, m_new, l * alpha + p.sum(axis=1)
 
   num_k = pl.cdiv(padded_len, block_k)
@@ -123,14 +115,14 @@ def _dkv_kernel(*refs, sm_scale, causal, block_q, block_k, kv_len, padded_len, h
     q_start = pl.multiple_of(i * block_q, block_q)
     rows = pl.ds(q_start, block_q)
     q, do = q_ref[rows, :], do_ref[rows, :]
-    s = _dot(q, k, 1, 1) * sm_scale
+    s = dot(q, k, 1, 1) * sm_scale
     mask = _block_mask(q_start, k_start, block_q, block_k, causal=causal, kv_len=kv_len, padded_len=padded_len,
                        q_seg=qseg_ref[rows] if has_segments else None, k_seg=k_seg)
     p = jnp.where(mask, jnp.exp(s - lse_ref[rows][:, None]), 0.0)
-    dv = dv + _dot(p.astype(do.dtype), do, 0, 0)
-    dp = _dot(do, v, 1, 1)
+    dv = dv + dot(p.astype(do.dtype), do, 0, 0)
+    dp = dot(do, v, 1, 1)
     ds = p * (dp - delta_ref[rows][:, None]) * sm_scale
-    dk = dk + _dot(ds.astype(q.dtype), q, 0, 0)
+    dk = dk + dot(ds.astype(q.dtype), q, 0, 0)
     return dk, dv
 
   num_q = pl.cdiv(padded_len, block_q)
@@ -155,12 +147,12 @@ def _dq_kernel(*refs, sm_scale, causal, block_q, block_k, kv_len, padded_len, ha
     k_start = pl.multiple_of(j * block_k, block_k)
     keys = pl.ds(k_start, block_k)
     k, v = k_ref[keys, :], v_ref[keys, :]
-    s = _dot(q, k, 1, 1) * sm_scale
+    s = dot(q, k, 1, 1) * sm_scale
     mask = _block_mask(i * block_q, k_start, block_q, block_k, causal=causal, kv_len=kv_len, padded_len=padded_len,
                        q_seg=q_seg, k_seg=kseg_ref[keys] if has_segments else None)
     p = jnp.where(mask, jnp.exp(s - lse[:, None]), 0.0)
-    ds = p * (_dot(do, v, 1, 1) - delta[:, None]) * sm_scale
-    return dq + _dot(ds.astype(k.dtype), k, 1, 0)
+    ds = p * (dot(do, v, 1, 1) - delta[:, None]) * sm_scale
+    return dq + dot(ds.astype(k.dtype), k, 1, 0)
 
   num_k = pl.cdiv(padded_len, block_k)
   upper = jnp.minimum(pl.cdiv((i + 1) * block_q, block_k), num_k) if causal else num_k
@@ -169,15 +161,6 @@ def _dq_kernel(*refs, sm_scale, causal, block_q, block_k, kv_len, padded_len, ha
 
 
 # -- pallas_call wrappers -------------------------------------------------------------------------------------------
-
-
-def _compiler_params(interpret: bool):
-  """Triton compiler params for compiled GPU kernels (also when lowering for CUDA from a CPU host via jax.export)."""
-  if interpret or jax.default_backend() == "tpu":
-    return None
-  from jax.experimental.pallas import triton as plgpu
-
-  return plgpu.CompilerParams(num_warps=4, num_stages=2)
 
 
 def _specs(b, lp, h, group, d, block_q, block_k):
@@ -211,7 +194,7 @@ def _forward(q, k, v, seg, *, causal, sm_scale, block_q, block_k, kv_len, interp
   return pl.pallas_call(
       kernel, grid=(b, h, lp // block_q), in_specs=in_specs, out_specs=[sp["q_block"], sp["row_block"]],
       out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((b, h, lp), jnp.float32)],
-      interpret=interpret, compiler_params=_compiler_params(interpret), name="flash_attention_fwd")(*args)
+      interpret=interpret, compiler_params=compiler_params(interpret), name="flash_attention_fwd")(*args)
 
 
 def _backward(q, k, v, seg, o, lse, do, *, causal, sm_scale, block_q, block_k, kv_len, interpret):
@@ -231,7 +214,7 @@ def _backward(q, k, v, seg, o, lse, do, *, causal, sm_scale, block_q, block_k, k
   dk, dv = pl.pallas_call(
       functools.partial(_dkv_kernel, **common), grid=(b, h, lp // block_k), in_specs=dkv_specs,
       out_specs=[sp["kv_block_per_q_head"], sp["kv_block_per_q_head"]], out_shape=[per_head, per_head],
-      interpret=interpret, compiler_params=_compiler_params(interpret), name="flash_attention_dkv",
+      interpret=interpret, compiler_params=compiler_params(interpret), name="flash_attention_dkv",
   )(q, k, v, do, lse, delta, *seg_args)
   dk = dk.reshape(b, lp, kv_heads, group, d).sum(axis=3).astype(k.dtype)
   dv = dv.reshape(b, lp, kv_heads, group, d).sum(axis=3).astype(v.dtype)
@@ -242,7 +225,7 @@ def _backward(q, k, v, seg, o, lse, do, *, causal, sm_scale, block_q, block_k, k
   dq = pl.pallas_call(
       functools.partial(_dq_kernel, **common), grid=(b, h, lp // block_q), in_specs=dq_specs,
       out_specs=sp["q_block"], out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype), interpret=interpret,
-      compiler_params=_compiler_params(interpret), name="flash_attention_dq",
+      compiler_params=compiler_params(interpret), name="flash_attention_dq",
   )(q, k, v, do, lse, delta, *seg_args)
   return dq, dk, dv
 
@@ -275,14 +258,6 @@ _flash.defvjp(_flash_fwd, _flash_bwd)
 
 def _default_block(length: int) -> int:
   return min(DEFAULT_BLOCK, max(16, pl.next_power_of_2(length)))
-
-
-def _pad_axis(x, axis: int, size: int):
-  if x.shape[axis] == size:
-    return x
-  pad = [(0, 0)] * x.ndim
-  pad[axis] = (0, size - x.shape[axis])
-  return jnp.pad(x, pad)
 
 
 def _tpu_flash_attention(q, k, v, causal, segment_ids, sm_scale):
@@ -326,7 +301,7 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = 
       raise ValueError(f"{name}={blk} must be a power of two >= 16")
   lp = math.lcm(block_q, block_k) * pl.cdiv(l, math.lcm(block_q, block_k))
   dp = max(16, pl.next_power_of_2(d))
-  q_, k_, v_ = (_pad_axis(_pad_axis(x, 1, lp), 3, dp) for x in (q, k, v))
-  seg = None if segment_ids is None else _pad_axis(segment_ids.astype(jnp.int32), 1, lp)
+  q_, k_, v_ = (pad_axis(pad_axis(x, 1, lp), 3, dp) for x in (q, k, v))
+  seg = None if segment_ids is None else pad_axis(segment_ids.astype(jnp.int32), 1, lp)
   out = _flash(q_, k_, v_, seg, bool(causal), sm_scale, int(block_q), int(block_k), int(l), bool(interpret))
   return out[:, :l, :, :d]

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from model.kernels.flash_attention import _compiler_params, _pad_axis
+from model.kernels.common import compiler_params, pad_axis
 
 
 def quantize_per_channel(w: jax.Array, group: int = 0) -> tuple[jax.Array, jax.Array]:
@@ -107,9 +107,9 @@ def w8a16_matmul(x: jax.Array, w_q: jax.Array, w_scale: jax.Array, *, group: int
       raise ValueError(f"group={group} must be a power of two >= 16 (it is the kernel's K block)")
   interpret = jax.default_backend() == "cpu" if interpret is None else interpret
   mp, np_, kp = (pl.cdiv(a, b) * b for a, b in ((m, block_m), (n, block_n), (k, block_k)))
-  xp = _pad_axis(_pad_axis(x, 0, mp), 1, kp)
-  wp = _pad_axis(_pad_axis(w_q, 0, kp), 1, np_)
-  scales = _pad_axis(_pad_axis(w_scale.astype(jnp.float32).reshape(-1, n), 0, kp // block_k if group else 1), 1, np_)
+  xp = pad_axis(pad_axis(x, 0, mp), 1, kp)
+  wp = pad_axis(pad_axis(w_q, 0, kp), 1, np_)
+  scales = pad_axis(pad_axis(w_scale.astype(jnp.float32).reshape(-1, n), 0, kp // block_k if group else 1), 1, np_)
   kernel = functools.partial(_w8a16_kernel, block_k=block_k, num_k=kp // block_k, grouped=bool(group))
   out = pl.pallas_call(
       kernel, grid=(mp // block_m, np_ // block_n),
@@ -117,7 +117,7 @@ def w8a16_matmul(x: jax.Array, w_q: jax.Array, w_scale: jax.Array, *, group: int
                 pl.BlockSpec((scales.shape[0], block_n), lambda i, j: (0, j))],
       out_specs=pl.BlockSpec((block_m, block_n), lambda i, j: (i, j)),
       out_shape=jax.ShapeDtypeStruct((mp, np_), x.dtype), interpret=interpret,
-      compiler_params=_compiler_params(interpret), name="w8a16_matmul")(xp, wp, scales)
+      compiler_params=compiler_params(interpret), name="w8a16_matmul")(xp, wp, scales)
   return out[:m, :n]
 
 
@@ -134,10 +134,10 @@ def w8a8_matmul(x_q: jax.Array, x_scale: jax.Array, w_q: jax.Array, w_scale: jax
   block_m, block_n, block_k = _blocks(m, n, k, block_m, block_n, block_k)
   interpret = jax.default_backend() == "cpu" if interpret is None else interpret
   mp, np_, kp = (pl.cdiv(a, b) * b for a, b in ((m, block_m), (n, block_n), (k, block_k)))
-  xp = _pad_axis(_pad_axis(x_q, 0, mp), 1, kp)
-  wp = _pad_axis(_pad_axis(w_q, 0, kp), 1, np_)
-  xs = _pad_axis(x_scale.astype(jnp.float32), 0, mp)
-  ws = _pad_axis(w_scale.astype(jnp.float32).reshape(1, n), 1, np_)
+  xp = pad_axis(pad_axis(x_q, 0, mp), 1, kp)
+  wp = pad_axis(pad_axis(w_q, 0, kp), 1, np_)
+  xs = pad_axis(x_scale.astype(jnp.float32), 0, mp)
+  ws = pad_axis(w_scale.astype(jnp.float32).reshape(1, n), 1, np_)
   kernel = functools.partial(_w8a8_kernel, block_k=block_k, num_k=kp // block_k)
   out = pl.pallas_call(
       kernel, grid=(mp // block_m, np_ // block_n),
@@ -145,5 +145,5 @@ def w8a8_matmul(x_q: jax.Array, x_scale: jax.Array, w_q: jax.Array, w_scale: jax
                 pl.BlockSpec((kp, block_n), lambda i, j: (0, j)), pl.BlockSpec((1, block_n), lambda i, j: (0, j))],
       out_specs=pl.BlockSpec((block_m, block_n), lambda i, j: (i, j)),
       out_shape=jax.ShapeDtypeStruct((mp, np_), jnp.float32), interpret=interpret,
-      compiler_params=_compiler_params(interpret), name="w8a8_matmul")(xp, xs, wp, ws)
+      compiler_params=compiler_params(interpret), name="w8a8_matmul")(xp, xs, wp, ws)
   return out[:m, :n]

@@ -19,9 +19,9 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from model.kernels.decode_attention import (online_softmax_finish, online_softmax_init, online_softmax_step,
-                                            reference_decode_attention)
-from model.kernels.flash_attention import _compiler_params, _pad_axis
+from model.kernels.common import (compiler_params, online_softmax_finish, online_softmax_init, online_softmax_step,
+                                  pad_axis)
+from model.kernels.decode_attention import reference_decode_attention
 
 
 def gather_pages(pages: jax.Array, page_table: jax.Array) -> jax.Array:
@@ -73,8 +73,8 @@ def paged_decode_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
   interpret = jax.default_backend() == "cpu" if interpret is None else interpret
   group, max_pages = h // kv_heads, page_table.shape[1]
   gp, dp = max(16, pl.next_power_of_2(group)), max(16, pl.next_power_of_2(d))
-  qg = _pad_axis(_pad_axis(q.reshape(b, kv_heads, group, d), 2, gp), 3, dp)
-  k_, v_ = (_pad_axis(x, 3, dp).reshape(num_pages * page_size, kv_heads, dp) for x in (k_pages, v_pages))
+  qg = pad_axis(pad_axis(q.reshape(b, kv_heads, group, d), 2, gp), 3, dp)
+  k_, v_ = (pad_axis(x, 3, dp).reshape(num_pages * page_size, kv_heads, dp) for x in (k_pages, v_pages))
   flat = lambda n: pl.BlockSpec((n,), lambda bi, ki: (0,))  # noqa: E731
   pool = pl.BlockSpec((num_pages * page_size, None, dp), lambda bi, ki: (0, ki, 0))
   head_block = pl.BlockSpec((None, None, gp, dp), lambda bi, ki: (bi, ki, 0, 0))
@@ -82,6 +82,6 @@ def paged_decode_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
   out = pl.pallas_call(
       kernel, grid=(b, kv_heads), in_specs=[flat(b * max_pages), flat(b), head_block, pool, pool],
       out_specs=head_block, out_shape=jax.ShapeDtypeStruct(qg.shape, q.dtype), interpret=interpret,
-      compiler_params=_compiler_params(interpret), name="paged_decode_attention")(
+      compiler_params=compiler_params(interpret), name="paged_decode_attention")(
           page_table.astype(jnp.int32).reshape(-1), lengths.astype(jnp.int32), qg, k_, v_)
   return out[:, :, :group, :d].reshape(b, h, d)

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
 
-from model.kernels.flash_attention import _compiler_params, _pad_axis
+from model.kernels.common import compiler_params, pad_axis
 
 
 def _kernel(row_ref, offsets_ref, codes_ref, entries_ref, lengths_ref, lo_ref, hi_ref, x_ref, o_ref, *, run_len):
@@ -57,8 +57,8 @@ def ternary_matvec(x: jax.Array, codes: jax.Array, offsets: jax.Array, entries: 
     raise ValueError(f"offsets must be [{total + 1}] and lo/hi [{total}]; got {offsets.shape}, {lo.shape}, {hi.shape}")
   run_len = max(16, pl.next_power_of_2(entries.shape[1]))  # Triton tiles are powers of two
   mp = pl.next_power_of_2(m)
-  entries_p = _pad_axis(entries.astype(jnp.int32), 1, run_len)
-  x_p = _pad_axis(_pad_axis(x, 0, mp), 1, k + run_len)  # a run may read past K: zeros there
+  entries_p = pad_axis(entries.astype(jnp.int32), 1, run_len)
+  x_p = pad_axis(pad_axis(x, 0, mp), 1, k + run_len)  # a run may read past K: zeros there
   interpret = jax.default_backend() == "cpu" if interpret is None else interpret
   full = lambda shape: pl.BlockSpec(shape, lambda i: (0,) * len(shape))  # noqa: E731
   out = pl.pallas_call(
@@ -67,7 +67,7 @@ def ternary_matvec(x: jax.Array, codes: jax.Array, offsets: jax.Array, entries: 
                 full((total,)), full((total,)), full(x_p.shape)],
       out_specs=pl.BlockSpec((mp, 1), lambda i: (0, i)),
       out_shape=jax.ShapeDtypeStruct((mp, n), jnp.float32), interpret=interpret,
-      compiler_params=_compiler_params(interpret), name="ternary_matvec")(
+      compiler_params=compiler_params(interpret), name="ternary_matvec")(
           jnp.reshape(jnp.asarray(row_start, jnp.int32), (1,)), offsets.astype(jnp.int32), codes.astype(jnp.int32),
           entries_p, lengths.astype(jnp.int32), lo.astype(jnp.float32), hi.astype(jnp.float32), x_p)
   return out[:m]

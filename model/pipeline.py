@@ -31,6 +31,12 @@ def default_microbatches(stages: int, configured: int) -> int:
   return configured or 2 * stages
 
 
+def stages_of_active_mesh() -> int:
+  """The size of the active mesh's pipeline axis (`jax.set_mesh`); 1 without a mesh or without that axis."""
+  mesh = jax.sharding.get_abstract_mesh()
+  return 1 if mesh is None or mesh.empty else dict(mesh.shape).get(AXIS, 1)
+
+
 def _varying(x: jax.Array) -> jax.Array:
   """Marks a value as differing across pipeline stages (shard_map's varying-manual-axes type)."""
   if hasattr(jax.lax, "pcast"):
@@ -48,12 +54,12 @@ def _merge(a: jax.Array) -> jax.Array:
   return a.swapaxes(0, 1).reshape(a.shape[0] * a.shape[1], *a.shape[2:])
 
 
-def run_blocks(model, x: jax.Array, positions: jax.Array, visibility, stages: int):
-  """The model's blocks as an S-stage GPipe pipeline. x [B, L, D]; positions [B, L]; visibility with [B, L] fields.
-
-  Returns (x after all blocks [B, L, D], MoE aux (zeros: MoE models are not pipelined)). Called by
-  `Transformer._run_blocks` when the active mesh has a pipeline axis larger than 1."""
+def run_blocks(model, x: jax.Array, positions: jax.Array, visibility) -> jax.Array:
+  """The model's blocks as a GPipe pipeline over the active mesh's S pipeline stages. x [B, L, D]; positions
+  [B, L]; visibility with [B, L] fields. Returns x after all blocks [B, L, D] (MoE models are not pipelined).
+  Called by `Transformer._run_blocks` when the active mesh has a pipeline axis larger than 1."""
   spec = model.spec
+  stages = stages_of_active_mesh()
   m = default_microbatches(stages, spec.pipeline_microbatches)
   if x.shape[0] % m:
     raise ValueError(f"batch {x.shape[0]} is not divisible by pipeline_microbatches={m}")

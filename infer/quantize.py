@@ -1,10 +1,10 @@
 """Post-training int8 quantization of a trained workdir: W8A16 weight-only or W8A8 with SmoothQuant.
 
-  python -m scripts.quantize --workdir=runs/default --mode=int8_weight --out=runs/default_w8a16
-  python -m scripts.quantize --workdir=runs/default --mode=w8a8 --out=runs/default_w8a8 [--alpha=0.5]
+  python -m infer.quantize --workdir=runs/default --mode=int8_weight --out=runs/default_w8a16
+  python -m infer.quantize --workdir=runs/default --mode=w8a8 --out=runs/default_w8a8 [--alpha=0.5]
 
 The output directory is a workdir that `infer.generate` and `infer.evaluate` load: config.json (model.quant set),
-tokenizer.json and an orbax checkpoint of the int8 parameters with their scales. W8A8 calibrates SmoothQuant on
+the tokenizer files and an orbax checkpoint of the int8 parameters with their scales. W8A8 calibrates SmoothQuant on
 `--calibration_batches` training batches. Prints parameter bytes (float32, bfloat16 equivalent, int8) and the
 held-out perplexity of the float and the quantized model on the same validation tokens.
 """
@@ -13,19 +13,18 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import sys
 
 import jax
 import jax.numpy as jnp
-import orbax.checkpoint as ocp
 from absl import app, flags
 from flax import nnx
 
 from infer import evaluate, loading
-from model import quant
-from train import checkpoint as checkpoint_lib
+from model import quant, transformer
 from train import data as data_lib
+from workdir import checkpoint as checkpoint_lib
+from workdir import layout
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Trained float workdir.", required=True)
 _OUT = flags.DEFINE_string("out", None, "Output workdir for the quantized model.", required=True)
@@ -39,7 +38,7 @@ _EVAL = flags.DEFINE_integer("eval_batches", None, "Validation batches for the p
 def quantize_workdir(workdir: str, out: str, mode: str, *, alpha: float = 0.5, calibration_batches: int = 8,
                      matmul_impl: str = "xla") -> dict:
   """Quantizes the latest checkpoint of `workdir` into the new workdir `out`; returns sizes and the config."""
-  if os.path.exists(out) and os.listdir(out):
+  if os.path.exists(out) and os.listdir(out):  # refused before any work
     raise FileExistsError(f"--out={out} exists and is not empty; choose a new directory")
   config, model, tokenizer, step = loading.load_trained(workdir)
   spec = model.spec
@@ -54,20 +53,13 @@ def quantize_workdir(workdir: str, out: str, mode: str, *, alpha: float = 0.5, c
   qspec, qparams = quant.quantize_model_params(spec, params, mode, stats, alpha)
   qconfig = config.copy_and_resolve_references()
   qconfig.model.quant, qconfig.model.matmul_impl = mode, matmul_impl
-  os.makedirs(out, exist_ok=True)
-  with open(os.path.join(out, "config.json"), "w", encoding="utf-8") as f:
-    f.write(qconfig.to_json_best_effort(indent=2))
-  shutil.copy(os.path.join(workdir, "tokenizer.json"), os.path.join(out, "tokenizer.json"))
-  manager = ocp.CheckpointManager(checkpoint_lib.checkpoint_dir(out), item_names=("state",))
-  manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(
-      {"step": jnp.asarray(step, jnp.int32), "params": qparams})))
-  manager.wait_until_finished()
-  manager.close()
+  layout.new_derived(out, workdir, qconfig)
+  checkpoint_lib.save_params(out, step, qparams)
   float_bytes = quant.nbytes(params)
   return {"mode": mode, "step": step, "float32_bytes": float_bytes, "float_model": model, "float_config": config,
           "bfloat16_bytes": sum(x.size * (2 if x.dtype == jnp.float32 else x.dtype.itemsize)
                                 for x in jax.tree.leaves(params)),
-          "quantized_bytes": quant.nbytes(qparams), "checkpoint_dir_bytes": _dir_bytes(checkpoint_lib.checkpoint_dir(out)),
+          "quantized_bytes": quant.nbytes(qparams), "checkpoint_dir_bytes": _dir_bytes(layout.checkpoint_dir(out)),
           "config": qconfig, "tokenizer": tokenizer, "params": qparams, "spec": qspec}
 
 
@@ -87,11 +79,10 @@ def main(argv):
   if _EVAL.value != 0:
     tokenizer = result["tokenizer"]
     report["float_eval"] = evaluate.perplexity(result["float_model"], result["float_config"], tokenizer, _EVAL.value)
-    qmodel = loading.as_model(result["spec"], result["params"])
+    qmodel = transformer.from_params(result["spec"], result["params"])
     report["quantized_eval"] = evaluate.perplexity(qmodel, result["config"], tokenizer, _EVAL.value)
   print(json.dumps(report, indent=2))
-  with open(os.path.join(_OUT.value, "quantize_report.json"), "w", encoding="utf-8") as f:
-    json.dump(report, f, indent=2)
+  layout.write_json(layout.path(_OUT.value, "quantize_report.json"), report, indent=2)
 
 
 if __name__ == "__main__":

@@ -1,26 +1,22 @@
-"""Orbax checkpoints of the train state and the grain iterator, plus the loaders inference uses.
+"""Orbax checkpoints of a workdir: the one module that opens an orbax `CheckpointManager`.
 
-Layout: `workdir/checkpoints/<step>/{state,data}`. Orbax writes each step into a temporary directory and renames it
-when complete, so an interrupted save never replaces the latest good checkpoint; unfinished temporaries are ignored.
+Layout: `DIR/checkpoints/<step>/{state,data}` (see `workdir.layout`). The trainer's `Checkpointer` saves the train
+state and the grain iterator position; `save_tree` writes any other pytree (parameters of an import, a quantized or
+compressed model) as a state-only step; `restore_state` / `restore_params` read them back for inference or
+fine-tuning. Orbax writes each step into a temporary directory and renames it when complete, so an interrupted save
+never replaces the latest good checkpoint; unfinished temporaries are ignored.
 """
 
 from __future__ import annotations
 
-import json
-import os
 from typing import Any
 
 import grain
 import jax
 import jax.numpy as jnp
-import ml_collections
 import orbax.checkpoint as ocp
 
-from configs import base
-
-
-def checkpoint_dir(workdir: str) -> str:
-  return os.path.join(os.path.abspath(workdir), "checkpoints")
+from workdir.layout import checkpoint_dir
 
 
 class Checkpointer:
@@ -64,71 +60,57 @@ class Checkpointer:
     self.manager.close()
 
 
-def load_config(workdir: str) -> ml_collections.ConfigDict:
-  """The resolved config a training run wrote to `workdir/config.json`, over today's defaults, validated."""
-  path = os.path.join(workdir, "config.json")
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"{path} not found: --workdir must be a directory written by `python -m train`")
-  with open(path, encoding="utf-8") as f:
-    saved = json.load(f)
-  config = base.get_config()  # keys added since the run was written keep their defaults
-  for section, values in saved.items():
-    if isinstance(values, dict) and section in config:
-      config[section].update(values)
-    else:
-      config[section] = values
-  return base.validate(config)
-
-
-def restore_state(workdir: str, abstract_state: Any, step: int | None = None) -> tuple[Any, int]:
-  """Restores the train state of the latest (or given) checkpoint without the data iterator: (state, step).
-
-  Leaves of `abstract_state` that carry no sharding are restored onto this process's first device, so checkpoints
-  written by any mesh (or by several processes) load for single-device inference."""
+def _on_first_device(abstract: Any) -> Any:
+  """Leaves without a sharding are placed on this process's first device, whatever mesh wrote the checkpoint."""
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  abstract_state = jax.tree.map(  # leaves without a sharding land on this process's first device, whatever mesh wrote
+  return jax.tree.map(
       lambda a: a if getattr(a, "sharding", None) is not None else jax.ShapeDtypeStruct(a.shape, a.dtype,
                                                                                           sharding=device),
-      abstract_state)
+      abstract)
+
+
+def _restore(workdir: str, step: int | None, args_for_state) -> tuple[Any, int]:
+  """Restores the "state" item of the latest (or given) step with `args_for_state`; FileNotFoundError if none."""
   manager = ocp.CheckpointManager(checkpoint_dir(workdir), item_names=("state",))
   try:
     step = manager.latest_step() if step is None else step
     if step is None:
       raise FileNotFoundError(f"no checkpoint in {checkpoint_dir(workdir)}: train first with `python -m train`")
-    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
+    restored = manager.restore(step, args=ocp.args.Composite(state=args_for_state))
   finally:
     manager.close()
   return restored["state"], step
 
 
-def save_params(workdir: str, step: int, params: Any) -> None:
-  """Writes a parameters-only checkpoint ({"step", "params"}) at `step`, as imports and quantized models are stored;
-  `restore_params` reads it, and `python -m train` fine-tunes from it (config.train.init_from)."""
+def restore_state(workdir: str, abstract_state: Any, step: int | None = None) -> tuple[Any, int]:
+  """Restores the whole "state" tree of the latest (or given) checkpoint without the data iterator: (state, step).
+
+  `abstract_state` holds ShapeDtypeStructs; leaves that carry no sharding are restored onto this process's first
+  device, so checkpoints written by any mesh (or by several processes) load for single-device inference."""
+  return _restore(workdir, step, ocp.args.StandardRestore(_on_first_device(abstract_state)))
+
+
+def save_tree(workdir: str, step: int, tree: dict) -> None:
+  """Writes `tree` (a dict of arrays: {"step", "params", ...}) as the state-only checkpoint of `step` and waits
+  for it: how imports, quantized and compressed models are stored."""
   manager = ocp.CheckpointManager(checkpoint_dir(workdir), item_names=("state",))
   try:
-    manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(
-        {"step": jnp.asarray(step, jnp.int32), "params": params})))
+    manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(tree)))
     manager.wait_until_finished()
   finally:
     manager.close()
 
 
+def save_params(workdir: str, step: int, params: Any) -> None:
+  """Writes a parameters-only checkpoint ({"step", "params"}) at `step`, as imports and quantized models are stored;
+  `restore_params` reads it, and `python -m train` fine-tunes from it (config.train.init_from)."""
+  save_tree(workdir, step, {"step": jnp.asarray(step, jnp.int32), "params": params})
+
+
 def restore_params(workdir: str, abstract_params: Any, step: int | None = None) -> tuple[Any, int]:
   """Only the parameters of the latest (or given) checkpoint, whether it holds a whole train state or parameters
   only: (params, step). Leaves of `abstract_params` without a sharding land on this process's first device."""
-  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  abstract_params = jax.tree.map(
-      lambda a: a if getattr(a, "sharding", None) is not None else jax.ShapeDtypeStruct(a.shape, a.dtype,
-                                                                                          sharding=device),
-      abstract_params)
-  item = {"params": abstract_params}
-  manager = ocp.CheckpointManager(checkpoint_dir(workdir), item_names=("state",))
-  try:
-    step = manager.latest_step() if step is None else step
-    if step is None:
-      raise FileNotFoundError(f"no checkpoint in {checkpoint_dir(workdir)}: train first with `python -m train`")
-    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-        item, restore_args=ocp.checkpoint_utils.construct_restore_args(item), partial_restore=True)))
-  finally:
-    manager.close()
-  return restored["state"]["params"], step
+  item = {"params": _on_first_device(abstract_params)}
+  state, step = _restore(workdir, step, ocp.args.PyTreeRestore(
+      item, restore_args=ocp.checkpoint_utils.construct_restore_args(item), partial_restore=True))
+  return state["params"], step
