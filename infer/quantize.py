@@ -26,15 +26,6 @@ from train import data as data_lib
 from workdir import checkpoint as checkpoint_lib
 from workdir import layout
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "Trained float workdir.", required=True)
-_OUT = flags.DEFINE_string("out", None, "Output workdir for the quantized model.", required=True)
-_MODE = flags.DEFINE_enum("mode", "int8_weight", ["int8_weight", "w8a8"], "W8A16 weight-only or W8A8 SmoothQuant.")
-_ALPHA = flags.DEFINE_float("alpha", 0.5, "SmoothQuant migration strength (w8a8).")
-_CALIBRATION = flags.DEFINE_integer("calibration_batches", 8, "Training batches for SmoothQuant statistics.")
-_MATMUL = flags.DEFINE_enum("matmul_impl", "xla", ["xla", "pallas"], "How the quantized model's matmuls run.")
-_EVAL = flags.DEFINE_integer("eval_batches", None, "Validation batches for the perplexity comparison (0 skips).")
-
-
 def quantize_workdir(workdir: str, out: str, mode: str, *, alpha: float = 0.5, calibration_batches: int = 8,
                      matmul_impl: str = "xla") -> dict:
   """Quantizes the latest checkpoint of `workdir` into the new workdir `out`; returns sizes and the config."""
@@ -67,23 +58,36 @@ def _dir_bytes(path: str) -> int:
   return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files)
 
 
+def _define_flags():
+  # Defined only when run as a command, so importing this module never clashes with other programs' flags.
+  flags.DEFINE_string("workdir", None, "Trained float workdir.", required=True)
+  flags.DEFINE_string("out", None, "Output workdir for the quantized model.", required=True)
+  flags.DEFINE_enum("mode", "int8_weight", ["int8_weight", "w8a8"], "W8A16 weight-only or W8A8 SmoothQuant.")
+  flags.DEFINE_float("alpha", 0.5, "SmoothQuant migration strength (w8a8).")
+  flags.DEFINE_integer("calibration_batches", 8, "Training batches for SmoothQuant statistics.")
+  flags.DEFINE_enum("matmul_impl", "xla", ["xla", "pallas"], "How the quantized model's matmuls run.")
+  flags.DEFINE_integer("eval_batches", None, "Validation batches for the perplexity comparison (0 skips).")
+
+
 def main(argv):
   del argv
+  f = flags.FLAGS
   try:
-    result = quantize_workdir(_WORKDIR.value, _OUT.value, _MODE.value, alpha=_ALPHA.value,
-                              calibration_batches=_CALIBRATION.value, matmul_impl=_MATMUL.value)
+    result = quantize_workdir(f.workdir, f.out, f.mode, alpha=f.alpha,
+                              calibration_batches=f.calibration_batches, matmul_impl=f.matmul_impl)
   except (FileNotFoundError, FileExistsError, ValueError) as e:
     sys.exit(f"error: {e}")
   report = {k: result[k] for k in ("mode", "step", "float32_bytes", "bfloat16_bytes", "quantized_bytes",
                                    "checkpoint_dir_bytes")}
-  if _EVAL.value != 0:
+  if f.eval_batches != 0:
     tokenizer = result["tokenizer"]
-    report["float_eval"] = evaluate.perplexity(result["float_model"], result["float_config"], tokenizer, _EVAL.value)
+    report["float_eval"] = evaluate.perplexity(result["float_model"], result["float_config"], tokenizer, f.eval_batches)
     qmodel = transformer.from_params(result["spec"], result["params"])
-    report["quantized_eval"] = evaluate.perplexity(qmodel, result["config"], tokenizer, _EVAL.value)
+    report["quantized_eval"] = evaluate.perplexity(qmodel, result["config"], tokenizer, f.eval_batches)
   print(json.dumps(report, indent=2))
-  layout.write_json(layout.path(_OUT.value, "quantize_report.json"), report, indent=2)
+  layout.write_json(layout.path(f.out, "quantize_report.json"), report, indent=2)
 
 
 if __name__ == "__main__":
+  _define_flags()
   app.run(main)

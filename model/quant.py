@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from configs import base
 from model.attention import Visibility
 from model.kernels import int8_matmul as q8
 
@@ -35,24 +36,34 @@ SMOOTHED = {"attn_norm": (("attn", "wq"), ("attn", "wk"), ("attn", "wv")),
 # -- run time ----------------------------------------------------------------------------------------------------------
 
 
+def _w8a16(x2, w2, s, pallas: bool):
+  """Weight-only: activations stay in the compute dtype, weights are dequantized inside the matmul."""
+  if pallas:
+    return q8.w8a16_matmul(x2, w2, s).astype(jnp.float32)
+  return jax.lax.dot_general(x2, w2.astype(x2.dtype), (((1,), (0,)), ((), ())),
+                             preferred_element_type=jnp.float32) * s[None, :]
+
+
+def _w8a8(x2, w2, s, pallas: bool):
+  """Activations quantized per token at run time: int8 x int8 -> int32, then both scales."""
+  x_q, x_scale = q8.quantize_per_token(x2)
+  return q8.w8a8_matmul(x_q, x_scale, w2, s) if pallas else q8.w8a8_reference(x_q, x_scale, w2, s)
+
+
+MATMULS = {"int8_weight": _w8a16, "w8a8": _w8a8}  # model.quant -> its matmul (every mode but "none")
+base.check_implemented("model.quant", tuple(m for m in base.QUANT_MODES if m != "none"), MATMULS)
+
+
 def quantized_matmul(spec, x: jax.Array, w_q: jax.Array, scale: jax.Array, n_in: int) -> jax.Array:
-  """x [..., *in] float @ w_q [*in, *out] int8 with per-output scales [*out] -> [..., *out] float32."""
+  """x [..., *in] float @ w_q [*in, *out] int8 with per-output scales [*out] -> [..., *out] float32, in the
+  format of `spec.quant`, with XLA or the Pallas kernels per `spec.matmul_impl`."""
+  if spec.quant not in MATMULS:
+    raise ValueError(f"quantized_matmul called with model.quant={spec.quant!r}; expected one of {sorted(MATMULS)}")
   in_shape, out_shape = w_q.shape[:n_in], w_q.shape[n_in:]
   k, n = int(np.prod(in_shape)), int(np.prod(out_shape))
   lead = x.shape[:x.ndim - n_in]
   x2, w2, s = x.reshape(-1, k), w_q.reshape(k, n), scale.reshape(n).astype(jnp.float32)
-  pallas = spec.matmul_impl == "pallas"
-  if spec.quant == "int8_weight":
-    if pallas:
-      y = q8.w8a16_matmul(x2, w2, s).astype(jnp.float32)
-    else:
-      y = jax.lax.dot_general(x2, w2.astype(x2.dtype), (((1,), (0,)), ((), ())),
-                              preferred_element_type=jnp.float32) * s[None, :]
-  elif spec.quant == "w8a8":
-    x_q, x_scale = q8.quantize_per_token(x2)
-    y = q8.w8a8_matmul(x_q, x_scale, w2, s) if pallas else q8.w8a8_reference(x_q, x_scale, w2, s)
-  else:
-    raise ValueError(f"quantized_matmul called with model.quant={spec.quant!r}; expected int8_weight or w8a8")
+  y = MATMULS[spec.quant](x2, w2, s, spec.matmul_impl == "pallas")
   return y.reshape(*lead, *out_shape)
 
 
@@ -132,8 +143,8 @@ def calibrate(model, batches: Iterable[dict]) -> dict[str, jax.Array]:
 def quantize_model_params(spec, params: dict, mode: str, act_absmax: dict | None = None, alpha: float = 0.5):
   """Float params of `spec` -> (quantized spec, quantized params) for mode int8_weight or w8a8 (w8a8 needs the
   calibration statistics from `calibrate`)."""
-  if mode not in ("int8_weight", "w8a8"):
-    raise ValueError(f"mode={mode!r}: use int8_weight or w8a8")
+  if mode not in MATMULS:
+    raise ValueError(f"mode={mode!r}: use one of {', '.join(MATMULS)}")
   if spec.quant != "none":
     raise ValueError(f"the model is already quantized (quant={spec.quant!r})")
   if mode == "w8a8" and spec.norm_position != "pre":

@@ -26,16 +26,6 @@ from model import flops, sharding
 from train import metrics
 from train import setup as setup_lib
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/shape_s.py", "Config to benchmark.")
-_STEPS = flags.DEFINE_integer("steps", 20, "Timed steps (after warm-up).")
-_WARMUP = flags.DEFINE_integer("warmup", 3, "Untimed steps after compilation.")
-_OUT = flags.DEFINE_string("out", "bench_train.json", "Where to write the JSON results.")
-_DONATE = flags.DEFINE_bool("donate", True, "Donate the train state to the step (--nodonate measures the cost of "
-                             "a fresh state buffer every step).")
-_MESHES = flags.DEFINE_list("meshes", [], "Meshes to compare, each AXIS=SIZE[/AXIS=SIZE...] over config.mesh's axes "
-                            "(e.g. data=8,fsdp=8,data=2/tensor=4); empty: the plain one-device step.")
-
-
 def parse_mesh(text: str) -> dict[str, int]:
   """'data=2/tensor=4' -> sizes for every mesh axis (unnamed axes 1); ValueError names a bad part."""
   sizes = {a: 1 for a in sharding.MESH_AXES}
@@ -97,15 +87,28 @@ def _time_steps(config, spec, state, step_fn, batches, steps, warmup) -> dict:
           "final_loss": losses[-1], "step_time_spread": [min(times), max(times)]}
 
 
+def _define_flags():
+  # Defined only when run as a script, so importing this module (tests do) never clashes with other flags.
+  config_flags.DEFINE_config_file("config", "configs/shape_s.py", "Config to benchmark.")
+  flags.DEFINE_integer("steps", 20, "Timed steps (after warm-up).")
+  flags.DEFINE_integer("warmup", 3, "Untimed steps after compilation.")
+  flags.DEFINE_string("out", "bench_train.json", "Where to write the JSON results.")
+  flags.DEFINE_bool("donate", True, "Donate the train state to the step (--nodonate measures the cost of a fresh "
+                    "state buffer every step).")
+  flags.DEFINE_list("meshes", [], "Meshes to compare, each AXIS=SIZE[/AXIS=SIZE...] over config.mesh's axes "
+                    "(e.g. data=8,fsdp=8,data=2/tensor=4); empty: the config's own mesh.")
+
+
 def main(argv):
   del argv
-  config = _CONFIG.value
+  f = flags.FLAGS
+  config = f.config
   device = jax.devices()[0]
   peaks = {dtype: metrics.measure_matmul_flops(dtype, size=1024, repeats=10) for dtype in ("float32", "bfloat16")}
-  if _MESHES.value:
+  if f.meshes:
     rows = []
-    for text in _MESHES.value:
-      row = benchmark(config, _STEPS.value, _WARMUP.value, parse_mesh(text), donate=_DONATE.value)
+    for text in f.meshes:
+      row = benchmark(config, f.steps, f.warmup, parse_mesh(text), donate=f.donate)
       row.update(mesh=text, mfu_f32=row["flops_per_token"] * row["tokens_per_sec"] / (peaks["float32"] * jax.device_count()))
       rows.append(row)
     print(f"device {device.device_kind} x{jax.device_count()}; MFU against {jax.device_count()} x the f32 matmul peak")
@@ -113,10 +116,10 @@ def main(argv):
     for row in rows:
       print(f"{row['mesh']:<28} {row['tokens_per_sec']:9,.0f} {row['step_time_s'] * 1e3:8.1f} {row['mfu_f32']:8.1%} "
             f"{row['final_loss']:8.4f}")
-    with open(_OUT.value, "w", encoding="utf-8") as f:
-      json.dump({"device": device.device_kind, "devices": jax.device_count(), "rows": rows}, f, indent=2)
+    with open(f.out, "w", encoding="utf-8") as fh:
+      json.dump({"device": device.device_kind, "devices": jax.device_count(), "rows": rows}, fh, indent=2)
     return
-  result = benchmark(config, _STEPS.value, _WARMUP.value, donate=_DONATE.value)
+  result = benchmark(config, f.steps, f.warmup, donate=f.donate)
   achieved = result["flops_per_token"] * result["tokens_per_sec"]
   result.update({"device": device.device_kind, "devices": jax.device_count(), "compute_dtype": config.model.dtype,
                  "matmul_peak_flops": peaks, "achieved_flops": achieved,
@@ -129,9 +132,10 @@ def main(argv):
   print(f"{name:<22} {config.model.dtype:<9} {result['parameters'] / 1e6:7.1f}M {result['tokens_per_sec']:9,.0f} "
         f"{result['step_time_s'] * 1e3:8.1f} {achieved / 1e9:8.1f} {result['mfu']['float32']:8.1%} "
         f"{result['mfu']['bfloat16']:8.1%}")
-  with open(_OUT.value, "w", encoding="utf-8") as f:
-    json.dump(result, f, indent=2)
+  with open(f.out, "w", encoding="utf-8") as fh:
+    json.dump(result, fh, indent=2)
 
 
 if __name__ == "__main__":
+  _define_flags()
   app.run(main)
