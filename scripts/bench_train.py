@@ -1,7 +1,9 @@
-"""Training-step benchmark: warmed-up median tokens/s and step time of a config, with MFU against this device's
-dense matmul rates (float32, and bfloat16 operands with float32 accumulation) measured in the same run.
+"""Training-step benchmark: warmed-up median tokens/s and step time of a config in each compute dtype, beside the
+HF-PyTorch peer (`GPT2LMHeadModel`, AdamW, eager, float32 and bf16 autocast, 2 threads) and this device's dense
+matmul rates (float32, and bfloat16 operands with float32 accumulation), all measured in the same run, with our
+process's CPU utilization, system-time share and page faults over the timed steps.
 
-  python -m scripts.bench_train [--config=configs/shape_s.py] [--config.model.dtype=bfloat16] [--steps=20]
+  python -m scripts.bench_train [--config=configs/shape_s.py] [--dtypes=float32,bfloat16] [--steps=20] [--nopeer]
       [--out=bench_train.json]
   XLA_FLAGS=--xla_force_host_platform_device_count=8 python -m scripts.bench_train --config=configs/tiny.py \
       --meshes=data=8,fsdp=8,tensor=8,data=2/fsdp=2/tensor=2       # the same step under several meshes
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import statistics
 import time
 
@@ -23,6 +26,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from model import flops, sharding
+from scripts import torch_peer
 from train import metrics
 from train import setup as setup_lib
 
@@ -74,17 +78,30 @@ def _time_steps(config, spec, state, step_fn, batches, steps, warmup) -> dict:
     state, m = step_fn(state, batches[i % 4])
   jax.block_until_ready(m)
   times, losses = [], []
+  usage_start, wall_start = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
   for i in range(steps):
     start = time.perf_counter()
     state, m = step_fn(state, batches[i % 4])
     jax.block_until_ready(m)
     times.append(time.perf_counter() - start)
     losses.append(float(m["loss"]))
+  usage = process_usage(usage_start, resource.getrusage(resource.RUSAGE_SELF), time.perf_counter() - wall_start)
   step_s = statistics.median(times)
   tokens = t.batch_size * config.data.seq_len
   return {"step_time_s": step_s, "tokens_per_sec": tokens / step_s, "compile_s": compile_s,
           "flops_per_token": flops.flops_per_token(spec, config.data.seq_len), "parameters": flops.param_count(spec),
-          "final_loss": losses[-1], "step_time_spread": [min(times), max(times)]}
+          "final_loss": losses[-1], "step_time_spread": [min(times), max(times)],
+          "cpu_utilization": usage["cpu_utilization"], "system_share": usage["system_share"],
+          "minor_page_faults_per_step": usage["minor_page_faults"] / steps}
+
+
+def process_usage(before, after, wall_s: float) -> dict:
+  """This process's CPU use between two `resource.getrusage` readings over `wall_s` seconds: cpu_utilization
+  (user + system CPU time over wall time; 2.0 = two cores busy), system_share (system time over CPU time) and
+  minor_page_faults."""
+  user, system = after.ru_utime - before.ru_utime, after.ru_stime - before.ru_stime
+  return {"cpu_utilization": (user + system) / wall_s, "system_share": system / max(user + system, 1e-9),
+          "minor_page_faults": after.ru_minflt - before.ru_minflt}
 
 
 def _define_flags():
@@ -97,6 +114,9 @@ def _define_flags():
                     "state buffer every step).")
   flags.DEFINE_list("meshes", [], "Meshes to compare, each AXIS=SIZE[/AXIS=SIZE...] over config.mesh's axes "
                     "(e.g. data=8,fsdp=8,data=2/tensor=4); empty: the config's own mesh.")
+  flags.DEFINE_list("dtypes", ["float32", "bfloat16"], "Compute dtypes of our step to measure (model.dtype).")
+  flags.DEFINE_bool("peer", True, "Also measure the HF-PyTorch peer (GPT2LMHeadModel, AdamW, eager, float32 and "
+                    "bf16 autocast, 2 threads) in the same run.")
 
 
 def main(argv):
@@ -119,21 +139,61 @@ def main(argv):
     with open(f.out, "w", encoding="utf-8") as fh:
       json.dump({"device": device.device_kind, "devices": jax.device_count(), "rows": rows}, fh, indent=2)
     return
-  result = benchmark(config, f.steps, f.warmup, donate=f.donate)
-  achieved = result["flops_per_token"] * result["tokens_per_sec"]
-  result.update({"device": device.device_kind, "devices": jax.device_count(), "compute_dtype": config.model.dtype,
-                 "matmul_peak_flops": peaks, "achieved_flops": achieved,
-                 "mfu": {dtype: achieved / (peak * jax.device_count()) for dtype, peak in peaks.items()}})
-  print(f"device {device.device_kind} x{jax.device_count()}; matmul peak f32 {peaks['float32'] / 1e9:.0f} GFLOP/s, "
-        f"bf16->f32 {peaks['bfloat16'] / 1e9:.0f} GFLOP/s")
-  print(f"{'config':<22} {'dtype':<9} {'params':>8} {'tokens/s':>9} {'step ms':>8} {'GFLOP/s':>8} "
-        f"{'MFU f32':>8} {'MFU bf16':>8}")
   name = os.path.basename(config_flags.get_config_filename(flags.FLAGS["config"]))
-  print(f"{name:<22} {config.model.dtype:<9} {result['parameters'] / 1e6:7.1f}M {result['tokens_per_sec']:9,.0f} "
-        f"{result['step_time_s'] * 1e3:8.1f} {achieved / 1e9:8.1f} {result['mfu']['float32']:8.1%} "
-        f"{result['mfu']['bfloat16']:8.1%}")
+  print(f"{name} on {cpu_description()}; {device.device_kind} x{jax.device_count()}; matmul rate f32 "
+        f"{peaks['float32'] / 1e9:.0f} GFLOP/s, bf16 x bf16 -> f32 {peaks['bfloat16'] / 1e9:.0f} GFLOP/s", flush=True)
+  rows = []
+  for dtype in f.dtypes:
+    c = config.copy_and_resolve_references()
+    c.model.dtype = dtype
+    row = benchmark(c, f.steps, f.warmup, donate=f.donate)
+    achieved = row["flops_per_token"] * row["tokens_per_sec"]
+    row.update(who="peakllm", dtype=dtype, achieved_flops=achieved,
+               mfu=achieved / (peaks[dtype if dtype in peaks else "float32"] * jax.device_count()))
+    rows.append(row)
+    _print_row(row)
+  if f.peer and torch_peer.available():
+    spec = setup_lib.build(config).spec
+    for autocast in (False, True):
+      row = torch_peer.train_tokens_per_sec(spec, config.train.batch_size, config.data.seq_len, autocast_bf16=autocast,
+                                            steps=f.steps, warmup=f.warmup)
+      row.update(who="HF-PyTorch eager", dtype="bf16 autocast" if autocast else "float32")
+      rows.append(row)
+      _print_row(row)
+  elif f.peer:
+    print("peer skipped: torch and transformers are not installed (pip install -e '.[test]')")
+  ours = max((r for r in rows if r["who"] == "peakllm"), key=lambda r: r["tokens_per_sec"])
+  peer = max((r for r in rows if r["who"] != "peakllm"), key=lambda r: r["tokens_per_sec"], default=None)
+  result = {"config": name, "cpu": cpu_description(), "device": device.device_kind, "devices": jax.device_count(),
+            "matmul_peak_flops": peaks, "rows": rows, "best": ours,
+            "ratio_to_peer": ours["tokens_per_sec"] / peer["tokens_per_sec"] if peer else None}
+  if peer:
+    print(f"ours ({ours['dtype']}) / peer's best ({peer['dtype']}): {result['ratio_to_peer']:.2f}x")
   with open(f.out, "w", encoding="utf-8") as fh:
     json.dump(result, fh, indent=2)
+
+
+def _print_row(row: dict) -> None:
+  extra = ""
+  if row["who"] == "peakllm":
+    extra = (f"  MFU {row['mfu']:.1%} of the {row['dtype']} matmul rate, CPU {row['cpu_utilization']:.0%}, "
+             f"system {row['system_share']:.0%}, {row['minor_page_faults_per_step']:,.0f} page faults/step")
+  print(f"{row['who']:<17} {row['dtype']:<14} {row['tokens_per_sec']:9,.0f} tokens/s {row['step_time_s'] * 1e3:8.1f} ms"
+        f"/step  loss {row['final_loss']:.4f}{extra}", flush=True)
+
+
+def cpu_description() -> str:
+  """The CPU's model name and the flags that decide matmul rates here (AVX2, AVX-512, AVX512-BF16, VNNI, AMX)."""
+  try:
+    with open("/proc/cpuinfo", encoding="utf-8") as fh:
+      info = fh.read()
+  except OSError:
+    return "unknown CPU"
+  model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "?")
+  flags_line = next((line for line in info.splitlines() if line.startswith("flags")), "")
+  present = [f for f in ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_int8")
+             if f" {f}" in flags_line]
+  return f"{model} ({os.cpu_count()} cores; {', '.join(present) or 'no AVX2'})"
 
 
 if __name__ == "__main__":

@@ -129,7 +129,7 @@ def test_generate_text_uses_eot_convention():
   trainer = tokenizers.trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=[tokenizer_lib.EOT], show_progress=False,
                                            initial_alphabet=pre_tokenizers.ByteLevel.alphabet()[:80])
   tok.train_from_iterator(["def fib(n): return n"] * 4, trainer=trainer)
-  assert tok.get_vocab_size() <= VOCAB and G.eot_id(tok) == 0
+  assert tok.get_vocab_size() <= VOCAB and tokenizer_lib.eot_id(tok) == 0
   model = make_model("gpt")
   ids = tokenizer_lib.encode_document(tok, "def fib(")
   assert ids[0] == 0 and len(ids) > 1
