@@ -28,6 +28,7 @@ from train import step as step_lib
 from train import validation
 from workdir import layout
 from workdir import tokenizer as tokenizer_lib
+from train import allocator
 
 
 def perplexity(model, config, tokenizer, num_batches: int | None = None) -> dict[str, float]:
@@ -124,6 +125,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  allocator.reexec_with_tcmalloc("infer.evaluate")  # XLA CPU temporaries without page faults (train/allocator.py)
   flags.DEFINE_string("workdir", None, "Training, quantized or compressed run directory.", required=True)
   flags.DEFINE_string("data", "", "Data source whose validation split is scored (default: the run's data.source).")
   flags.DEFINE_integer("seq_len", 0, "Window length (default: the run's data.seq_len).")

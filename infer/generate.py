@@ -26,6 +26,7 @@ from infer import sampling
 from infer.sampling import SamplingParams
 from workdir import tokenizer as tokenizer_lib
 from workdir.tokenizer import decode_completion, encode_document
+from train import allocator
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens"))
@@ -197,5 +198,6 @@ def _timed_generate(args, kwargs, eos_id):
 
 
 if __name__ == "__main__":
+  allocator.reexec_with_tcmalloc("infer.generate")  # XLA CPU temporaries without page faults (train/allocator.py)
   _define_flags()
   app.run(main)

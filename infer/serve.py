@@ -21,6 +21,7 @@ from infer.engine import Engine
 from infer.scheduler import Scheduler
 from infer.server import Metrics, Server
 from workdir import tokenizer as tokenizer_lib
+from train import allocator
 
 
 def build(workdir: str, *, slots: int = 8, page_size: int = 16, num_pages: int = 0, prefill_chunk: int = 0,
@@ -87,5 +88,6 @@ def _define_flags():
 
 
 if __name__ == "__main__":
+  allocator.reexec_with_tcmalloc("infer.serve")  # XLA CPU temporaries without page faults (train/allocator.py)
   _define_flags()
   app.run(main)

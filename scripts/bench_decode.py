@@ -27,6 +27,7 @@ from flax import nnx
 from infer import generate
 from model import quant, transformer
 from model.transformer import ModelSpec, Transformer
+from train import allocator
 
 _SHAPES = flags.DEFINE_list("shapes", ["shape_s", "gpt2_124m"], "Config modules under configs/.")
 _BATCHES = flags.DEFINE_list("batches", ["1", "8"], "Batch sizes.")
@@ -112,4 +113,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  allocator.reexec_with_tcmalloc("scripts.bench_decode")  # XLA CPU temporaries without page faults (train/allocator.py)
   app.run(main)

@@ -29,6 +29,7 @@ from model import flops, sharding
 from scripts import torch_peer
 from train import metrics
 from train import setup as setup_lib
+from train import allocator
 
 def parse_mesh(text: str) -> dict[str, int]:
   """'data=2/tensor=4' -> sizes for every mesh axis (unnamed axes 1); ValueError names a bad part."""
@@ -197,5 +198,6 @@ def cpu_description() -> str:
 
 
 if __name__ == "__main__":
+  allocator.reexec_with_tcmalloc("scripts.bench_train")  # XLA CPU temporaries without page faults (train/allocator.py)
   _define_flags()
   app.run(main)

@@ -28,7 +28,8 @@ def gpt2_model(spec, threads: int):
   hf = transformers.GPT2Config(vocab_size=spec.vocab_size, n_positions=spec.max_len, n_embd=spec.embed_dim,
                                n_layer=spec.num_layers, n_head=spec.num_heads, n_inner=spec.mlp_dim,
                                activation_function="gelu_new", resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-                               layer_norm_epsilon=spec.norm_eps, tie_word_embeddings=spec.tie_embeddings)
+                               layer_norm_epsilon=spec.norm_eps, tie_word_embeddings=spec.tie_embeddings,
+                               bos_token_id=0, eos_token_id=0)
   return transformers.GPT2LMHeadModel(hf)
 
 
@@ -49,7 +50,7 @@ def train_tokens_per_sec(spec, batch: int, seq_len: int, *, autocast_bf16: bool,
     loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return float(loss)
+    return float(loss.detach())
 
   for i in range(warmup):
     step(batches[i % 4])

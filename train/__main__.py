@@ -3,15 +3,19 @@
 An entry point: it composes the trainer with inference's closing sample (`infer.generate.closing_sample`), as
 the layers below it may not."""
 
-import logging
-import sys
+from train import allocator
 
-import tensorflow_datasets as tfds
-from absl import app, flags
-from ml_collections import config_flags
+allocator.reexec_with_tcmalloc("train")  # before anything heavy is imported (train/allocator.py)
 
-from infer import generate
-from train import distributed, trainer
+import logging  # noqa: E402
+import sys  # noqa: E402
+
+import tensorflow_datasets as tfds  # noqa: E402
+from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from infer import generate  # noqa: E402
+from train import distributed, trainer  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/default.py", "Preset config file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (metrics, checkpoints, tokenizer); resumes if it "
