@@ -58,6 +58,8 @@ def get_config() -> ml_collections.ConfigDict:
   m.mlp_bias = -1  # biases in the MLP: 1 yes, 0 no, -1 same as use_bias
   m.param_dtype = "float32"  # storage dtype of parameters
   m.dtype = "float32"  # compute dtype of matmuls; softmax, norms and the loss always run in float32
+  m.matmul_dtype = ""  # operands of the linear layers' matmuls in both passes ("" = dtype), float32 accumulation:
+  # bfloat16 with dtype float32 is PyTorch-autocast style (bf16 dot units, float32 elementwise work)
   m.remat = "none"  # activation recomputation policy, one of REMAT_POLICIES
   m.pipeline_microbatches = 0  # GPipe micro-batches per step when mesh.pipeline > 1 (0: 2 x stages)
   m.loss_chunk_tokens = 0  # training: output head + cross-entropy over chunks of this many tokens, recomputed in the
@@ -165,6 +167,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   _choice(config, "model.family", FAMILIES)
   _choice(config, "model.param_dtype", DTYPES)
   _choice(config, "model.dtype", DTYPES)
+  _choice(config, "model.matmul_dtype", ("",) + DTYPES)
   _choice(config, "model.remat", REMAT_POLICIES)
   _choice(config, "model.attention_impl", ATTENTION_IMPLS)
   _choice(config, "model.activation", ACTIVATIONS)

@@ -19,6 +19,7 @@ from flax import nnx
 
 from configs import base
 from model import attention as attention_lib
+from model import mixed_matmul
 from model import moe as moe_lib
 from model import pipeline
 from model import quant
@@ -57,6 +58,7 @@ class ModelSpec:
   use_bias: bool = True
   param_dtype: str = "float32"
   dtype: str = "float32"
+  matmul_dtype: str = ""  # operand dtype of the linear layers' matmuls, both passes ("": dtype); see mixed_matmul.py
   remat: str = "none"
   pipeline_microbatches: int = 0  # GPipe micro-batches when the mesh has a pipeline axis (0: 2 x stages)
   scan_layers: bool = True
@@ -87,7 +89,7 @@ class ModelSpec:
                num_heads=m.num_heads, num_kv_heads=base.num_kv_heads(m), head_dim=base.head_dim(m),
                mlp_dim=base.mlp_dim(m), max_len=m.max_len, activation=m.activation, norm_eps=m.norm_eps,
                rope_theta=m.rope_theta, tie_embeddings=m.tie_embeddings, use_bias=base.use_bias(m),
-               param_dtype=m.param_dtype, dtype=m.dtype, remat=m.remat, pipeline_microbatches=m.pipeline_microbatches,
+               param_dtype=m.param_dtype, dtype=m.dtype, matmul_dtype=m.matmul_dtype, remat=m.remat, pipeline_microbatches=m.pipeline_microbatches,
                scan_layers=m.scan_layers,
                attention_impl=m.attention_impl, init_std=m.init_std, quant=m.quant, matmul_impl=m.matmul_impl,
                num_experts=m.num_experts, experts_per_token=m.experts_per_token,
@@ -128,6 +130,11 @@ class ModelSpec:
     return jnp.dtype(self.dtype)
 
   @property
+  def mixed_matmuls(self) -> bool:
+    """Whether the linear layers run their matmuls in `matmul_dtype` apart from the compute dtype."""
+    return bool(self.matmul_dtype) and jnp.dtype(self.matmul_dtype) != self.compute_dtype
+
+  @property
   def weight_dtype(self):
     return jnp.dtype(self.param_dtype)
 
@@ -162,6 +169,11 @@ def _matmul(spec: ModelSpec, x: jax.Array, w, scale: nnx.Param | None = None, n_
   dt = spec.compute_dtype
   if scale is not None:
     return quant.quantized_matmul(spec, x.astype(dt), w[...], scale[...], n_in).astype(dt)
+  if spec.mixed_matmuls:
+    w = w[...]
+    k = math.prod(w.shape[:n_in])
+    out = mixed_matmul.matmul(x.astype(dt).reshape(-1, k), w.reshape(k, -1), spec.matmul_dtype)
+    return out.reshape(*x.shape[:x.ndim - n_in], *w.shape[n_in:]).astype(dt)
   dims = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
   out = jax.lax.dot_general(x.astype(dt), w[...].astype(dt), (dims, ((), ())), preferred_element_type=jnp.float32)
   return out.astype(dt)
@@ -543,6 +555,9 @@ class Transformer(nnx.Module):
       logits = jnp.einsum("bld,dv->blv", x, self.head[...].astype(x.dtype), preferred_element_type=jnp.float32)
     elif self.embed_scale is not None:
       logits = _matmul(spec, x, self.embed[...].T, self.embed_scale).astype(jnp.float32)
+    elif spec.mixed_matmuls:  # tied head: x [.., D] against the embedding rows [V, D]
+      flat = mixed_matmul.matmul(x.reshape(-1, x.shape[-1]), self.embed[...], spec.matmul_dtype, True)
+      logits = flat.reshape(*x.shape[:-1], flat.shape[-1])
     else:
       logits = jnp.einsum("bld,vd->blv", x, self.embed[...].astype(x.dtype), preferred_element_type=jnp.float32)
     return constrain(logits, ("batch", "length", "vocab"))
