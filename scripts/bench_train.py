@@ -3,7 +3,8 @@ HF-PyTorch peer (`GPT2LMHeadModel`, AdamW, eager, float32 and bf16 autocast, 2 t
 matmul rates (float32, and bfloat16 operands with float32 accumulation), all measured in the same run, with our
 process's CPU utilization, system-time share and page faults over the timed steps.
 
-  python -m scripts.bench_train [--config=configs/shape_s.py] [--dtypes=float32,bfloat16] [--steps=20] [--nopeer]
+  python -m scripts.bench_train [--config=configs/shape_s.py] [--dtypes=float32,float32/bfloat16,bfloat16]
+      [--steps=20] [--nopeer]
       [--out=bench_train.json]
   XLA_FLAGS=--xla_force_host_platform_device_count=8 python -m scripts.bench_train --config=configs/tiny.py \
       --meshes=data=8,fsdp=8,tensor=8,data=2/fsdp=2/tensor=2       # the same step under several meshes
@@ -115,7 +116,8 @@ def _define_flags():
                     "state buffer every step).")
   flags.DEFINE_list("meshes", [], "Meshes to compare, each AXIS=SIZE[/AXIS=SIZE...] over config.mesh's axes "
                     "(e.g. data=8,fsdp=8,data=2/tensor=4); empty: the config's own mesh.")
-  flags.DEFINE_list("dtypes", ["float32", "bfloat16"], "Compute dtypes of our step to measure (model.dtype).")
+  flags.DEFINE_list("dtypes", ["float32", "float32/bfloat16", "bfloat16"], "Our steps to measure, each "
+                    "model.dtype[/model.matmul_dtype]: float32/bfloat16 keeps float32 activations around bf16 matmuls.")
   flags.DEFINE_bool("peer", True, "Also measure the HF-PyTorch peer (GPT2LMHeadModel, AdamW, eager, float32 and "
                     "bf16 autocast, 2 threads) in the same run.")
 
@@ -144,13 +146,16 @@ def main(argv):
   print(f"{name} on {cpu_description()}; {device.device_kind} x{jax.device_count()}; matmul rate f32 "
         f"{peaks['float32'] / 1e9:.0f} GFLOP/s, bf16 x bf16 -> f32 {peaks['bfloat16'] / 1e9:.0f} GFLOP/s", flush=True)
   rows = []
-  for dtype in f.dtypes:
+  for entry in f.dtypes:
     c = config.copy_and_resolve_references()
-    c.model.dtype = dtype
+    c.model.dtype, _, matmul = entry.partition("/")
+    c.model.matmul_dtype = matmul or c.model.matmul_dtype
     row = benchmark(c, f.steps, f.warmup, donate=f.donate)
     achieved = row["flops_per_token"] * row["tokens_per_sec"]
-    row.update(who="peakllm", dtype=dtype, achieved_flops=achieved,
-               mfu=achieved / (peaks[dtype if dtype in peaks else "float32"] * jax.device_count()))
+    rate_dtype = c.model.matmul_dtype or c.model.dtype  # the dtype the step's matmuls compute in
+    row.update(who="peakllm", dtype=f"{c.model.dtype}/{rate_dtype}" if rate_dtype != c.model.dtype else rate_dtype,
+               achieved_flops=achieved, mfu_of=rate_dtype,
+               mfu=achieved / (peaks.get(rate_dtype, peaks["float32"]) * jax.device_count()))
     rows.append(row)
     _print_row(row)
   if f.peer and torch_peer.available():
@@ -177,7 +182,7 @@ def main(argv):
 def _print_row(row: dict) -> None:
   extra = ""
   if row["who"] == "peakllm":
-    extra = (f"  MFU {row['mfu']:.1%} of the {row['dtype']} matmul rate, CPU {row['cpu_utilization']:.0%}, "
+    extra = (f"  MFU {row['mfu']:.1%} of the {row['mfu_of']} matmul rate, CPU {row['cpu_utilization']:.0%}, "
              f"system {row['system_share']:.0%}, {row['minor_page_faults_per_step']:,.0f} page faults/step")
   print(f"{row['who']:<17} {row['dtype']:<14} {row['tokens_per_sec']:9,.0f} tokens/s {row['step_time_s'] * 1e3:8.1f} ms"
         f"/step  loss {row['final_loss']:.4f}{extra}", flush=True)
