@@ -5,9 +5,12 @@ For each model shape (shape S and GPT-2 124M, random weights), batch size and we
 int8 weight-only), runs `infer.generate`'s single jitted prefill + decode loop with a 32-token prompt and 128 new
 tokens. The roofline assumes every decode step reads all weights once plus the live KV cache:
 tokens/s <= batch * bandwidth / bytes_per_step, with the copy bandwidth measured in the same run (a donated
-elementwise pass over 256 MiB, counting bytes read and written). Prints a table and writes JSON.
+elementwise pass over 256 MiB, counting bytes read and written). In the same run, the HF-PyTorch peer
+(`GPT2LMHeadModel.generate`, greedy, KV cache, float32, 2 threads, same shapes, prompts and token counts) gives the
+ratio column. Prints a table and writes JSON.
 
   python -m scripts.bench_decode [--shapes=shape_s,gpt2_124m] [--batches=1,8] [--formats=float32,bfloat16,int8]
+      [--nopeer]
 """
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ from flax import nnx
 from infer import generate
 from model import quant, transformer
 from model.transformer import ModelSpec, Transformer
+from scripts import torch_peer
+from scripts.bench_train import cpu_description
 from train import allocator
 
 _SHAPES = flags.DEFINE_list("shapes", ["shape_s", "gpt2_124m"], "Config modules under configs/.")
@@ -36,6 +41,7 @@ _PROMPT = flags.DEFINE_integer("prompt_len", 32, "Prompt tokens.")
 _NEW = flags.DEFINE_integer("new_tokens", 128, "Generated tokens.")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed runs per case (median).")
 _OUT = flags.DEFINE_string("out", "bench_decode.json", "Where to write the JSON results.")
+_PEER = flags.DEFINE_bool("peer", True, "Also measure HF-PyTorch `generate` (needs the test extra).")
 
 
 def copy_bandwidth(mib: int = 256, repeats: int = 5) -> float:
@@ -85,10 +91,20 @@ def main(argv):
   del argv
   bandwidth = copy_bandwidth()
   device = jax.devices()[0].device_kind
-  print(f"device {device}; copy bandwidth {bandwidth / 1e9:.1f} GB/s (read + write)")
-  print(f"{'shape':<10} {'format':<9} {'batch':>5} {'tokens/s':>9} {'TTFT ms':>8} {'roofline':>9} {'of roof':>7}")
+  print(f"{cpu_description()}; device {device}; copy bandwidth {bandwidth / 1e9:.1f} GB/s (read + write)")
+  print(f"{'shape':<10} {'format':<9} {'batch':>5} {'tokens/s':>9} {'TTFT ms':>8} {'roofline':>9} {'of roof':>7} "
+        f"{'weights MB':>10} {'vs peer':>7}")
   rows = []
+  peers = {}
   for shape in _SHAPES.value:
+    if _PEER.value and torch_peer.available():
+      spec = build_model(shape, "float32").spec
+      for batch in map(int, _BATCHES.value):
+        peer = torch_peer.generate_tokens_per_sec(spec, batch, _PROMPT.value, _NEW.value, repeats=_REPEATS.value)
+        peers[(shape, batch)] = peer
+        rows.append({"shape": shape, "format": "HF-PyTorch float32", "batch": batch, **peer})
+        print(f"{shape:<10} {'HF f32':<9} {batch:>5} {peer['tokens_per_s']:9,.0f} {peer['ttft_s'] * 1e3:8.1f}",
+              flush=True)
     for fmt in _FORMATS.value:
       model = build_model(shape, fmt).unstacked()  # per-layer weights once, as a server holds them (else every
       # generate call would slice the stacked weights again: 0.1-0.4 s of copies counted in its first token)
@@ -102,14 +118,18 @@ def main(argv):
         avg_context = _PROMPT.value + _NEW.value / 2
         bytes_per_step = weight_bytes + batch * avg_context * kv_bytes_per_token
         roofline = batch * bandwidth / bytes_per_step
+        peer = peers.get((shape, batch))
         row = {"shape": shape, "format": fmt, "batch": batch, "tokens_per_s": tokens_per_s, "ttft_s": ttft,
                "total_s": total, "weight_bytes": weight_bytes, "roofline_tokens_per_s": roofline,
-               "fraction_of_roofline": tokens_per_s / roofline}
+               "fraction_of_roofline": tokens_per_s / roofline,
+               "ratio_to_peer": tokens_per_s / peer["tokens_per_s"] if peer else None}
         rows.append(row)
+        ratio = f"{row['ratio_to_peer']:6.2f}x" if peer else ""
         print(f"{shape:<10} {fmt:<9} {batch:>5} {tokens_per_s:9,.0f} {ttft * 1e3:8.1f} {roofline:9,.0f} "
-              f"{row['fraction_of_roofline']:7.1%}", flush=True)
+              f"{row['fraction_of_roofline']:7.1%} {weight_bytes / 1e6:10.1f} {ratio:>7}", flush=True)
   with open(_OUT.value, "w", encoding="utf-8") as f:
-    json.dump({"device": device, "copy_bandwidth_bytes_per_s": bandwidth, "rows": rows}, f, indent=2)
+    json.dump({"cpu": cpu_description(), "device": device, "copy_bandwidth_bytes_per_s": bandwidth, "rows": rows}, f,
+              indent=2)
 
 
 if __name__ == "__main__":

@@ -61,3 +61,30 @@ def train_tokens_per_sec(spec, batch: int, seq_len: int, *, autocast_bf16: bool,
     times.append(time.perf_counter() - start)
   step_s = statistics.median(times)
   return {"tokens_per_sec": batch * seq_len / step_s, "step_time_s": step_s, "final_loss": loss}
+
+
+def generate_tokens_per_sec(spec, batch: int, prompt_len: int, new_tokens: int, *, repeats: int,
+                            threads: int = 2) -> dict:
+  """Greedy `GPT2LMHeadModel.generate` (KV cache, float32, exactly `new_tokens` new tokens) on random prompts of
+  `prompt_len` tokens: median tokens/s and time to first token. Returns {"tokens_per_s", "ttft_s"}."""
+  import torch
+
+  model = gpt2_model(spec, threads).eval()
+  ids = torch.from_numpy(np.random.default_rng(0).integers(1, spec.vocab_size, (batch, prompt_len)).astype(np.int64))
+  mask = torch.ones_like(ids)
+
+  def run(n):
+    with torch.inference_mode():
+      model.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False, use_cache=True,
+                     pad_token_id=0)
+
+  def median_seconds(n):
+    run(n)  # warm-up
+    times = []
+    for _ in range(repeats):
+      start = time.perf_counter()
+      run(n)
+      times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+  return {"tokens_per_s": batch * new_tokens / median_seconds(new_tokens), "ttft_s": median_seconds(1)}

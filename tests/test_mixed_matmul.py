@@ -44,4 +44,3 @@ def test_bf16_matmuls_train_like_float32_within_bf16_rounding(tie):
   np.testing.assert_allclose(got, want, rtol=1e-2)
   assert got != want  # the bf16 path really ran
   assert got[-1] < got[0]  # and it learns
-
