@@ -32,7 +32,8 @@ from train import allocator
 
 
 def perplexity(model, config, tokenizer, num_batches: int | None = None) -> dict[str, float]:
-  """`train.validation.validation_loss` of an NNX model (float or quantized) on the validation split of `config.data`."""
+  """`train.validation.validation_loss` of an NNX model (float or quantized) on the validation split of
+  `config.data`."""
   graphdef, state = nnx.split(model)
   source = data_lib.load_sources(config)["validation"]
   return validation.validation_loss(step_lib.jit_eval_step(graphdef), state, config, source, tokenizer, num_batches)

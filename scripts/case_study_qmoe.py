@@ -129,10 +129,10 @@ def run(workdir: str, out: str, *, calibration_samples: int = 128, eval_tokens: 
             "paper": PAPER}
   if gen_tokens:
     report["generation_tokens_per_s"] = {
-        "bf16-rounded float": _tokens_per_second(transformer.from_params(spec, _bf16(float_params)).unstacked(), tokenizer,
-                                                 gen_tokens),
-        "QMoE, decoded at load": _tokens_per_second(transformer.from_params(spec, reloaded_params).unstacked(), tokenizer,
-                                                    gen_tokens)}
+        "bf16-rounded float": _tokens_per_second(
+            transformer.from_params(spec, _bf16(float_params)).unstacked(), tokenizer, gen_tokens),
+        "QMoE, decoded at load": _tokens_per_second(
+            transformer.from_params(spec, reloaded_params).unstacked(), tokenizer, gen_tokens)}
     # the fused path decodes every expert row inside the Pallas kernel at each step (interpret mode on CPU)
     _, fused, _, _ = loading.load_trained(qdir, matmul_impl="pallas")
     report["generation_tokens_per_s"][f"QMoE, fused decode kernel ({jax.default_backend()}"

@@ -58,9 +58,9 @@ def test_a_rows_draw_depends_only_on_its_seed_and_counter():
   assert int(sample(logits[:1], counters=jnp.array([3], jnp.int32), **alone)[0]) == out[0]
 
 
-@pytest.mark.parametrize("bad,match", [(dict(max_tokens=0), "max_tokens=0"), (dict(temperature=-1.0), "temperature"),
-                                       (dict(top_k=-2), "top_k=-2"), (dict(top_p=0.0), r"top_p=0.0 must be in \(0, 1\]"),
-                                       (dict(seed=2**31), "seed")])
+@pytest.mark.parametrize("bad,match", [
+    (dict(max_tokens=0), "max_tokens=0"), (dict(temperature=-1.0), "temperature"), (dict(top_k=-2), "top_k=-2"),
+    (dict(top_p=0.0), r"top_p=0.0 must be in \(0, 1\]"), (dict(seed=2**31), "seed")])
 def test_bad_settings_are_refused_with_the_setting_named(bad, match):
   with pytest.raises(ValueError, match=match):
     SamplingParams(**bad).validate()

@@ -17,8 +17,9 @@ import os
 import sys
 
 ENV = "PEAKLLM_MALLOC"  # "system" keeps glibc's malloc
-_CANDIDATES = ("/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4", "/usr/lib/aarch64-linux-gnu/libtcmalloc_minimal.so.4",
-               "/usr/lib64/libtcmalloc_minimal.so.4", "/usr/lib/libtcmalloc_minimal.so.4")
+_CANDIDATES = ("/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4",
+               "/usr/lib/aarch64-linux-gnu/libtcmalloc_minimal.so.4", "/usr/lib64/libtcmalloc_minimal.so.4",
+               "/usr/lib/libtcmalloc_minimal.so.4")
 
 
 def find_tcmalloc() -> str | None:
