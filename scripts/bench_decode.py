@@ -98,7 +98,7 @@ def main(argv):
   peers = {}
   for shape in _SHAPES.value:
     if _PEER.value and torch_peer.available():
-      spec = build_model(shape, "float32").spec
+      spec = ModelSpec.from_config(importlib.import_module(f"configs.{shape}").get_config().model)
       for batch in map(int, _BATCHES.value):
         peer = torch_peer.generate_tokens_per_sec(spec, batch, _PROMPT.value, _NEW.value, repeats=_REPEATS.value)
         peers[(shape, batch)] = peer

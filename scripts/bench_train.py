@@ -27,6 +27,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from model import flops, sharding
+from model.transformer import ModelSpec
 from scripts import torch_peer
 from train import metrics
 from train import setup as setup_lib
@@ -159,7 +160,7 @@ def main(argv):
     rows.append(row)
     _print_row(row)
   if f.peer and torch_peer.available():
-    spec = setup_lib.build(config).spec
+    spec = ModelSpec.from_config(config.model)
     for autocast in (False, True):
       row = torch_peer.train_tokens_per_sec(spec, config.train.batch_size, config.data.seq_len, autocast_bf16=autocast,
                                             steps=f.steps, warmup=f.warmup)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import ml_collections
 
@@ -39,13 +40,25 @@ def checkpoint_dir(workdir: str) -> str:
   return os.path.join(os.path.abspath(workdir), CHECKPOINTS)
 
 
-def write_json(file_path: str, obj, **dump_kwargs) -> None:
-  """Writes `obj` as JSON atomically (a temporary file renamed into place), so a reader never sees half a file."""
+def write_atomically(file_path: str, write) -> None:
+  """Calls write(temporary path), then renames the temporary file into place, so a reader never sees half a file
+  and an interrupted write leaves the old one."""
   os.makedirs(os.path.dirname(file_path) or ".", exist_ok=True)
   tmp = f"{file_path}.tmp.{os.getpid()}"
-  with open(tmp, "w", encoding="utf-8") as f:
-    json.dump(obj, f, **dump_kwargs)
+  write(tmp)
   os.replace(tmp, file_path)
+
+
+def _write_text(file_path: str, text: str) -> None:
+  def write(tmp):
+    with open(tmp, "w", encoding="utf-8") as f:
+      f.write(text)
+  write_atomically(file_path, write)
+
+
+def write_json(file_path: str, obj, **dump_kwargs) -> None:
+  """Writes `obj` as JSON atomically."""
+  _write_text(file_path, json.dumps(obj, **dump_kwargs))
 
 
 def read_json(file_path: str):
@@ -55,12 +68,7 @@ def read_json(file_path: str):
 
 def write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
   """Writes the resolved config to DIR/config.json (atomically)."""
-  os.makedirs(workdir, exist_ok=True)
-  target = path(workdir, CONFIG)
-  tmp = f"{target}.tmp.{os.getpid()}"
-  with open(tmp, "w", encoding="utf-8") as f:
-    f.write(config.to_json_best_effort(indent=2))
-  os.replace(tmp, target)
+  _write_text(path(workdir, CONFIG), config.to_json_best_effort(indent=2))
 
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:
@@ -100,8 +108,4 @@ def copy_tokenizer(src_dir: str, dst_dir: str) -> None:
   for name in (TOKENIZER, TOKENIZER_CONFIG):
     src = path(src_dir, name)
     if os.path.isfile(src) and os.path.abspath(src) != os.path.abspath(path(dst_dir, name)):
-      os.makedirs(dst_dir, exist_ok=True)
-      tmp = f"{path(dst_dir, name)}.tmp.{os.getpid()}"
-      with open(src, "rb") as fin, open(tmp, "wb") as fout:
-        fout.write(fin.read())
-      os.replace(tmp, path(dst_dir, name))
+      write_atomically(path(dst_dir, name), lambda tmp, src=src: shutil.copyfile(src, tmp))

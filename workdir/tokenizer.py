@@ -51,11 +51,7 @@ def load_from(workdir: str) -> Tokenizer:
 
 def save(tok: Tokenizer, workdir: str) -> None:
   """Writes tok to DIR/tokenizer.json atomically (a temporary file renamed into place)."""
-  file_path = layout.path(workdir, layout.TOKENIZER)
-  os.makedirs(workdir, exist_ok=True)
-  tmp = f"{file_path}.tmp.{os.getpid()}"
-  tok.save(tmp)
-  os.replace(tmp, file_path)
+  layout.write_atomically(layout.path(workdir, layout.TOKENIZER), tok.save)
 
 
 def _special_id(tok: Tokenizer, token: str | None, what: str) -> int:
