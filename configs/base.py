@@ -12,8 +12,9 @@ FAMILIES = ("gpt", "llama")  # gpt: GPT-2/OPT (learned positions, LayerNorm, GEL
 DTYPES = ("float32", "bfloat16", "float16")
 REMAT_POLICIES = ("none", "full", "save_dots", "save_dots_no_batch", "save_attention_out")
 ATTENTION_IMPLS = ("xla", "pallas", "cudnn")  # reference jnp path, our Pallas flash kernel, cuDNN (NVIDIA GPUs)
-QUANT_MODES = ("none", "int8_weight", "w8a8")  # float, W8A16 weight-only, W8A8 with SmoothQuant
-MATMUL_IMPLS = ("xla", "pallas")
+QUANT_MODES = ("none", "int8_weight", "w8a8", "packed")  # float, W8A16, W8A8 (SmoothQuant), infer.compress codes
+MATMUL_IMPLS = ("auto", "xla", "pallas", "native")  # auto: native CPU kernels where built and suited, else XLA
+PACKED_BITS = (2, 3, 4, 8)
 OPTIMIZERS = ("adamw", "adafactor", "lion")
 MESH_AXES = ("data", "fsdp", "tensor", "pipeline", "expert")  # the same names as model/sharding.py
 SCHEDULES = ("cosine", "linear", "constant")
@@ -68,7 +69,9 @@ def get_config() -> ml_collections.ConfigDict:
   m.attention_impl = "xla"  # one of ATTENTION_IMPLS; kernels serve full-sequence causal attention, cache steps use xla
   m.init_std = 0.02  # normal init scale; residual output projections are scaled by 1/sqrt(2 * num_layers)
   m.quant = "none"  # one of QUANT_MODES; inference only, written by `python -m infer.quantize`
-  m.matmul_impl = "xla"  # one of MATMUL_IMPLS: how quantized matmuls run (XLA int8 dot or our Pallas kernels)
+  m.matmul_impl = "auto"  # one of MATMUL_IMPLS: how quantized matmuls run (model/quant.py)
+  m.quant_bits = 8  # quant=packed: bits per code, one of PACKED_BITS (set when a compressed workdir is loaded)
+  m.quant_group_size = 0  # quant=packed: inputs per scale/zero group (0: one group per output channel)
   m.num_experts = 0  # experts per MoE MLP (model/moe.py); 0 = a dense model
   m.experts_per_token = 1  # top-k routing: 1 = Switch, 2 = Mixtral
   m.expert_mlp_dim = 0  # hidden width of each expert; 0 means the dense mlp_dim rule
@@ -175,6 +178,8 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   _choice(config, "model.rope_scaling", ROPE_SCALINGS)
   _choice(config, "model.quant", QUANT_MODES)
   _choice(config, "model.matmul_impl", MATMUL_IMPLS)
+  if m.quant == "packed" and m.quant_bits not in PACKED_BITS:
+    _fail("model.quant_bits", m.quant_bits, f"allowed values are {PACKED_BITS}")
   _choice(config, "train.optimizer", OPTIMIZERS)
   _choice(config, "train.schedule", SCHEDULES)
   for key in ("model.vocab_size", "model.num_layers", "model.embed_dim", "model.num_heads", "model.max_len",
@@ -185,7 +190,8 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   for key in ("model.num_kv_heads", "model.head_dim", "model.mlp_dim", "train.warmup_steps", "train.weight_decay",
               "train.grad_clip", "train.z_loss", "train.eval_every", "data.num_workers", "train.peak_flops",
               "data.max_docs", "model.num_experts", "model.expert_mlp_dim", "model.capacity_factor",
-              "train.moe_aux_loss", "train.router_z_loss", "model.embed_proj_dim", "model.loss_chunk_tokens"):
+              "train.moe_aux_loss", "train.router_z_loss", "model.embed_proj_dim", "model.loss_chunk_tokens",
+              "model.quant_group_size"):
     _positive(config, key, zero_ok=True)
   if not m.head_dim and m.embed_dim % m.num_heads:
     _fail("model.num_heads", m.num_heads, f"must divide model.embed_dim={m.embed_dim} (or set model.head_dim)")

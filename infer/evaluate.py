@@ -23,6 +23,7 @@ from absl import app, flags
 from flax import nnx
 
 from infer import loading
+from model import quant
 from train import data as data_lib
 from train import step as step_lib
 from train import validation
@@ -116,6 +117,8 @@ def main(argv):
   except (FileNotFoundError, ValueError) as e:
     sys.exit(f"error: {e}")
   result.update(workdir=os.path.abspath(f.workdir), step=step, data=config.data.source, quant=config.model.quant)
+  print(loading.weights_note(model))
+  result["weight_bytes"] = quant.nbytes(nnx.state(model, nnx.Param))
   note = loading.compression_note(f.workdir)
   if note:
     print(note)

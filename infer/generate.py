@@ -21,6 +21,7 @@ import numpy as np
 from absl import app, flags
 from flax import nnx
 
+from configs import base
 from infer import loading
 from infer import sampling
 from infer.sampling import SamplingParams
@@ -151,7 +152,7 @@ def _define_flags():
   flags.DEFINE_float("top_p", None, "1 disables. Default: config.sample.top_p.")
   flags.DEFINE_integer("seed", 0, "Sampling seed.")
   flags.DEFINE_integer("step", None, "Checkpoint step to load (default: latest).")
-  flags.DEFINE_enum("matmul_impl", None, ["xla", "pallas"], "Override model.matmul_impl (pallas on a QMoE workdir: "
+  flags.DEFINE_enum("matmul_impl", None, list(base.MATMUL_IMPLS), "Override model.matmul_impl (pallas on a QMoE workdir: "
                     "experts decoded inside the fused kernel).")
   flags.mark_flag_as_required("workdir")
 
@@ -175,7 +176,7 @@ def main(argv):
   except ValueError as e:
     sys.exit(f"error: {e}")
   rows, stats = _timed_generate(args, kwargs, eos)
-  print(f"step {step} of {f.workdir}; {settings}")
+  print(f"step {step} of {f.workdir}; {loading.weights_note(model)}; {settings}")
   for prompt, row in zip(prompts, rows):
     print("-" * 80)
     print(prompt + decode_completion(tokenizer, row))

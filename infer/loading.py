@@ -1,7 +1,8 @@
 """Loads a workdir for inference: its config, the model with the latest (or a given) checkpoint, and its tokenizer.
 
 Trained runs, Hugging Face imports and int8 workdirs hold plain parameter checkpoints; compressed workdirs
-(`infer.compress`, QMoE) are read through `infer.compress.storage`.
+(`infer.compress`, QMoE) are read through `infer.compress.storage`: quantized codes are served as stored
+(`model.quant=packed`) where the packed kernels take them, else dequantized into the float model (the load says so).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from flax import nnx
 
 from infer.compress import storage
 from model import moe
+from model import quant
 from model import transformer
 from model.transformer import ModelSpec
 from workdir import checkpoint
@@ -20,12 +22,13 @@ from workdir import tokenizer as tokenizer_lib
 
 
 def load_trained(workdir: str, step: int | None = None, matmul_impl: str | None = None,
-                 attention_impl: str | None = None):
+                 attention_impl: str | None = None, dequantize: bool = False):
   """Returns (config, model, tokenizer, step) for the latest (or given) checkpoint of `workdir`.
 
   `matmul_impl` overrides the run's model.matmul_impl (`pallas` on a QMoE workdir decodes the experts inside the
   fused kernel during generation; the returned model is then unstacked and carries the coded weights);
-  `attention_impl` overrides model.attention_impl."""
+  `attention_impl` overrides model.attention_impl; `dequantize` loads a compressed workdir's codes into the float
+  model instead of serving them as stored (the reference the packed kernels are tested against)."""
   config = layout.load_config(workdir)
   if matmul_impl:
     config.model.matmul_impl = matmul_impl
@@ -33,7 +36,14 @@ def load_trained(workdir: str, step: int | None = None, matmul_impl: str | None 
     config.model.attention_impl = attention_impl
   spec = ModelSpec.from_config(config.model)
   abstract_params = jax.eval_shape(lambda: transformer.init_params(spec, 0))
-  if layout.is_compressed(workdir):  # infer.compress output: packed codes are dequantized into the float model
+  if layout.is_compressed(workdir):
+    meta = layout.read_json(layout.path(workdir, layout.COMPRESSION))
+    fields = None if dequantize else storage.packed_fields(meta, spec, abstract_params)
+    if fields:  # served as stored: uint8 codes plus scale and zero point, no float copy
+      config.model.update(fields)
+      spec = ModelSpec.from_config(config.model)
+      params, step = storage.load_packed(workdir, jax.eval_shape(lambda: transformer.init_params(spec, 0)), step)
+      return config, transformer.from_params(spec, params), tokenizer_lib.load_from(workdir), step
     params, step, meta = storage.load_params(workdir, abstract_params, step)
     model = transformer.from_params(spec, params)
     if "coded_arrays" in meta and spec.matmul_impl == "pallas":
@@ -56,6 +66,15 @@ def _attach_coded(model, meta: dict):
     coded["dictionary"] = tuple(jnp.asarray(a).astype(jnp.int32) for a in meta["dictionary_arrays"])
     model.blocks[unit].layers[layer].moe.coded = nnx.data(moe.CodedExperts(coded))
   return model
+
+
+def weights_note(model) -> str:
+  """One line on the weights a loaded model holds in memory: their format and resident bytes (what a decode step
+  reads)."""
+  spec = model.spec
+  fmt = {"none": spec.param_dtype, "int8_weight": "int8 W8A16", "w8a8": "int8 W8A8",
+         "packed": f"{spec.quant_bits}-bit codes (group {spec.quant_group_size or 'per channel'}) as stored"}[spec.quant]
+  return f"weights: {fmt}, {quant.nbytes(nnx.state(model, nnx.Param)) / 1e6:,.1f} MB resident"
 
 
 def compression_note(workdir: str) -> str | None:

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 from absl import app, flags
 from flax import nnx
 
+from configs import base
 from infer import evaluate, loading
 from model import quant, transformer
 from train import data as data_lib
@@ -27,7 +28,7 @@ from workdir import checkpoint as checkpoint_lib
 from workdir import layout
 
 def quantize_workdir(workdir: str, out: str, mode: str, *, alpha: float = 0.5, calibration_batches: int = 8,
-                     matmul_impl: str = "xla") -> dict:
+                     matmul_impl: str = "auto") -> dict:
   """Quantizes the latest checkpoint of `workdir` into the new workdir `out`; returns sizes and the config."""
   if os.path.exists(out) and os.listdir(out):  # refused before any work
     raise FileExistsError(f"--out={out} exists and is not empty; choose a new directory")
@@ -65,7 +66,7 @@ def _define_flags():
   flags.DEFINE_enum("mode", "int8_weight", ["int8_weight", "w8a8"], "W8A16 weight-only or W8A8 SmoothQuant.")
   flags.DEFINE_float("alpha", 0.5, "SmoothQuant migration strength (w8a8).")
   flags.DEFINE_integer("calibration_batches", 8, "Training batches for SmoothQuant statistics.")
-  flags.DEFINE_enum("matmul_impl", "xla", ["xla", "pallas"], "How the quantized model's matmuls run.")
+  flags.DEFINE_enum("matmul_impl", "auto", list(base.MATMUL_IMPLS), "How the quantized model's matmuls run.")
   flags.DEFINE_integer("eval_batches", None, "Validation batches for the perplexity comparison (0 skips).")
 
 

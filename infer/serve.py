@@ -16,6 +16,7 @@ import sys
 from absl import app, flags
 from aiohttp import web
 
+from configs import base
 from infer import loading
 from infer.engine import Engine
 from infer.scheduler import Scheduler
@@ -29,6 +30,7 @@ def build(workdir: str, *, slots: int = 8, page_size: int = 16, num_pages: int =
           matmul_impl: str | None = None, step: int | None = None) -> Server:
   """Loads `workdir` and wires engine, scheduler (started), metrics and server together."""
   _, model, tokenizer, _ = loading.load_trained(workdir, step, matmul_impl, attention_impl)
+  print(loading.weights_note(model), flush=True)
   engine = Engine(model, slots=slots, page_size=page_size, num_pages=num_pages or None,
                   prefill_chunk=prefill_chunk or None)
   scheduler = Scheduler(engine, lambda ids: tokenizer_lib.decode(tokenizer, ids), mode=mode, max_queue=max_queue)
@@ -81,7 +83,7 @@ def _define_flags():
   flags.DEFINE_integer("max_queue", 64, "Waiting requests beyond which the server answers 429.")
   flags.DEFINE_enum("mode", "continuous", ["continuous", "static"], "Batching mode.")
   flags.DEFINE_enum("attention_impl", None, ["xla", "pallas"], "Override model.attention_impl.")
-  flags.DEFINE_enum("matmul_impl", None, ["xla", "pallas"], "Override model.matmul_impl.")
+  flags.DEFINE_enum("matmul_impl", None, list(base.MATMUL_IMPLS), "Override model.matmul_impl.")
   flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
   flags.DEFINE_float("drain_timeout", 300.0, "Seconds to wait for requests in flight on SIGTERM.")
   flags.mark_flag_as_required("workdir")

@@ -9,7 +9,10 @@ stay float. `ModelSpec.quant` picks how activations meet those weights:
     (Xiao et al., 2023) first migrates activation outliers into the weights: for the matmuls that read a norm's
     output (q/k/v and the MLP input), s_j = max|X_j|^alpha / max|W_j|^(1 - alpha) per input channel j, W <- diag(s) W,
     and the norm's scale (and bias) <- / s, which leaves the float function unchanged.
-`ModelSpec.matmul_impl` runs the quantized matmuls with XLA's int8 dot (`xla`) or our Pallas kernels (`pallas`).
+  * `packed`: the b-bit codes of `infer.compress` (GPTQ, RTN, SparseGPT with quantization) served as stored: a uint8
+    code stream per weight beside float32 scale and zero point per (group, output); see `packed_matmul`.
+`ModelSpec.matmul_impl` runs the quantized matmuls with XLA (`xla`), our Pallas kernels (`pallas`), the native CPU
+kernels (`native`, model/kernels/cpu_native.py) or, by default, `auto`: native where built and suited, else XLA.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from flax import nnx
 
 from configs import base
 from model.attention import Visibility
+from model.kernels import cpu_native
 from model.kernels import int8_matmul as q8
 
 # (parent path, weight name, number of leading input axes after the "layers" axis); order is irrelevant.
@@ -35,35 +39,88 @@ SMOOTHED = {"attn_norm": (("attn", "wq"), ("attn", "wk"), ("attn", "wv")),
 
 # -- run time ----------------------------------------------------------------------------------------------------------
 
+NATIVE_MAX_ROWS = 16  # token rows up to which the native CPU kernels run; above (prefill), XLA dequantizes per call
 
-def _w8a16(x2, w2, s, pallas: bool):
+
+def _w8a16(x2, w2, s, impl: str, transposed: bool):
   """Weight-only: activations stay in the compute dtype, weights are dequantized inside the matmul."""
-  if pallas:
+  if impl == "native":
+    return cpu_native.matmul_nk(x2, w2, s) if transposed else cpu_native.matmul_kn(x2, w2, s)
+  w2 = w2.T if transposed else w2
+  if impl == "pallas":
     return q8.w8a16_matmul(x2, w2, s).astype(jnp.float32)
   return jax.lax.dot_general(x2, w2.astype(x2.dtype), (((1,), (0,)), ((), ())),
                              preferred_element_type=jnp.float32) * s[None, :]
 
 
-def _w8a8(x2, w2, s, pallas: bool):
+def _w8a8(x2, w2, s, impl: str, transposed: bool):
   """Activations quantized per token at run time: int8 x int8 -> int32, then both scales."""
   x_q, x_scale = q8.quantize_per_token(x2)
-  return q8.w8a8_matmul(x_q, x_scale, w2, s) if pallas else q8.w8a8_reference(x_q, x_scale, w2, s)
+  if impl == "native":
+    return (cpu_native.matmul_nk_i8x if transposed else cpu_native.matmul_kn_i8x)(x_q, x_scale, w2, s)
+  w2 = w2.T if transposed else w2
+  return q8.w8a8_matmul(x_q, x_scale, w2, s) if impl == "pallas" else q8.w8a8_reference(x_q, x_scale, w2, s)
 
 
-MATMULS = {"int8_weight": _w8a16, "w8a8": _w8a8}  # model.quant -> its matmul (every mode but "none")
-base.check_implemented("model.quant", tuple(m for m in base.QUANT_MODES if m != "none"), MATMULS)
+MATMULS = {"int8_weight": _w8a16, "w8a8": _w8a8}  # int8 modes of model.quant -> their matmul ("packed" below)
+base.check_implemented("model.quant", tuple(m for m in base.QUANT_MODES if m not in ("none", "packed")), MATMULS)
 
 
-def quantized_matmul(spec, x: jax.Array, w_q: jax.Array, scale: jax.Array, n_in: int) -> jax.Array:
-  """x [..., *in] float @ w_q [*in, *out] int8 with per-output scales [*out] -> [..., *out] float32, in the
-  format of `spec.quant`, with XLA or the Pallas kernels per `spec.matmul_impl`."""
+def resolve_impl(spec, rows: int, n: int, k: int, transposed: bool = False) -> str:
+  """The implementation one quantized matmul of `rows` token rows, k inputs and n outputs runs with: `spec.matmul_impl`,
+  where `auto` means the native CPU kernels when they are built here and the shape suits them (n a multiple of 64,
+  at most NATIVE_MAX_ROWS rows), else XLA. `native` falls back to XLA for the shapes it does not take."""
+  impl = spec.matmul_impl
+  if impl == "pallas" and spec.quant == "packed":
+    impl = "auto"  # no Pallas kernel for packed codes
+  if impl == "native":
+    cpu_native.require()
+  elif impl != "auto":
+    return impl
+  elif not cpu_native.available():
+    return "xla"
+  fits = cpu_native.supports_nk(k) if transposed else cpu_native.supports_kn(n)
+  return "native" if fits and rows <= NATIVE_MAX_ROWS else "xla"
+
+
+def quantized_matmul(spec, x: jax.Array, w_q: jax.Array, scale: jax.Array, n_in: int,
+                     transposed: bool = False) -> jax.Array:
+  """x [..., *in] float @ w_q [*in, *out] int8 with per-output scales [*out] -> [..., *out] float32, in the format
+  of `spec.quant`, run by `resolve_impl`. `transposed`: w_q is [out, in] (n_in 1), a tied embedding as the head.
+  For `quant=packed`, w_q is the uint8 code stream and scale is [2, groups, *out] (scale, zero point); see
+  `packed_matmul`."""
+  if spec.quant == "packed":
+    return packed_matmul(spec, x, w_q, scale, n_in)
   if spec.quant not in MATMULS:
-    raise ValueError(f"quantized_matmul called with model.quant={spec.quant!r}; expected one of {sorted(MATMULS)}")
-  in_shape, out_shape = w_q.shape[:n_in], w_q.shape[n_in:]
+    raise ValueError(f"quantized_matmul called with model.quant={spec.quant!r}; expected one of "
+                     f"{sorted(MATMULS) + ['packed']}")
+  in_shape, out_shape = ((w_q.shape[1:], w_q.shape[:1]) if transposed else (w_q.shape[:n_in], w_q.shape[n_in:]))
   k, n = int(np.prod(in_shape)), int(np.prod(out_shape))
   lead = x.shape[:x.ndim - n_in]
-  x2, w2, s = x.reshape(-1, k), w_q.reshape(k, n), scale.reshape(n).astype(jnp.float32)
-  y = MATMULS[spec.quant](x2, w2, s, spec.matmul_impl == "pallas")
+  x2, s = x.reshape(-1, k), scale.reshape(n).astype(jnp.float32)
+  w2 = w_q.reshape(n, k) if transposed else w_q.reshape(k, n)
+  impl = resolve_impl(spec, x2.shape[0], n, k, transposed)
+  y = MATMULS[spec.quant](x2.astype(jnp.float32) if impl == "native" else x2, w2, s, impl, transposed)
+  return y.reshape(*lead, *out_shape)
+
+
+def packed_matmul(spec, x: jax.Array, codes: jax.Array, scale_zero: jax.Array, n_in: int) -> jax.Array:
+  """x [..., *in] @ a packed weight -> [..., *out] float32. codes: uint8 [k * n * bits / 8] in
+  `cpu_native.to_kernel_layout`; scale_zero: float32 [2, k / group, *out], the weight is
+  scale * (code - zero) per (group, output). The native kernel reads the codes as they are; the XLA path unpacks
+  them into a float temporary inside the call (prefill, or where the kernel is not built)."""
+  groups, out_shape = scale_zero.shape[1], scale_zero.shape[2:]
+  n = int(np.prod(out_shape))
+  k = int(np.prod(x.shape[x.ndim - n_in:]))
+  lead = x.shape[:x.ndim - n_in]
+  x2 = x.reshape(-1, k).astype(jnp.float32)
+  scale, zero = scale_zero[0].reshape(groups, n), scale_zero[1].reshape(groups, n)
+  if resolve_impl(spec, x2.shape[0], n, k) == "native":
+    y = cpu_native.matmul_packed(x2, codes, scale, zero, spec.quant_bits)
+  else:
+    w = cpu_native.from_kernel_layout(codes, spec.quant_bits, k, n).astype(jnp.float32)
+    w = (jnp.repeat(scale, k // groups, axis=0) * (w - jnp.repeat(zero, k // groups, axis=0)))
+    y = jnp.dot(x2, w, preferred_element_type=jnp.float32)
   return y.reshape(*lead, *out_shape)
 
 

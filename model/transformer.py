@@ -64,8 +64,10 @@ class ModelSpec:
   scan_layers: bool = True
   attention_impl: str = "xla"
   init_std: float = 0.02
-  quant: str = "none"  # "none" | "int8_weight" (W8A16) | "w8a8" (SmoothQuant); set by infer/quantize.py
-  matmul_impl: str = "xla"  # "xla" | "pallas": how quantized matmuls run
+  quant: str = "none"  # "none" | "int8_weight" (W8A16) | "w8a8" (SmoothQuant) | "packed" (infer.compress codes)
+  matmul_impl: str = "auto"  # "auto" | "xla" | "pallas" | "native": how quantized matmuls run (model/quant.py)
+  quant_bits: int = 8  # quant=packed: bits per code
+  quant_group_size: int = 0  # quant=packed: inputs per scale/zero group (0: all inputs)
   num_experts: int = 0  # 0: dense MLPs; > 0: every moe_every-th block has a mixture-of-experts MLP (model/moe.py)
   experts_per_token: int = 1
   expert_mlp_dim: int = 0
@@ -92,6 +94,7 @@ class ModelSpec:
                param_dtype=m.param_dtype, dtype=m.dtype, matmul_dtype=m.matmul_dtype, remat=m.remat,
                pipeline_microbatches=m.pipeline_microbatches, scan_layers=m.scan_layers,
                attention_impl=m.attention_impl, init_std=m.init_std, quant=m.quant, matmul_impl=m.matmul_impl,
+               quant_bits=m.quant_bits, quant_group_size=m.quant_group_size,
                num_experts=m.num_experts, experts_per_token=m.experts_per_token,
                expert_mlp_dim=m.expert_mlp_dim or base.mlp_dim(m), moe_every=m.moe_every,
                capacity_factor=m.capacity_factor, moe_renormalize=m.moe_renormalize, mlp_bias=base.mlp_bias(m),
@@ -150,25 +153,35 @@ def _param(rngs: nnx.Rngs, shape, names, dtype, std: float | None) -> nnx.Param:
   return nnx.Param(value, logical_axes=tuple(names))
 
 
-def _weight(spec: ModelSpec, rngs: nnx.Rngs, shape, names, std: float, n_in: int = 1, scale_axes=None):
-  """A matmul weight whose first `n_in` axes are inputs: (float Param, None), or for quantized specs (int8 Param,
-  float32 scale Param over `scale_axes`, default the output axes shape[n_in:]) to be filled by `model.quant`."""
-  if spec.quant == "none":
+def _weight(spec: ModelSpec, rngs: nnx.Rngs, shape, names, std: float, n_in: int = 1, scale_axes=None,
+            block: bool = True):
+  """A matmul weight whose first `n_in` axes are inputs: (float Param, None), or for quantized specs the stored form
+  to be filled by `model.quant` or the compressed-workdir loader:
+    * int8 formats: (int8 Param, float32 scale Param over `scale_axes`, default the output axes shape[n_in:]);
+    * `packed` (block weights only; embeddings and head stay float): (uint8 code stream Param
+      [k * n * bits / 8], float32 Param [2, groups, *out] holding scale and zero point)."""
+  if spec.quant == "none" or (spec.quant == "packed" and not block):
     return _param(rngs, shape, names, spec.weight_dtype, std), None
+  if spec.quant == "packed":
+    k, out = math.prod(shape[:n_in]), tuple(shape[n_in:])
+    groups = k // spec.quant_group_size if spec.quant_group_size else 1
+    return (nnx.Param(jnp.zeros((k * math.prod(out) * spec.quant_bits // 8,), jnp.uint8), logical_axes=(None,)),
+            nnx.Param(jnp.ones((2, groups) + out, jnp.float32), logical_axes=(None, None) + tuple(names[n_in:])))
   scale_axes = tuple(range(n_in, len(shape))) if scale_axes is None else scale_axes
   return (nnx.Param(jnp.zeros(shape, jnp.int8), logical_axes=tuple(names)),
           nnx.Param(jnp.ones(tuple(shape[a] for a in scale_axes), jnp.float32),
                     logical_axes=tuple(names[a] for a in scale_axes)))
 
 
-def _matmul(spec: ModelSpec, x: jax.Array, w, scale: nnx.Param | None = None, n_in: int = 1) -> jax.Array:
+def _matmul(spec: ModelSpec, x: jax.Array, w, scale: nnx.Param | None = None, n_in: int = 1,
+            transposed: bool = False) -> jax.Array:
   """Contracts x's last `n_in` axes with w's first `n_in` axes in the compute dtype with float32 accumulation.
 
-  x [..., *in], w [*in, *out] -> [..., *out] in the compute dtype. Quantized weights (int8 + `scale`) run through
-  `model.quant.quantized_matmul` (W8A16 or W8A8, XLA or Pallas per the spec)."""
+  x [..., *in], w [*in, *out] -> [..., *out] in the compute dtype. Quantized weights (int8 or packed codes with their
+  `scale`) run through `model.quant.quantized_matmul`; `transposed` (quantized only): w is [out, in]."""
   dt = spec.compute_dtype
   if scale is not None:
-    return quant.quantized_matmul(spec, x.astype(dt), w[...], scale[...], n_in).astype(dt)
+    return quant.quantized_matmul(spec, x.astype(dt), w[...], scale[...], n_in, transposed).astype(dt)
   if spec.mixed_matmuls:
     w = w[...]
     k = math.prod(w.shape[:n_in])
@@ -395,7 +408,7 @@ class Transformer(nnx.Module):
     # Quantized: int8 rows with one scale per vocabulary entry, which is also the tied head's per-output scale.
     token_dim = spec.embed_proj_dim or spec.embed_dim
     self.embed, self.embed_scale = _weight(spec, rngs, (spec.vocab_size, token_dim), ("vocab", "embed"),
-                                           spec.init_std, scale_axes=(0,))
+                                           spec.init_std, scale_axes=(0,), block=False)
     projected = spec.embed_proj_dim not in (0, spec.embed_dim)  # OPT-350m: tokens live in a narrower space
     self.project_in = _param(rngs, (token_dim, spec.embed_dim), (None, "embed"), dt, spec.init_std) if projected else None
     self.project_out = _param(rngs, (spec.embed_dim, token_dim), ("embed", None), dt, spec.init_std) if projected else None
@@ -415,7 +428,7 @@ class Transformer(nnx.Module):
     self.final_norm = Norm(spec, rngs) if spec.norm_position == "pre" else None
     self.head, self.head_scale = ((None, None) if spec.tie_embeddings else
                                   _weight(spec, rngs, (token_dim, spec.vocab_size), ("embed", "vocab"),
-                                          spec.init_std))
+                                          spec.init_std, block=False))
 
   # -- public API -------------------------------------------------------------------------------------------------
 
@@ -554,7 +567,7 @@ class Transformer(nnx.Module):
     elif self.head is not None:
       logits = jnp.einsum("bld,dv->blv", x, self.head[...].astype(x.dtype), preferred_element_type=jnp.float32)
     elif self.embed_scale is not None:
-      logits = _matmul(spec, x, self.embed[...].T, self.embed_scale).astype(jnp.float32)
+      logits = _matmul(spec, x, self.embed, self.embed_scale, transposed=True).astype(jnp.float32)
     elif spec.mixed_matmuls:  # tied head: x [.., D] against the embedding rows [V, D]
       flat = mixed_matmul.matmul(x.reshape(-1, x.shape[-1]), self.embed[...], spec.matmul_dtype, True)
       logits = flat.reshape(*x.shape[:-1], flat.shape[-1])

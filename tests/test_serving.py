@@ -96,16 +96,25 @@ def test_engine_greedy_under_load_equals_generate_alone_and_frees_every_page(tin
   assert engine.free_pages == engine.num_pages - 1 and engine.active_slots == 0
 
 
-@pytest.mark.parametrize("kind", ["int8_weight", "moe"])
-def test_engine_serves_int8_and_moe_checkpoints_like_generate(kind, tiny_run, tiny_moe_run, tmp_path):
+@pytest.mark.parametrize("kind", ["int8_weight", "moe", "gptq4"])
+def test_engine_serves_int8_moe_and_packed_checkpoints_like_generate(kind, tiny_run, tiny_moe_run, tmp_path):
+  from configs import compress as compress_config
+  from infer.compress import pipeline as compress
   from infer.quantize import quantize_workdir
 
   if kind == "moe":
     workdir = tiny_moe_run[0]
+  elif kind == "gptq4":  # 4-bit codes served as stored (model.quant=packed)
+    workdir = str(tmp_path / kind)
+    config, model, tokenizer, step = loading.load_trained(tiny_run[0])
+    c = compress_config.get_config()
+    c.update(method="gptq", bits=4, group_size=32, calibration_samples=4, calibration_len=32)
+    compress.compress_workdir(config, model, tokenizer, step, c, source_workdir=tiny_run[0], out=workdir)
   else:
     workdir = str(tmp_path / kind)
     quantize_workdir(tiny_run[0], workdir, kind, calibration_batches=1)
   _, model, _, _ = loading.load_trained(workdir)
+  assert model.spec.quant == {"moe": "none", "gptq4": "packed"}.get(kind, kind)
   prompts = _prompts(model.spec.vocab_size, [7, 21, 3], seed=1)
   engine = Engine(model, slots=2, prefill_chunk=16)
   outputs, _ = _drive(engine, prompts, [SamplingParams(max_tokens=9)] * 3)

@@ -4,7 +4,9 @@ Layout: config.json and tokenizer.json (as written by training), compression.jso
 compressed weight per layer, bits per weight, time) and an orbax checkpoint {step, params, packed}. Quantized weights
 are stored packed: their integer codes bit-packed at `bits` per weight (uint8 stream), beside float32 scales and
 uint8 zero points per (layer, group, output). Pruned weights are stored dense with their zeros (the mask is w == 0).
-Loading unpacks and dequantizes into the float model, which then runs as usual. QMoE workdirs (`save_qmoe`) store
+`load_packed` serves quantized weights as stored (`model.quant=packed`: the codes re-laid out for the kernels, never a
+float copy); `load_params` unpacks and dequantizes into the float model instead (methods that do not quantize, QMoE,
+or shapes the packed kernels do not take). QMoE workdirs (`save_qmoe`) store
 expert weights as dictionary-coded ternary streams instead (see `infer/compress/qmoe.py`).
 """
 
@@ -18,6 +20,8 @@ import numpy as np
 
 from infer.compress import qmoe, ternary_code
 from infer.compress.result import Compressed
+from model import quant
+from model.kernels import cpu_native
 from workdir import checkpoint as checkpoint_lib
 from workdir import layout
 
@@ -74,18 +78,62 @@ def save(out: str, *, config, source_workdir: str, step: int, params: dict,
   return meta
 
 
+def _restore(workdir: str, meta: dict, abstract_params: dict, step: int | None, suffixes=("",)) -> tuple[dict, int]:
+  """The checkpoint of a packed compressed workdir: {"params": the parameters other than the packed weights (and,
+  per `suffixes`, their companions such as "_scale"), "packed": codes, scale, zero per packed weight}."""
+  abstract = jax.tree.map(lambda x: x, abstract_params)
+  for path in meta["packed"]:
+    parent, name = path.split("/")
+    for suffix in suffixes:
+      del abstract["blocks"][parent][name + suffix]
+  target = {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": abstract, "packed": _packed_abstract(meta)}
+  return checkpoint_lib.restore_state(workdir, target, step)
+
+
+def packed_fields(meta: dict, spec, abstract_params: dict) -> dict | None:
+  """The ModelSpec fields that serve this compressed workdir's weights as stored ({"quant": "packed", "quant_bits",
+  "quant_group_size"}) of the float model `spec` with parameters `abstract_params`, or None when that is not
+  possible: no quantized weights, QMoE, an MoE model, a block weight
+  left float, bits or group sizes that differ between weights, or an output size not a multiple of 64."""
+  packed = meta.get("packed") or {}
+  if not packed or "qmoe" in meta or spec.num_experts:
+    return None
+  blocks = abstract_params["blocks"]
+  present = {f"{parent[0]}/{name}" for parent, name, _ in quant.BLOCK_WEIGHTS if name in blocks[parent[0]]}
+  bits = {p["bits"] for p in packed.values()}
+  groups = {p["group_size"] or 0 for p in packed.values()}
+  if (set(packed) != present or len(bits) != 1 or len(groups) != 1 or next(iter(bits)) not in cpu_native.PACKED_BITS
+      or any(not cpu_native.supports_kn(p["out"]) for p in packed.values())):
+    return None
+  group = next(iter(groups))
+  return {"quant": "packed", "quant_bits": next(iter(bits)), "quant_group_size": 0 if group in (0, None) else group}
+
+
+def load_packed(workdir: str, abstract_params: dict, step: int | None = None) -> tuple[dict, int]:
+  """(params, step) of a compressed workdir for the packed spec of `packed_fields`; `abstract_params` is that spec's
+  parameter tree. Each quantized weight becomes its codes in `cpu_native.to_kernel_layout` [layers, k * n * bits / 8]
+  (uint8, the stored size) and float32 [layers, 2, groups, *out] (scale, zero point)."""
+  meta = layout.read_json(layout.path(workdir, layout.COMPRESSION))
+  state, step = _restore(workdir, meta, abstract_params, step, suffixes=("", "_scale"))
+  params = state["params"]
+  for path, p in meta["packed"].items():
+    parent, name = path.split("/")
+    stored = state["packed"][path]
+    codes = unpack_codes(np.asarray(stored["codes"]), p["bits"], (p["layers"], p["in"], p["out"]))
+    params["blocks"][parent][name] = jnp.asarray(cpu_native.to_kernel_layout(codes, p["bits"]))
+    out_shape = tuple(abstract_params["blocks"][parent][name + "_scale"].shape[3:])
+    grid = np.stack([np.asarray(stored["scale"], np.float32), np.asarray(stored["zero"], np.float32)], axis=1)
+    params["blocks"][parent][name + "_scale"] = jnp.asarray(grid.reshape(grid.shape[:3] + out_shape))
+  return params, step
+
+
 def load_params(workdir: str, abstract_params: dict, step: int | None = None) -> tuple[dict, int, dict]:
   """(float params with dequantized weights, step, metadata) of a compressed workdir; `abstract_params` is the
   float model's parameter tree (ShapeDtypeStructs)."""
   meta = layout.read_json(layout.path(workdir, layout.COMPRESSION))
   if "qmoe" in meta:
     return _load_qmoe(workdir, meta, abstract_params, step)
-  abstract = jax.tree.map(lambda x: x, abstract_params)
-  for path in meta["packed"]:
-    parent, name = path.split("/")
-    del abstract["blocks"][parent][name]
-  target = {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": abstract, "packed": _packed_abstract(meta)}
-  state, step = checkpoint_lib.restore_state(workdir, target, step)
+  state, step = _restore(workdir, meta, abstract_params, step)
   params = state["params"]
   for path, p in meta["packed"].items():
     parent, name = path.split("/")

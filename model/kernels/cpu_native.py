@@ -1,0 +1,194 @@
+"""CPU kernels for quantized decoding: `cpu/quant_matmul.cc`, built once per machine and called through the XLA FFI.
+
+Why native code: XLA's CPU backend widens int8 or 4-bit weights into a float copy in a separate pass before every dot
+(docs/performance.md), and Pallas kernels only interpret on CPU. These kernels read the weights as stored, widen them
+in registers and split the output columns over XLA's intra-op thread pool, so a batch-1 decode step reads each weight
+byte once. They need a C++17 compiler (`$CXX`, default `g++`); the library is compiled with `-march=native` into
+`$PEAKLLM_CACHE` (default ~/.cache/peakllm)/native, keyed by the source, the compiler, the CPU's flags and jaxlib.
+Without a compiler, `available()` is False and `model.matmul_impl=auto` runs the XLA path; `PEAKLLM_NATIVE=0` turns
+the kernels off.
+
+Layouts (per weight, x [m, k] -> y [m, n], n a multiple of 64):
+  * int8 [k, n] with scale [n] (W8A16: float x; W8A8: int8 x with per-row scale, int32 sums): `matmul_kn*`.
+  * int8 [n, k] rows (a tied embedding used as the head): `matmul_nk*`.
+  * packed unsigned b-bit codes (b in 2, 3, 4, 8) [k, n] in the serving layout of `to_kernel_layout`, with scale and
+    zero point [k / group, n]: `matmul_packed`. The weight is scale * (code - zero), as `infer.compress` stores it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import pathlib
+import subprocess
+import tempfile
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+SOURCE = pathlib.Path(__file__).with_name("cpu") / "quant_matmul.cc"
+TILE = 64  # output columns per register tile: n must be a multiple
+PACKED_BITS = (2, 3, 4, 8)
+_TARGETS = {"PeakllmQmmKn": "qmm_kn", "PeakllmQmmKnI8x": "qmm_kn_i8x", "PeakllmQmmNk": "qmm_nk",
+            "PeakllmQmmNkI8x": "qmm_nk_i8x"}
+
+
+class NativeUnavailable(RuntimeError):
+  """The kernels cannot be built or loaded here (the message says why)."""
+
+
+def _cpu_flags() -> str:
+  try:
+    with open("/proc/cpuinfo", encoding="utf-8") as f:
+      return next((line for line in f if line.startswith("flags")), "")
+  except OSError:
+    return ""
+
+
+def _library_path(compiler: str, version: str) -> pathlib.Path:
+  import jaxlib  # the FFI headers and ABI come with jaxlib
+  key = hashlib.sha256("\n".join([SOURCE.read_text(), compiler, version, _cpu_flags(), jaxlib.__version__]).encode())
+  cache = pathlib.Path(os.environ.get("PEAKLLM_CACHE", pathlib.Path.home() / ".cache" / "peakllm")) / "native"
+  return cache / f"quant_matmul-{key.hexdigest()[:16]}.so"
+
+
+@functools.cache
+def _library() -> ctypes.CDLL:
+  if os.environ.get("PEAKLLM_NATIVE", "1") == "0":
+    raise NativeUnavailable("PEAKLLM_NATIVE=0")
+  compiler = os.environ.get("CXX", "g++")
+  try:
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
+  except (OSError, subprocess.CalledProcessError) as e:
+    raise NativeUnavailable(f"no C++ compiler ({compiler}: {e}); install g++ or set $CXX") from e
+  path = _library_path(compiler, version)
+  if not path.exists():
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+      out = pathlib.Path(tmp) / path.name
+      cmd = [compiler, "-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w", f"-I{jax.ffi.include_dir()}",
+             str(SOURCE), "-o", str(out)]
+      done = subprocess.run(cmd, capture_output=True, text=True)
+      if done.returncode != 0:
+        raise NativeUnavailable(f"compiling {SOURCE.name} failed:\n{done.stderr[-2000:]}")
+      os.replace(out, path)  # atomic: concurrent builders race harmlessly
+  lib = ctypes.cdll.LoadLibrary(str(path))
+  for symbol in _TARGETS:
+    jax.ffi.register_ffi_target(symbol, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
+  return lib
+
+
+def unavailable_reason() -> str | None:
+  """None when the kernels are built and registered, else why not."""
+  try:
+    _library()
+    return None
+  except NativeUnavailable as e:
+    return str(e)
+
+
+def available() -> bool:
+  """True when the default backend is the CPU and the kernels are built and registered."""
+  return jax.default_backend() == "cpu" and unavailable_reason() is None
+
+
+def require() -> None:
+  """Raises NativeUnavailable (with the reason) unless `available()`."""
+  if jax.default_backend() != "cpu":
+    raise NativeUnavailable(f"model.matmul_impl=native runs on CPU only; the default backend is {jax.default_backend()}")
+  reason = unavailable_reason()
+  if reason:
+    raise NativeUnavailable(f"model.matmul_impl=native: {reason}")
+
+
+def supports_kn(n: int) -> bool:
+  return n % TILE == 0
+
+
+def supports_nk(k: int) -> bool:
+  return k % 16 == 0
+
+
+def _call(target: str, m: int, n: int, *args, **attrs):
+  _library()
+  return jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((m, n), jnp.float32))(*args, **attrs)
+
+
+def matmul_kn(x: jax.Array, w: jax.Array, scale: jax.Array) -> jax.Array:
+  """x [m, k] float32 @ (w [k, n] int8 * scale [n]) -> [m, n] float32."""
+  k, n = w.shape
+  s = scale.reshape(1, n).astype(jnp.float32)
+  return _call("PeakllmQmmKn", x.shape[0], n, x.astype(jnp.float32), w, s, s, bits=np.int64(8), group=np.int64(k),
+               signed_codes=True)
+
+
+def matmul_kn_i8x(x_q: jax.Array, x_scale: jax.Array, w: jax.Array, scale: jax.Array) -> jax.Array:
+  """(x_q [m, k] int8 * x_scale [m, 1]) @ (w [k, n] int8 * scale [n]) -> [m, n] float32, int32 sums."""
+  return _call("PeakllmQmmKnI8x", x_q.shape[0], w.shape[1], x_q, x_scale.reshape(-1).astype(jnp.float32), w,
+               scale.astype(jnp.float32))
+
+
+def matmul_nk(x: jax.Array, w: jax.Array, scale: jax.Array) -> jax.Array:
+  """x [m, k] float32 @ (w [n, k] int8 * scale [n, None]).T -> [m, n] float32."""
+  return _call("PeakllmQmmNk", x.shape[0], w.shape[0], x.astype(jnp.float32), w, scale.astype(jnp.float32))
+
+
+def matmul_nk_i8x(x_q: jax.Array, x_scale: jax.Array, w: jax.Array, scale: jax.Array) -> jax.Array:
+  """(x_q [m, k] int8 * x_scale [m, 1]) @ (w [n, k] int8 * scale [n, None]).T -> [m, n] float32."""
+  return _call("PeakllmQmmNkI8x", x_q.shape[0], w.shape[0], x_q, x_scale.reshape(-1).astype(jnp.float32), w,
+               scale.astype(jnp.float32))
+
+
+def matmul_packed(x: jax.Array, codes: jax.Array, scale: jax.Array, zero: jax.Array, bits: int) -> jax.Array:
+  """x [m, k] float32 @ W -> [m, n] float32, W[kk, c] = scale[g, c] * (code[kk, c] - zero[g, c]) with g = kk // group;
+  codes: uint8 [k * n * bits / 8] in the layout of `to_kernel_layout`, scale and zero float32 [k / group, n]."""
+  groups, n = scale.shape
+  k = x.shape[1]
+  return _call("PeakllmQmmKn", x.shape[0], n, x.astype(jnp.float32), codes, scale.astype(jnp.float32),
+               zero.astype(jnp.float32), bits=np.int64(bits), group=np.int64(k // groups), signed_codes=False)
+
+
+# -- the serving layout of packed codes -------------------------------------------------------------------------------
+
+
+def to_kernel_layout(codes: np.ndarray, bits: int) -> np.ndarray:
+  """Unsigned codes [..., k, n] (n a multiple of 64) -> uint8 [..., k * n * bits / 8]: row-major, and within each
+  64-column tile of a row, 8 bits: the codes in order; 4 bits: byte t holds column t (high nibble) and t + 32;
+  2 bits: byte t holds columns t, t + 16, t + 32, t + 48 from the high bits down; 3 bits: 8 codes in 3 bytes, most
+  significant first (the bit stream of `infer.compress.storage.pack_codes`)."""
+  if bits not in PACKED_BITS:
+    raise ValueError(f"bits={bits}: the packed kernels take {PACKED_BITS}")
+  c = np.asarray(codes, np.uint8)
+  lead, (k, n) = c.shape[:-2], c.shape[-2:]
+  if n % TILE:
+    raise ValueError(f"the packed layout needs the output size ({n}) to be a multiple of {TILE}")
+  t = c.reshape(*lead, k, n // TILE, TILE)
+  if bits == 8:
+    out = t
+  elif bits == 4:
+    out = (t[..., :32] << 4) | t[..., 32:]
+  elif bits == 2:
+    out = (t[..., :16] << 6) | (t[..., 16:32] << 4) | (t[..., 32:48] << 2) | t[..., 48:]
+  else:
+    bitstream = np.unpackbits(c.reshape(*lead, k * n, 1), axis=-1)[..., 5:]
+    out = np.packbits(bitstream.reshape(*lead, -1), axis=-1)
+  return np.ascontiguousarray(out).reshape(*lead, k * n * bits // 8)
+
+
+def from_kernel_layout(packed: jax.Array, bits: int, k: int, n: int) -> jax.Array:
+  """Inverse of `to_kernel_layout` for one weight, in jnp (the XLA path): uint8 [k * n * bits / 8] -> int32 [k, n]."""
+  b = packed.astype(jnp.int32)
+  if bits == 8:
+    return b.reshape(k, n)
+  if bits == 4:
+    t = b.reshape(k, n // TILE, TILE // 2)
+    return jnp.concatenate([t >> 4, t & 15], axis=-1).reshape(k, n)
+  if bits == 2:
+    t = b.reshape(k, n // TILE, TILE // 4)
+    return jnp.concatenate([(t >> s) & 3 for s in (6, 4, 2, 0)], axis=-1).reshape(k, n)
+  t = b.reshape(k * n // 8, 3)
+  v = (t[:, 0] << 16) | (t[:, 1] << 8) | t[:, 2]
+  return jnp.stack([(v >> (21 - 3 * j)) & 7 for j in range(8)], axis=-1).reshape(k, n)

@@ -1,0 +1,149 @@
+"""Native CPU kernels (model/kernels/cpu_native.py) against plain references, and quantized models served through
+them: int8 (W8A16, W8A8) and the packed codes of compressed workdirs, in `generate`, `evaluate` and the engine."""
+
+import dataclasses
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from model import quant, transformer
+from model.kernels import cpu_native
+from model.transformer import ModelSpec
+
+REASON = cpu_native.unavailable_reason()
+SPEC = ModelSpec(family="gpt", vocab_size=256, num_layers=2, embed_dim=64, num_heads=4, num_kv_heads=4, head_dim=16,
+                 mlp_dim=128, max_len=64, init_std=0.1)
+# CI sets PEAKLLM_REQUIRE_NATIVE=1 so that a missing compiler fails instead of skipping.
+pytestmark = pytest.mark.skipif(REASON is not None and not os.environ.get("PEAKLLM_REQUIRE_NATIVE"),
+                                reason=f"native kernels unavailable: {REASON}")
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("group", [32, 0])
+def test_packed_matmul_matches_dequantized_reference(bits, group):
+  rng = np.random.default_rng(bits)
+  k, n = 128, 192
+  g = group or k
+  codes = rng.integers(0, 2 ** bits, (k, n)).astype(np.uint8)
+  scale = (rng.random((k // g, n)) + 0.5).astype(np.float32)
+  zero = rng.integers(0, 2 ** bits, (k // g, n)).astype(np.float32)
+  w = np.repeat(scale, g, 0) * (codes.astype(np.float32) - np.repeat(zero, g, 0))
+  packed = cpu_native.to_kernel_layout(codes, bits)
+  assert packed.nbytes == k * n * bits // 8
+  np.testing.assert_array_equal(np.asarray(cpu_native.from_kernel_layout(jnp.asarray(packed), bits, k, n)), codes)
+  fn = jax.jit(lambda x, c, s, z: cpu_native.matmul_packed(x, c, s, z, bits))
+  for m in (1, 2, 3, 4, 7, 9):
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    got = np.asarray(fn(x, packed, scale, zero))
+    ref = x.astype(np.float64) @ w
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-4 * np.abs(ref).max())
+
+
+@pytest.mark.parametrize("m", [1, 4, 6])
+def test_int8_kernels_match_references(m):
+  rng = np.random.default_rng(m)
+  k, n = 96, 128
+  w = rng.integers(-127, 128, (k, n)).astype(np.int8)
+  s = (rng.random(n) + 0.5).astype(np.float32)
+  x = rng.standard_normal((m, k)).astype(np.float32)
+  ref = (x.astype(np.float64) @ w.astype(np.float64)) * s
+  tol = dict(rtol=1e-5, atol=1e-6 * np.abs(ref).max())
+  np.testing.assert_allclose(np.asarray(jax.jit(cpu_native.matmul_kn)(x, w, s)), ref, **tol)
+  wt = np.ascontiguousarray(w.T)  # [n, k] rows, the tied-head layout
+  np.testing.assert_allclose(np.asarray(jax.jit(cpu_native.matmul_nk)(x, wt, s)), ref, **tol)
+  # int8 activations: int32 sums are exact, so the only rounding is the final float scaling
+  x_q = rng.integers(-127, 128, (m, k)).astype(np.int8)
+  x_s = (rng.random((m, 1)) + 0.5).astype(np.float32)
+  exact = (x_q.astype(np.int64) @ w.astype(np.int64)) * x_s * s
+  np.testing.assert_allclose(np.asarray(jax.jit(cpu_native.matmul_kn_i8x)(x_q, x_s, w, s)), exact, rtol=1e-6)
+  np.testing.assert_allclose(np.asarray(jax.jit(cpu_native.matmul_nk_i8x)(x_q, x_s, wt, s)), exact, rtol=1e-6)
+
+
+def test_kernel_rejects_shapes_it_does_not_take_and_auto_falls_back():
+  with pytest.raises(ValueError, match="multiple of 64"):
+    cpu_native.to_kernel_layout(np.zeros((8, 48), np.uint8), 4)
+  with pytest.raises(ValueError, match="bits=5"):
+    cpu_native.to_kernel_layout(np.zeros((8, 64), np.uint8), 5)
+  spec = dataclasses.replace(SPEC, quant="int8_weight", matmul_impl="auto")
+  assert quant.resolve_impl(spec, 1, 64, 32) == "native"
+  assert quant.resolve_impl(spec, 1, 48, 32) == "xla"  # output size not a multiple of 64
+  assert quant.resolve_impl(spec, quant.NATIVE_MAX_ROWS + 1, 64, 32) == "xla"  # prefill-sized: XLA
+  assert quant.resolve_impl(dataclasses.replace(spec, matmul_impl="xla"), 1, 64, 32) == "xla"
+
+
+def test_native_without_a_compiler_is_a_clear_error(monkeypatch):
+  monkeypatch.setattr(cpu_native, "unavailable_reason", lambda: "no C++ compiler (g++: not found)")
+  spec = dataclasses.replace(SPEC, quant="int8_weight", matmul_impl="native")
+  with pytest.raises(cpu_native.NativeUnavailable, match="model.matmul_impl=native: no C\\+\\+ compiler"):
+    quant.resolve_impl(spec, 1, 64, 32)
+  assert quant.resolve_impl(dataclasses.replace(spec, matmul_impl="auto"), 1, 64, 32) == "xla"
+
+
+def _int8_model(mode: str, impl: str):
+  spec = SPEC
+  params = transformer.init_params(spec, 0)
+  stats = {norm: jnp.ones((spec.num_layers, spec.embed_dim)) for norm in quant.SMOOTHED}
+  qspec, qparams = quant.quantize_model_params(spec, params, mode, stats)
+  return transformer.from_params(dataclasses.replace(qspec, matmul_impl=impl), qparams)
+
+
+@pytest.mark.parametrize("mode", ["int8_weight", "w8a8"])
+def test_int8_models_decode_the_same_with_native_kernels(mode):
+  from infer import generate
+
+  prompts = [[5, 6, 7, 8, 9], [11, 12]]
+  outs = {}
+  for impl in ("xla", "native"):
+    model = _int8_model(mode, impl)
+    tokens = jnp.asarray(np.random.default_rng(0).integers(1, 256, (2, 6)))
+    outs[impl] = (np.asarray(model(tokens)), generate.generate(model, prompts, max_new_tokens=12))
+  np.testing.assert_allclose(outs["native"][0], outs["xla"][0], rtol=1e-4, atol=1e-4)
+  assert outs["native"][1] == outs["xla"][1]
+
+
+@pytest.fixture(scope="module")
+def packed_workdir(tiny_run, tmp_path_factory):
+  """A 4-bit GPTQ (group 32) compression of the tiny run: (source config, float model, tokenizer, out dir)."""
+  from configs import compress as compress_config
+  from infer import loading
+  from infer.compress import pipeline as compress
+
+  config, model, tokenizer, step = loading.load_trained(tiny_run[0])
+  c = compress_config.get_config()
+  c.update(method="gptq", bits=4, group_size=32, calibration_samples=8, calibration_len=32)
+  out = str(tmp_path_factory.mktemp("gptq4") / "w")
+  compress.compress_workdir(config, model, tokenizer, step, c, source_workdir=tiny_run[0], out=out)
+  return config, tokenizer, out
+
+
+def test_compressed_workdir_is_served_packed_with_the_dequantized_models_outputs(packed_workdir):
+  from infer import evaluate, generate, loading
+  from workdir import layout
+
+  config, tokenizer, out = packed_workdir
+  _, packed, _, _ = loading.load_trained(out)
+  _, dense, _, _ = loading.load_trained(out, dequantize=True)
+  assert packed.spec.quant == "packed" and packed.spec.quant_bits == 4 and packed.spec.quant_group_size == 32
+  meta = layout.read_json(layout.path(out, layout.COMPRESSION))
+  # resident bytes: every block weight as its 4-bit codes plus float32 scale and zero per (group, output); no float copy
+  state = nnx.to_pure_dict(nnx.state(packed, nnx.Param))
+  stored_codes = sum(p["layers"] * p["in"] * p["out"] * p["bits"] // 8 for p in meta["packed"].values())
+  grids = sum(2 * 4 * p["layers"] * (p["in"] // p["group_size"]) * p["out"] for p in meta["packed"].values())
+  blocks = state["blocks"]
+  codes = sum(blocks[path.split("/")[0]][path.split("/")[1]].nbytes for path in meta["packed"])
+  assert codes == stored_codes
+  assert quant.nbytes(state) == quant.nbytes(nnx.state(dense, nnx.Param)) - sum(
+      4 * p["layers"] * p["in"] * p["out"] for p in meta["packed"].values()) + stored_codes + grids
+  assert all(blocks[path.split("/")[0]][path.split("/")[1]].dtype == np.uint8 for path in meta["packed"])
+  assert "4-bit codes" in loading.weights_note(packed)
+  # greedy decoding equals the dequantized model's; perplexity within 1e-3 relative
+  prompts = [[1, 40, 41, 42], [1, 50]]
+  assert generate.generate(packed, prompts, max_new_tokens=16) == generate.generate(dense, prompts,
+                                                                                   max_new_tokens=16)
+  tokens = evaluate.validation_stream(config, tokenizer, 2048)
+  ppl = [evaluate.stream_perplexity(m, tokens, 32)["ppl"] for m in (packed, dense)]
+  assert abs(ppl[0] - ppl[1]) <= 1e-3 * ppl[1]
