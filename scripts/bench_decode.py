@@ -2,15 +2,16 @@
 bandwidth roofline.
 
 For each model shape (shape S and GPT-2 124M, random weights), batch size and weight format (float32, bfloat16,
-int8 weight-only), runs `infer.generate`'s single jitted prefill + decode loop with a 32-token prompt and 128 new
+int8 weight-only, int8 W8A8, and the packed b-bit codes of `infer.compress` as `gptq<b>`: round-to-nearest codes of the
+random weights, group 128, served as stored; decode speed does not depend on how the codes were chosen), runs `infer.generate`'s single jitted prefill + decode loop with a 32-token prompt and 128 new
 tokens. The roofline assumes every decode step reads all weights once plus the live KV cache:
 tokens/s <= batch * bandwidth / bytes_per_step, with the copy bandwidth measured in the same run (a donated
 elementwise pass over 256 MiB, counting bytes read and written). In the same run, the HF-PyTorch peer
 (`GPT2LMHeadModel.generate`, greedy, KV cache, float32, 2 threads, same shapes, prompts and token counts) gives the
 ratio column. Prints a table and writes JSON.
 
-  python -m scripts.bench_decode [--shapes=shape_s,gpt2_124m] [--batches=1,8] [--formats=float32,bfloat16,int8]
-      [--nopeer]
+  python -m scripts.bench_decode [--shapes=shape_s,gpt2_124m] [--batches=1,8]
+      [--formats=float32,bfloat16,int8,w8a8,gptq4,gptq3] [--matmul_impl=auto] [--nopeer]
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from absl import app, flags
 from flax import nnx
 
 from infer import generate
+from infer.compress import gptq, storage
 from model import quant, transformer
 from model.transformer import ModelSpec, Transformer
 from scripts import torch_peer
@@ -36,7 +38,8 @@ from train import allocator
 
 _SHAPES = flags.DEFINE_list("shapes", ["shape_s", "gpt2_124m"], "Config modules under configs/.")
 _BATCHES = flags.DEFINE_list("batches", ["1", "8"], "Batch sizes.")
-_FORMATS = flags.DEFINE_list("formats", ["float32", "bfloat16", "int8"], "Weight formats.")
+_FORMATS = flags.DEFINE_list("formats", ["float32", "bfloat16", "int8", "w8a8", "gptq4", "gptq3"], "Weight formats.")
+_IMPL = flags.DEFINE_enum("matmul_impl", "auto", ["auto", "xla", "native"], "How quantized matmuls run.")
 _PROMPT = flags.DEFINE_integer("prompt_len", 32, "Prompt tokens.")
 _NEW = flags.DEFINE_integer("new_tokens", 128, "Generated tokens.")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed runs per case (median).")
@@ -57,21 +60,42 @@ def copy_bandwidth(mib: int = 256, repeats: int = 5) -> float:
   return 2 * x.nbytes / min(times)
 
 
-def build_model(shape: str, fmt: str) -> Transformer:
-  """A random-weight model of configs/<shape>.py in `fmt` (float32, bfloat16 params+compute, int8 W8A16, or w8a8:
-  int8 weights and per-token int8 activations, int32 accumulation)."""
+def build_model(shape: str, fmt: str, matmul_impl: str = "auto") -> Transformer:
+  """A random-weight model of configs/<shape>.py in `fmt`: float32, bfloat16 (params and compute), int8 (W8A16),
+  w8a8 (int8 weights and per-token int8 activations, int32 sums) or gptq<bits> (packed codes, group 128)."""
   cfg = importlib.import_module(f"configs.{shape}").get_config()
   spec = dataclasses.replace(ModelSpec.from_config(cfg.model), remat="none", param_dtype="float32",
-                             dtype="float32", attention_impl="xla")
+                             dtype="float32", attention_impl="xla", matmul_impl=matmul_impl)
   if fmt == "bfloat16":
     spec = dataclasses.replace(spec, param_dtype="bfloat16", dtype="bfloat16")
   model = Transformer(spec, rngs=nnx.Rngs(params=0))
+  params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
   if fmt in ("int8", "w8a8"):
-    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     stats = {norm: jnp.ones((spec.num_layers, spec.embed_dim)) for norm in quant.SMOOTHED}  # random weights: flat
     qspec, qparams = quant.quantize_model_params(spec, params, "int8_weight" if fmt == "int8" else "w8a8", stats)
     model = transformer.from_params(qspec, qparams)
+  elif fmt.startswith("gptq"):
+    model = _packed_model(spec, params, int(fmt[4:]), group_size=128)
+  elif fmt not in ("float32", "bfloat16"):
+    raise ValueError(f"--formats: unknown format {fmt!r}; use float32, bfloat16, int8, w8a8 or gptq<2|3|4|8>")
   return model
+
+
+def _packed_model(spec: ModelSpec, params: dict, bits: int, group_size: int) -> Transformer:
+  """Every block weight as round-to-nearest b-bit codes (the grids of `infer.compress`), served packed."""
+  pspec = dataclasses.replace(spec, quant="packed", quant_bits=bits, quant_group_size=group_size)
+  blocks = params["blocks"]
+  for parent, name, n_in in quant.BLOCK_WEIGHTS:
+    if name not in blocks[parent[0]]:
+      continue
+    w = np.asarray(blocks[parent[0]][name])
+    out_shape = w.shape[1 + n_in:]
+    flat = w.reshape(w.shape[0], -1, int(np.prod(out_shape)))
+    layers = [gptq.rtn_layer(jnp.asarray(layer), bits=bits, group_size=group_size) for layer in flat]
+    blocks[parent[0]][name], blocks[parent[0]][name + "_scale"] = storage.packed_weight(
+        np.stack([np.asarray(r.codes) for r in layers]), np.stack([np.asarray(r.scale) for r in layers]),
+        np.stack([np.asarray(r.zero) for r in layers]), bits, out_shape)
+  return transformer.from_params(pspec, params)
 
 
 def time_generate(model, batch: int, prompt_len: int, new_tokens: int, repeats: int) -> float:
@@ -106,7 +130,7 @@ def main(argv):
         print(f"{shape:<10} {'HF f32':<9} {batch:>5} {peer['tokens_per_s']:9,.0f} {peer['ttft_s'] * 1e3:8.1f}",
               flush=True)
     for fmt in _FORMATS.value:
-      model = build_model(shape, fmt).unstacked()  # per-layer weights once, as a server holds them (else every
+      model = build_model(shape, fmt, _IMPL.value).unstacked()  # per-layer weights once, as a server holds them (else every
       # generate call would slice the stacked weights again: 0.1-0.4 s of copies counted in its first token)
       weight_bytes = quant.nbytes(nnx.state(model, nnx.Param))  # every weight is read once per decode step
       s = model.spec

@@ -120,11 +120,19 @@ def load_packed(workdir: str, abstract_params: dict, step: int | None = None) ->
     parent, name = path.split("/")
     stored = state["packed"][path]
     codes = unpack_codes(np.asarray(stored["codes"]), p["bits"], (p["layers"], p["in"], p["out"]))
-    params["blocks"][parent][name] = jnp.asarray(cpu_native.to_kernel_layout(codes, p["bits"]))
     out_shape = tuple(abstract_params["blocks"][parent][name + "_scale"].shape[3:])
-    grid = np.stack([np.asarray(stored["scale"], np.float32), np.asarray(stored["zero"], np.float32)], axis=1)
-    params["blocks"][parent][name + "_scale"] = jnp.asarray(grid.reshape(grid.shape[:3] + out_shape))
+    params["blocks"][parent][name], params["blocks"][parent][name + "_scale"] = packed_weight(
+        codes, stored["scale"], stored["zero"], p["bits"], out_shape)
   return params, step
+
+
+def packed_weight(codes, scale, zero, bits: int, out_shape: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
+  """One weight of a `quant=packed` model from its codes [layers, k, n] in [0, 2^bits), scale and zero point
+  [layers, groups, n]: (uint8 [layers, k * n * bits / 8] in `cpu_native.to_kernel_layout`,
+  float32 [layers, 2, groups, *out_shape] holding scale and zero)."""
+  grid = np.stack([np.asarray(scale, np.float32), np.asarray(zero, np.float32)], axis=1)
+  return (jnp.asarray(cpu_native.to_kernel_layout(np.asarray(codes), bits)),
+          jnp.asarray(grid.reshape(grid.shape[:3] + tuple(out_shape))))
 
 
 def load_params(workdir: str, abstract_params: dict, step: int | None = None) -> tuple[dict, int, dict]:
