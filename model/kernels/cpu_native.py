@@ -157,8 +157,8 @@ def matmul_packed(x: jax.Array, codes: jax.Array, scale: jax.Array, zero: jax.Ar
 def to_kernel_layout(codes: np.ndarray, bits: int) -> np.ndarray:
   """Unsigned codes [..., k, n] (n a multiple of 64) -> uint8 [..., k * n * bits / 8]: row-major, and within each
   64-column tile of a row, 8 bits: the codes in order; 4 bits: byte t holds column t (high nibble) and t + 32;
-  2 bits: byte t holds columns t, t + 16, t + 32, t + 48 from the high bits down; 3 bits: 8 codes in 3 bytes, most
-  significant first (the bit stream of `infer.compress.storage.pack_codes`)."""
+  2 bits: byte t holds columns t, t + 16, t + 32, t + 48 from the high bits down; 3 bits: the low two bits in the
+  2-bit layout (16 bytes), then the high bits as 4 little-endian uint16 (bit i of the j-th is column 16j + i)."""
   if bits not in PACKED_BITS:
     raise ValueError(f"bits={bits}: the packed kernels take {PACKED_BITS}")
   c = np.asarray(codes, np.uint8)
@@ -166,15 +166,17 @@ def to_kernel_layout(codes: np.ndarray, bits: int) -> np.ndarray:
   if n % TILE:
     raise ValueError(f"the packed layout needs the output size ({n}) to be a multiple of {TILE}")
   t = c.reshape(*lead, k, n // TILE, TILE)
+  two_bit = lambda a: (a[..., :16] << 6) | (a[..., 16:32] << 4) | (a[..., 32:48] << 2) | a[..., 48:]  # noqa: E731
   if bits == 8:
     out = t
   elif bits == 4:
     out = (t[..., :32] << 4) | t[..., 32:]
   elif bits == 2:
-    out = (t[..., :16] << 6) | (t[..., 16:32] << 4) | (t[..., 32:48] << 2) | t[..., 48:]
+    out = two_bit(t)
   else:
-    bitstream = np.unpackbits(c.reshape(*lead, k * n, 1), axis=-1)[..., 5:]
-    out = np.packbits(bitstream.reshape(*lead, -1), axis=-1)
+    high = (t >> 2).reshape(*t.shape[:-1], 4, 16).astype(np.uint16) << np.arange(16, dtype=np.uint16)
+    words = high.sum(axis=-1, dtype=np.uint16).astype("<u2")  # [..., 4]
+    out = np.concatenate([two_bit(t & 3), words.view(np.uint8).reshape(*t.shape[:-1], 8)], axis=-1)
   return np.ascontiguousarray(out).reshape(*lead, k * n * bits // 8)
 
 
@@ -186,9 +188,10 @@ def from_kernel_layout(packed: jax.Array, bits: int, k: int, n: int) -> jax.Arra
   if bits == 4:
     t = b.reshape(k, n // TILE, TILE // 2)
     return jnp.concatenate([t >> 4, t & 15], axis=-1).reshape(k, n)
+  two_bit = lambda t: jnp.concatenate([(t >> s) & 3 for s in (6, 4, 2, 0)], axis=-1)  # noqa: E731
   if bits == 2:
-    t = b.reshape(k, n // TILE, TILE // 4)
-    return jnp.concatenate([(t >> s) & 3 for s in (6, 4, 2, 0)], axis=-1).reshape(k, n)
-  t = b.reshape(k * n // 8, 3)
-  v = (t[:, 0] << 16) | (t[:, 1] << 8) | t[:, 2]
-  return jnp.stack([(v >> (21 - 3 * j)) & 7 for j in range(8)], axis=-1).reshape(k, n)
+    return two_bit(b.reshape(k, n // TILE, TILE // 4)).reshape(k, n)
+  t = b.reshape(k, n // TILE, 24)
+  words = t[..., 16:24:2] | (t[..., 17:24:2] << 8)  # [k, tiles, 4]
+  high = (words[..., None] >> jnp.arange(16)) & 1  # [k, tiles, 4, 16]
+  return (two_bit(t[..., :16]) | (high.reshape(k, n // TILE, TILE) << 2)).reshape(k, n)

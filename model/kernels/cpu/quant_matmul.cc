@@ -114,7 +114,8 @@ inline float Sum(F16 v) {
 // The codes of one row of one 64-column tile as four float vectors, in column order. `p` points at the tile's bytes
 // in the serving layout of `repack_for_kernel` (model/kernels/cpu_native.py): 8 bits: 64 bytes in order; 4 bits:
 // 32 bytes, byte t holding column t (high nibble) and t + 32 (low); 2 bits: 16 bytes, byte t holding columns t,
-// t + 16, t + 32, t + 48 from the high bits down; 3 bits: the storage bit stream (24 bytes, 8 codes in 3 bytes).
+// t + 16, t + 32, t + 48 from the high bits down; 3 bits: 24 bytes, the low two bits in the 2-bit layout, then the
+// high bits as 4 little-endian uint16 (bit i of the j-th: column 16j + i).
 template <int kBits>
 inline void DecodeTile(const uint8_t* p, F16 w[4]) {
   if constexpr (kBits == 8) {
@@ -131,13 +132,16 @@ inline void DecodeTile(const uint8_t* p, F16 w[4]) {
     w[1] = ToFloat((b >> 4) & 3);
     w[2] = ToFloat((b >> 2) & 3);
     w[3] = ToFloat(b & 3);
-  } else {
-    alignas(64) float f[64];
-    for (int t = 0; t < 8; ++t) {
-      const uint32_t v = (uint32_t(p[3 * t]) << 16) | (uint32_t(p[3 * t + 1]) << 8) | uint32_t(p[3 * t + 2]);
-      for (int j = 0; j < 8; ++j) f[8 * t + j] = static_cast<float>((v >> (21 - 3 * j)) & 7);
+  } else {  // 3 bits: the 2-bit layout of the low bits, then 4 little-endian uint16 of high bits (bit i: column 16j + i)
+    const U8x16 b = Load<U8x16>(p);
+    uint16_t h[4];
+    std::memcpy(h, p + 16, sizeof(h));
+    const I16 lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+    const U8x16 lo[4] = {b >> 6, (b >> 4) & 3, (b >> 2) & 3, b & 3};
+    for (int j = 0; j < 4; ++j) {
+      const I16 hi = ((I16{} + static_cast<int32_t>(h[j])) >> lane) & 1;
+      w[j] = __builtin_convertvector(__builtin_convertvector(lo[j], I16) | (hi << 2), F16);
     }
-    for (int j = 0; j < 4; ++j) w[j] = Load<F16>(f + 16 * j);
   }
 }
 
