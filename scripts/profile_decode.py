@@ -24,7 +24,7 @@ from infer import generate
 from scripts.bench_decode import _NEW, _PROMPT, build_model  # and their --prompt_len / --new_tokens flags
 
 _SHAPE = flags.DEFINE_string("shape", "shape_s", "configs/<shape>.py")
-_FORMAT = flags.DEFINE_enum("format", "float32", ["float32", "bfloat16", "int8", "w8a8"], "Weight format.")
+_FORMAT = flags.DEFINE_string("format", "float32", "Weight format, as in bench_decode --formats.")
 _BATCH = flags.DEFINE_integer("batch", 1, "Sequences decoded together.")
 _TOP = flags.DEFINE_integer("top", 12, "Thunk kinds listed.")
 
