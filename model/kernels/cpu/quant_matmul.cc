@@ -359,6 +359,17 @@ ffi::Error QmmNkI8xImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> x, ffi::Buffe
   return Nk<true>(pool, x.typed_data(), x_scale.typed_data(), x.dimensions()[0], x.dimensions()[1], w, scale, y);
 }
 
+// (pool, x_q int8 [m, k], x_scale [m], w int8, scale) -> y [m, n]: the signature of both int8-activation kernels.
+auto Int8ActivationBinding() {
+  return ffi::Ffi::Bind()
+      .Ctx<ffi::ThreadPool>()
+      .Arg<ffi::Buffer<ffi::S8>>()
+      .Arg<ffi::Buffer<ffi::F32>>()
+      .Arg<ffi::Buffer<ffi::S8>>()
+      .Arg<ffi::Buffer<ffi::F32>>()
+      .Ret<ffi::Buffer<ffi::F32>>();
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(PeakllmQmmKn, QmmKnImpl,
@@ -373,14 +384,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(PeakllmQmmKn, QmmKnImpl,
                                   .Attr<int64_t>("group")
                                   .Attr<bool>("signed_codes"));
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(PeakllmQmmKnI8x, QmmKnI8xImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::S8>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::S8>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(PeakllmQmmKnI8x, QmmKnI8xImpl, Int8ActivationBinding());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(PeakllmQmmNk, QmmNkImpl,
                               ffi::Ffi::Bind()
@@ -390,11 +394,4 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(PeakllmQmmNk, QmmNkImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(PeakllmQmmNkI8x, QmmNkI8xImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::S8>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::S8>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(PeakllmQmmNkI8x, QmmNkI8xImpl, Int8ActivationBinding());
