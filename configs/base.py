@@ -6,6 +6,10 @@ the command line: `python -m train --config=configs/tiny.py --config.model.num_l
 
 from __future__ import annotations
 
+import json
+import math
+from typing import Any
+
 import ml_collections
 
 FAMILIES = ("gpt", "llama")  # gpt: GPT-2/OPT (learned positions, LayerNorm, GELU, biases); llama: RoPE, RMSNorm, SwiGLU
@@ -146,6 +150,31 @@ def get_config() -> ml_collections.ConfigDict:
   return c
 
 
+# What may differ when a run resumes in an existing workdir; every other key must equal the workdir's config.json
+# (`config_changes`). Run length, logging, evaluation and checkpoint cadence, the mesh and processes, the sample, and
+# implementation choices that change speed or memory but not the model or the data.
+RESUME_MAY_CHANGE = ("train.steps", "train.log_every", "train.eval_every", "train.eval_batches",
+                     "train.checkpoint_every", "train.max_to_keep", "train.async_checkpoint", "train.progress_bar",
+                     "train.peak_flops", "train.offload_optimizer", "data.num_workers", "data.data_dir",
+                     "model.attention_impl", "model.remat", "model.scan_layers", "model.loss_chunk_tokens",
+                     "model.pipeline_microbatches", "model.matmul_impl", "mesh", "distributed", "sample")
+
+
+def _flat(tree, prefix: str = "") -> dict:
+  out = {}
+  for key, value in tree.items():
+    name = f"{prefix}{key}"
+    out.update(_flat(value, name + ".") if isinstance(value, dict) else {name: value})
+  return out
+
+
+def config_changes(old: ml_collections.ConfigDict, new: ml_collections.ConfigDict) -> list[tuple[str, Any, Any]]:
+  """(key, old value, new value) for every key outside RESUME_MAY_CHANGE whose value differs (compared as JSON)."""
+  a, b = (_flat(json.loads(c.to_json_best_effort())) for c in (old, new))
+  allowed = lambda key: any(key == k or key.startswith(k + ".") for k in RESUME_MAY_CHANGE)  # noqa: E731
+  return [(k, a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if not allowed(k) and a.get(k) != b.get(k)]
+
+
 def _fail(key: str, value, allowed: str):
   raise ValueError(f"config.{key}={value!r} is invalid: {allowed}")
 
@@ -167,6 +196,9 @@ def _positive(config, key: str, zero_ok: bool = False):
 def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """Checks every key before anything compiles; raises ValueError naming the key, its value and what is allowed."""
   m, d, t = config.model, config.data, config.train
+  for key, value in _flat(config.to_dict()).items():
+    if isinstance(value, float) and not math.isfinite(value):
+      _fail(key, value, "must be a finite number")
   _choice(config, "model.family", FAMILIES)
   _choice(config, "model.param_dtype", DTYPES)
   _choice(config, "model.dtype", DTYPES)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -93,19 +94,29 @@ def attend_paged(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, visibilit
   return xla_attention(q, k, v, Visibility(live, kv_live, visibility.q_slots), scale)
 
 
-def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, visibility: Visibility, sm_scale: float) -> jax.Array:
-  """Reference grouped-query attention. q [B, Lq, H, D], k/v [B, Lk, K, D] with K | H -> [B, Lq, H, D] (q's dtype).
+class HeadsMajorKV(NamedTuple):
+  """A dense KV cache laid out heads-major, k/v [B, K, S, D]: the layout the attention dots batch over, so a decode
+  step reads the cache as it is instead of transposing all of it (`Transformer.init_cache(per_layer=True)`)."""
+  k: jax.Array
+  v: jax.Array
+
+
+def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, visibility: Visibility, sm_scale: float,
+                  heads_major: bool = False) -> jax.Array:
+  """Reference grouped-query attention. q [B, Lq, H, D], k/v [B, Lk, K, D] (or [B, K, Lk, D] with `heads_major`)
+  with K | H -> [B, Lq, H, D] (q's dtype).
 
   Logits and softmax in float32; rows with no visible key give the mean of v (finite, never NaN).
   """
   b, lq, h, d = q.shape
-  kv_heads = k.shape[2]
+  kv_heads = k.shape[1 if heads_major else 2]
+  kv = "bksd" if heads_major else "bskd"
   mask = visibility.mask()
   q = q.reshape(b, lq, kv_heads, h // kv_heads, d)
-  logits = jnp.einsum("bqkgd,bskd->bkgqs", q, k, preferred_element_type=jnp.float32) * sm_scale
+  logits = jnp.einsum(f"bqkgd,{kv}->bkgqs", q, k, preferred_element_type=jnp.float32) * sm_scale
   logits = jnp.where(mask[:, :, None], logits, NEG_INF)
   probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-  out = jnp.einsum("bkgqs,bskd->bqkgd", probs, v, preferred_element_type=jnp.float32)
+  out = jnp.einsum(f"bkgqs,{kv}->bqkgd", probs, v, preferred_element_type=jnp.float32)
   return out.reshape(b, lq, h, d).astype(q.dtype)
 
 
@@ -135,11 +146,17 @@ IMPLS = {"xla": xla_attention, "pallas": pallas_attention, "cudnn": cudnn_attent
 base.check_implemented("model.attention_impl", base.ATTENTION_IMPLS, IMPLS)
 
 
-def attend(q, k, v, visibility: Visibility, *, impl: str = "xla", sm_scale: float | None = None) -> jax.Array:
-  """Dispatches to the configured implementation (kernels only for full causal self-attention; else `xla`)."""
+def attend(q, k, v, visibility: Visibility, *, impl: str = "xla", sm_scale: float | None = None,
+           heads_major: bool = False) -> jax.Array:
+  """Dispatches to the configured implementation (kernels only for full causal self-attention; else `xla`).
+  `heads_major`: k/v are [B, K, S, D] (a `HeadsMajorKV` cache), which only `xla` reads."""
   if impl not in IMPLS:
     raise ValueError(f"attention_impl={impl!r} is not available; choose one of {sorted(IMPLS)}")
   scale = sm_scale if sm_scale is not None else q.shape[-1] ** -0.5
+  if heads_major:
+    if impl != "xla":
+      raise ValueError(f"a heads-major KV cache is read by attention_impl='xla' only, not {impl!r}")
+    return xla_attention(q, k, v, visibility, scale, heads_major=True)
   if impl == "pallas" and not visibility.self_attention and q.shape[1] == 1:
     return pallas_decode_attention(q, k, v, visibility, scale)
   if impl != "xla" and not visibility.self_attention:

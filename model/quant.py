@@ -39,7 +39,7 @@ SMOOTHED = {"attn_norm": (("attn", "wq"), ("attn", "wk"), ("attn", "wv")),
 
 # -- run time ----------------------------------------------------------------------------------------------------------
 
-NATIVE_MAX_ROWS = 16  # token rows up to which the native CPU kernels run; above (prefill), XLA dequantizes per call
+NATIVE_MAX_ROWS = cpu_native.MAX_ROWS  # token rows up to which the native kernels run; above (prefill), XLA
 
 
 def _w8a16(x2, w2, s, impl: str, transposed: bool):

@@ -267,13 +267,20 @@ class Attention(nnx.Module):
       kv_cache = tuple(attention_lib.write_pages(pages, new, visibility) for pages, new in zip(kv_cache, (k, v)))
       out = attention_lib.attend_paged(q, *kv_cache, visibility, impl=spec.attention_impl)
       return checkpoint_name(out, "attention_out"), kv_cache
-    if kv_cache is not None:
+    heads_major = isinstance(kv_cache, attention_lib.HeadsMajorKV)
+    if heads_major:  # [B, K, S, hd]: the new keys/values are transposed, the cache is read as it is
+      start = (0, 0, q_slots_start, 0)
+      k = jax.lax.dynamic_update_slice(kv_cache.k, k.swapaxes(1, 2).astype(kv_cache.k.dtype), start)
+      v = jax.lax.dynamic_update_slice(kv_cache.v, v.swapaxes(1, 2).astype(kv_cache.v.dtype), start)
+      kv_cache = attention_lib.HeadsMajorKV(k, v)
+    elif kv_cache is not None:
       k_cache, v_cache = kv_cache
       start = (0, q_slots_start, 0, 0)
       k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), start)
       v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), start)
       kv_cache = (k, v)
-    out = attention_lib.attend(q, k.astype(q.dtype), v.astype(q.dtype), visibility, impl=spec.attention_impl)
+    out = attention_lib.attend(q, k.astype(q.dtype), v.astype(q.dtype), visibility, impl=spec.attention_impl,
+                               heads_major=heads_major)
     return checkpoint_name(out, "attention_out"), kv_cache
 
   def project_out(self, heads):
@@ -468,15 +475,20 @@ class Transformer(nnx.Module):
     """An empty KV cache of `length` slots: k/v [layers, batch, length, kv_heads, head_dim] in `dtype`.
 
     `per_layer=True` (for `unstacked()` models, as decode loops use) keeps one (k, v) pair per layer unit under "kv"
-    instead, so each step updates the cache in place rather than slicing and restacking all of it."""
+    instead, so each step updates the cache in place rather than slicing and restacking all of it. With
+    `attention_impl=xla` those pairs are `attention.HeadsMajorKV` [batch, kv_heads, length, head_dim], the layout the
+    attention dots read without transposing the whole cache at every step."""
     s = self.spec
     dtype = dtype or s.compute_dtype
     meta = {"segment_ids": jnp.zeros((batch, length), jnp.int32), "index": jnp.zeros((), jnp.int32)}
     if per_layer:
-      shape = (batch, length, s.num_kv_heads, s.head_dim)
+      heads_major = s.attention_impl == "xla"
+      shape = ((batch, s.num_kv_heads, length, s.head_dim) if heads_major else
+               (batch, length, s.num_kv_heads, s.head_dim))
       shape = (s.layers_per_unit, *shape) if s.num_experts else shape  # BlockGroup caches, even of one block
+      pair = attention_lib.HeadsMajorKV if heads_major else (lambda k, v: (k, v))
       units = s.num_layers // s.layers_per_unit
-      return {"kv": [(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(units)], **meta}
+      return {"kv": [pair(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(units)], **meta}
     shape = (s.num_layers, batch, length, s.num_kv_heads, s.head_dim)
     return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype), **meta}
 

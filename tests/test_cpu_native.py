@@ -36,7 +36,7 @@ def test_packed_matmul_matches_dequantized_reference(bits, group):
   assert packed.nbytes == k * n * bits // 8
   np.testing.assert_array_equal(np.asarray(cpu_native.from_kernel_layout(jnp.asarray(packed), bits, k, n)), codes)
   fn = jax.jit(lambda x, c, s, z: cpu_native.matmul_packed(x, c, s, z, bits))
-  for m in (1, 2, 3, 4, 7, 9):
+  for m in (1, 2, 3, 4, 7, 9, 16):
     x = rng.standard_normal((m, k)).astype(np.float32)
     got = np.asarray(fn(x, packed, scale, zero))
     ref = x.astype(np.float64) @ w
@@ -64,6 +64,8 @@ def test_int8_kernels_match_references(m):
 
 
 def test_kernel_rejects_shapes_it_does_not_take_and_auto_falls_back():
+  with pytest.raises(ValueError, match="at most 16"):
+    cpu_native.matmul_kn(jnp.ones((17, 32)), jnp.ones((32, 64), jnp.int8), jnp.ones(64))
   with pytest.raises(ValueError, match="multiple of 64"):
     cpu_native.to_kernel_layout(np.zeros((8, 48), np.uint8), 4)
   with pytest.raises(ValueError, match="bits=5"):

@@ -67,3 +67,53 @@ def test_documents_prompts_and_evaluation_share_one_encoding_rule(tiny_run):
   assert ids == [tokenizer_lib.bos_id(tok), *tokenizer_lib.encode(tok, "import os")]
   assert tokenizer_lib.encode_document(tok, "import os".encode()) == ids  # records arrive as bytes from tfds
   assert tokenizer_lib.decode_completion(tok, [*ids[1:], tokenizer_lib.eot_id(tok)]) == "import os"
+
+
+def _snapshot(directory: str) -> dict:
+  """Every file under `directory` with its bytes and modification time."""
+  out = {}
+  for root, _, files in os.walk(directory):
+    for name in files:
+      p = os.path.join(root, name)
+      with open(p, "rb") as f:
+        out[os.path.relpath(p, directory)] = (f.read(), os.stat(p).st_mtime_ns)
+  return out
+
+
+def test_a_changed_config_on_an_existing_workdir_is_refused_before_anything_is_touched(tmp_path):
+  from conftest import tiny_config
+  from train import trainer
+
+  workdir = str(tmp_path / "run")
+  os.makedirs(workdir)
+  old = tiny_config(str(tmp_path / "data"))
+  layout.write_config(old, workdir)
+  with open(os.path.join(workdir, "metrics.jsonl"), "w", encoding="utf-8") as f:
+    f.write('{"step": 10, "loss": 5.0}\n')
+  before = _snapshot(workdir)
+  new = tiny_config(str(tmp_path / "data"))
+  new.model.embed_dim, new.model.dtype = old.model.embed_dim * 2, "bfloat16"
+  new.data.source, new.train.learning_rate = "files:/tmp/*.py", old.train.learning_rate / 2
+  new.train.steps, new.train.eval_every, new.mesh.data = old.train.steps + 100, 7, -1  # these may change
+  with pytest.raises(ValueError) as e:
+    trainer.run(new, workdir)
+  message = str(e.value)
+  for key, value in (("model.embed_dim", new.model.embed_dim), ("model.dtype", "bfloat16"),
+                     ("data.source", "files:/tmp/*.py"), ("train.learning_rate", new.train.learning_rate)):
+    assert f"{key}: {old[key.split('.')[0]][key.split('.')[1]]!r} -> {value!r}" in message
+  assert "train.steps:" not in message and "mesh.data" not in message.split("(only")[0]
+  assert _snapshot(workdir) == before
+  old.train.steps, old.train.log_every, old.mesh.data = 5, 1, 2  # allowed on resume
+  layout.check_resumable(workdir, old)
+
+
+@pytest.mark.parametrize("key,value", [("train.learning_rate", float("nan")), ("model.norm_eps", float("inf")),
+                                       ("train.grad_clip", float("-inf"))])
+def test_validate_refuses_non_finite_numbers(key, value):
+  from configs import base
+
+  c = base.get_config()
+  section, name = key.split(".")
+  c[section][name] = value
+  with pytest.raises(ValueError, match=f"config.{key}={value!r} is invalid: must be a finite number"):
+    base.validate(c)

@@ -83,6 +83,7 @@ def run(config, workdir: str, on_step: Callable[[int], None] | None = None,
     raise ValueError(f"config.model.quant={config.model.quant!r} is for inference: train in float, then run "
                      "`python -m infer.quantize`")
   is_main = jax.process_index() == 0
+  layout.check_resumable(workdir, config)  # a changed model, data or optimizer config is refused, nothing touched
   os.makedirs(workdir, exist_ok=True)
   if is_main:
     layout.write_config(config, workdir)

@@ -71,6 +71,19 @@ def write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
   _write_text(path(workdir, CONFIG), config.to_json_best_effort(indent=2))
 
 
+def check_resumable(workdir: str, config: ml_collections.ConfigDict) -> None:
+  """Refuses (ValueError, before anything in `workdir` is touched) a config that differs from the one a run already
+  wrote there, listing every differing key with its old and new value; the keys of base.RESUME_MAY_CHANGE may
+  differ. A workdir without config.json passes."""
+  if not os.path.exists(path(workdir, CONFIG)):
+    return
+  changes = base.config_changes(load_config(workdir), config)
+  if changes:
+    listed = "; ".join(f"{key}: {old!r} -> {new!r}" for key, old, new in changes)
+    raise ValueError(f"{workdir} holds a run with a different config ({listed}). Resume with the same config (only "
+                     f"{', '.join(base.RESUME_MAY_CHANGE)} may change) or use a new --workdir")
+
+
 def load_config(workdir: str) -> ml_collections.ConfigDict:
   """The resolved config written to DIR/config.json, over today's defaults (keys added since keep their defaults),
   validated. FileNotFoundError when DIR holds none."""

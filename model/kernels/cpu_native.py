@@ -31,6 +31,7 @@ import numpy as np
 
 SOURCE = pathlib.Path(__file__).with_name("cpu") / "quant_matmul.cc"
 TILE = 64  # output columns per register tile: n must be a multiple
+MAX_ROWS = 16  # token rows per call of the [k, n] kernels (decode batches; prefill runs on XLA)
 PACKED_BITS = (2, 3, 4, 8)
 _TARGETS = {"PeakllmQmmKn": "qmm_kn", "PeakllmQmmKnI8x": "qmm_kn_i8x", "PeakllmQmmNk": "qmm_nk",
             "PeakllmQmmNkI8x": "qmm_nk_i8x"}
@@ -113,6 +114,8 @@ def supports_nk(k: int) -> bool:
 
 
 def _call(target: str, m: int, n: int, *args, **attrs):
+  if "Kn" in target and m > MAX_ROWS:
+    raise ValueError(f"{target}: {m} rows; the native [k, n] kernels take at most {MAX_ROWS} (decode batches)")
   _library()
   return jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((m, n), jnp.float32))(*args, **attrs)
 

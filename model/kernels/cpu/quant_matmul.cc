@@ -29,6 +29,7 @@ namespace {
 constexpr int64_t kTile = 64;      // output columns per register tile (kn kernels)
 constexpr int64_t kKBlock = 16;    // weight rows per pass over a register tile
 constexpr int64_t kMaxWidth = 512; // output columns per work item (kn kernels)
+constexpr int64_t kMaxRows = 16;   // token rows per call (kn kernels; model/quant.py NATIVE_MAX_ROWS)
 constexpr int64_t kRowTile = 64;   // output rows (weight rows) per work item (nk kernels)
 
 // Runs fn(i) for i in [0, items) on the calling thread and up to num_threads() - 1 pool threads. Items are claimed
@@ -152,77 +153,6 @@ inline void DecodeInt8(const uint8_t* p, I16 w[4]) {
   for (int j = 0; j < 4; ++j) w[j] = Widen(Load<S8x16>(p + 16 * j));
 }
 
-// part[r][c] += sum_{kk in [k0, k1)} x[r0 + r, kk] * code[kk, c] for the columns [c0, c0 + width) of one work item,
-// 64 columns at a time with the R x 64 sums in registers. kBits 0 means two's-complement int8 weights; V is F16
-// (float activations) or I16 (int8 activations, exact int32 sums). Rows are read in blocks of kKBlock, each a run of
-// `width` contiguous bytes, so the hardware prefetcher streams the weights.
-template <int kBits, int R, typename V, typename X>
-void AccumulateRows(const X* x, int64_t k, const uint8_t* codes, int64_t row_bytes, int64_t c0, int64_t width,
-                    int64_t k0, int64_t k1, int64_t r0, V* part) {
-  constexpr int64_t kBytesPerTile = kTile * (kBits ? kBits : 8) / 8;
-  for (int64_t kb = k0; kb < k1; kb += kKBlock) {
-    const int64_t kend = std::min(kb + kKBlock, k1);
-    for (int64_t s = 0; s < width; s += kTile) {
-      V p[R][4];
-      for (int r = 0; r < R; ++r)
-        for (int j = 0; j < 4; ++j) p[r][j] = part[(r * width + s) / 16 + j];
-      const uint8_t* tile = codes + (c0 + s) / kTile * kBytesPerTile;
-      for (int64_t kk = kb; kk < kend; ++kk) {
-        V w[4];
-        if constexpr (kBits == 0) DecodeInt8(tile + kk * row_bytes, w);
-        else DecodeTile<kBits>(tile + kk * row_bytes, w);
-        for (int r = 0; r < R; ++r) {
-          const V xb = V{} + x[(r0 + r) * k + kk];
-          for (int j = 0; j < 4; ++j) p[r][j] += xb * w[j];
-        }
-      }
-      for (int r = 0; r < R; ++r)
-        for (int j = 0; j < 4; ++j) part[(r * width + s) / 16 + j] = p[r][j];
-    }
-  }
-}
-
-// One work item of qmm_kn: rows [r0, r0 + R) of y for columns [c0, c0 + width). `part` and `acc` are scratch for
-// R * width floats each.
-template <int kBits, int R>
-void KnItem(const float* x, int64_t k, int64_t n, const uint8_t* codes, const float* scale, const float* zero,
-            int64_t group, int64_t c0, int64_t width, int64_t r0, F16* part, F16* acc, float* y) {
-  const int64_t row_bytes = n * (kBits ? kBits : 8) / 8, vecs = width / 16;
-  std::fill(acc, acc + R * vecs, F16{});
-  for (int64_t g0 = 0; g0 < k; g0 += group) {
-    std::fill(part, part + R * vecs, F16{});
-    AccumulateRows<kBits, R>(x, k, codes, row_bytes, c0, width, g0, g0 + group, r0, part);
-    const float* s = scale + (g0 / group) * n + c0;
-    for (int r = 0; r < R; ++r) {
-      if (zero == nullptr) {
-        for (int64_t v = 0; v < vecs; ++v) acc[r * vecs + v] += Load<F16>(s + 16 * v) * part[r * vecs + v];
-        continue;
-      }
-      float xsum = 0;
-      for (int64_t kk = g0; kk < g0 + group; ++kk) xsum += x[(r0 + r) * k + kk];
-      const float* z = zero + (g0 / group) * n + c0;
-      for (int64_t v = 0; v < vecs; ++v)
-        acc[r * vecs + v] += Load<F16>(s + 16 * v) * (part[r * vecs + v] - Load<F16>(z + 16 * v) * xsum);
-    }
-  }
-  for (int r = 0; r < R; ++r) std::memcpy(y + (r0 + r) * n + c0, acc + r * vecs, width * sizeof(float));
-}
-
-// One work item of qmm_kn_i8x: int8 activations (per-row scale) against int8 weights, int32 sums.
-template <int R>
-void KnI8xItem(const int8_t* x, const float* x_scale, int64_t k, int64_t n, const int8_t* w, const float* scale,
-               int64_t c0, int64_t width, int64_t r0, I16* part, float* y) {
-  const int64_t vecs = width / 16;
-  std::fill(part, part + R * vecs, I16{});
-  AccumulateRows<0, R>(x, k, reinterpret_cast<const uint8_t*>(w), n, c0, width, 0, k, r0, part);
-  for (int r = 0; r < R; ++r)
-    for (int64_t v = 0; v < vecs; ++v) {
-      const F16 out = __builtin_convertvector(part[r * vecs + v], F16) * Load<F16>(scale + c0 + 16 * v) *
-                      x_scale[r0 + r];
-      std::memcpy(y + (r0 + r) * n + c0 + 16 * v, &out, sizeof(F16));
-    }
-}
-
 // Runs `rows(R, r0)` over all rows of x in register blocks of at most 4.
 template <typename F>
 inline void ForRowBlocks(int64_t m, const F& rows) {
@@ -231,6 +161,88 @@ inline void ForRowBlocks(int64_t m, const F& rows) {
   if (m - r0 == 3) rows(std::integral_constant<int, 3>(), r0);
   if (m - r0 == 2) rows(std::integral_constant<int, 2>(), r0);
   if (m - r0 == 1) rows(std::integral_constant<int, 1>(), r0);
+}
+
+// part[r][c] += sum_{kk in [kb, kend)} x[r0 + r, kk] * code[kk, c] for the columns [c0, c0 + width) of one work
+// item, 64 columns at a time with the R x 64 sums in registers; `part` holds `width` sums per row from row r0 on.
+// kBits 0 means two's-complement int8 weights, 32 float32; V is F16 (float activations) or I16 (int8 activations,
+// exact int32 sums).
+template <int kBits, int R, typename V, typename X>
+void AccumulateBlock(const X* x, int64_t k, const uint8_t* codes, int64_t row_bytes, int64_t c0, int64_t width,
+                     int64_t kb, int64_t kend, int64_t r0, V* part) {
+  constexpr int64_t kBytesPerTile = kTile * (kBits ? kBits : 8) / 8;
+  const int64_t vecs = width / 16;
+  for (int64_t s = 0; s < width; s += kTile) {
+    V p[R][4];
+    for (int r = 0; r < R; ++r)
+      for (int j = 0; j < 4; ++j) p[r][j] = part[r * vecs + s / 16 + j];
+    const uint8_t* tile = codes + (c0 + s) / kTile * kBytesPerTile;
+    for (int64_t kk = kb; kk < kend; ++kk) {
+      V w[4];
+      if constexpr (kBits == 0) DecodeInt8(tile + kk * row_bytes, w);
+      else DecodeTile<kBits>(tile + kk * row_bytes, w);
+      for (int r = 0; r < R; ++r) {
+        const V xb = V{} + x[(r0 + r) * k + kk];
+        for (int j = 0; j < 4; ++j) p[r][j] += xb * w[j];
+      }
+    }
+    for (int r = 0; r < R; ++r)
+      for (int j = 0; j < 4; ++j) part[r * vecs + s / 16 + j] = p[r][j];
+  }
+}
+
+// AccumulateBlock over weight rows [k0, k1) for all m rows of x: blocks of kKBlock weight rows, each a run of
+// `width` contiguous bytes per row (so the hardware prefetcher streams them), visited once for every row block of x
+// while they sit in L1.
+template <int kBits, typename V, typename X>
+void AccumulateRows(const X* x, int64_t m, int64_t k, const uint8_t* codes, int64_t row_bytes, int64_t c0,
+                    int64_t width, int64_t k0, int64_t k1, V* part) {
+  for (int64_t kb = k0; kb < k1; kb += kKBlock) {
+    const int64_t kend = std::min(kb + kKBlock, k1);
+    ForRowBlocks(m, [&](auto rows, int64_t r0) {
+      AccumulateBlock<kBits, decltype(rows)::value>(x, k, codes, row_bytes, c0, width, kb, kend, r0,
+                                                    part + r0 * (width / 16));
+    });
+  }
+}
+
+// One work item of qmm_kn: all m rows of y for columns [c0, c0 + width). `part` and `acc` are scratch for
+// m * width floats each.
+template <int kBits>
+void KnItem(const float* x, int64_t m, int64_t k, int64_t n, const uint8_t* codes, const float* scale,
+            const float* zero, int64_t group, int64_t c0, int64_t width, F16* part, F16* acc, float* y) {
+  const int64_t row_bytes = n * (kBits ? kBits : 8) / 8, vecs = width / 16;
+  std::fill(acc, acc + m * vecs, F16{});
+  for (int64_t g0 = 0; g0 < k; g0 += group) {
+    std::fill(part, part + m * vecs, F16{});
+    AccumulateRows<kBits>(x, m, k, codes, row_bytes, c0, width, g0, g0 + group, part);
+    const float* s = scale + (g0 / group) * n + c0;
+    for (int64_t r = 0; r < m; ++r) {
+      if (zero == nullptr) {
+        for (int64_t v = 0; v < vecs; ++v) acc[r * vecs + v] += Load<F16>(s + 16 * v) * part[r * vecs + v];
+        continue;
+      }
+      float xsum = 0;
+      for (int64_t kk = g0; kk < g0 + group; ++kk) xsum += x[r * k + kk];
+      const float* z = zero + (g0 / group) * n + c0;
+      for (int64_t v = 0; v < vecs; ++v)
+        acc[r * vecs + v] += Load<F16>(s + 16 * v) * (part[r * vecs + v] - Load<F16>(z + 16 * v) * xsum);
+    }
+  }
+  for (int64_t r = 0; r < m; ++r) std::memcpy(y + r * n + c0, acc + r * vecs, width * sizeof(float));
+}
+
+// One work item of qmm_kn_i8x: int8 activations (per-row scale) against int8 weights, int32 sums.
+void KnI8xItem(const int8_t* x, const float* x_scale, int64_t m, int64_t k, int64_t n, const int8_t* w,
+               const float* scale, int64_t c0, int64_t width, I16* part, float* y) {
+  const int64_t vecs = width / 16;
+  std::fill(part, part + m * vecs, I16{});
+  AccumulateRows<0>(x, m, k, reinterpret_cast<const uint8_t*>(w), n, c0, width, 0, k, part);
+  for (int64_t r = 0; r < m; ++r)
+    for (int64_t v = 0; v < vecs; ++v) {
+      const F16 out = __builtin_convertvector(part[r * vecs + v], F16) * Load<F16>(scale + c0 + 16 * v) * x_scale[r];
+      std::memcpy(y + r * n + c0 + 16 * v, &out, sizeof(F16));
+    }
 }
 
 // Output columns [j0, j0 + Q) of y = x [m, k] @ w[n, k]^T, int8 rows of w, Q rows of w at once (k a multiple of 16).
@@ -281,6 +293,7 @@ ffi::Error QmmKnImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuff
                      bool signed_codes) {
   const int64_t m = x.dimensions()[0], k = x.dimensions()[1], n = y->dimensions()[1];
   if (n % kTile != 0) return ffi::Error::InvalidArgument("qmm_kn: the output size must be a multiple of 64");
+  if (m > kMaxRows) return ffi::Error::InvalidArgument("qmm_kn: at most 16 rows");
   if (signed_codes ? bits != 8 : (bits != 2 && bits != 3 && bits != 4 && bits != 8))
     return ffi::Error::InvalidArgument("qmm_kn: bits must be 2, 3, 4 or 8 (signed codes: 8)");
   if (signed_codes) group = k;
@@ -298,17 +311,14 @@ ffi::Error QmmKnImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuff
   const int64_t width = ItemWidth(n, pool.num_threads());
   auto run_item = [&](int64_t item) {
     const int64_t c0 = item * width, w = std::min(width, n - c0);
-    alignas(64) F16 part[4 * kMaxWidth / 16], acc[4 * kMaxWidth / 16];
-    ForRowBlocks(m, [&](auto rows, int64_t r0) {
-      constexpr int R = decltype(rows)::value;
-      switch (signed_codes ? 0 : bits) {
-        case 0: return KnItem<0, R>(xp, k, n, cp, sp, nullptr, k, c0, w, r0, part, acc, yp);
-        case 8: return KnItem<8, R>(xp, k, n, cp, sp, zp, group, c0, w, r0, part, acc, yp);
-        case 4: return KnItem<4, R>(xp, k, n, cp, sp, zp, group, c0, w, r0, part, acc, yp);
-        case 3: return KnItem<3, R>(xp, k, n, cp, sp, zp, group, c0, w, r0, part, acc, yp);
-        default: return KnItem<2, R>(xp, k, n, cp, sp, zp, group, c0, w, r0, part, acc, yp);
-      }
-    });
+    alignas(64) F16 part[kMaxRows * kMaxWidth / 16], acc[kMaxRows * kMaxWidth / 16];
+    switch (signed_codes ? 0 : bits) {
+      case 0: return KnItem<0>(xp, m, k, n, cp, sp, nullptr, k, c0, w, part, acc, yp);
+      case 8: return KnItem<8>(xp, m, k, n, cp, sp, zp, group, c0, w, part, acc, yp);
+      case 4: return KnItem<4>(xp, m, k, n, cp, sp, zp, group, c0, w, part, acc, yp);
+      case 3: return KnItem<3>(xp, m, k, n, cp, sp, zp, group, c0, w, part, acc, yp);
+      default: return KnItem<2>(xp, m, k, n, cp, sp, zp, group, c0, w, part, acc, yp);
+    }
   };
   ParallelFor(pool, Tiles(n, width), run_item);
   return ffi::Error::Success();
@@ -318,16 +328,15 @@ ffi::Error QmmKnI8xImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> x, ffi::Buffe
                         ffi::Buffer<ffi::S8> w, ffi::Buffer<ffi::F32> scale, ffi::ResultBuffer<ffi::F32> y) {
   const int64_t m = x.dimensions()[0], k = x.dimensions()[1], n = y->dimensions()[1];
   if (n % kTile != 0) return ffi::Error::InvalidArgument("qmm_kn_i8x: the output size must be a multiple of 64");
+  if (m > kMaxRows) return ffi::Error::InvalidArgument("qmm_kn_i8x: at most 16 rows");
   if (static_cast<int64_t>(w.element_count()) != k * n || static_cast<int64_t>(scale.element_count()) != n)
     return ffi::Error::InvalidArgument("qmm_kn_i8x: w must be [k, n] and scale [n]");
   const int64_t width = ItemWidth(n, pool.num_threads());
   auto run_item = [&](int64_t item) {
     const int64_t c0 = item * width;
-    alignas(64) I16 part[4 * kMaxWidth / 16];
-    ForRowBlocks(m, [&](auto rows, int64_t r0) {
-      KnI8xItem<decltype(rows)::value>(x.typed_data(), x_scale.typed_data(), k, n, w.typed_data(),
-                                       scale.typed_data(), c0, std::min(width, n - c0), r0, part, y->typed_data());
-    });
+    alignas(64) I16 part[kMaxRows * kMaxWidth / 16];
+    KnI8xItem(x.typed_data(), x_scale.typed_data(), m, k, n, w.typed_data(), scale.typed_data(), c0,
+              std::min(width, n - c0), part, y->typed_data());
   };
   ParallelFor(pool, Tiles(n, width), run_item);
   return ffi::Error::Success();
