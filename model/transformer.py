@@ -476,13 +476,14 @@ class Transformer(nnx.Module):
 
     `per_layer=True` (for `unstacked()` models, as decode loops use) keeps one (k, v) pair per layer unit under "kv"
     instead, so each step updates the cache in place rather than slicing and restacking all of it. With
-    `attention_impl=xla` those pairs are `attention.HeadsMajorKV` [batch, kv_heads, length, head_dim], the layout the
+    `attention_impl=xla` and a float32 cache those pairs are `attention.HeadsMajorKV` [batch, kv_heads, length, head_dim], the layout the
     attention dots read without transposing the whole cache at every step."""
     s = self.spec
     dtype = dtype or s.compute_dtype
     meta = {"segment_ids": jnp.zeros((batch, length), jnp.int32), "index": jnp.zeros((), jnp.int32)}
     if per_layer:
-      heads_major = s.attention_impl == "xla"
+      # float32 only: XLA's CPU dot thunk rejects bf16 x bf16 -> f32 for these batched dots (bench_decode, batch 8)
+      heads_major = s.attention_impl == "xla" and jnp.dtype(dtype) == jnp.float32
       shape = ((batch, s.num_kv_heads, length, s.head_dim) if heads_major else
                (batch, length, s.num_kv_heads, s.head_dim))
       shape = (s.layers_per_unit, *shape) if s.num_experts else shape  # BlockGroup caches, even of one block

@@ -82,3 +82,65 @@ def test_a_corrupt_checkpoint_gives_a_clear_error(tmp_path):
         f.write(b"garbage")
   with pytest.raises(RuntimeError, match="checkpoint step 5 .* could not be restored"):
     Checkpointer(str(tmp_path)).restore(5, abstract(state), make_iterator())
+
+
+def _damage(step_dir: str, how: str) -> None:
+  """Damages a saved step as a crash or a full disk would: truncate every file, delete the array files, or leave
+  the directory empty."""
+  if how == "empty":
+    shutil.rmtree(step_dir)
+    os.makedirs(step_dir)
+    return
+  for dirpath, _, files in os.walk(os.path.join(step_dir, "state")):
+    for name in files:
+      p = os.path.join(dirpath, name)
+      if how == "truncated":
+        with open(p, "r+b") as f:
+          f.truncate(max(0, os.path.getsize(p) // 3))
+      elif how == "deleted" and not name.endswith(".json"):
+        os.remove(p)
+
+
+@pytest.mark.parametrize("how", ["truncated", "deleted", "empty"])
+def test_a_damaged_latest_step_falls_back_to_the_newest_whole_one(tmp_path, how, caplog):
+  from workdir import checkpoint as checkpoint_lib
+
+  ckpt = Checkpointer(str(tmp_path), max_to_keep=3, async_save=False)
+  it = make_iterator()
+  good, bad = make_state(5), make_state(10)
+  ckpt.save(5, good, it)
+  ckpt.save(10, bad, it)
+  ckpt.close()
+  root = checkpoint_dir(str(tmp_path))
+  _damage(os.path.join(root, "10"), how)
+  os.makedirs(os.path.join(root, "15.orbax-checkpoint-tmp-99"))  # an interrupted save
+  # inference: the newest whole step, or a clear error naming the damaged step and --step
+  params, step = checkpoint_lib.restore_state(str(tmp_path), abstract(good))
+  assert step == 5
+  jax.tree.map(np.testing.assert_array_equal, params, good)
+  with pytest.raises(ValueError, match="step 10: .* could not be restored; choose another step with --step"):
+    checkpoint_lib.restore_state(str(tmp_path), abstract(good), step=10)
+  # training: set aside (kept), resumed from step 5, unfinished temporaries removed, step 10 can be saved again
+  reopened = Checkpointer(str(tmp_path), max_to_keep=3, async_save=False)
+  assert not any(checkpoint_lib.TEMPORARY_MARK in n for n in os.listdir(root))
+  with caplog.at_level("WARNING"):
+    state, step = reopened.restore_latest(abstract(good), make_iterator())
+  assert step == 5 and "checkpoint step 10 is damaged" in caplog.text and "set aside as" in caplog.text
+  jax.tree.map(np.testing.assert_array_equal, state, good)
+  assert "10.damaged-0" in os.listdir(root) and reopened.latest_step() == 5
+  assert reopened.save(10, bad, make_iterator())
+  reopened.close()
+  assert Checkpointer(str(tmp_path)).restore_latest(abstract(bad), make_iterator())[1] == 10
+
+
+def test_every_step_damaged_is_a_clear_error(tmp_path):
+  from workdir import checkpoint as checkpoint_lib
+
+  ckpt = Checkpointer(str(tmp_path), async_save=False)
+  ckpt.save(3, make_state(3), make_iterator())
+  ckpt.close()
+  _damage(os.path.join(checkpoint_dir(str(tmp_path)), "3"), "truncated")
+  for _ in range(2):  # nothing is moved: the same command fails the same way until the user decides
+    with pytest.raises(checkpoint_lib.DamagedCheckpoint, match="no checkpoint .* could be restored"):
+      Checkpointer(str(tmp_path)).restore_latest(abstract(make_state(3)), make_iterator())
+  assert os.listdir(checkpoint_dir(str(tmp_path))) == ["3"]

@@ -36,8 +36,9 @@ def test_tiny_preset_learns_and_fills_the_workdir(tiny_run):
   assert summary["sample"].startswith(tiny.get_config().sample.prompt) and summary["eval_ppl"] == evals[-1]["eval_ppl"]
 
 
-def test_resume_after_a_signal_gives_bitwise_identical_losses(data_dir, tmp_path):
-  steps = dict(steps=12, log_every=1, eval_every=0, checkpoint_every=100, warmup_steps=2)
+@pytest.mark.parametrize("damage_latest", [False, True])
+def test_resume_after_a_signal_gives_bitwise_identical_losses(data_dir, tmp_path, damage_latest, caplog):
+  steps = dict(steps=12, log_every=1, eval_every=0, checkpoint_every=3 if damage_latest else 100, warmup_steps=2)
   straight = str(tmp_path / "straight")
   trainer.run(tiny_config(data_dir, **steps), straight)
   expected = {r["step"]: r["loss"] for r in read_rows(straight) if "loss" in r}
@@ -50,9 +51,17 @@ def test_resume_after_a_signal_gives_bitwise_identical_losses(data_dir, tmp_path
 
   first = trainer.run(tiny_config(data_dir, **steps), interrupted, on_step=sigterm_at_5)
   assert first["interrupted"] and first["step"] == 5
-  assert os.listdir(os.path.join(interrupted, "checkpoints")) == ["5"]
-  second = trainer.run(tiny_config(data_dir, **steps), interrupted)
+  checkpoints = os.path.join(interrupted, "checkpoints")
+  assert sorted(os.listdir(checkpoints)) == (["3", "5"] if damage_latest else ["5"])
+  if damage_latest:  # the newest step loses its array data: the run goes back to step 3 and replays 4 and 5
+    for dirpath, _, files in os.walk(os.path.join(checkpoints, "5", "state")):
+      for name in files:
+        with open(os.path.join(dirpath, name), "r+b") as f:
+          f.truncate(0)
+  with caplog.at_level("WARNING"):
+    second = trainer.run(tiny_config(data_dir, **steps), interrupted)
   assert not second["interrupted"] and second["step"] == 12
+  assert ("checkpoint step 5 is damaged" in caplog.text) == damage_latest
   resumed = {r["step"]: r["loss"] for r in read_rows(interrupted) if "loss" in r}
   assert resumed == expected  # exact float equality, step by step
 

@@ -16,6 +16,7 @@ from ml_collections import config_flags  # noqa: E402
 
 from infer import generate  # noqa: E402
 from train import distributed, trainer  # noqa: E402
+from workdir import checkpoint  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/default.py", "Preset config file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (metrics, checkpoints, tokenizer); resumes if it "
@@ -30,7 +31,7 @@ def main(argv):
   try:
     distributed.initialize(_CONFIG.value.distributed)
     summary = trainer.run(_CONFIG.value, _WORKDIR.value, closing_sample=generate.closing_sample)
-  except (ValueError, FileNotFoundError) as e:
+  except (ValueError, FileNotFoundError, checkpoint.DamagedCheckpoint) as e:
     sys.exit(f"error: {e}")
   if summary["interrupted"]:
     print(f"stopped at step {summary['step']} (checkpoint saved); run the same command again to resume")

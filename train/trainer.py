@@ -106,9 +106,8 @@ def run(config, workdir: str, on_step: Callable[[int], None] | None = None,
   train_iter = data_lib.make_iterator(config, sources["train"], tokenizer, split="train",
                                       shard_index=jax.process_index(), shard_count=jax.process_count())
   ckpt = checkpoint_lib.Checkpointer(workdir, t.max_to_keep, t.async_checkpoint)
-  start_step = ckpt.latest_step()
+  state, start_step = ckpt.restore_latest(setup.abstract_state, train_iter)  # damaged newer steps set aside
   if start_step is not None:
-    state = ckpt.restore(start_step, setup.abstract_state, train_iter)
     log.info("resumed from step %d", start_step)
   else:  # fine-tuning starts from the parameters of another workdir (a run, or a Hugging Face import)
     state = setup.init_state(_initial_params(t.init_from, setup.abstract_state["params"]) if t.init_from else None)
