@@ -29,7 +29,6 @@ namespace {
 constexpr int64_t kTile = 64;      // output columns per register tile (kn kernels)
 constexpr int64_t kKBlock = 16;    // weight rows per pass over a register tile
 constexpr int64_t kMaxWidth = 512; // output columns per work item (kn kernels)
-constexpr int64_t kMinParallelBytes = 1 << 18;  // weights below this run on the calling thread alone
 constexpr int64_t kMaxRows = 16;   // token rows per call (kn kernels; model/quant.py NATIVE_MAX_ROWS)
 constexpr int64_t kRowTile = 64;   // output rows (weight rows) per work item (nk kernels)
 
@@ -59,10 +58,8 @@ inline void Release(ParallelState* state) {
 // from an atomic counter and the caller waits only for items already claimed (running elsewhere), so it never waits
 // on a pool task that has not started; such a task finds nothing left and never touches `fn`.
 template <typename F>
-void ParallelFor(ffi::ThreadPool& pool, int64_t items, const F& fn, int64_t weight_bytes) {
-  // Handing work to another thread costs more than it saves on small weights (measured: docs/performance.md).
-  const int64_t threads = weight_bytes < kMinParallelBytes ? 1 : pool.num_threads();
-  const int64_t helpers = std::min<int64_t>(threads, items) - 1;
+void ParallelFor(ffi::ThreadPool& pool, int64_t items, const F& fn) {
+  const int64_t helpers = std::min<int64_t>(pool.num_threads(), items) - 1;
   if (helpers <= 0) {
     for (int64_t i = 0; i < items; ++i) fn(i);
     return;
@@ -323,7 +320,7 @@ ffi::Error QmmKnImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuff
       default: return KnItem<2>(xp, m, k, n, cp, sp, zp, group, c0, w, part, acc, yp);
     }
   };
-  ParallelFor(pool, Tiles(n, width), run_item, k * n * bits / 8);
+  ParallelFor(pool, Tiles(n, width), run_item);
   return ffi::Error::Success();
 }
 
@@ -341,7 +338,7 @@ ffi::Error QmmKnI8xImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> x, ffi::Buffe
     KnI8xItem(x.typed_data(), x_scale.typed_data(), m, k, n, w.typed_data(), scale.typed_data(), c0,
               std::min(width, n - c0), part, y->typed_data());
   };
-  ParallelFor(pool, Tiles(n, width), run_item, k * n);
+  ParallelFor(pool, Tiles(n, width), run_item);
   return ffi::Error::Success();
 }
 
@@ -357,7 +354,7 @@ ffi::Error Nk(ffi::ThreadPool& pool, const void* x, const float* x_scale, int64_
     NkRows<kIntX>(x, x_scale, m, k, w.typed_data(), scale.typed_data(), n, j0, std::min(kRowTile, n - j0),
                   y->typed_data());
   };
-  ParallelFor(pool, Tiles(n, kRowTile), run_tile, k * n);
+  ParallelFor(pool, Tiles(n, kRowTile), run_tile);
   return ffi::Error::Success();
 }
 
