@@ -210,6 +210,14 @@ def test_compressed_workdir_round_trips(tiny_run, tmp_path, overrides):
   dense = evaluate.stream_perplexity(model, tokens, 32)["ppl"]
   compressed = evaluate.stream_perplexity(loaded, tokens, 32)["ppl"]
   assert np.isfinite(compressed) and compressed < 2.0 * dense
+  # served as stored (uint8 codes, model.quant=packed): the dequantized model's perplexity and greedy tokens
+  from infer import generate
+  _, packed, _, _ = loading.load_trained(out)
+  assert packed.spec.quant == "packed" and packed.spec.quant_bits == overrides["bits"]
+  served = evaluate.stream_perplexity(packed, tokens, 32)["ppl"]
+  assert abs(served - compressed) <= 1e-3 * compressed
+  prompts = [[1, 30, 31], [1, 60, 61, 62, 63]]
+  assert generate.generate(packed, prompts, max_new_tokens=8) == generate.generate(loaded, prompts, max_new_tokens=8)
 
 
 def test_stream_perplexity_is_independent_of_batching(tiny_run):
