@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from typing import Any
 
 import ml_collections
@@ -124,6 +125,7 @@ def get_config() -> ml_collections.ConfigDict:
   t.async_checkpoint = True  # write checkpoints in a background thread
   t.progress_bar = True  # tqdm bar with ETA on stderr
   t.peak_flops = 0.0  # device peak FLOP/s for MFU; 0 measures a dense matmul at start-up (CPU) or uses a table
+  t.profile_steps = ""  # "A:B": a jax.profiler trace of steps A..B into <workdir>/profile, top operations logged
 
   c.mesh = mesh = ml_collections.ConfigDict()  # device mesh; -1 takes all remaining devices (at most one axis)
   mesh.data = -1  # data parallelism (batch split, parameters replicated)
@@ -155,7 +157,7 @@ def get_config() -> ml_collections.ConfigDict:
 # implementation choices that change speed or memory but not the model or the data.
 RESUME_MAY_CHANGE = ("train.steps", "train.log_every", "train.eval_every", "train.eval_batches",
                      "train.checkpoint_every", "train.max_to_keep", "train.async_checkpoint", "train.progress_bar",
-                     "train.peak_flops", "train.offload_optimizer", "data.num_workers", "data.data_dir",
+                     "train.peak_flops", "train.profile_steps", "train.offload_optimizer", "data.num_workers", "data.data_dir",
                      "model.attention_impl", "model.remat", "model.scan_layers", "model.loss_chunk_tokens",
                      "model.pipeline_microbatches", "model.matmul_impl", "mesh", "distributed", "sample")
 
@@ -193,6 +195,17 @@ def _positive(config, key: str, zero_ok: bool = False):
     _fail(key, value, "must be a number >= 0" if zero_ok else "must be a number > 0")
 
 
+def profile_steps(config) -> tuple[int, int] | None:
+  """config.train.profile_steps 'A:B' -> (A, B), the 1-based steps A..B inclusive; '' -> None; ValueError otherwise."""
+  text = config.train.get("profile_steps", "")
+  if not text:
+    return None
+  match = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", str(text))
+  if not match or not 1 <= int(match[1]) <= int(match[2]):
+    _fail("train.profile_steps", text, "use A:B with 1 <= A <= B (steps A to B inclusive), or '' for no profile")
+  return int(match[1]), int(match[2])
+
+
 def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """Checks every key before anything compiles; raises ValueError naming the key, its value and what is allowed."""
   m, d, t = config.model, config.data, config.train
@@ -213,6 +226,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   if m.quant == "packed" and m.quant_bits not in PACKED_BITS:
     _fail("model.quant_bits", m.quant_bits, f"allowed values are {PACKED_BITS}")
   _choice(config, "train.optimizer", OPTIMIZERS)
+  profile_steps(config)
   _choice(config, "train.schedule", SCHEDULES)
   for key in ("model.vocab_size", "model.num_layers", "model.embed_dim", "model.num_heads", "model.max_len",
               "data.seq_len", "train.batch_size", "train.grad_accum_steps", "train.steps", "train.learning_rate",

@@ -30,6 +30,7 @@ from model import flops, sharding
 from model.transformer import ModelSpec
 from scripts import torch_peer
 from train import metrics
+from train import profiling
 from train import setup as setup_lib
 from train import allocator
 
@@ -60,17 +61,19 @@ def setup_for(config, mesh_sizes: dict[str, int] | None = None, donate: bool = T
   return setup_lib.build(config, donate=donate)
 
 
-def benchmark(config, steps: int, warmup: int, mesh_sizes: dict[str, int] | None = None, donate: bool = True) -> dict:
+def benchmark(config, steps: int, warmup: int, mesh_sizes: dict[str, int] | None = None, donate: bool = True,
+              profile_dir: str = "") -> dict:
   """Times `steps` train steps of `config` (each blocked) after compilation and `warmup` steps: the trainer's own
-  step (`setup_for`). `donate=False` measures what donating the state saves."""
+  step (`setup_for`). `donate=False` measures what donating the state saves; `profile_dir` traces the first three
+  timed steps there (`train.profiling`) and adds their top operations as row["profile"]."""
   setup = setup_for(config, mesh_sizes, donate)
   state = setup.init_state()
   batches = [jax.device_put(random_batch(config, i), setup.batch_sharding) for i in range(4)]
   with jax.set_mesh(setup.mesh):
-    return _time_steps(config, setup.spec, state, setup.train_step, batches, steps, warmup)
+    return _time_steps(config, setup.spec, state, setup.train_step, batches, steps, warmup, profile_dir)
 
 
-def _time_steps(config, spec, state, step_fn, batches, steps, warmup) -> dict:
+def _time_steps(config, spec, state, step_fn, batches, steps, warmup, profile_dir="") -> dict:
   """Compiles (first call), warms up, then times `steps` blocked steps: median step time and derived rates."""
   t = config.train
   start = time.perf_counter()
@@ -81,21 +84,31 @@ def _time_steps(config, spec, state, step_fn, batches, steps, warmup) -> dict:
     state, m = step_fn(state, batches[i % 4])
   jax.block_until_ready(m)
   times, losses = [], []
+  profiler = profiling.StepProfiler((1, min(3, steps)) if profile_dir else None, profile_dir)
   usage_start, wall_start = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
   for i in range(steps):
+    profiler.before(i + 1)
     start = time.perf_counter()
     state, m = step_fn(state, batches[i % 4])
     jax.block_until_ready(m)
     times.append(time.perf_counter() - start)
+    profiler.after(i + 1, m)
     losses.append(float(m["loss"]))
   usage = process_usage(usage_start, resource.getrusage(resource.RUSAGE_SELF), time.perf_counter() - wall_start)
+  profile = {}
+  if profiler.traced:  # the traced steps count in the times (the profiler's overhead is small next to a step)
+    n = profiler.traced[1]
+    print(profiler.summary.table(steps=n), flush=True)
+    profile = {"profile": {"trace_dir": profiler.summary.trace_dir, "occupancy": profiler.summary.busy_s / max(
+        profiler.summary.wall_s * profiler.summary.threads, 1e-12), "top_ms_per_step": {
+            op.name: op.seconds / n * 1e3 for op in profiler.summary.ops[:15]}}}
   step_s = statistics.median(times)
   tokens = t.batch_size * config.data.seq_len
   return {"step_time_s": step_s, "tokens_per_sec": tokens / step_s, "compile_s": compile_s,
           "flops_per_token": flops.flops_per_token(spec, config.data.seq_len), "parameters": flops.param_count(spec),
           "final_loss": losses[-1], "step_time_spread": [min(times), max(times)],
           "cpu_utilization": usage["cpu_utilization"], "system_share": usage["system_share"],
-          "minor_page_faults_per_step": usage["minor_page_faults"] / steps}
+          "minor_page_faults_per_step": usage["minor_page_faults"] / steps, **profile}
 
 
 def process_usage(before, after, wall_s: float) -> dict:
@@ -119,6 +132,8 @@ def _define_flags():
                     "(e.g. data=8,fsdp=8,data=2/tensor=4); empty: the config's own mesh.")
   flags.DEFINE_list("dtypes", ["float32", "float32/bfloat16", "bfloat16"], "Our steps to measure, each "
                     "model.dtype[/model.matmul_dtype]: float32/bfloat16 keeps float32 activations around bf16 matmuls.")
+  flags.DEFINE_string("profile", "", "A directory: trace three timed steps of each of our rows there "
+                      "(TensorBoard/Perfetto) and print their top operations.")
   flags.DEFINE_bool("peer", True, "Also measure the HF-PyTorch peer (GPT2LMHeadModel, AdamW, eager, float32 and "
                     "bf16 autocast, 2 threads) in the same run.")
 
@@ -151,7 +166,8 @@ def main(argv):
     c = config.copy_and_resolve_references()
     c.model.dtype, _, matmul = entry.partition("/")
     c.model.matmul_dtype = matmul or c.model.matmul_dtype
-    row = benchmark(c, f.steps, f.warmup, donate=f.donate)
+    profile_dir = os.path.join(f.profile, entry.replace("/", "-")) if f.profile else ""
+    row = benchmark(c, f.steps, f.warmup, donate=f.donate, profile_dir=profile_dir)
     achieved = row["flops_per_token"] * row["tokens_per_sec"]
     rate_dtype = c.model.matmul_dtype or c.model.dtype  # the dtype the step's matmuls compute in
     row.update(who="peakllm", dtype=f"{c.model.dtype}/{rate_dtype}" if rate_dtype != c.model.dtype else rate_dtype,

@@ -1,5 +1,6 @@
 """End to end: the tiny preset trains, writes the workdir contract, resumes bitwise-exactly, and bad input fails early."""
 
+import glob
 import json
 import os
 import signal
@@ -10,7 +11,7 @@ import pytest
 
 from configs import base, default, tiny
 from conftest import tiny_config
-from train import trainer
+from train import profiling, trainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -108,6 +109,7 @@ def test_generate_cli_is_deterministic_under_a_seed(tiny_run):
     ("train.learning_rate", -1.0, "must be a number > 0"),
     ("data.source", "http://x", "'stdlib', 'files:GLOB' or 'tfds:NAME[:CONFIG]'"),
     ("train.warmup_steps", 10_000, "must be <= train.steps=600"),
+    ("train.profile_steps", "9:3", "use A:B with 1 <= A <= B"),
 ])
 def test_validate_names_the_key_the_value_and_what_is_allowed(key, value, message):
   c = default.get_config()
@@ -116,3 +118,17 @@ def test_validate_names_the_key_the_value_and_what_is_allowed(key, value, messag
   with pytest.raises(ValueError) as err:
     base.validate(c)
   assert f"config.{key}={value!r}" in str(err.value) and message in str(err.value)
+
+
+def test_profile_steps_write_a_trace_and_log_the_top_operations(data_dir, tmp_path, caplog):
+  workdir = str(tmp_path / "w")
+  config = tiny_config(data_dir, steps=4, warmup_steps=1, log_every=2, eval_every=0, eval_batches=1,
+                       profile_steps="2:3")
+  with caplog.at_level("INFO", logger="peakllm.train"):
+    trainer.run(config, workdir)
+  traces = glob.glob(os.path.join(workdir, "profile", "plugins", "profile", "*", "*"))
+  assert any(p.endswith(".xplane.pb") for p in traces) and any(p.endswith("perfetto_trace.json.gz") for p in traces)
+  assert "profile of steps 2-3" in caplog.text
+  summary = profiling.summarize(os.path.join(workdir, "profile"))
+  assert summary.busy_s > 0 and summary.ops and all(op.count >= 2 for op in summary.ops[:3])  # two steps traced
+  assert summary.ops == sorted(summary.ops, key=lambda op: -op.seconds)

@@ -29,6 +29,7 @@ from train import bpe
 from train import data as data_lib
 from train import distributed
 from train import metrics as metrics_lib
+from train import profiling
 from train import setup as setup_lib
 from train import step as step_lib
 from train import validation
@@ -141,14 +142,19 @@ def run(config, workdir: str, on_step: Callable[[int], None] | None = None,
   tokens_per_step = t.batch_size * config.data.seq_len
   window_start, window_steps = time.perf_counter(), 0
   interrupted = False
+  profiler = profiling.StepProfiler(base.profile_steps(config), layout.path(workdir, layout.PROFILE))
   with stop.installed():
     while step < t.steps:
       if stop.signal is not None:
         interrupted = True
         break
       batch = distributed.global_batch(next(train_iter), batch_sh)
+      profiler.before(step + 1)
       state, step_metrics = compiled(state, batch)
       step += 1
+      profiler.after(step, step_metrics)
+      if profiler.summary is not None:
+        _log_profile(profiler)
       window_steps += 1
       bar.update(1)
       if step % t.log_every == 0 or step == t.steps:
@@ -177,6 +183,9 @@ def run(config, workdir: str, on_step: Callable[[int], None] | None = None,
         ckpt.save(step, state, train_iter)
       if on_step is not None:
         on_step(step)
+    if profiler.active:  # the run ended (or was stopped) inside the profiled range
+      profiler.stop(step_metrics)
+      _log_profile(profiler)
     if interrupted:
       log.warning("signal %s: saving a checkpoint at step %d and stopping", stop.signal, step)
       ckpt.save(step, state, train_iter)
@@ -198,6 +207,13 @@ def run(config, workdir: str, on_step: Callable[[int], None] | None = None,
   if is_main:
     layout.write_json(layout.path(workdir, layout.SUMMARY), summary, indent=2)
   return summary
+
+
+def _log_profile(profiler: profiling.StepProfiler) -> None:
+  """Logs the finished trace's top operations once, then forgets the summary."""
+  summary, profiler.summary = profiler.summary, None
+  log.info("profile of steps %d-%d (view: tensorboard --logdir %s, or its perfetto_trace.json.gz in ui.perfetto.dev)"
+           "\n%s", *profiler.traced, profiler.logdir, summary.table(steps=profiler.traced[1] - profiler.traced[0] + 1))
 
 
 def _initial_params(source: str, abstract_params):

@@ -28,6 +28,7 @@ CHECKPOINTS = "checkpoints"
 METRICS = "metrics.jsonl"
 SUMMARY = "summary.json"
 COMPRESSION = "compression.json"
+PROFILE = "profile"  # jax.profiler traces (train.profile_steps): tensorboard --logdir <workdir>/profile
 
 
 def path(workdir: str, name: str) -> str:
