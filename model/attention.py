@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from configs import base
+from model.kernels import cpu_native
 from model.kernels import decode_attention as decode
 from model.kernels import flash_attention as flash
 from model.kernels import paged_attention as paged
@@ -120,6 +121,74 @@ def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, visibility: Visibili
   return out.reshape(b, lq, h, d).astype(q.dtype)
 
 
+def xla_self_attention(q: jax.Array, k: jax.Array, v: jax.Array, visibility: Visibility, sm_scale: float,
+                       native: bool = False) -> jax.Array:
+  """`xla_attention` with a hand-written backward pass, for training. q [B, L, H, D], k/v [B, L, K, D] -> [B, L, H, D].
+
+  Same forward math, laid out heads-major ([B, K, G*L, D], batch dimensions leading, so every dot is a plain batched
+  matmul). The backward pass reuses the saved probabilities and the FlashAttention identity
+  dS = P * (dP - rowsum(dO * O)) instead of differentiating the softmax, so the [B, H, L, L] work is two
+  elementwise passes instead of autodiff's chain. `native`: the six batched matmuls run on the native CPU kernel
+  (`cpu_native.batched_matmul`, float32, L and D multiples of 32), which splits them over the thread pool where XLA
+  runs each on one thread (docs/performance.md has both measured effects)."""
+  b, l, h, d = q.shape
+  kv_heads = k.shape[2]
+  native = native and q.dtype == jnp.float32 and cpu_native.supports_batched(l) and cpu_native.supports_batched(d)
+  heads_major = lambda x: x.transpose(0, 2, 1, 3)  # noqa: E731  [B, L, K, D] -> [B, K, L, D]
+  qt = q.reshape(b, l, kv_heads, h // kv_heads, d).transpose(0, 2, 3, 1, 4).reshape(b, kv_heads, -1, d)
+  out = _self_attention(qt, heads_major(k), heads_major(v), visibility.mask()[:, :, None], sm_scale, native)
+  return out.reshape(b, kv_heads, h // kv_heads, l, d).transpose(0, 3, 1, 2, 4).reshape(b, l, h, d)
+
+
+def _bmm(a: jax.Array, b: jax.Array, transpose_a: bool, transpose_b: bool, native: bool) -> jax.Array:
+  """Batched a @ b over the leading dimensions ([..., m, k] @ [..., k, n], either transposed) -> float32 [..., m, n]."""
+  if native:
+    lead = a.shape[:-2]
+    out = cpu_native.batched_matmul(a.reshape(-1, *a.shape[-2:]), b.reshape(-1, *b.shape[-2:]), transpose_a,
+                                    transpose_b)
+    return out.reshape(*lead, *out.shape[-2:])
+  return jnp.einsum(f"...{'km' if transpose_a else 'mk'},...{'nk' if transpose_b else 'kn'}->...mn", a, b,
+                    preferred_element_type=jnp.float32)
+
+
+def _probs(qt, kt, mask, sm_scale, native):
+  """Softmax probabilities, float32 [B, K, G*L, S], of heads-major q [B, K, G*L, D] against k [B, K, S, D] under
+  mask [B, 1, 1, L, S]; rows that see nothing get uniform probabilities (so a finite mean of v)."""
+  b, kv_heads, gl, _ = qt.shape
+  s = kt.shape[2]
+  logits = _bmm(qt, kt, False, True, native) * sm_scale
+  logits = jnp.where(mask, logits.reshape(b, kv_heads, -1, mask.shape[-2], s), NEG_INF).reshape(b, kv_heads, gl, s)
+  return jax.nn.softmax(logits, axis=-1)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _self_attention(qt, kt, vt, mask, sm_scale, native):
+  return _self_attention_fwd(qt, kt, vt, mask, sm_scale, native)[0]
+
+
+def _self_attention_fwd(qt, kt, vt, mask, sm_scale, native):
+  probs = _probs(qt, kt, mask, sm_scale, native)
+  out = _bmm(probs.astype(vt.dtype), vt, False, False, native)
+  return out.astype(qt.dtype), (qt, kt, vt, mask, probs, out)
+
+
+def _self_attention_bwd(sm_scale, native, residuals, d_out):
+  qt, kt, vt, mask, probs, out = residuals
+  b, kv_heads, gl, s = probs.shape
+  delta = jnp.sum(d_out.astype(jnp.float32) * out, axis=-1, keepdims=True)  # rowsum(dO * O) = rowsum(P * dP)
+  d_v = _bmm(probs.astype(vt.dtype), d_out, True, False, native)
+  d_logits = probs * (_bmm(d_out, vt, False, True, native) - delta)
+  visible = mask.reshape(mask.shape[0], 1, 1, mask.shape[-2], s)
+  d_logits = jnp.where(visible, d_logits.reshape(b, kv_heads, -1, mask.shape[-2], s), 0.0).reshape(b, kv_heads, gl, s)
+  d_logits = (d_logits * sm_scale).astype(qt.dtype)
+  d_q = _bmm(d_logits, kt, False, False, native)
+  d_k = _bmm(d_logits, qt, True, False, native)
+  return d_q.astype(qt.dtype), d_k.astype(kt.dtype), d_v.astype(vt.dtype), None
+
+
+_self_attention.defvjp(_self_attention_fwd, _self_attention_bwd)
+
+
 def pallas_attention(q, k, v, visibility: Visibility, sm_scale: float) -> jax.Array:
   return flash.flash_attention(q, k, v, causal=True, segment_ids=visibility.q_segment_ids, sm_scale=sm_scale)
 
@@ -142,14 +211,25 @@ def cudnn_attention(q, k, v, visibility: Visibility, sm_scale: float) -> jax.Arr
   return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=sm_scale, is_causal=True, implementation="cudnn")
 
 
+def _native_batched(matmul_impl: str) -> bool:
+  if matmul_impl == "native":
+    cpu_native.require()
+  elif matmul_impl != "auto":
+    return False
+  mesh = jax.sharding.get_abstract_mesh()
+  return cpu_native.available() and (mesh.empty or mesh.size == 1)
+
+
 IMPLS = {"xla": xla_attention, "pallas": pallas_attention, "cudnn": cudnn_attention}
 base.check_implemented("model.attention_impl", base.ATTENTION_IMPLS, IMPLS)
 
 
 def attend(q, k, v, visibility: Visibility, *, impl: str = "xla", sm_scale: float | None = None,
-           heads_major: bool = False) -> jax.Array:
+           heads_major: bool = False, matmul_impl: str = "xla") -> jax.Array:
   """Dispatches to the configured implementation (kernels only for full causal self-attention; else `xla`).
-  `heads_major`: k/v are [B, K, S, D] (a `HeadsMajorKV` cache), which only `xla` reads."""
+  `heads_major`: k/v are [B, K, S, D] (a `HeadsMajorKV` cache), which only `xla` reads. `matmul_impl`
+  (`model.matmul_impl`): with auto or native, `xla` self-attention runs its batched matmuls on the native CPU kernel
+  where it is built and the program is not partitioned over several devices (the kernel does not shard)."""
   if impl not in IMPLS:
     raise ValueError(f"attention_impl={impl!r} is not available; choose one of {sorted(IMPLS)}")
   scale = sm_scale if sm_scale is not None else q.shape[-1] ** -0.5
@@ -161,4 +241,6 @@ def attend(q, k, v, visibility: Visibility, *, impl: str = "xla", sm_scale: floa
     return pallas_decode_attention(q, k, v, visibility, scale)
   if impl != "xla" and not visibility.self_attention:
     impl = "xla"
+  if impl == "xla" and visibility.self_attention:
+    return xla_self_attention(q, k, v, visibility, scale, native=_native_batched(matmul_impl))
   return IMPLS[impl](q, k, v, visibility, scale)

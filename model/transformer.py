@@ -280,7 +280,7 @@ class Attention(nnx.Module):
       v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), start)
       kv_cache = (k, v)
     out = attention_lib.attend(q, k.astype(q.dtype), v.astype(q.dtype), visibility, impl=spec.attention_impl,
-                               heads_major=heads_major)
+                               heads_major=heads_major, matmul_impl=spec.matmul_impl)
     return checkpoint_name(out, "attention_out"), kv_cache
 
   def project_out(self, heads):

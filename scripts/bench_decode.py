@@ -11,7 +11,7 @@ elementwise pass over 256 MiB, counting bytes read and written). In the same run
 ratio column. Prints a table and writes JSON.
 
   python -m scripts.bench_decode [--shapes=shape_s,gpt2_124m] [--batches=1,8]
-      [--formats=float32,bfloat16,int8,w8a8,gptq4,gptq3] [--matmul_impl=auto] [--nopeer]
+      [--formats=float32,bfloat16,int8,w8a8,gptq4,gptq3] [--matmul_impl=auto] [--nopeer] [--profile=DIR]
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import json
+import os
 import statistics
 import time
 
@@ -35,6 +36,7 @@ from model.transformer import ModelSpec, Transformer
 from scripts import torch_peer
 from scripts.bench_train import cpu_description
 from train import allocator
+from train import profiling
 
 _SHAPES = flags.DEFINE_list("shapes", ["shape_s", "gpt2_124m"], "Config modules under configs/.")
 _BATCHES = flags.DEFINE_list("batches", ["1", "8"], "Batch sizes.")
@@ -44,6 +46,8 @@ _PROMPT = flags.DEFINE_integer("prompt_len", 32, "Prompt tokens.")
 _NEW = flags.DEFINE_integer("new_tokens", 128, "Generated tokens.")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed runs per case (median).")
 _OUT = flags.DEFINE_string("out", "bench_decode.json", "Where to write the JSON results.")
+_PROFILE = flags.DEFINE_string("profile", "", "A directory: trace one generate call of each case there "
+                                "(TensorBoard/Perfetto) and print its top operations.")
 _PEER = flags.DEFINE_bool("peer", True, "Also measure HF-PyTorch `generate` (needs the test extra).")
 
 
@@ -98,11 +102,17 @@ def _packed_model(spec: ModelSpec, params: dict, bits: int, group_size: int) -> 
   return transformer.from_params(pspec, params)
 
 
-def time_generate(model, batch: int, prompt_len: int, new_tokens: int, repeats: int) -> float:
+def time_generate(model, batch: int, prompt_len: int, new_tokens: int, repeats: int, profile_dir: str = "") -> float:
+  """Median seconds of `infer.generate`'s jitted program (compiled first); `profile_dir`: also trace one more call
+  there and print its top operations (train/profiling.py)."""
   prompts = np.random.default_rng(0).integers(1, model.spec.vocab_size, (batch, prompt_len)).tolist()
   args, kwargs = generate._prepare(model, prompts, new_tokens, 0.0, 0, 1.0, 0, None)
   fn = generate._generate_padded  # the one jitted prefill + decode program that `generate` runs
   jax.block_until_ready(fn(*args, **kwargs))
+  if profile_dir:
+    with profiling.trace(profile_dir) as timing:
+      jax.block_until_ready(fn(*args, **kwargs))
+    print(profiling.summarize(profile_dir, timing["wall_s"]).table(steps=new_tokens) + "  (per new token)", flush=True)
   times = []
   for _ in range(repeats):
     start = time.perf_counter()
@@ -136,7 +146,8 @@ def main(argv):
       s = model.spec
       kv_bytes_per_token = 2 * s.num_layers * s.num_kv_heads * s.head_dim * jnp.dtype(s.compute_dtype).itemsize
       for batch in map(int, _BATCHES.value):
-        total = time_generate(model, batch, _PROMPT.value, _NEW.value, _REPEATS.value)
+        profile_dir = os.path.join(_PROFILE.value, f"{shape}-{fmt}-b{batch}") if _PROFILE.value else ""
+        total = time_generate(model, batch, _PROMPT.value, _NEW.value, _REPEATS.value, profile_dir)
         ttft = time_generate(model, batch, _PROMPT.value, 1, _REPEATS.value)
         tokens_per_s = batch * _NEW.value / total
         avg_context = _PROMPT.value + _NEW.value / 2

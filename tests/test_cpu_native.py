@@ -103,7 +103,12 @@ def test_int8_models_decode_the_same_with_native_kernels(mode):
     model = _int8_model(mode, impl)
     tokens = jnp.asarray(np.random.default_rng(0).integers(1, 256, (2, 6)))
     outs[impl] = (np.asarray(model(tokens)), generate.generate(model, prompts, max_new_tokens=12))
-  np.testing.assert_allclose(outs["native"][0], outs["xla"][0], rtol=1e-4, atol=1e-4)
+  if mode == "int8_weight":
+    np.testing.assert_allclose(outs["native"][0], outs["xla"][0], rtol=1e-4, atol=1e-4)
+  else:  # W8A8 rounds each activation to int8: a last-bit difference upstream (another summation order) can move a
+    # value across a rounding boundary, which shifts the logits after it by about one quantization step
+    diff = np.abs(outs["native"][0] - outs["xla"][0])
+    assert np.mean(diff <= 1e-4) >= 0.9 and diff.max() < 0.1, (np.mean(diff <= 1e-4), diff.max())
   assert outs["native"][1] == outs["xla"][1]
 
 
@@ -149,3 +154,34 @@ def test_compressed_workdir_is_served_packed_with_the_dequantized_models_outputs
   tokens = evaluate.validation_stream(config, tokenizer, 2048)
   ppl = [evaluate.stream_perplexity(m, tokens, 32)["ppl"] for m in (packed, dense)]
   assert abs(ppl[0] - ppl[1]) <= 1e-3 * ppl[1]
+
+
+@pytest.mark.parametrize("transpose_a", [False, True])
+@pytest.mark.parametrize("transpose_b", [False, True])
+def test_batched_matmul_matches_numpy(transpose_a, transpose_b):
+  """cpu_native.batched_matmul, every transpose form, odd m and k (the row remainder and short k), against float64."""
+  rng = np.random.default_rng(0)
+  batch, m, k, n = 5, 29, 7, 64
+  a = rng.standard_normal((batch, k, m) if transpose_a else (batch, m, k)).astype(np.float32)
+  b = rng.standard_normal((batch, n, k) if transpose_b else (batch, k, n)).astype(np.float32)
+  want = np.einsum("bmk,bkn->bmn", (a.transpose(0, 2, 1) if transpose_a else a).astype(np.float64),
+                   (b.transpose(0, 2, 1) if transpose_b else b).astype(np.float64))
+  got = jax.jit(lambda a, b: cpu_native.batched_matmul(a, b, transpose_a, transpose_b))(a, b)
+  np.testing.assert_allclose(np.asarray(got), want, atol=1e-4, rtol=1e-5)
+  with pytest.raises(ValueError, match="n=48 must be a multiple of 32"):
+    cpu_native.batched_matmul(a, b[..., :48] if not transpose_b else b[:, :48], transpose_a, transpose_b)
+
+
+def test_training_steps_with_native_attention_match_xla():
+  """The train step with model.matmul_impl=native (attention's batched matmuls on the kernel) gives the losses of
+  matmul_impl=xla over five AdamW steps on one batch within 1e-5 (packed segments and padding rows)."""
+  from test_step import random_batch, run_steps, small_config
+
+  losses = {}
+  for impl in ("xla", "native"):
+    config = small_config()
+    config.model.update(max_len=32, matmul_impl=impl, num_heads=1)  # head dim 32 and length 32: the kernel's sizes
+    config.data.seq_len = 32
+    losses[impl] = run_steps(config, [random_batch(0, length=32)] * 5)[1]
+  np.testing.assert_allclose(losses["native"], losses["xla"], rtol=1e-5)
+  assert losses["xla"][-1] < losses["xla"][0]

@@ -176,3 +176,33 @@ def test_unstacked_model_matches_the_stacked_one_for_forward_and_cache_steps():
   (a, cache_a), (b, cache_b) = (extend(m, x, pos, seg, m.init_cache(2, 12)) for m in (model, flat))
   np.testing.assert_allclose(a, b, atol=1e-6)
   jax.tree.map(lambda u, v: np.testing.assert_allclose(u, v, atol=1e-6), cache_a, cache_b)
+
+
+@pytest.mark.parametrize("native", [False, True])
+@pytest.mark.parametrize("dtype, kv_heads", [(jnp.float32, 2), (jnp.float32, 4), (jnp.bfloat16, 1)])
+def test_self_attention_backward_matches_autodiff_of_the_reference(native, dtype, kv_heads):
+  """attention.xla_self_attention (hand-written backward; with `native`, batched matmuls on the CPU kernel) against
+  autodiff of attention.xla_attention: outputs and q/k/v gradients, GQA, packed segments and padding rows."""
+  from model import attention
+  from model.kernels import cpu_native
+  if native and cpu_native.unavailable_reason():
+    pytest.skip(cpu_native.unavailable_reason())
+  b, l, h, d = 2, 64, 4, 32
+  keys = jax.random.split(jax.random.PRNGKey(3), 4)
+  q = jax.random.normal(keys[0], (b, l, h, d), dtype)
+  k, v = (jax.random.normal(key, (b, l, kv_heads, d), dtype) for key in keys[1:3])
+  cotangent = jax.random.normal(keys[3], (b, l, h, d), jnp.float32)
+  segments = jnp.ones((b, l), jnp.int32).at[:, 20:].set(2).at[0, -7:].set(0)  # two documents, then padding
+  visibility = attention.Visibility.causal_self(segments)
+
+  def loss_and_grads(fn):
+    loss = lambda q, k, v: (fn(q, k, v, visibility, d ** -0.5).astype(jnp.float32) * cotangent).sum()  # noqa: E731
+    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))(q, k, v)
+
+  want, want_grads = loss_and_grads(attention.xla_attention)
+  got, got_grads = loss_and_grads(lambda *a: attention.xla_self_attention(*a, native=native))
+  tol = 1e-5 if dtype == jnp.float32 else 2e-2
+  np.testing.assert_allclose(float(got), float(want), rtol=tol)
+  for g, w in zip(got_grads, want_grads):
+    scale = float(jnp.abs(w.astype(jnp.float32)).max())
+    np.testing.assert_allclose(np.asarray(g, np.float32) / scale, np.asarray(w, np.float32) / scale, atol=tol)

@@ -1,4 +1,5 @@
-"""CPU kernels for quantized decoding: `cpu/quant_matmul.cc`, built once per machine and called through the XLA FFI.
+"""Native CPU kernels, built once per machine and called through the XLA FFI: quantized decoding matmuls
+(`cpu/quant_matmul.cc`) and attention's batched float32 matmuls (`cpu/batched_matmul.cc`).
 
 Why native code: XLA's CPU backend widens int8 or 4-bit weights into a float copy in a separate pass before every dot
 (docs/performance.md), and Pallas kernels only interpret on CPU. These kernels read the weights as stored, widen them
@@ -13,6 +14,8 @@ Layouts (per weight, x [m, k] -> y [m, n], n a multiple of 64):
   * int8 [n, k] rows (a tied embedding used as the head): `matmul_nk*`.
   * packed unsigned b-bit codes (b in 2, 3, 4, 8) [k, n] in the serving layout of `to_kernel_layout`, with scale and
     zero point [k / group, n]: `matmul_packed`. The weight is scale * (code - zero), as `infer.compress` stores it.
+Batched float32 products [batch, m, k] x [batch, k, n] (either operand transposed), the batch split over the pool:
+`batched_matmul`. XLA runs such a dot on one thread (docs/performance.md).
 """
 
 from __future__ import annotations
@@ -29,12 +32,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-SOURCE = pathlib.Path(__file__).with_name("cpu") / "quant_matmul.cc"
+SOURCE_DIR = pathlib.Path(__file__).with_name("cpu")
+SOURCES = (SOURCE_DIR / "quant_matmul.cc", SOURCE_DIR / "batched_matmul.cc")
+HEADERS = (SOURCE_DIR / "parallel.h",)
 TILE = 64  # output columns per register tile: n must be a multiple
 MAX_ROWS = 16  # token rows per call of the [k, n] kernels (decode batches; prefill runs on XLA)
 PACKED_BITS = (2, 3, 4, 8)
 _TARGETS = {"PeakllmQmmKn": "qmm_kn", "PeakllmQmmKnI8x": "qmm_kn_i8x", "PeakllmQmmNk": "qmm_nk",
-            "PeakllmQmmNkI8x": "qmm_nk_i8x"}
+            "PeakllmQmmNkI8x": "qmm_nk_i8x", "PeakllmBmm": "bmm"}
+BMM_COLUMNS = 32  # batched_matmul: n must be a multiple
 
 
 class NativeUnavailable(RuntimeError):
@@ -51,7 +57,8 @@ def _cpu_flags() -> str:
 
 def _library_path(compiler: str, version: str) -> pathlib.Path:
   import jaxlib  # the FFI headers and ABI come with jaxlib
-  key = hashlib.sha256("\n".join([SOURCE.read_text(), compiler, version, _cpu_flags(), jaxlib.__version__]).encode())
+  texts = [p.read_text() for p in SOURCES + HEADERS]
+  key = hashlib.sha256("\n".join([*texts, compiler, version, _cpu_flags(), jaxlib.__version__]).encode())
   cache = pathlib.Path(os.environ.get("PEAKLLM_CACHE", pathlib.Path.home() / ".cache" / "peakllm")) / "native"
   return cache / f"quant_matmul-{key.hexdigest()[:16]}.so"
 
@@ -71,10 +78,10 @@ def _library() -> ctypes.CDLL:
     with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
       out = pathlib.Path(tmp) / path.name
       cmd = [compiler, "-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w", f"-I{jax.ffi.include_dir()}",
-             str(SOURCE), "-o", str(out)]
+             *map(str, SOURCES), "-o", str(out)]
       done = subprocess.run(cmd, capture_output=True, text=True)
       if done.returncode != 0:
-        raise NativeUnavailable(f"compiling {SOURCE.name} failed:\n{done.stderr[-2000:]}")
+        raise NativeUnavailable(f"compiling {', '.join(p.name for p in SOURCES)} failed:\n{done.stderr[-2000:]}")
       os.replace(out, path)  # atomic: concurrent builders race harmlessly
   lib = ctypes.cdll.LoadLibrary(str(path))
   for symbol in _TARGETS:
@@ -152,6 +159,23 @@ def matmul_packed(x: jax.Array, codes: jax.Array, scale: jax.Array, zero: jax.Ar
   k = x.shape[1]
   return _call("PeakllmQmmKn", x.shape[0], n, x.astype(jnp.float32), codes, scale.astype(jnp.float32),
                zero.astype(jnp.float32), bits=np.int64(bits), group=np.int64(k // groups), signed_codes=False)
+
+
+def supports_batched(n: int) -> bool:
+  return n % BMM_COLUMNS == 0
+
+
+def batched_matmul(a: jax.Array, b: jax.Array, transpose_a: bool = False, transpose_b: bool = False) -> jax.Array:
+  """float32 [batch, m, k] (or [batch, k, m] with transpose_a) @ [batch, k, n] (or [batch, n, k] with transpose_b)
+  -> [batch, m, n] float32, each batch entry on one thread of XLA's pool; n a multiple of BMM_COLUMNS."""
+  batch = a.shape[0]
+  m = a.shape[2] if transpose_a else a.shape[1]
+  n = b.shape[1] if transpose_b else b.shape[2]
+  if not supports_batched(n):
+    raise ValueError(f"batched_matmul: n={n} must be a multiple of {BMM_COLUMNS}")
+  _library()
+  return jax.ffi.ffi_call("PeakllmBmm", jax.ShapeDtypeStruct((batch, m, n), jnp.float32))(
+      a.astype(jnp.float32), b.astype(jnp.float32), transpose_a=transpose_a, transpose_b=transpose_b)
 
 
 # -- the serving layout of packed codes -------------------------------------------------------------------------------

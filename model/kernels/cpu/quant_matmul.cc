@@ -21,6 +21,7 @@
 #include <thread>
 
 #include "xla/ffi/api/ffi.h"
+#include "parallel.h"
 
 namespace ffi = xla::ffi;
 
@@ -32,48 +33,7 @@ constexpr int64_t kMaxWidth = 512; // output columns per work item (kn kernels)
 constexpr int64_t kMaxRows = 16;   // token rows per call (kn kernels; model/quant.py NATIVE_MAX_ROWS)
 constexpr int64_t kRowTile = 64;   // output rows (weight rows) per work item (nk kernels)
 
-// Runs fn(i) for i in [0, items) on the calling thread and up to num_threads() - 1 pool threads. Items are claimed
-// from an atomic counter, and the caller waits only for items that have been claimed, so a pool task that starts late
-// finds nothing left and never touches `fn` (which lives on the caller's stack).
-struct ParallelState {
-  std::atomic<int64_t> next{0};  // the next unclaimed item
-  std::atomic<int64_t> done{0};  // items finished
-  std::atomic<int> refs{0};      // threads still holding this state
-};
-
-// Claims and runs items until none is left; the last thread to leave frees the state.
-template <typename F>
-void Drain(ParallelState* state, int64_t items, const F& fn) {
-  for (int64_t i; (i = state->next.fetch_add(1, std::memory_order_relaxed)) < items;) {
-    fn(i);
-    state->done.fetch_add(1, std::memory_order_release);
-  }
-}
-
-inline void Release(ParallelState* state) {
-  if (state->refs.fetch_sub(1, std::memory_order_acq_rel) == 1) delete state;
-}
-
-// Runs fn(i) for i in [0, items) on the calling thread and up to num_threads() - 1 pool threads. Items are claimed
-// from an atomic counter and the caller waits only for items already claimed (running elsewhere), so it never waits
-// on a pool task that has not started; such a task finds nothing left and never touches `fn`.
-template <typename F>
-void ParallelFor(ffi::ThreadPool& pool, int64_t items, const F& fn) {
-  const int64_t helpers = std::min<int64_t>(pool.num_threads(), items) - 1;
-  if (helpers <= 0) {
-    for (int64_t i = 0; i < items; ++i) fn(i);
-    return;
-  }
-  auto* state = new ParallelState();
-  state->refs.store(static_cast<int>(helpers) + 1);
-  for (int64_t h = 0; h < helpers; ++h) pool.Schedule([state, items, &fn]() {
-    Drain(state, items, fn);
-    Release(state);
-  });
-  Drain(state, items, fn);
-  while (state->done.load(std::memory_order_acquire) < items) std::this_thread::yield();
-  Release(state);
-}
+using peakllm::ParallelFor;
 
 // Vectors of 16 lanes; with -march=native GCC lowers them to one AVX-512 register or two AVX2 ones.
 typedef float F16 __attribute__((vector_size(64)));
