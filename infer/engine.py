@@ -81,10 +81,14 @@ class Engine:
     if not 1 <= self.prefill_chunk <= self.max_len:
       raise ValueError(f"prefill_chunk={self.prefill_chunk} must be in [1, max_len={self.max_len}]")
     self._graphdef, self._state = nnx.split(model.unstacked())
+    self.reset()
+
+  def reset(self) -> None:
+    """Empties every slot and makes fresh KV pages (after a failed step, whose donated pages may be gone)."""
     # Committed to the device like the step's (donated) outputs, so the second call does not compile again.
-    self._pages = jax.device_put(model.init_pages(self.num_pages, page_size), jax.devices()[0])
+    self._pages = jax.device_put(self.model.init_pages(self.num_pages, self.page_size), jax.devices()[0])
     self._free_pages = list(range(self.num_pages - 1, 0, -1))  # a stack; page 0 is scratch
-    self._table = np.zeros((slots, self.max_pages), np.int32)
+    self._table = np.zeros((self.slots, self.max_pages), np.int32)
     self._active: dict[int, _Slot] = {}
 
   # -- capacity ---------------------------------------------------------------------------------------------------

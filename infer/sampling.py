@@ -73,7 +73,8 @@ def sample(logits: jax.Array, seeds: jax.Array, counters: jax.Array, temperature
     ordered = jnp.where(in_top_k, ordered, -jnp.inf)
     probs = jax.nn.softmax(ordered, axis=-1)
     mass_before = jnp.cumsum(probs, axis=-1) - probs
-    keep = jnp.sum((mass_before < top_p[:, None]) & in_top_k, axis=-1, keepdims=True)  # >= 1
+    # at least the top token: a top_p that rounds to 0 in float32 means greedy, not "no filtering"
+    keep = jnp.maximum(jnp.sum((mass_before < top_p[:, None]) & in_top_k, axis=-1, keepdims=True), 1)
     threshold = jnp.take_along_axis(ordered, keep - 1, axis=-1)  # smallest kept logit
     masked = jnp.where(scaled < threshold, -jnp.inf, scaled)
     keys = jax.vmap(lambda s, c: jax.random.fold_in(jax.random.key(s), c))(seeds, counters)

@@ -16,11 +16,15 @@ from __future__ import annotations
 import collections
 import dataclasses
 import itertools
+import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
 
 from infer.engine import Engine
+
+log = logging.getLogger("peakllm.scheduler")
+MAX_CONSECUTIVE_FAILURES = 3  # then the scheduler stops and /health reports it failed
 from infer.sampling import SamplingParams
 
 
@@ -39,7 +43,7 @@ class Event:
 
   token_ids: list[int]
   text: str
-  finish_reason: str | None = None
+  finish_reason: str | None = None  # "stop", "length", "cancelled", or "error" (the engine failed: HTTP 500)
 
 
 @dataclasses.dataclass(eq=False)
@@ -55,6 +59,7 @@ class Request:
   output_ids: list[int] = dataclasses.field(default_factory=list)
   text: str = ""  # the completion text emitted so far
   cancelled: threading.Event = dataclasses.field(default_factory=threading.Event)
+  error: str | None = None  # why the engine failed this request (finish_reason "error")
 
   def cancel(self) -> None:
     """Asks the scheduler to end this request (e.g. its client went away); its pages are freed next iteration."""
@@ -107,6 +112,7 @@ class Scheduler:
     self._thread: threading.Thread | None = None
     self.error: BaseException | None = None
     self.generated_tokens = 0
+    self._progress = time.monotonic()  # when the last iteration finished (or the loop was last idle)
 
   # -- client side ------------------------------------------------------------------------------------------------
 
@@ -133,6 +139,11 @@ class Scheduler:
   @property
   def in_flight(self) -> int:
     return len(self._waiting) + len(self._running)
+
+  @property
+  def seconds_without_progress(self) -> float:
+    """How long work has been in flight without an iteration finishing (0 when idle): a stuck engine grows it."""
+    return time.monotonic() - self._progress if self.in_flight else 0.0
 
   def start(self) -> "Scheduler":
     self._thread = threading.Thread(target=self._loop, name="scheduler", daemon=True)
@@ -163,16 +174,28 @@ class Scheduler:
   # -- the loop ---------------------------------------------------------------------------------------------------
 
   def _loop(self) -> None:
+    failures = 0  # consecutive failed iterations
     try:
       while True:
         with self._lock:
           while not self._stop and not self._waiting and not self._running:
+            self._progress = time.monotonic()
             self._lock.wait()
           if self._stop:
             break
           self._end_cancelled()
           self._admit()
-        self.step()
+        try:
+          self.step()
+          failures = 0
+        except Exception as e:  # noqa: BLE001  the running requests fail, the engine starts afresh, waiting ones go on
+          failures += 1
+          if failures >= MAX_CONSECUTIVE_FAILURES:
+            raise
+          log.exception("engine step failed (%d in a row); failing %d running request(s) and resetting the engine",
+                        failures, len(self._running))
+          self._fail_running(e)
+        self._progress = time.monotonic()
         with self._lock:
           self._lock.notify_all()
     except BaseException as e:  # noqa: BLE001  (reported to every waiter, then re-raised on this thread)
@@ -184,6 +207,15 @@ class Scheduler:
         self._running.clear()
         self._lock.notify_all()
       raise
+
+  def _fail_running(self, error: Exception) -> None:
+    with self._lock:
+      failed = list(self._running.values())
+      self._running.clear()
+      self.engine.reset()
+    for request in failed:
+      request.error = f"{type(error).__name__}: {error}"
+      self._finish_event(request, [], "", "error")
 
   def _end_cancelled(self) -> None:
     for request in [r for r in self._waiting if r.cancelled.is_set()]:

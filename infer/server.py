@@ -8,8 +8,11 @@ Routes:
     as in vLLM, for benchmarks) is true.
   * `GET /v1/models`, `GET /health` (503 while draining), `GET /metrics` (Prometheus text: queue length, active
     slots, free pages, tokens/s, time-to-first-token and time-per-output-token histograms).
-Bad requests get 400 with an OpenAI-style error body (`{"error": {"message", "type", "param", "code"}}`); a full
-queue gets 429 and a draining server 503. A client that disconnects has its requests cancelled and their pages
+Bad requests get 400 with an OpenAI-style error body (`{"error": {"message", "type", "param", "code"}}`): bodies that
+are not JSON (bad charset, too deeply nested, numbers too large to parse), requests that can never fit (too many
+prompts or completions for the queue, prompts longer than the context); a body over 4 MiB gets 413, a Content-Type
+other than JSON 415, and with an API key (`Server(api_key=...)`) a missing or wrong `Authorization: Bearer` 401,
+all as JSON. A full queue gets 429 with `Retry-After` and a draining server 503. A client that disconnects has its requests cancelled and their pages
 freed. `BackgroundServer` runs the app on a loopback port in a thread (tests, benchmarks).
 """
 
@@ -17,7 +20,9 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import hmac
 import json
+import secrets
 import threading
 import time
 import uuid
@@ -32,6 +37,11 @@ from infer.scheduler import Draining, Event, QueueFull, Request, Scheduler
 
 MAX_N = 16
 MAX_STOP = 4
+MAX_STOP_CHARS = 256  # per stop string
+MAX_PROMPTS = 64  # prompts per request
+MAX_BODY_BYTES = 4 * 2**20
+RETRY_AFTER_S = 1
+STUCK_AFTER_S = 60.0
 # Accepted OpenAI fields that only have their neutral value here (anything else gets a 400 naming the field).
 NEUTRAL = {"frequency_penalty": (0, 0.0, None), "presence_penalty": (0, 0.0, None), "logprobs": (None,),
            "echo": (False, None), "suffix": (None,), "logit_bias": (None,), "best_of": (None, 1)}
@@ -114,18 +124,31 @@ class Metrics:
 class Server:
   """The aiohttp application over a scheduler. tokenizer: a `tokenizers.Tokenizer` (see `workdir.tokenizer`)."""
 
-  def __init__(self, scheduler: Scheduler, tokenizer, model_id: str, metrics: Metrics):
+  def __init__(self, scheduler: Scheduler, tokenizer, model_id: str, metrics: Metrics, api_key: str | None = None):
     self.scheduler, self.tokenizer, self.model_id, self.metrics = scheduler, tokenizer, model_id, metrics
+    self.api_key = api_key or None  # "" means no key
+    self.stuck_after_s = STUCK_AFTER_S  # /health says "stuck" when work waits this long without an iteration
     self.eot = tokenizer_lib.eot_id(tokenizer)
     self.vocab = tokenizer.get_vocab_size()
     self.created = int(time.time())
     self.draining = False
 
   def app(self) -> web.Application:
-    app = web.Application(client_max_size=4 * 2**20)
+    app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[self._authorize])
     app.add_routes([web.post("/v1/completions", self.completions), web.get("/v1/models", self.models),
                     web.get("/health", self.health), web.get("/metrics", self.metrics_text)])
     return app
+
+  @web.middleware
+  async def _authorize(self, request: web.Request, handler):
+    """With an API key, /v1/* needs `Authorization: Bearer <key>` (401 otherwise); /health and /metrics stay open."""
+    if self.api_key and request.path.startswith("/v1/"):
+      given = request.headers.get("Authorization", "")
+      scheme, _, token = given.partition(" ")
+      if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self.api_key.encode()):
+        return error_response(401, "Incorrect or missing API key: send 'Authorization: Bearer <key>'",
+                              code="invalid_api_key")
+    return await handler(request)
 
   # -- simple routes ----------------------------------------------------------------------------------------------
 
@@ -138,6 +161,10 @@ class Server:
       return web.json_response({"status": "failed", "error": str(self.scheduler.error)}, status=503)
     if self.draining:
       return web.json_response({"status": "draining"}, status=503)
+    waited = self.scheduler.seconds_without_progress
+    if waited > self.stuck_after_s:
+      return web.json_response({"status": "stuck", "seconds_without_progress": round(waited, 1),
+                                "in_flight": self.scheduler.in_flight}, status=503)
     return web.json_response({"status": "ok"})
 
   async def metrics_text(self, request):
@@ -177,8 +204,14 @@ class Server:
                        "model_not_found", status=404)
     if "prompt" not in body:
       raise BadRequest("'prompt' is required", "prompt")
-    prompts = self._prompts(body["prompt"])
+    if isinstance(body["prompt"], list) and len(body["prompt"]) > MAX_PROMPTS and all(
+        isinstance(p, (str, list)) for p in body["prompt"]):
+      raise BadRequest(f"{len(body['prompt'])} prompts in one request; the limit is {MAX_PROMPTS}", "prompt")
     n = _int(body, "n", 1, 1, MAX_N)
+    prompts = self._prompts(body["prompt"])
+    if len(prompts) * n > self.scheduler.max_queue:
+      raise BadRequest(f"{len(prompts)} prompt(s) x n={n} completions can never be queued at once here (the queue "
+                       f"holds {self.scheduler.max_queue}); send fewer per request", "n")
     if body.get("best_of") not in (None, 1, n):
       raise BadRequest("'best_of' must equal n", "best_of")
     stop = body.get("stop")
@@ -186,8 +219,10 @@ class Server:
       stop = [stop]
     if stop is None:
       stop = []
-    if not isinstance(stop, list) or len(stop) > MAX_STOP or not all(isinstance(s, str) and s for s in stop):
-      raise BadRequest(f"'stop' must be a non-empty string or a list of at most {MAX_STOP} of them", "stop")
+    if not isinstance(stop, list) or len(stop) > MAX_STOP or not all(
+        isinstance(s, str) and 0 < len(s) <= MAX_STOP_CHARS for s in stop):
+      raise BadRequest(f"'stop' must be a non-empty string of at most {MAX_STOP_CHARS} characters or a list of at "
+                       f"most {MAX_STOP} of them", "stop")
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
       raise BadRequest(f"'stream' must be a boolean; got {stream!r}", "stream")
@@ -201,7 +236,8 @@ class Server:
         max_tokens=_int(body, "max_tokens", 16, 1, self.scheduler.engine.max_len),
         temperature=_float(body, "temperature", 1.0, 0.0, 2.0), top_p=_float(body, "top_p", 1.0, 0.0, 1.0,
                                                                               lo_open=True),
-        top_k=_int(body, "top_k", 0, 0, self.vocab), seed=_int(body, "seed", 0, 0, 2**31 - 1),
+        top_k=_int(body, "top_k", 0, 0, self.vocab),
+        seed=_int(body, "seed", None, 0, 2**31 - 1) if body.get("seed") is not None else secrets.randbelow(2**31),
         stop_tokens=() if ignore_eos else (self.eot,), stop_strings=tuple(stop))
     for p in prompts:
       try:
@@ -230,20 +266,29 @@ class Server:
     if self.draining:
       self.metrics.rejected.labels("503").inc()
       return error_response(503, "The server is shutting down", type_="server_error", code="draining")
+    content_type = request.headers.get("Content-Type", "application/json").split(";")[0].strip().lower()
+    if content_type not in ("application/json", ""):
+      return error_response(415, f"Content-Type {content_type!r} is not supported: send 'application/json'")
     try:
-      body = await request.json()
-    except (json.JSONDecodeError, UnicodeDecodeError):
-      return error_response(400, "The request body is not valid JSON")
-    try:
-      prompts, params, n, stream, include_usage = self.parse(body)
+      body = json.loads(await request.read())
+    except web.HTTPRequestEntityTooLarge:
+      return error_response(413, f"The request body is larger than {MAX_BODY_BYTES} bytes",
+                            code="request_too_large")
+    except (ValueError, UnicodeDecodeError, RecursionError):  # not JSON, not UTF-8, a number too long, too deep
+      return error_response(400, "The request body is not valid JSON (UTF-8, reasonably nested, numbers of at most "
+                            "4,300 digits)")
+    loop = asyncio.get_running_loop()
+    try:  # tokenizing long prompts off the event loop keeps /health and streams responsive
+      prompts, params, n, stream, include_usage = await loop.run_in_executor(None, self.parse, body)
     except BadRequest as e:
       return error_response(e.status, str(e), param=e.param, code=e.code)
-    loop = asyncio.get_running_loop()
     try:
       requests, queues = self._submit_all(prompts, params, n, loop)
     except QueueFull as e:
       self.metrics.rejected.labels("429").inc()
-      return error_response(429, f"The server is at capacity: {e}; retry later", type_="rate_limit_exceeded")
+      response = error_response(429, f"The server is at capacity: {e}; retry later", type_="rate_limit_exceeded")
+      response.headers["Retry-After"] = str(RETRY_AFTER_S)
+      return response
     except Draining as e:
       self.metrics.rejected.labels("503").inc()
       return error_response(503, f"Service unavailable: {e}", type_="server_error", code="unavailable")
@@ -257,6 +302,10 @@ class Server:
         for queue in queues:
           while (await queue.get()).finish_reason is None:
             pass
+        failed = [r for r in requests if r.finish_reason == "error"]
+        if failed:
+          return error_response(500, f"The engine failed while generating: {failed[0].error}", type_="server_error",
+                                code="engine_error")
         choices = [{"text": r.text, "index": i, "logprobs": None, "finish_reason": r.finish_reason}
                    for i, r in enumerate(requests)]
         return web.json_response({**head, "choices": choices, "usage": usage()})
@@ -269,6 +318,10 @@ class Server:
         for task in done:
           i = pending.pop(task)
           event = task.result()
+          if event.finish_reason == "error":  # the status line went out already: the error is the last event
+            await send({"error": {"message": f"The engine failed while generating: {requests[i].error}",
+                                  "type": "server_error", "param": None, "code": "engine_error"}})
+            continue
           if event.text or event.finish_reason:
             choice = {"text": event.text, "index": i, "logprobs": None, "finish_reason": event.finish_reason}
             await send({**head, "choices": [choice]})

@@ -6,7 +6,8 @@
   <study>.md and <study>.png.
 
 Each run (the baseline, then every value of every switch that differs from the baseline's) is a fresh Python process
-(`--child`), so compile time and the process's peak memory belong to that variant alone. Recorded per run:
+(`--child`), so compile time and the process's peak memory belong to that variant alone. The list runs `--rounds`
+times round-robin (default 2), and each row is the variant's median round, since this kind of machine drifts. Recorded per run:
   * train: tokens/s (median of warmed-up steps of the trainer's own compiled step on fixed random batches), step
     time, compile time, XLA's compiled memory analysis (temporaries, arguments) and the process's peak RSS, and the
     loss after the same number of steps (a quality check: the batches repeat, so the loss falls).
@@ -182,6 +183,12 @@ def _load_config(path: str, overrides: dict):
 
 # -- the parent: runs, table, plots --------------------------------------------------------------------------------
 
+def combine(runs: list[dict]) -> dict:
+  """One variant's rounds -> its row: the median round by tokens/s (all its figures), plus every round's tokens/s."""
+  ordered = sorted(runs, key=lambda r: r["tokens_per_s"])
+  return {**ordered[(len(ordered) - 1) // 2], "tokens_per_s_rounds": [r["tokens_per_s"] for r in runs]}
+
+
 RATIO_KEYS = ("tokens_per_s", "step_s", "compile_s", "temp_mib", "peak_rss_mib", "weight_mib", "quality")
 
 
@@ -198,13 +205,14 @@ def with_ratios(rows: list[dict]) -> list[dict]:
 def markdown(study: str, rows: list[dict]) -> str:
   memory = "temp MiB (XLA)" if study == "train" else "weights MiB"
   mem_key = "temp_mib" if study == "train" else "weight_mib"
-  lines = [f"| switch | value | tokens/s | x baseline | step ms | compile s | {memory} | peak RSS MiB | "
+  lines = [f"| switch | value | tokens/s (rounds) | x baseline | step ms | compile s | {memory} | peak RSS MiB | "
            f"{rows[0]['quality_name']} |", "|---|---|---|---|---|---|---|---|---|"]
   for r in rows:
     value = "" if r["switch"] == "baseline" else (repr(r["value"]) if r["value"] == "" else str(r["value"]))
-    lines.append(f"| {r['switch']} | {value} | {r['tokens_per_s']:,.0f} | {r.get('tokens_per_s_x', 1):.2f}x | "
+    rounds = " / ".join(f"{t:,.0f}" for t in r["tokens_per_s_rounds"])
+    lines.append(f"| {r['switch']} | {value} | {r['tokens_per_s']:,.0f} ({rounds}) | {r.get('tokens_per_s_x', 1):.2f}x | "
                  f"{r['step_s'] * 1e3:,.1f} | {r['compile_s']:.1f} | {_fmt(r.get(mem_key))} | "
-                 f"{_fmt(r.get('peak_rss_mib'))} | {r['quality']:.4g} |")
+                 f"{_fmt(r.get('peak_rss_mib'))} | {r['quality']:.6g} |")
   return "\n".join(lines) + "\n"
 
 
@@ -245,6 +253,7 @@ def _define_flags():
   flags.DEFINE_integer("warmup", 2, "train: untimed steps after compilation.")
   flags.DEFINE_integer("new_tokens", 64, "decode: generated tokens per run.")
   flags.DEFINE_integer("repeats", 2, "decode: timed generate calls per run (median).")
+  flags.DEFINE_integer("rounds", 2, "Runs of every variant, round-robin; each row is the median round.")
   flags.DEFINE_string("child", "", "Internal: run one variant from this JSON and print its figures.")
 
 
@@ -264,16 +273,19 @@ def main(argv):
     sys.exit(f"error: {e}")
   from scripts.bench_train import cpu_description
   import jax
-  rows = []
-  for i, run in enumerate(runs):
-    spec = {"study": f.study, "config_path": config_path, "base_overrides": base_overrides,
-            "overrides": run["overrides"], "steps": f.steps, "warmup": f.warmup, "new_tokens": f.new_tokens,
-            "repeats": f.repeats, "base_matmul_impl": config.model.matmul_impl}
-    label = "baseline" if run["switch"] == "baseline" else f"{run['switch']}={run['value']!r}"
-    print(f"[{i + 1}/{len(runs)}] {label}", flush=True)
-    result = _spawn(spec)
-    rows.append({"switch": run["switch"], "value": run["value"], **result})
-  rows = with_ratios(rows)
+  results: list[list[dict]] = [[] for _ in runs]
+  for round_ in range(f.rounds):  # whole rounds, so a slow spell of the machine hits every variant alike
+    for i, run in enumerate(runs):
+      spec = {"study": f.study, "config_path": config_path, "base_overrides": base_overrides,
+              "overrides": run["overrides"], "steps": f.steps, "warmup": f.warmup, "new_tokens": f.new_tokens,
+              "repeats": f.repeats, "base_matmul_impl": config.model.matmul_impl}
+      label = "baseline" if run["switch"] == "baseline" else f"{run['switch']}={run['value']!r}"
+      print(f"[round {round_ + 1}/{f.rounds}, {i + 1}/{len(runs)}] {label}", flush=True)
+      try:
+        results[i].append(_spawn(spec))
+      except RuntimeError as e:
+        sys.exit(f"error: {e}")
+  rows = with_ratios([{"switch": run["switch"], "value": run["value"], **combine(r)} for run, r in zip(runs, results)])
   os.makedirs(f.out_dir, exist_ok=True)
   stem = os.path.join(f.out_dir, f.study)
   meta = {"study": f.study, "config": config_path, "cpu": cpu_description(), "jax": jax.__version__,

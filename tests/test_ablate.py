@@ -17,7 +17,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_train_study_on_the_tiny_config_writes_json_table_and_plot(tmp_path):
   out = tmp_path / "ablations"
   cmd = [sys.executable, "-m", "scripts.ablate", "--config=configs/tiny.py", "--study=train", "--steps=2",
-         "--warmup=1", "--switches=model.remat=none|full,model.scan_layers=false", f"--out_dir={out}"]
+         "--warmup=1", "--rounds=1", "--switches=model.remat=none|full,model.scan_layers=false", f"--out_dir={out}"]
   done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
   assert done.returncode == 0, done.stderr[-3000:]
   result = json.loads((out / "train.json").read_text())
@@ -44,3 +44,10 @@ def test_unknown_switches_and_values_are_refused_with_the_allowed_list():
     ablate.parse_switches("train", ["train.grad_accum_steps=two"], config)
   runs = ablate.variants("train", ablate.parse_switches("train", ["train.grad_accum_steps=1|2|4"], config), config)
   assert [r["value"] for r in runs] == ["", 2, 4]  # the baseline's own value (1) is the baseline run
+
+
+def test_each_row_is_the_median_round_with_every_rounds_speed_kept():
+  rounds = [{"tokens_per_s": 300.0, "quality": 1.0}, {"tokens_per_s": 100.0, "quality": 2.0},
+            {"tokens_per_s": 200.0, "quality": 3.0}]
+  row = ablate.combine(rounds)
+  assert row["tokens_per_s"] == 200.0 and row["quality"] == 3.0 and row["tokens_per_s_rounds"] == [300.0, 100.0, 200.0]

@@ -64,3 +64,14 @@ def test_a_rows_draw_depends_only_on_its_seed_and_counter():
 def test_bad_settings_are_refused_with_the_setting_named(bad, match):
   with pytest.raises(ValueError, match=match):
     SamplingParams(**bad).validate()
+
+
+def test_a_top_p_that_rounds_to_zero_is_greedy_not_unfiltered():
+  """top_p = 1e-50 passes validation (> 0) but is 0.0 in float32: only the top token may be drawn."""
+  logits = jax.random.normal(jax.random.PRNGKey(0), (64, 50))
+  settings = sampling.row_settings([SamplingParams(temperature=1.0, top_p=1e-50, seed=s) for s in range(64)])
+  assert settings["top_p"].max() == 0.0  # the underflow this test is about
+  drawn = sampling.sample(logits, jnp.asarray(settings["seeds"]), jnp.zeros(64, jnp.int32),
+                          jnp.asarray(settings["temperature"]), jnp.asarray(settings["top_k"]),
+                          jnp.asarray(settings["top_p"]))
+  np.testing.assert_array_equal(np.asarray(drawn), np.asarray(jnp.argmax(logits, -1)))

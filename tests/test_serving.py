@@ -15,7 +15,7 @@ from infer import generate, loading, serve
 from infer.engine import Engine
 from infer.sampling import SamplingParams
 from infer.scheduler import QueueFull, Scheduler
-from infer.server import BackgroundServer
+from infer.server import BackgroundServer, Server
 from model.kernels import paged_attention as pa
 from workdir import tokenizer as tokenizer_lib
 
@@ -200,10 +200,15 @@ def server(tiny_run):
   srv.scheduler.stop()
 
 
-async def _post(session, url, body, raw=None):
+async def _post(session, url, body, raw=None, headers=None):
+  return (await _post_with_headers(session, url, body, raw, headers))[:2]
+
+
+async def _post_with_headers(session, url, body, raw=None, headers=None):
   data = raw if raw is not None else json.dumps(body)
-  async with session.post(url + "/v1/completions", data=data, headers={"Content-Type": "application/json"}) as r:
-    return r.status, await r.text()
+  async with session.post(url + "/v1/completions", data=data,
+                          headers=headers or {"Content-Type": "application/json"}) as r:
+    return r.status, await r.text(), r.headers
 
 
 def test_streaming_returns_the_same_text_as_non_streaming(server):
@@ -239,12 +244,13 @@ def test_two_hundred_concurrent_requests_all_complete_or_get_429(server):
   async def go():
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as s:
       bodies = [{"prompt": f"x = {i}", "max_tokens": 1 + i % 5, "temperature": 0} for i in range(200)]
-      return await asyncio.gather(*(_post(s, bg.url, b) for b in bodies))
+      return await asyncio.gather(*(_post_with_headers(s, bg.url, b) for b in bodies))
 
   results = asyncio.run(go())
-  codes = [status for status, _ in results]
+  codes = [status for status, _, _ in results]
   assert set(codes) <= {200, 429} and codes.count(200) >= 32
-  for (status, text), i in zip(results, range(200)):
+  assert all(headers.get("Retry-After") == "1" for status, _, headers in results if status == 429)
+  for (status, text, _), i in zip(results, range(200)):
     body = json.loads(text)
     if status == 200:
       assert body["usage"]["completion_tokens"] <= 1 + i % 5 and body["choices"][0]["finish_reason"] in ("stop",
@@ -275,6 +281,14 @@ BAD = [
     ("stop list too long", {"prompt": "a", "stop": ["a", "b", "c", "d", "e"]}, None),
     ("prompt too long", {"prompt": "word " * 500, "max_tokens": 4}, None),
     ("unsupported echo", {"prompt": "a", "echo": True}, None),
+    ("deeply nested", None, "[" * 100_000 + "]" * 100_000),
+    ("number too long to parse", None, '{"prompt": "a", "max_tokens": ' + "9" * 5000 + "}"),
+    ("not UTF-8", None, b'{"prompt": "\xff\xfe"}'),
+    ("NaN temperature", None, '{"prompt": "a", "temperature": NaN}'),
+    ("infinite top_p", None, '{"prompt": "a", "top_p": 1e999}'),
+    ("stop string too long", {"prompt": "a", "stop": "x" * 300}, None),
+    ("too many prompts", {"prompt": ["a"] * 65}, None),
+    ("more completions than the queue holds", {"prompt": ["a"] * 5, "n": 8}, None),  # the fixture's queue is 32
 ]
 
 
@@ -291,6 +305,110 @@ def test_malformed_requests_get_400_and_the_server_keeps_serving(server):
     assert status == 400, name
     assert json.loads(text)["error"]["type"] == "invalid_request_error", name
   assert after[0] == 200
+
+
+def test_oversized_bodies_wrong_content_types_and_api_keys_get_json_errors(server):
+  srv, bg = server
+  keyed = Server(srv.scheduler, srv.tokenizer, srv.model_id, srv.metrics, api_key="s3cret")
+
+  async def go(url, keyed_url):
+    async with aiohttp.ClientSession() as s:
+      big = await _post(s, url, {"prompt": "a" * (5 * 2**20)})
+      form = await _post(s, url, None, raw="prompt=a", headers={"Content-Type": "application/x-www-form-urlencoded"})
+      missing = await _post(s, keyed_url, {"prompt": "a", "max_tokens": 1})
+      wrong = await _post(s, keyed_url, {"prompt": "a", "max_tokens": 1},
+                          headers={"Content-Type": "application/json", "Authorization": "Bearer nope"})
+      right = await _post(s, keyed_url, {"prompt": "a", "max_tokens": 1},
+                          headers={"Content-Type": "application/json", "Authorization": "Bearer s3cret"})
+      async with s.get(keyed_url + "/health") as r:
+        health = r.status
+      return big, form, missing, wrong, right, health, await _post(s, url, {"prompt": "ok", "max_tokens": 2})
+
+  with BackgroundServer(keyed) as keyed_bg:
+    big, form, missing, wrong, right, health, after = asyncio.run(go(bg.url, keyed_bg.url))
+  for (status, text), want in ((big, 413), (form, 415), (missing, 401), (wrong, 401)):
+    assert status == want and set(json.loads(text)["error"]) == {"message", "type", "param", "code"}, (status, text)
+  assert json.loads(missing[1])["error"]["code"] == "invalid_api_key"
+  assert right[0] == 200 and health == 200 and after[0] == 200
+
+
+def test_requests_without_a_seed_get_fresh_randomness(server):
+  _, bg = server
+  body = {"prompt": "def", "max_tokens": 12, "temperature": 2.0, "ignore_eos": True}
+
+  async def go():
+    async with aiohttp.ClientSession() as s:
+      unseeded = [await _post(s, bg.url, body) for _ in range(3)]
+      seeded = [await _post(s, bg.url, {**body, "seed": 7}) for _ in range(2)]
+      return unseeded, seeded
+
+  unseeded, seeded = asyncio.run(go())
+  texts = [json.loads(t)["choices"][0]["text"] for _, t in unseeded]
+  assert len(set(texts)) > 1, texts
+  assert len({json.loads(t)["choices"][0]["text"] for _, t in seeded}) == 1
+
+
+def test_an_engine_failure_fails_its_requests_with_500_and_the_engine_recovers(server, monkeypatch):
+  srv, bg = server
+  engine = srv.scheduler.engine
+  real_generate = engine.generate
+  calls = {"n": 0}
+
+  def fails_once():
+    calls["n"] += 1
+    if calls["n"] == 1:
+      raise RuntimeError("injected device fault")
+    return real_generate()
+
+  monkeypatch.setattr(engine, "generate", fails_once)
+
+  async def go():
+    async with aiohttp.ClientSession() as s:
+      failed = await _post(s, bg.url, {"prompt": "a", "max_tokens": 4, "ignore_eos": True})
+      after = await _post(s, bg.url, {"prompt": "a", "max_tokens": 4, "ignore_eos": True})
+      async with s.get(bg.url + "/health") as r:
+        return failed, after, r.status
+
+  failed, after, health = asyncio.run(go())
+  assert failed[0] == 500 and json.loads(failed[1])["error"]["type"] == "server_error", failed
+  assert "injected device fault" in json.loads(failed[1])["error"]["message"]
+  assert after[0] == 200 and json.loads(after[1])["usage"]["completion_tokens"] == 4 and health == 200
+  assert engine.active_slots == 0 and engine.free_pages == engine.num_pages - 1
+
+
+def test_health_reports_a_stuck_engine(server, monkeypatch):
+  import urllib.error
+  import urllib.request
+
+  srv, bg = server
+  engine = srv.scheduler.engine
+  real_generate, release = engine.generate, threading.Event()
+  monkeypatch.setattr(engine, "generate", lambda: (release.wait(10), real_generate())[1])
+  monkeypatch.setattr(srv, "stuck_after_s", 0.3)
+
+  async def one():
+    async with aiohttp.ClientSession() as s:
+      return await _post(s, bg.url, {"prompt": "a", "max_tokens": 2})
+
+  result = {}
+  worker = threading.Thread(target=lambda: result.update(done=asyncio.run(one())))
+  worker.start()
+  try:
+    for _ in range(60):
+      time.sleep(0.1)
+      try:
+        urllib.request.urlopen(bg.url + "/health")
+      except urllib.error.HTTPError as e:
+        code, body = e.code, json.loads(e.read())
+        break
+    else:
+      pytest.fail("/health never reported the stuck engine")
+    assert code == 503 and body["status"] == "stuck" and body["in_flight"] == 1
+  finally:
+    release.set()
+    worker.join(30)
+  assert result["done"][0] == 200
+  assert json.loads(urllib.request.urlopen(bg.url + "/health").read()) == {"status": "ok"}
 
 
 def test_openai_client_works_against_the_server(server):
