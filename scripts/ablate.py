@@ -149,11 +149,13 @@ def run_decode(config_path: str, settings: dict, new_tokens: int, repeats: int) 
   total = bench_decode.time_generate(model, batch, 32, new_tokens, repeats)
   compile_and_first_s = time.perf_counter() - start
   ttft = bench_decode.time_generate(model, batch, 32, 1, repeats)
-  tokens = jnp.asarray(np.random.default_rng(1).integers(1, model.spec.vocab_size, (4, 128)), jnp.int32)
+  length = min(128, model.spec.max_len)
+  tokens = jnp.asarray(np.random.default_rng(1).integers(1, model.spec.vocab_size, (4, length)), jnp.int32)
   reference = bench_decode.build_model(shape, "float32", "xla")  # same seed: the weights `model` was made from
   p_log = jax.nn.log_softmax(reference(tokens).astype(jnp.float32), -1)
   q_log = jax.nn.log_softmax(model(tokens).astype(jnp.float32), -1)
-  kl = float(jnp.mean(jnp.sum(jnp.exp(p_log) * (p_log - q_log), -1)))
+  p = jnp.exp(p_log)  # tokens the model never predicts (-inf logits) contribute 0
+  kl = float(jnp.mean(jnp.sum(jnp.where(p > 0, p * (p_log - q_log), 0.0), -1)))
   return {"tokens_per_s": batch * new_tokens / total, "step_s": total / new_tokens, "ttft_s": ttft,
           "compile_s": compile_and_first_s, "weight_mib": quant.nbytes(nnx.state(model, nnx.Param)) / MIB,
           "quality": kl, "quality_name": "KL to float32 (nats/token)"}
@@ -217,7 +219,9 @@ def markdown(study: str, rows: list[dict]) -> str:
 
 
 def _fmt(value) -> str:
-  return "-" if value is None else f"{value:,.0f}"
+  if value is None:
+    return "-"
+  return f"{value:,.0f}" if abs(value) >= 10 else f"{value:.2f}"
 
 
 def plot(study: str, rows: list[dict], path: str) -> None:
@@ -251,8 +255,8 @@ def _define_flags():
   flags.DEFINE_string("out_dir", "ablations", "Where <study>.json, .md and .png go.")
   flags.DEFINE_integer("steps", 8, "train: timed steps per run (after warm-up).")
   flags.DEFINE_integer("warmup", 2, "train: untimed steps after compilation.")
-  flags.DEFINE_integer("new_tokens", 64, "decode: generated tokens per run.")
-  flags.DEFINE_integer("repeats", 2, "decode: timed generate calls per run (median).")
+  flags.DEFINE_integer("decode_tokens", 64, "decode: generated tokens per run.")
+  flags.DEFINE_integer("decode_repeats", 2, "decode: timed generate calls per run (median).")
   flags.DEFINE_integer("rounds", 2, "Runs of every variant, round-robin; each row is the median round.")
   flags.DEFINE_string("child", "", "Internal: run one variant from this JSON and print its figures.")
 
@@ -277,8 +281,8 @@ def main(argv):
   for round_ in range(f.rounds):  # whole rounds, so a slow spell of the machine hits every variant alike
     for i, run in enumerate(runs):
       spec = {"study": f.study, "config_path": config_path, "base_overrides": base_overrides,
-              "overrides": run["overrides"], "steps": f.steps, "warmup": f.warmup, "new_tokens": f.new_tokens,
-              "repeats": f.repeats, "base_matmul_impl": config.model.matmul_impl}
+              "overrides": run["overrides"], "steps": f.steps, "warmup": f.warmup, "new_tokens": f.decode_tokens,
+              "repeats": f.decode_repeats, "base_matmul_impl": config.model.matmul_impl}
       label = "baseline" if run["switch"] == "baseline" else f"{run['switch']}={run['value']!r}"
       print(f"[round {round_ + 1}/{f.rounds}, {i + 1}/{len(runs)}] {label}", flush=True)
       try:

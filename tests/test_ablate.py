@@ -51,3 +51,17 @@ def test_each_row_is_the_median_round_with_every_rounds_speed_kept():
             {"tokens_per_s": 200.0, "quality": 3.0}]
   row = ablate.combine(rounds)
   assert row["tokens_per_s"] == 200.0 and row["quality"] == 3.0 and row["tokens_per_s_rounds"] == [300.0, 100.0, 200.0]
+
+
+def test_decode_study_measures_speed_memory_and_divergence_from_float32(tmp_path):
+  out = tmp_path / "ablations"
+  cmd = [sys.executable, "-m", "scripts.ablate", "--config=configs/tiny.py", "--study=decode", "--rounds=1",
+         "--decode_tokens=8", "--decode_repeats=1", "--switches=format=float32|int8", f"--out_dir={out}"]
+  done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+  assert done.returncode == 0, done.stderr[-3000:]
+  base, int8 = json.loads((out / "decode.json").read_text())["rows"]
+  assert (base["switch"], int8["switch"], int8["value"]) == ("baseline", "format", "int8")
+  assert base["quality"] < 1e-7 and 10 * base["quality"] < int8["quality"] < 0.05  # KL to float32: ~0 for float32
+  # itself (other summation orders), small for int8
+  assert int8["weight_mib"] < 0.6 * base["weight_mib"]
+  assert all(math.isfinite(r[k]) and r[k] > 0 for r in (base, int8) for k in ("tokens_per_s", "ttft_s", "peak_rss_mib"))

@@ -132,3 +132,44 @@ def test_profile_steps_write_a_trace_and_log_the_top_operations(data_dir, tmp_pa
   summary = profiling.summarize(os.path.join(workdir, "profile"))
   assert summary.busy_s > 0 and summary.ops and all(op.count >= 2 for op in summary.ops[:3])  # two steps traced
   assert summary.ops == sorted(summary.ops, key=lambda op: -op.seconds)
+
+
+def test_kill_9_at_random_moments_then_rerunning_gives_the_uninterrupted_losses(data_dir, tmp_path):
+  """SIGKILL at seeded random moments (data preparation, compilation, steps, asynchronous saves), then the same
+  command again, until one run finishes: every step's loss equals an uninterrupted run's bitwise, and
+  metrics.jsonl holds each step once."""
+  import random
+  import time
+
+  def command(workdir):
+    return [sys.executable, "-m", "train", "--config=configs/tiny.py", f"--workdir={workdir}",
+            f"--config.data.data_dir={data_dir}", "--config.data.max_docs=300",
+            "--config.data.tokenizer_train_bytes=300000", "--config.mesh.data=1", "--config.sample.max_new_tokens=0",
+            "--config.train.steps=60", "--config.train.log_every=1", "--config.train.eval_every=0",
+            "--config.train.checkpoint_every=4", "--config.train.warmup_steps=5"]
+
+  def losses(workdir):
+    rows = [r for r in read_rows(workdir) if "loss" in r]
+    steps = [r["step"] for r in rows]
+    assert steps == sorted(set(steps)), "metrics.jsonl repeats or reorders steps"
+    return {r["step"]: r["loss"] for r in rows}
+
+  straight = tmp_path / "straight"
+  subprocess.run(command(straight), cwd=REPO, check=True, capture_output=True, timeout=600)
+  rng, killed = random.Random(1234), tmp_path / "killed"
+  kills = 0
+  for attempt in range(12):
+    proc = subprocess.Popen(command(killed), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + (rng.uniform(0.5, 10.0) if attempt < 10 else 600)
+    while proc.poll() is None and time.monotonic() < deadline:
+      time.sleep(0.02)
+    if proc.poll() is None:
+      proc.kill()
+      proc.wait()
+      kills += 1
+      continue
+    stderr = proc.stderr.read().decode()
+    assert proc.returncode == 0, stderr[-3000:]
+    break
+  assert losses(killed) == losses(straight)  # exact float equality, step by step
+  assert kills >= 3, kills  # a resumed run is shorter, so later draws may outlast it

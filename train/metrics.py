@@ -50,18 +50,26 @@ def mfu(flops_per_token: float, tokens_per_sec: float, peak_flops_total: float) 
 
 
 class MetricsWriter:
-  """Appends rows to `workdir/metrics.jsonl` and mirrors scalars to TensorBoard; only process 0 writes."""
+  """Appends rows to `workdir/metrics.jsonl` and mirrors scalars to TensorBoard; only process 0 writes.
 
-  def __init__(self, workdir: str, enabled: bool = True):
+  `keep_through_step`: the step the run resumes from. Rows logged after it by an earlier, interrupted process (the
+  steps about to be replayed) and a partial last line (a process killed mid-write) are dropped first, so the file
+  holds each step once."""
+
+  def __init__(self, workdir: str, enabled: bool = True, keep_through_step: int | None = None):
     self.enabled = enabled
     self._jsonl = None
     self._tb = None
     if enabled:
       os.makedirs(workdir, exist_ok=True)
-      self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")
+      path = os.path.join(workdir, "metrics.jsonl")
+      if keep_through_step is not None and os.path.exists(path):
+        _truncate_rows(path, keep_through_step)
+      self._jsonl = open(path, "a", encoding="utf-8")
       self._tb = SummaryWriter(logdir=os.path.join(workdir, "tensorboard"))
 
   def write(self, step: int, row: dict[str, float]) -> None:
+    """One row: {"step": step, **row}, every value a float."""
     if not self.enabled:
       return
     clean = {k: float(v) for k, v in row.items()}
@@ -74,3 +82,20 @@ class MetricsWriter:
     if self.enabled:
       self._jsonl.close()
       self._tb.close()
+
+
+def _truncate_rows(path: str, last_step: int) -> None:
+  """Rewrites `path` (atomically) with its complete rows of step <= last_step."""
+  kept = []
+  with open(path, encoding="utf-8") as f:
+    for line in f:
+      try:
+        row = json.loads(line)
+      except ValueError:
+        continue  # a line cut short by a kill
+      if line.endswith("\n") and row.get("step", 0) <= last_step:
+        kept.append(line)
+  tmp = path + ".tmp"
+  with open(tmp, "w", encoding="utf-8") as f:
+    f.writelines(kept)
+  os.replace(tmp, path)

@@ -132,7 +132,7 @@ def run(config, workdir: str, on_step: Callable[[int], None] | None = None,
   log.info("model: %s, %.2fM parameters, %.1f MFLOPs/token; peak %.3g FLOP/s per device (%s)",
            spec.family, n_params / 1e6, flops_per_token / 1e6, peak, peak_source)
 
-  writer = metrics_lib.MetricsWriter(workdir, enabled=is_main)
+  writer = metrics_lib.MetricsWriter(workdir, enabled=is_main, keep_through_step=start_step)
   stop = _StopRequest()
   bar = tqdm.tqdm(total=t.steps, initial=start_step, disable=not (t.progress_bar and is_main), unit="step",
                   dynamic_ncols=True)
