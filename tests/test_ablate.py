@@ -14,12 +14,17 @@ from scripts import ablate
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_train_study_on_the_tiny_config_writes_json_table_and_plot(tmp_path):
-  out = tmp_path / "ablations"
-  cmd = [sys.executable, "-m", "scripts.ablate", "--config=configs/tiny.py", "--study=train", "--steps=2",
-         "--warmup=1", "--rounds=1", "--switches=model.remat=none|full,model.scan_layers=false", f"--out_dir={out}"]
+def run_ablate(out, *args):
+  """`python -m scripts.ablate` on the tiny config, one round, into `out`; fails the test with its stderr."""
+  cmd = [sys.executable, "-m", "scripts.ablate", "--config=configs/tiny.py", "--rounds=1", f"--out_dir={out}", *args]
   done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
   assert done.returncode == 0, done.stderr[-3000:]
+
+
+def test_train_study_on_the_tiny_config_writes_json_table_and_plot(tmp_path):
+  out = tmp_path / "ablations"
+  run_ablate(out, "--study=train", "--steps=2", "--warmup=1",
+             "--switches=model.remat=none|full,model.scan_layers=false")
   result = json.loads((out / "train.json").read_text())
   rows = {(r["switch"], str(r["value"])): r for r in result["rows"]}
   assert set(rows) == {("baseline", ""), ("model.remat", "full"), ("model.scan_layers", "False")}  # remat=none is
@@ -55,10 +60,7 @@ def test_each_row_is_the_median_round_with_every_rounds_speed_kept():
 
 def test_decode_study_measures_speed_memory_and_divergence_from_float32(tmp_path):
   out = tmp_path / "ablations"
-  cmd = [sys.executable, "-m", "scripts.ablate", "--config=configs/tiny.py", "--study=decode", "--rounds=1",
-         "--decode_tokens=8", "--decode_repeats=1", "--switches=format=float32|int8", f"--out_dir={out}"]
-  done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
-  assert done.returncode == 0, done.stderr[-3000:]
+  run_ablate(out, "--study=decode", "--decode_tokens=8", "--decode_repeats=1", "--switches=format=float32|int8")
   base, int8 = json.loads((out / "decode.json").read_text())["rows"]
   assert (base["switch"], int8["switch"], int8["value"]) == ("baseline", "format", "int8")
   assert base["quality"] < 1e-7 and 10 * base["quality"] < int8["quality"] < 0.05  # KL to float32: ~0 for float32
