@@ -27,7 +27,8 @@ from train import allocator
 
 def build(workdir: str, *, slots: int = 8, page_size: int = 16, num_pages: int = 0, prefill_chunk: int = 0,
           max_queue: int = 64, mode: str = "continuous", attention_impl: str | None = None,
-          matmul_impl: str | None = None, step: int | None = None, api_key: str | None = None) -> Server:
+          matmul_impl: str | None = None, step: int | None = None, api_key: str | None = None,
+          profile_dir: str | None = None) -> Server:
   """Loads `workdir` and wires engine, scheduler (started), metrics and server together."""
   _, model, tokenizer, _ = loading.load_trained(workdir, step, matmul_impl, attention_impl)
   print(loading.weights_note(model), flush=True)
@@ -37,7 +38,8 @@ def build(workdir: str, *, slots: int = 8, page_size: int = 16, num_pages: int =
   metrics = Metrics(scheduler)
   scheduler.on_finish = metrics.on_finish
   scheduler.start()
-  return Server(scheduler, tokenizer, os.path.basename(os.path.normpath(workdir)), metrics, api_key=api_key)
+  return Server(scheduler, tokenizer, os.path.basename(os.path.normpath(workdir)), metrics, api_key=api_key,
+                profile_dir=profile_dir)
 
 
 async def _serve(server: Server, host: str, port: int, drain_timeout: float) -> None:
@@ -66,7 +68,8 @@ def main(argv):
   try:
     server = build(f.workdir, slots=f.slots, page_size=f.page_size, num_pages=f.num_pages,
                    prefill_chunk=f.prefill_chunk, max_queue=f.max_queue, mode=f.mode, attention_impl=f.attention_impl,
-                   matmul_impl=f.matmul_impl, step=f.step, api_key=f.api_key or os.environ.get("PEAKLLM_API_KEY"))
+                   matmul_impl=f.matmul_impl, step=f.step, api_key=f.api_key or os.environ.get("PEAKLLM_API_KEY"),
+                   profile_dir=f.profile_dir or None)
   except (FileNotFoundError, ValueError) as e:
     sys.exit(f"error: cannot serve --workdir={f.workdir}: {e}")
   asyncio.run(_serve(server, f.host, f.port, f.drain_timeout))
@@ -87,6 +90,8 @@ def _define_flags():
   flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
   flags.DEFINE_string("api_key", "", "Require 'Authorization: Bearer <key>' on /v1/* (default: $PEAKLLM_API_KEY; "
                       "empty: no key).")
+  flags.DEFINE_string("profile_dir", "", "Enable POST /debug/profile/start and /debug/profile/stop: a jax.profiler "
+                      "trace of the engine between them, written here (scripts.bench_serve --profile uses it).")
   flags.DEFINE_float("drain_timeout", 300.0, "Seconds to wait for requests in flight on SIGTERM.")
   flags.mark_flag_as_required("workdir")
 

@@ -27,11 +27,13 @@ import threading
 import time
 import uuid
 
+import jax
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from infer.sampling import SamplingParams
+from train import profiling
 from workdir import tokenizer as tokenizer_lib
 from infer.scheduler import Draining, Event, QueueFull, Request, Scheduler
 
@@ -124,8 +126,11 @@ class Metrics:
 class Server:
   """The aiohttp application over a scheduler. tokenizer: a `tokenizers.Tokenizer` (see `workdir.tokenizer`)."""
 
-  def __init__(self, scheduler: Scheduler, tokenizer, model_id: str, metrics: Metrics, api_key: str | None = None):
+  def __init__(self, scheduler: Scheduler, tokenizer, model_id: str, metrics: Metrics, api_key: str | None = None,
+               profile_dir: str | None = None):
     self.scheduler, self.tokenizer, self.model_id, self.metrics = scheduler, tokenizer, model_id, metrics
+    self.profile_dir = profile_dir  # enables POST /debug/profile/start and /stop (a jax.profiler trace there)
+    self._profile_start: float | None = None
     self.api_key = api_key or None  # "" means no key
     self.stuck_after_s = STUCK_AFTER_S  # /health says "stuck" when work waits this long without an iteration
     self.eot = tokenizer_lib.eot_id(tokenizer)
@@ -137,7 +142,31 @@ class Server:
     app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[self._authorize])
     app.add_routes([web.post("/v1/completions", self.completions), web.get("/v1/models", self.models),
                     web.get("/health", self.health), web.get("/metrics", self.metrics_text)])
+    if self.profile_dir:
+      app.add_routes([web.post("/debug/profile/start", self.profile_start),
+                      web.post("/debug/profile/stop", self.profile_stop)])
     return app
+
+  # -- profiling (only with profile_dir) ---------------------------------------------------------------------------
+
+  async def profile_start(self, request):
+    if self._profile_start is not None:
+      return error_response(409, "a trace is already running; POST /debug/profile/stop first")
+    jax.profiler.start_trace(self.profile_dir, create_perfetto_trace=True)
+    self._profile_start = time.perf_counter()
+    return web.json_response({"status": "tracing", "trace_dir": self.profile_dir})
+
+  async def profile_stop(self, request):
+    if self._profile_start is None:
+      return error_response(409, "no trace is running; POST /debug/profile/start first")
+    wall = time.perf_counter() - self._profile_start
+    self._profile_start = None
+    loop = asyncio.get_running_loop()
+    await loop.run_in_executor(None, jax.profiler.stop_trace)
+    summary = await loop.run_in_executor(None, profiling.summarize, self.profile_dir, wall)
+    return web.json_response({"trace_dir": summary.trace_dir, "wall_s": wall, "busy_s": summary.busy_s,
+                              "table": summary.table(),
+                              "top_ms": {op.name: op.seconds * 1e3 for op in summary.ops[:15]}})
 
   @web.middleware
   async def _authorize(self, request: web.Request, handler):

@@ -19,6 +19,7 @@ varies; a key the config does not have is refused with the list of allowed ones.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import resource
@@ -28,6 +29,12 @@ import time
 
 from absl import app, flags
 from ml_collections import config_flags
+
+from configs import base
+from model import quant
+from scripts import bench_decode, bench_train
+from train import allocator
+from train import setup as setup_lib
 
 # study -> switch -> values. Train keys are config keys; decode switches are the benchmark's own settings.
 STUDIES: dict[str, dict[str, tuple]] = {
@@ -114,8 +121,6 @@ def _apply(config, overrides: dict):
 def run_train(config, steps: int, warmup: int) -> dict:
   import jax
 
-  from scripts import bench_train
-  from train import setup as setup_lib
 
   setup = setup_lib.build(config)
   start = time.perf_counter()
@@ -139,8 +144,6 @@ def run_decode(config_path: str, settings: dict, new_tokens: int, repeats: int) 
   import numpy as np
   from flax import nnx
 
-  from model import quant
-  from scripts import bench_decode
 
   shape = os.path.splitext(os.path.basename(config_path))[0]
   fmt, batch, impl = settings["format"], int(settings["batch"]), settings["model.matmul_impl"]
@@ -164,7 +167,6 @@ def run_decode(config_path: str, settings: dict, new_tokens: int, repeats: int) 
 def child(spec: dict) -> dict:
   """Runs one variant described by `spec` (as `main` writes it) and returns its figures plus the peak RSS."""
   if spec["study"] == "train":
-    from configs import base
     config = _apply(_load_config(spec["config_path"], spec["base_overrides"]), spec["overrides"])
     base.validate(config)
     out = run_train(config, spec["steps"], spec["warmup"])
@@ -176,7 +178,6 @@ def child(spec: dict) -> dict:
 
 
 def _load_config(path: str, overrides: dict):
-  import importlib.util
   module_spec = importlib.util.spec_from_file_location("ablate_config", path)
   module = importlib.util.module_from_spec(module_spec)
   module_spec.loader.exec_module(module)
@@ -275,7 +276,6 @@ def main(argv):
     runs = variants(f.study, switches, config)
   except ValueError as e:
     sys.exit(f"error: {e}")
-  from scripts.bench_train import cpu_description
   import jax
   results: list[list[dict]] = [[] for _ in runs]
   for round_ in range(f.rounds):  # whole rounds, so a slow spell of the machine hits every variant alike
@@ -292,7 +292,7 @@ def main(argv):
   rows = with_ratios([{"switch": run["switch"], "value": run["value"], **combine(r)} for run, r in zip(runs, results)])
   os.makedirs(f.out_dir, exist_ok=True)
   stem = os.path.join(f.out_dir, f.study)
-  meta = {"study": f.study, "config": config_path, "cpu": cpu_description(), "jax": jax.__version__,
+  meta = {"study": f.study, "config": config_path, "cpu": bench_train.cpu_description(), "jax": jax.__version__,
           "command": " ".join(["python -m scripts.ablate"] + sys.argv[1:]),
           "date": time.strftime("%Y-%m-%d")}
   with open(stem + ".json", "w", encoding="utf-8") as fh:
@@ -328,7 +328,6 @@ def _spawn(spec: dict) -> dict:
 
 
 if __name__ == "__main__":
-  from train import allocator
   allocator.reexec_with_tcmalloc("scripts.ablate")
   _define_flags()
   app.run(main)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import random
 import signal
 import socket
@@ -44,6 +45,8 @@ _OUTPUT_LENGTHS = flags.DEFINE_list("output_lengths", ["8", "128"], "Output leng
 _ATTENTION = flags.DEFINE_enum("attention_impl", None, ["xla", "pallas"], "Override model.attention_impl.")
 _SEED = flags.DEFINE_integer("seed", 0, "Request mix seed.")
 _OUT = flags.DEFINE_string("out", "bench_serve.json", "Where to write the JSON results.")
+_PROFILE = flags.DEFINE_string("profile", "", "A directory: trace the server during each mode's timed load there "
+                               "(TensorBoard/Perfetto, one subdirectory per mode) and print its top operations.")
 
 
 def request_mix(n: int, vocab: int, max_len: int, seed: int) -> list[dict]:
@@ -111,6 +114,8 @@ def _start_server(mode: str, port: int) -> subprocess.Popen:
          f"--max_queue={max(64, _CONCURRENCY.value)}"]
   if _ATTENTION.value:
     cmd.append(f"--attention_impl={_ATTENTION.value}")
+  if _PROFILE.value:
+    cmd.append(f"--profile_dir={os.path.abspath(os.path.join(_PROFILE.value, mode))}")
   proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
   deadline = time.time() + 300
   while time.time() < deadline:
@@ -135,7 +140,13 @@ def bench_mode(mode: str, vocab: int, max_len: int) -> dict:
             for n in (8, 24, 48, 96, 160) if n + 2 <= max_len]
     asyncio.run(run_load(url, warm, 1, 600))  # compiles the prefill buckets and the decode step
     mix = request_mix(_REQUESTS.value, vocab, max_len, _SEED.value)
+    if _PROFILE.value:
+      urllib.request.urlopen(urllib.request.Request(url + "/debug/profile/start", method="POST"), timeout=60)
     results, seconds = asyncio.run(run_load(url, mix, _CONCURRENCY.value, _MAX_SECONDS.value))
+    if _PROFILE.value:
+      with urllib.request.urlopen(urllib.request.Request(url + "/debug/profile/stop", method="POST"),
+                                  timeout=600) as r:
+        print(f"{mode}:\n" + json.loads(r.read())["table"], flush=True)
   finally:
     proc.send_signal(signal.SIGTERM)  # drains, then exits
     try:

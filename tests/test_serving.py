@@ -526,3 +526,79 @@ def test_sigterm_drains_in_flight_requests_then_exits(tiny_run):
   finally:
     if proc.poll() is None:
       proc.kill()
+
+
+def test_fuzzed_completion_requests_get_200_or_a_json_4xx_and_the_server_stays_healthy(server):
+  """Property-based: bodies built from the request schema's fields (and strangers) with arbitrary JSON values,
+  valid ones among them, never produce a 5xx or a non-JSON error, and the server stays healthy."""
+  import urllib.error
+  import urllib.request
+
+  from hypothesis import HealthCheck, given, settings
+  from hypothesis import strategies as st
+
+  from infer import server as server_lib
+
+  _, bg = server
+  scalars = st.one_of(st.none(), st.booleans(), st.integers(-2**70, 2**70), st.integers(-3, 80),
+                      st.floats(allow_nan=True, allow_infinity=True), st.floats(0, 2), st.text(max_size=40))
+  values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(
+      st.text(max_size=8), inner, max_size=3), max_leaves=12)
+  prompts = st.one_of(st.text(max_size=60), st.lists(st.integers(0, 600), max_size=20),
+                      st.lists(st.text(max_size=20), max_size=3), values)
+  fields = st.sampled_from(sorted(server_lib.KNOWN) + ["bogus", "messages"])
+  bodies = st.fixed_dictionaries({"prompt": prompts, "max_tokens": st.integers(1, 8)},
+                                 optional={"n": st.integers(0, 3), "temperature": st.floats(0, 2)}) | st.dictionaries(
+      fields, values, max_size=6).map(lambda d: {**d, "prompt": d.get("prompt", "x")})
+
+  def post(body):
+    data = json.dumps(body, allow_nan=True).encode()
+    request = urllib.request.Request(bg.url + "/v1/completions", data=data,
+                                     headers={"Content-Type": "application/json"})
+    try:
+      with urllib.request.urlopen(request, timeout=60) as r:
+        return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+      return e.code, e.read().decode()
+
+  @settings(max_examples=60, deadline=None, derandomize=True,
+            suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+  @given(bodies)
+  def check(body):
+    status, text = post(body)
+    assert status in (200, 400, 404, 413, 415, 429), (status, body, text[:300])
+    if status == 200 and body.get("stream") is True:
+      assert text.rstrip().endswith("data: [DONE]"), text[-300:]
+    else:
+      parsed = json.loads(text)
+      assert ("choices" in parsed) if status == 200 else set(parsed["error"]) >= {"message", "type"}
+
+  check()
+  assert json.loads(urllib.request.urlopen(bg.url + "/health").read()) == {"status": "ok"}
+
+
+def test_the_profile_endpoints_trace_the_engine_between_start_and_stop(server, tmp_path):
+  import glob
+  import urllib.error
+  import urllib.request
+
+  srv, _ = server
+  traced = Server(srv.scheduler, srv.tokenizer, srv.model_id, srv.metrics, profile_dir=str(tmp_path / "trace"))
+
+  def post(url, body=None):
+    request = urllib.request.Request(url, data=json.dumps(body or {}).encode(), method="POST",
+                                     headers={"Content-Type": "application/json"})
+    try:
+      with urllib.request.urlopen(request, timeout=120) as r:
+        return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+      return e.code, json.loads(e.read())
+
+  with BackgroundServer(traced) as bg:
+    assert post(bg.url + "/debug/profile/stop")[0] == 409  # nothing to stop yet
+    assert post(bg.url + "/debug/profile/start")[0] == 200
+    assert post(bg.url + "/debug/profile/start")[0] == 409
+    assert post(bg.url + "/v1/completions", {"prompt": "def", "max_tokens": 4})[0] == 200
+    status, result = post(bg.url + "/debug/profile/stop")
+  assert status == 200 and result["busy_s"] > 0 and result["top_ms"] and "operation" in result["table"]
+  assert glob.glob(str(tmp_path / "trace" / "plugins" / "profile" / "*" / "*.xplane.pb"))
