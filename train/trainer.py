@@ -10,6 +10,7 @@ import contextlib
 import logging
 import os
 import signal
+import sys
 import time
 from typing import Any, Callable
 
@@ -40,12 +41,16 @@ log = logging.getLogger("peakllm.train")
 
 
 class _StopRequest:
-  """Turns SIGTERM/SIGINT into a flag the loop checks between steps (so a checkpoint can be written)."""
+  """Turns SIGTERM/SIGINT into a flag the loop checks between steps (so a checkpoint can be written); a second
+  signal exits at once (the checkpoint being written, if any, is set aside on the next start)."""
 
   def __init__(self):
     self.signal = None
 
   def __call__(self, signum, _frame):
+    if self.signal is not None:
+      sys.stderr.write(f"second signal ({signum}): exiting now without a checkpoint\n")
+      os._exit(128 + signum)
     self.signal = signum
 
   @contextlib.contextmanager
