@@ -27,7 +27,6 @@ import threading
 import time
 import uuid
 
-import jax
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -130,7 +129,7 @@ class Server:
                profile_dir: str | None = None):
     self.scheduler, self.tokenizer, self.model_id, self.metrics = scheduler, tokenizer, model_id, metrics
     self.profile_dir = profile_dir  # enables POST /debug/profile/start and /stop (a jax.profiler trace there)
-    self._profile_start: float | None = None
+    self._recording = profiling.Recording()
     self.api_key = api_key or None  # "" means no key
     self.stuck_after_s = STUCK_AFTER_S  # /health says "stuck" when work waits this long without an iteration
     self.eot = tokenizer_lib.eot_id(tokenizer)
@@ -150,21 +149,16 @@ class Server:
   # -- profiling (only with profile_dir) ---------------------------------------------------------------------------
 
   async def profile_start(self, request):
-    if self._profile_start is not None:
+    if self._recording.active:
       return error_response(409, "a trace is already running; POST /debug/profile/stop first")
-    jax.profiler.start_trace(self.profile_dir, create_perfetto_trace=True)
-    self._profile_start = time.perf_counter()
+    self._recording.start(self.profile_dir)
     return web.json_response({"status": "tracing", "trace_dir": self.profile_dir})
 
   async def profile_stop(self, request):
-    if self._profile_start is None:
+    if not self._recording.active:
       return error_response(409, "no trace is running; POST /debug/profile/start first")
-    wall = time.perf_counter() - self._profile_start
-    self._profile_start = None
-    loop = asyncio.get_running_loop()
-    await loop.run_in_executor(None, jax.profiler.stop_trace)
-    summary = await loop.run_in_executor(None, profiling.summarize, self.profile_dir, wall)
-    return web.json_response({"trace_dir": summary.trace_dir, "wall_s": wall, "busy_s": summary.busy_s,
+    summary = await asyncio.get_running_loop().run_in_executor(None, self._recording.stop)
+    return web.json_response({"trace_dir": summary.trace_dir, "wall_s": summary.wall_s, "busy_s": summary.busy_s,
                               "table": summary.table(),
                               "top_ms": {op.name: op.seconds * 1e3 for op in summary.ops[:15]}})
 

@@ -270,7 +270,7 @@ def main(argv):
     return
   config = f.config
   config_path = config_flags.get_config_filename(f["config"])
-  base_overrides = {k: v for k, v in _overridden(config, config_path).items()}
+  base_overrides = _overridden(config, config_path)
   try:
     switches = parse_switches(f.study, f.switches, config)
     runs = variants(f.study, switches, config)

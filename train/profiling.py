@@ -86,6 +86,29 @@ def trace(logdir: str):
       timing["wall_s"] = time.perf_counter() - start
 
 
+class Recording:
+  """A trace started by `start(logdir)` and ended by `stop()`, which returns its `Summary` (wall time included)."""
+
+  def __init__(self):
+    self.logdir: str | None = None
+    self._start = 0.0
+
+  @property
+  def active(self) -> bool:
+    return self.logdir is not None
+
+  def start(self, logdir: str) -> None:
+    os.makedirs(logdir, exist_ok=True)
+    jax.profiler.start_trace(logdir, create_perfetto_trace=True)
+    self.logdir, self._start = logdir, time.perf_counter()
+
+  def stop(self) -> Summary:
+    wall = time.perf_counter() - self._start
+    jax.profiler.stop_trace()
+    logdir, self.logdir = self.logdir, None
+    return summarize(logdir, wall)
+
+
 class StepProfiler:
   """Traces the 1-based steps `first..last` of a loop: call `before(step)` before step `step` runs and
   `after(step, outputs)` once it was dispatched; the trace stops after `last`'s outputs are ready and
@@ -95,15 +118,18 @@ class StepProfiler:
     self.steps, self.logdir = steps, logdir
     self.summary: Summary | None = None
     self.traced: tuple[int, int] | None = None  # the steps the finished trace covers
-    self.active = False
-    self._start, self._first, self._last = 0.0, 0, 0
+    self._recording = Recording()
+    self._first, self._last = 0, 0
+
+  @property
+  def active(self) -> bool:
+    return self._recording.active
 
   def before(self, step: int) -> None:
     """Starts the trace when `step` is the first profiled step; a run resumed inside the range starts it here too."""
     if self.steps and self.steps[0] <= step <= self.steps[1] and not self.active and self.traced is None:
-      os.makedirs(self.logdir, exist_ok=True)
-      jax.profiler.start_trace(self.logdir, create_perfetto_trace=True)
-      self.active, self._start, self._first = True, time.perf_counter(), step
+      self._recording.start(self.logdir)
+      self._first = step
 
   def after(self, step: int, outputs) -> None:
     self._last = step
@@ -115,7 +141,5 @@ class StepProfiler:
     if not self.active:
       return
     jax.block_until_ready(outputs)
-    wall = time.perf_counter() - self._start
-    jax.profiler.stop_trace()
-    self.active, self.traced = False, (self._first, self._last)
-    self.summary = summarize(self.logdir, wall)
+    self.summary = self._recording.stop()
+    self.traced = (self._first, self._last)
