@@ -18,6 +18,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 REMAT_POLICIES = ("none", "full", "save_dots", "save_dots_no_batch", "save_attention_out")
 ATTENTION_IMPLS = ("xla", "pallas", "cudnn")  # reference jnp path, our Pallas flash kernel, cuDNN (NVIDIA GPUs)
 QUANT_MODES = ("none", "int8_weight", "w8a8", "packed")  # float, W8A16, W8A8 (SmoothQuant), infer.compress codes
+HEAD_QUANTS = ("none", "int8")  # quant=packed: the embedding and head float, or int8 rows (W8A16)
 MATMUL_IMPLS = ("auto", "xla", "pallas", "native")  # auto: native CPU kernels where built and suited, else XLA
 PACKED_BITS = (2, 3, 4, 8)
 OPTIMIZERS = ("adamw", "adafactor", "lion")
@@ -77,6 +78,8 @@ def get_config() -> ml_collections.ConfigDict:
   m.matmul_impl = "auto"  # one of MATMUL_IMPLS: how quantized matmuls run (model/quant.py)
   m.quant_bits = 8  # quant=packed: bits per code, one of PACKED_BITS (set when a compressed workdir is loaded)
   m.quant_group_size = 0  # quant=packed: inputs per scale/zero group (0: one group per output channel)
+  m.head_quant = "none"  # quant=packed: one of HEAD_QUANTS; "int8" serves the embedding and head as int8 rows with a
+  # per-row scale, quantized at load (`--head_quant=int8` on infer.generate/evaluate/serve)
   m.num_experts = 0  # experts per MoE MLP (model/moe.py); 0 = a dense model
   m.experts_per_token = 1  # top-k routing: 1 = Switch, 2 = Mixtral
   m.expert_mlp_dim = 0  # hidden width of each expert; 0 means the dense mlp_dim rule
@@ -225,6 +228,10 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   _choice(config, "model.matmul_impl", MATMUL_IMPLS)
   if m.quant == "packed" and m.quant_bits not in PACKED_BITS:
     _fail("model.quant_bits", m.quant_bits, f"allowed values are {PACKED_BITS}")
+  _choice(config, "model.head_quant", HEAD_QUANTS)
+  if m.head_quant != "none" and m.quant != "packed":
+    _fail("model.head_quant", m.head_quant, "applies to compressed workdirs served packed (model.quant=packed); "
+          f"model.quant={m.quant!r} (int8 formats already hold an int8 head)")
   _choice(config, "train.optimizer", OPTIMIZERS)
   profile_steps(config)
   _choice(config, "train.schedule", SCHEDULES)

@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from configs import base
 from infer.compress import storage
 from model import moe
 from model import quant
@@ -22,13 +23,14 @@ from workdir import tokenizer as tokenizer_lib
 
 
 def load_trained(workdir: str, step: int | None = None, matmul_impl: str | None = None,
-                 attention_impl: str | None = None, dequantize: bool = False):
+                 attention_impl: str | None = None, dequantize: bool = False, head_quant: str | None = None):
   """Returns (config, model, tokenizer, step) for the latest (or given) checkpoint of `workdir`.
 
   `matmul_impl` overrides the run's model.matmul_impl (`pallas` on a QMoE workdir decodes the experts inside the
   fused kernel during generation; the returned model is then unstacked and carries the coded weights);
   `attention_impl` overrides model.attention_impl; `dequantize` loads a compressed workdir's codes into the float
-  model instead of serving them as stored (the reference the packed kernels are tested against)."""
+  model instead of serving them as stored (the reference the packed kernels are tested against); `head_quant="int8"`
+  serves a packed workdir's float embedding and head as int8 rows (quantized here; any other workdir refuses it)."""
   config = layout.load_config(workdir)
   if matmul_impl:
     config.model.matmul_impl = matmul_impl
@@ -43,14 +45,28 @@ def load_trained(workdir: str, step: int | None = None, matmul_impl: str | None 
       config.model.update(fields)
       spec = ModelSpec.from_config(config.model)
       params, step = storage.load_packed(workdir, jax.eval_shape(lambda: transformer.init_params(spec, 0)), step)
+      if head_quant and head_quant != "none":
+        config.model.head_quant = head_quant
+        base.validate(config)
+        spec = ModelSpec.from_config(config.model)
+        params = quant.quantize_head(params, spec.tie_embeddings)
       return config, transformer.from_params(spec, params), tokenizer_lib.load_from(workdir), step
+    _refuse_head_quant(head_quant, workdir, "is loaded as a float model (dequantized, QMoE or MoE)")
     params, step, meta = storage.load_params(workdir, abstract_params, step)
     model = transformer.from_params(spec, params)
     if "coded_arrays" in meta and spec.matmul_impl == "pallas":
       model = _attach_coded(model, meta)
     return config, model, tokenizer_lib.load_from(workdir), step
+  _refuse_head_quant(head_quant, workdir, f"holds model.quant={spec.quant!r}" +
+                     (" (int8 formats already hold an int8 head)" if spec.quant != "none" else ""))
   params, step = checkpoint.restore_params(workdir, abstract_params, step)  # train states, imports, int8 models
   return config, transformer.from_params(spec, params), tokenizer_lib.load_from(workdir), step
+
+
+def _refuse_head_quant(head_quant: str | None, workdir: str, why: str) -> None:
+  if head_quant and head_quant != "none":
+    raise ValueError(f"--head_quant={head_quant} applies to compressed workdirs served packed (model.quant=packed); "
+                     f"{workdir} {why}")
 
 
 def _attach_coded(model, meta: dict):
@@ -74,6 +90,8 @@ def weights_note(model) -> str:
   spec = model.spec
   fmt = {"none": spec.param_dtype, "int8_weight": "int8 W8A16", "w8a8": "int8 W8A8",
          "packed": f"{spec.quant_bits}-bit codes (group {spec.quant_group_size or 'per channel'}) as stored"}[spec.quant]
+  if spec.head_quant != "none":
+    fmt += f", {spec.head_quant} embedding and head"
   return f"weights: {fmt}, {quant.nbytes(nnx.state(model, nnx.Param)) / 1e6:,.1f} MB resident"
 
 

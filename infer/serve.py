@@ -28,9 +28,9 @@ from train import allocator
 def build(workdir: str, *, slots: int = 8, page_size: int = 16, num_pages: int = 0, prefill_chunk: int = 0,
           max_queue: int = 64, mode: str = "continuous", attention_impl: str | None = None,
           matmul_impl: str | None = None, step: int | None = None, api_key: str | None = None,
-          profile_dir: str | None = None) -> Server:
+          profile_dir: str | None = None, head_quant: str | None = None) -> Server:
   """Loads `workdir` and wires engine, scheduler (started), metrics and server together."""
-  _, model, tokenizer, _ = loading.load_trained(workdir, step, matmul_impl, attention_impl)
+  _, model, tokenizer, _ = loading.load_trained(workdir, step, matmul_impl, attention_impl, head_quant=head_quant)
   print(loading.weights_note(model), flush=True)
   engine = Engine(model, slots=slots, page_size=page_size, num_pages=num_pages or None,
                   prefill_chunk=prefill_chunk or None)
@@ -69,7 +69,7 @@ def main(argv):
     server = build(f.workdir, slots=f.slots, page_size=f.page_size, num_pages=f.num_pages,
                    prefill_chunk=f.prefill_chunk, max_queue=f.max_queue, mode=f.mode, attention_impl=f.attention_impl,
                    matmul_impl=f.matmul_impl, step=f.step, api_key=f.api_key or os.environ.get("PEAKLLM_API_KEY"),
-                   profile_dir=f.profile_dir or None)
+                   profile_dir=f.profile_dir or None, head_quant=f.head_quant)
   except (FileNotFoundError, ValueError) as e:
     sys.exit(f"error: cannot serve --workdir={f.workdir}: {e}")
   asyncio.run(_serve(server, f.host, f.port, f.drain_timeout))
@@ -87,6 +87,7 @@ def _define_flags():
   flags.DEFINE_enum("mode", "continuous", ["continuous", "static"], "Batching mode.")
   flags.DEFINE_enum("attention_impl", None, ["xla", "pallas"], "Override model.attention_impl.")
   flags.DEFINE_enum("matmul_impl", None, list(base.MATMUL_IMPLS), "Override model.matmul_impl.")
+  flags.DEFINE_enum("head_quant", None, list(base.HEAD_QUANTS), "Serve a packed compressed workdir's float embedding and head as int8 rows (smaller, faster; not lossless).")
   flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
   flags.DEFINE_string("api_key", "", "Require 'Authorization: Bearer <key>' on /v1/* (default: $PEAKLLM_API_KEY; "
                       "empty: no key).")

@@ -54,10 +54,11 @@ def _w8a16(x2, w2, s, impl: str, transposed: bool):
 
 
 def _w8a8(x2, w2, s, impl: str, transposed: bool):
-  """Activations quantized per token at run time: int8 x int8 -> int32, then both scales."""
-  x_q, x_scale = q8.quantize_per_token(x2)
+  """Activations quantized per token at run time: int8 x int8 -> int32, then both scales (the native kernels quantize
+  inside the call, saving XLA's handful of elementwise passes per matmul)."""
   if impl == "native":
-    return (cpu_native.matmul_nk_i8x if transposed else cpu_native.matmul_kn_i8x)(x_q, x_scale, w2, s)
+    return (cpu_native.matmul_nk_w8a8 if transposed else cpu_native.matmul_kn_w8a8)(x2, w2, s)
+  x_q, x_scale = q8.quantize_per_token(x2)
   w2 = w2.T if transposed else w2
   return q8.w8a8_matmul(x_q, x_scale, w2, s) if impl == "pallas" else q8.w8a8_reference(x_q, x_scale, w2, s)
 
@@ -87,11 +88,12 @@ def quantized_matmul(spec, x: jax.Array, w_q: jax.Array, scale: jax.Array, n_in:
                      transposed: bool = False) -> jax.Array:
   """x [..., *in] float @ w_q [*in, *out] int8 with per-output scales [*out] -> [..., *out] float32, in the format
   of `spec.quant`, run by `resolve_impl`. `transposed`: w_q is [out, in] (n_in 1), a tied embedding as the head.
-  For `quant=packed`, w_q is the uint8 code stream and scale is [2, groups, *out] (scale, zero point); see
-  `packed_matmul`."""
-  if spec.quant == "packed":
+  For `quant=packed`, w_q is the uint8 code stream and scale is [2, groups, *out] (scale, zero point), see
+  `packed_matmul`; or, for the embedding and head of `head_quant="int8"`, int8 rows run as W8A16."""
+  if spec.quant == "packed" and w_q.dtype == jnp.uint8:  # block weights; int8 here is the head of `head_quant`
     return packed_matmul(spec, x, w_q, scale, n_in)
-  if spec.quant not in MATMULS:
+  mode = "int8_weight" if spec.quant == "packed" else spec.quant
+  if mode not in MATMULS:
     raise ValueError(f"quantized_matmul called with model.quant={spec.quant!r}; expected one of "
                      f"{sorted(MATMULS) + ['packed']}")
   in_shape, out_shape = ((w_q.shape[1:], w_q.shape[:1]) if transposed else (w_q.shape[:n_in], w_q.shape[n_in:]))
@@ -100,7 +102,7 @@ def quantized_matmul(spec, x: jax.Array, w_q: jax.Array, scale: jax.Array, n_in:
   x2, s = x.reshape(-1, k), scale.reshape(n).astype(jnp.float32)
   w2 = w_q.reshape(n, k) if transposed else w_q.reshape(k, n)
   impl = resolve_impl(spec, x2.shape[0], n, k, transposed)
-  y = MATMULS[spec.quant](x2.astype(jnp.float32) if impl == "native" else x2, w2, s, impl, transposed)
+  y = MATMULS[mode](x2.astype(jnp.float32) if impl == "native" else x2, w2, s, impl, transposed)
   return y.reshape(*lead, *out_shape)
 
 
@@ -162,7 +164,14 @@ def quantize_params(params: dict, tie_embeddings: bool) -> dict:
     group = blocks[parent[0]]
     if name in group:
       group[name], group[name + "_scale"] = _quantize(group[name], tuple(range(1, 1 + n_in)))
-  q["embed"], q["embed_scale"] = _quantize(q["embed"], (1,))  # per vocabulary row
+  return quantize_head(q, tie_embeddings)
+
+
+def quantize_head(params: dict, tie_embeddings: bool) -> dict:
+  """The embedding as int8 rows with one scale per vocabulary row (also the tied head's per-output scale), and an
+  untied head per output column; the rest of `params` as it is (a shallow copy)."""
+  q = dict(params)
+  q["embed"], q["embed_scale"] = _quantize(q["embed"], (1,))
   if not tie_embeddings:
     q["head"], q["head_scale"] = _quantize(q["head"], (0,))
   return q

@@ -68,6 +68,7 @@ class ModelSpec:
   matmul_impl: str = "auto"  # "auto" | "xla" | "pallas" | "native": how quantized matmuls run (model/quant.py)
   quant_bits: int = 8  # quant=packed: bits per code
   quant_group_size: int = 0  # quant=packed: inputs per scale/zero group (0: all inputs)
+  head_quant: str = "none"  # quant=packed: "int8" holds the embedding and head as int8 rows + scales (W8A16)
   num_experts: int = 0  # 0: dense MLPs; > 0: every moe_every-th block has a mixture-of-experts MLP (model/moe.py)
   experts_per_token: int = 1
   expert_mlp_dim: int = 0
@@ -94,7 +95,7 @@ class ModelSpec:
                param_dtype=m.param_dtype, dtype=m.dtype, matmul_dtype=m.matmul_dtype, remat=m.remat,
                pipeline_microbatches=m.pipeline_microbatches, scan_layers=m.scan_layers,
                attention_impl=m.attention_impl, init_std=m.init_std, quant=m.quant, matmul_impl=m.matmul_impl,
-               quant_bits=m.quant_bits, quant_group_size=m.quant_group_size,
+               quant_bits=m.quant_bits, quant_group_size=m.quant_group_size, head_quant=m.head_quant,
                num_experts=m.num_experts, experts_per_token=m.experts_per_token,
                expert_mlp_dim=m.expert_mlp_dim or base.mlp_dim(m), moe_every=m.moe_every,
                capacity_factor=m.capacity_factor, moe_renormalize=m.moe_renormalize, mlp_bias=base.mlp_bias(m),
@@ -158,11 +159,11 @@ def _weight(spec: ModelSpec, rngs: nnx.Rngs, shape, names, std: float, n_in: int
   """A matmul weight whose first `n_in` axes are inputs: (float Param, None), or for quantized specs the stored form
   to be filled by `model.quant` or the compressed-workdir loader:
     * int8 formats: (int8 Param, float32 scale Param over `scale_axes`, default the output axes shape[n_in:]);
-    * `packed` (block weights only; embeddings and head stay float): (uint8 code stream Param
-      [k * n * bits / 8], float32 Param [2, groups, *out] holding scale and zero point)."""
-  if spec.quant == "none" or (spec.quant == "packed" and not block):
+    * `packed` block weights: (uint8 code stream Param [k * n * bits / 8], float32 Param [2, groups, *out] holding
+      scale and zero point); its embedding and head stay float, or int8 as above with `head_quant="int8"`."""
+  if spec.quant == "none" or (spec.quant == "packed" and not block and spec.head_quant == "none"):
     return _param(rngs, shape, names, spec.weight_dtype, std), None
-  if spec.quant == "packed":
+  if spec.quant == "packed" and block:
     k, out = math.prod(shape[:n_in]), tuple(shape[n_in:])
     groups = k // spec.quant_group_size if spec.quant_group_size else 1
     return (nnx.Param(jnp.zeros((k * math.prod(out) * spec.quant_bits // 8,), jnp.uint8), logical_axes=(None,)),

@@ -48,7 +48,7 @@ STUDIES: dict[str, dict[str, tuple]] = {
         "train.grad_accum_steps": (1, 2),
     },
     "decode": {
-        "format": ("float32", "bfloat16", "int8", "w8a8", "gptq4", "gptq3"),
+        "format": ("float32", "bfloat16", "int8", "w8a8", "gptq4", "gptq4_int8head", "gptq3"),
         "model.matmul_impl": ("auto", "xla"),
         "batch": (1, 8),
     },

@@ -3,15 +3,16 @@ bandwidth roofline.
 
 For each model shape (shape S and GPT-2 124M, random weights), batch size and weight format (float32, bfloat16,
 int8 weight-only, int8 W8A8, and the packed b-bit codes of `infer.compress` as `gptq<b>`: round-to-nearest codes of the
-random weights, group 128, served as stored; decode speed does not depend on how the codes were chosen), runs `infer.generate`'s single jitted prefill + decode loop with a 32-token prompt and 128 new
-tokens. The roofline assumes every decode step reads all weights once plus the live KV cache:
+random weights, group 128, served as stored; decode speed does not depend on how the codes were chosen; with the
+suffix `_int8head` the embedding and head are int8 rows too, as `--head_quant=int8` serves them), runs
+`infer.generate`'s single jitted prefill + decode loop with a 32-token prompt and 128 new tokens. The roofline assumes every decode step reads all weights once plus the live KV cache:
 tokens/s <= batch * bandwidth / bytes_per_step, with the copy bandwidth measured in the same run (a donated
 elementwise pass over 256 MiB, counting bytes read and written). In the same run, the HF-PyTorch peer
 (`GPT2LMHeadModel.generate`, greedy, KV cache, float32, 2 threads, same shapes, prompts and token counts) gives the
 ratio column. Prints a table and writes JSON.
 
   python -m scripts.bench_decode [--shapes=shape_s,gpt2_124m] [--batches=1,8]
-      [--formats=float32,bfloat16,int8,w8a8,gptq4,gptq3] [--matmul_impl=auto] [--nopeer] [--profile=DIR]
+      [--formats=float32,bfloat16,int8,w8a8,gptq4,gptq4_int8head,gptq3] [--matmul_impl=auto] [--nopeer] [--profile=DIR]
 """
 
 from __future__ import annotations
@@ -40,7 +41,8 @@ from train import profiling
 
 _SHAPES = flags.DEFINE_list("shapes", ["shape_s", "gpt2_124m"], "Config modules under configs/.")
 _BATCHES = flags.DEFINE_list("batches", ["1", "8"], "Batch sizes.")
-_FORMATS = flags.DEFINE_list("formats", ["float32", "bfloat16", "int8", "w8a8", "gptq4", "gptq3"], "Weight formats.")
+_FORMATS = flags.DEFINE_list("formats", ["float32", "bfloat16", "int8", "w8a8", "gptq4", "gptq4_int8head", "gptq3"],
+                             "Weight formats.")
 _IMPL = flags.DEFINE_enum("matmul_impl", "auto", ["auto", "xla", "native"], "How quantized matmuls run.")
 _PROMPT = flags.DEFINE_integer("prompt_len", 32, "Prompt tokens.")
 _NEW = flags.DEFINE_integer("new_tokens", 128, "Generated tokens.")
@@ -64,9 +66,13 @@ def copy_bandwidth(mib: int = 256, repeats: int = 5) -> float:
   return 2 * x.nbytes / min(times)
 
 
+INT8_HEAD = "_int8head"  # format suffix: a packed model's embedding and head as int8 rows
+
+
 def build_model(shape: str, fmt: str, matmul_impl: str = "auto") -> Transformer:
   """A random-weight model of configs/<shape>.py in `fmt`: float32, bfloat16 (params and compute), int8 (W8A16),
-  w8a8 (int8 weights and per-token int8 activations, int32 sums) or gptq<bits> (packed codes, group 128)."""
+  w8a8 (int8 weights and per-token int8 activations, int32 sums), gptq<bits> (packed codes, group 128; float32
+  embedding and head) or gptq<bits>_int8head (the same with an int8 embedding and head)."""
   cfg = importlib.import_module(f"configs.{shape}").get_config()
   spec = dataclasses.replace(ModelSpec.from_config(cfg.model), remat="none", param_dtype="float32",
                              dtype="float32", attention_impl="xla", matmul_impl=matmul_impl)
@@ -78,16 +84,19 @@ def build_model(shape: str, fmt: str, matmul_impl: str = "auto") -> Transformer:
     stats = {norm: jnp.ones((spec.num_layers, spec.embed_dim)) for norm in quant.SMOOTHED}  # random weights: flat
     qspec, qparams = quant.quantize_model_params(spec, params, "int8_weight" if fmt == "int8" else "w8a8", stats)
     model = transformer.from_params(qspec, qparams)
-  elif fmt.startswith("gptq"):
-    model = _packed_model(spec, params, int(fmt[4:]), group_size=128)
+  elif fmt.startswith("gptq") and fmt.removesuffix(INT8_HEAD)[4:] in ("2", "3", "4", "8"):
+    model = _packed_model(spec, params, int(fmt.removesuffix(INT8_HEAD)[4:]), 128, fmt.endswith(INT8_HEAD))
   elif fmt not in ("float32", "bfloat16"):
-    raise ValueError(f"--formats: unknown format {fmt!r}; use float32, bfloat16, int8, w8a8 or gptq<2|3|4|8>")
+    raise ValueError(f"--formats: unknown format {fmt!r}; use float32, bfloat16, int8, w8a8, gptq<2|3|4|8> or "
+                     f"gptq<2|3|4|8>{INT8_HEAD}")
   return model
 
 
-def _packed_model(spec: ModelSpec, params: dict, bits: int, group_size: int) -> Transformer:
-  """Every block weight as round-to-nearest b-bit codes (the grids of `infer.compress`), served packed."""
-  pspec = dataclasses.replace(spec, quant="packed", quant_bits=bits, quant_group_size=group_size)
+def _packed_model(spec: ModelSpec, params: dict, bits: int, group_size: int, int8_head: bool) -> Transformer:
+  """Every block weight as round-to-nearest b-bit codes (the grids of `infer.compress`), served packed; the embedding
+  and head float32, or int8 rows with `int8_head` (`--head_quant=int8` of infer.generate)."""
+  pspec = dataclasses.replace(spec, quant="packed", quant_bits=bits, quant_group_size=group_size,
+                              head_quant="int8" if int8_head else "none")
   blocks = params["blocks"]
   for parent, name, n_in in quant.BLOCK_WEIGHTS:
     if name not in blocks[parent[0]]:
@@ -99,7 +108,7 @@ def _packed_model(spec: ModelSpec, params: dict, bits: int, group_size: int) -> 
     blocks[parent[0]][name], blocks[parent[0]][name + "_scale"] = storage.packed_weight(
         np.stack([np.asarray(r.codes) for r in layers]), np.stack([np.asarray(r.scale) for r in layers]),
         np.stack([np.asarray(r.zero) for r in layers]), bits, out_shape)
-  return transformer.from_params(pspec, params)
+  return transformer.from_params(pspec, quant.quantize_head(params, spec.tie_embeddings) if int8_head else params)
 
 
 def time_generate(model, batch: int, prompt_len: int, new_tokens: int, repeats: int, profile_dir: str = "") -> float:

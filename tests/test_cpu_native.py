@@ -12,6 +12,7 @@ from flax import nnx
 
 from model import quant, transformer
 from model.kernels import cpu_native
+from model.kernels import int8_matmul as q8
 from model.transformer import ModelSpec
 
 REASON = cpu_native.unavailable_reason()
@@ -43,24 +44,52 @@ def test_packed_matmul_matches_dequantized_reference(bits, group):
     np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-4 * np.abs(ref).max())
 
 
-@pytest.mark.parametrize("m", [1, 4, 6])
-def test_int8_kernels_match_references(m):
+@pytest.mark.parametrize("m, k", [(1, 96), (4, 96), (6, 96), (3, 208), (5, 102)])
+def test_int8_kernels_match_references(m, k):
+  """k=208 leaves a partial 64-byte block in the VNNI head kernel; k=102 (not a multiple of 4) takes the [k, n]
+  kernel's widening path (the head kernels need multiples of 16)."""
   rng = np.random.default_rng(m)
-  k, n = 96, 128
+  n = 128
   w = rng.integers(-127, 128, (k, n)).astype(np.int8)
   s = (rng.random(n) + 0.5).astype(np.float32)
   x = rng.standard_normal((m, k)).astype(np.float32)
   ref = (x.astype(np.float64) @ w.astype(np.float64)) * s
   tol = dict(rtol=1e-5, atol=1e-6 * np.abs(ref).max())
+  head = k % 16 == 0
   np.testing.assert_allclose(np.asarray(jax.jit(cpu_native.matmul_kn)(x, w, s)), ref, **tol)
   wt = np.ascontiguousarray(w.T)  # [n, k] rows, the tied-head layout
-  np.testing.assert_allclose(np.asarray(jax.jit(cpu_native.matmul_nk)(x, wt, s)), ref, **tol)
-  # int8 activations: int32 sums are exact, so the only rounding is the final float scaling
+  if head:
+    np.testing.assert_allclose(np.asarray(jax.jit(cpu_native.matmul_nk)(x, wt, s)), ref, **tol)
+  # W8A8: each row holds a +-127, so the kernel's per-token scale is exactly 1 and x_q comes back as it is; the int32
+  # sums are exact, so the only rounding is the final float scaling
   x_q = rng.integers(-127, 128, (m, k)).astype(np.int8)
-  x_s = (rng.random((m, 1)) + 0.5).astype(np.float32)
-  exact = (x_q.astype(np.int64) @ w.astype(np.int64)) * x_s * s
-  np.testing.assert_allclose(np.asarray(jax.jit(cpu_native.matmul_kn_i8x)(x_q, x_s, w, s)), exact, rtol=1e-6)
-  np.testing.assert_allclose(np.asarray(jax.jit(cpu_native.matmul_nk_i8x)(x_q, x_s, wt, s)), exact, rtol=1e-6)
+  x_q[0] = 127 * np.sign(w[:, 0])  # the largest sum one column can reach, and its negation next to it
+  x_q[:, -1] = 127
+  exact = (x_q.astype(np.int64) @ w.astype(np.int64)) * s
+  x_f = x_q.astype(np.float32)
+  np.testing.assert_allclose(np.asarray(jax.jit(cpu_native.matmul_kn_w8a8)(x_f, w, s)), exact, rtol=1e-6)
+  if head:
+    np.testing.assert_allclose(np.asarray(jax.jit(cpu_native.matmul_nk_w8a8)(x_f, wt, s)), exact, rtol=1e-6)
+  # float activations: quantized in the kernel as int8_matmul.quantize_per_token does it
+  want = q8.w8a8_reference(*q8.quantize_per_token(jnp.asarray(x)), jnp.asarray(w), jnp.asarray(s))
+  np.testing.assert_allclose(np.asarray(jax.jit(cpu_native.matmul_kn_w8a8)(x, w, s)), want, rtol=1e-5, atol=1e-5)
+  if head:
+    np.testing.assert_allclose(np.asarray(jax.jit(cpu_native.matmul_nk_w8a8)(x, wt, s)), want, rtol=1e-5, atol=1e-5)
+
+
+def test_int8_activation_kernels_are_exact_at_the_extremes():
+  """Every weight and activation at +-127 over a long input: the sign-flip correction of the VNNI kernels and the
+  int32 sums must stay exact (a wrong correction or a saturating instruction shows here)."""
+  k, n = 4096, 256
+  rng = np.random.default_rng(0)
+  w = (127 * rng.choice([-1, 1], (k, n))).astype(np.int8)
+  x = np.stack([w[:, 0], -w[:, 1], np.full(k, 127), np.full(k, -127)]).astype(np.float32)
+  ones = np.ones(n, np.float32)
+  exact = x.astype(np.int64) @ w.astype(np.int64)
+  assert np.abs(exact).max() == 127 * 127 * k
+  np.testing.assert_array_equal(np.asarray(jax.jit(cpu_native.matmul_kn_w8a8)(x, w, ones)), exact)
+  np.testing.assert_array_equal(
+      np.asarray(jax.jit(cpu_native.matmul_nk_w8a8)(x, np.ascontiguousarray(w.T), ones)), exact)
 
 
 def test_kernel_rejects_shapes_it_does_not_take_and_auto_falls_back():
@@ -154,6 +183,39 @@ def test_compressed_workdir_is_served_packed_with_the_dequantized_models_outputs
   tokens = evaluate.validation_stream(config, tokenizer, 2048)
   ppl = [evaluate.stream_perplexity(m, tokens, 32)["ppl"] for m in (packed, dense)]
   assert abs(ppl[0] - ppl[1]) <= 1e-3 * ppl[1]
+
+
+def test_int8_head_on_a_packed_workdir_equals_the_dequantized_model_with_that_head(packed_workdir):
+  """--head_quant=int8: the embedding (tied head) as int8 rows + per-row scales, no float copy; greedy tokens and
+  perplexity equal the dequantized model whose embedding went through the same int8 rounding; refused where it does
+  not apply."""
+  from infer import evaluate, generate, loading
+
+  config, tokenizer, out = packed_workdir
+  _, packed, _, _ = loading.load_trained(out)
+  _, head8, _, _ = loading.load_trained(out, head_quant="int8")
+  _, dense, _, _ = loading.load_trained(out, dequantize=True)
+  assert head8.spec.head_quant == "int8" and head8.embed[...].dtype == np.int8
+  vocab, dim = packed.embed[...].shape
+  assert (quant.nbytes(nnx.state(packed, nnx.Param)) - quant.nbytes(nnx.state(head8, nnx.Param))
+          == vocab * dim * 4 - (vocab * dim + vocab * 4))  # float32 rows -> int8 rows + one float32 scale per row
+  assert "int8 embedding and head" in loading.weights_note(head8)
+  rows = quant.quantize_head({"embed": dense.embed[...]}, tie_embeddings=True)
+  dense.embed[...] = rows["embed"].astype(jnp.float32) * rows["embed_scale"][:, None]
+  prompts = [[1, 40, 41, 42], [1, 50]]
+  assert generate.generate(head8, prompts, max_new_tokens=16) == generate.generate(dense, prompts, max_new_tokens=16)
+  tokens = evaluate.validation_stream(config, tokenizer, 2048)
+  ppl = [evaluate.stream_perplexity(m, tokens, 32)["ppl"] for m in (head8, dense)]
+  assert abs(ppl[0] - ppl[1]) <= 1e-3 * ppl[1]
+  with pytest.raises(ValueError, match="--head_quant=int8 applies to compressed workdirs served packed"):
+    loading.load_trained(out, dequantize=True, head_quant="int8")
+
+
+def test_head_quant_is_refused_on_a_workdir_that_is_not_packed(tiny_run):
+  from infer import loading
+
+  with pytest.raises(ValueError, match="--head_quant=int8 applies to compressed workdirs served packed.*'none'"):
+    loading.load_trained(tiny_run[0], head_quant="int8")
 
 
 @pytest.mark.parametrize("transpose_a", [False, True])

@@ -10,7 +10,7 @@ Without a compiler, `available()` is False and `model.matmul_impl=auto` runs the
 the kernels off.
 
 Layouts (per weight, x [m, k] -> y [m, n], n a multiple of 64):
-  * int8 [k, n] with scale [n] (W8A16: float x; W8A8: int8 x with per-row scale, int32 sums): `matmul_kn*`.
+  * int8 [k, n] with scale [n] (W8A16: float x; W8A8: x quantized per token in the kernel, int32 sums): `matmul_kn*`.
   * int8 [n, k] rows (a tied embedding used as the head): `matmul_nk*`.
   * packed unsigned b-bit codes (b in 2, 3, 4, 8) [k, n] in the serving layout of `to_kernel_layout`, with scale and
     zero point [k / group, n]: `matmul_packed`. The weight is scale * (code - zero), as `infer.compress` stores it.
@@ -38,8 +38,8 @@ HEADERS = (SOURCE_DIR / "parallel.h",)
 TILE = 64  # output columns per register tile: n must be a multiple
 MAX_ROWS = 16  # token rows per call of the [k, n] kernels (decode batches; prefill runs on XLA)
 PACKED_BITS = (2, 3, 4, 8)
-_TARGETS = {"PeakllmQmmKn": "qmm_kn", "PeakllmQmmKnI8x": "qmm_kn_i8x", "PeakllmQmmNk": "qmm_nk",
-            "PeakllmQmmNkI8x": "qmm_nk_i8x", "PeakllmBmm": "bmm"}
+_TARGETS = {"PeakllmQmmKn": "qmm_kn", "PeakllmQmmKnW8a8": "qmm_kn_w8a8", "PeakllmQmmNk": "qmm_nk",
+            "PeakllmQmmNkW8a8": "qmm_nk_w8a8", "PeakllmBmm": "bmm"}
 BMM_COLUMNS = 32  # batched_matmul: n must be a multiple
 
 
@@ -135,10 +135,10 @@ def matmul_kn(x: jax.Array, w: jax.Array, scale: jax.Array) -> jax.Array:
                signed_codes=True)
 
 
-def matmul_kn_i8x(x_q: jax.Array, x_scale: jax.Array, w: jax.Array, scale: jax.Array) -> jax.Array:
-  """(x_q [m, k] int8 * x_scale [m, 1]) @ (w [k, n] int8 * scale [n]) -> [m, n] float32, int32 sums."""
-  return _call("PeakllmQmmKnI8x", x_q.shape[0], w.shape[1], x_q, x_scale.reshape(-1).astype(jnp.float32), w,
-               scale.astype(jnp.float32))
+def matmul_kn_w8a8(x: jax.Array, w: jax.Array, scale: jax.Array) -> jax.Array:
+  """W8A8: x [m, k] float32, quantized per token inside the kernel exactly as `int8_matmul.quantize_per_token`,
+  @ (w [k, n] int8 * scale [n]) -> [m, n] float32, int32 sums (AVX512-VNNI where present)."""
+  return _call("PeakllmQmmKnW8a8", x.shape[0], w.shape[1], x.astype(jnp.float32), w, scale.astype(jnp.float32))
 
 
 def matmul_nk(x: jax.Array, w: jax.Array, scale: jax.Array) -> jax.Array:
@@ -146,10 +146,10 @@ def matmul_nk(x: jax.Array, w: jax.Array, scale: jax.Array) -> jax.Array:
   return _call("PeakllmQmmNk", x.shape[0], w.shape[0], x.astype(jnp.float32), w, scale.astype(jnp.float32))
 
 
-def matmul_nk_i8x(x_q: jax.Array, x_scale: jax.Array, w: jax.Array, scale: jax.Array) -> jax.Array:
-  """(x_q [m, k] int8 * x_scale [m, 1]) @ (w [n, k] int8 * scale [n, None]).T -> [m, n] float32."""
-  return _call("PeakllmQmmNkI8x", x_q.shape[0], w.shape[0], x_q, x_scale.reshape(-1).astype(jnp.float32), w,
-               scale.astype(jnp.float32))
+def matmul_nk_w8a8(x: jax.Array, w: jax.Array, scale: jax.Array) -> jax.Array:
+  """W8A8 with x quantized per token inside the kernel: x [m, k] float32 @ (w [n, k] int8 * scale [n, None]).T
+  -> [m, n] float32, int32 sums."""
+  return _call("PeakllmQmmNkW8a8", x.shape[0], w.shape[0], x.astype(jnp.float32), w, scale.astype(jnp.float32))
 
 
 def matmul_packed(x: jax.Array, codes: jax.Array, scale: jax.Array, zero: jax.Array, bits: int) -> jax.Array:

@@ -3,21 +3,25 @@
 // XLA's CPU backend widens int8 (and unpacked 4-bit) weights into a float copy in a separate pass before every dot,
 // so quantized weights read more bytes per token than float ones. These kernels read the weights as stored, widen
 // them in registers and accumulate in float32 (or int32 for int8 activations), so a batch-1 decode step reads each
-// weight byte once. Work is split over output tiles on XLA's own intra-op thread pool.
+// weight byte once. Work is split on XLA's own intra-op thread pool: [k, n] weights by chunks of rows (one contiguous
+// region each), [n, k] weights by tiles of rows.
 //
 // qmm_kn:  y[m, n] = sum_g scale[g, n] * sum_{k in group g} x[m, k] * (code[k, n] - zero[g, n])
 //          codes [k, n] row-major, `bits` in {2, 3, 4, 8} packed along n, most significant bits first (the layout of
 //          infer/compress/storage.pack_codes), or two's-complement int8 when `signed_codes` (then zero is unused).
-//          With int8 activations (qmm_kn_i8x: x int8 [m, k] plus x_scale [m]) the products accumulate in int32.
+//          qmm_kn_w8a8 (int8 weights) quantizes x per token to int8 first and sums int8 products in int32
+//          (AVX512-VNNI where the CPU has it).
 // qmm_nk:  y[m, n] = scale[n] * sum_k x[m, k] * w[n, k] for int8 w stored [n, k] (a tied embedding used as the head);
-//          qmm_nk_i8x takes int8 activations with x_scale [m].
+//          qmm_nk_w8a8 likewise with int8 activations.
 
 #include <algorithm>
+#include <cmath>
 #include <atomic>
 #include <immintrin.h>
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
+#include <vector>
 #include <thread>
 
 #include "xla/ffi/api/ffi.h"
@@ -29,7 +33,7 @@ namespace {
 
 constexpr int64_t kTile = 64;      // output columns per register tile (kn kernels)
 constexpr int64_t kKBlock = 16;    // weight rows per pass over a register tile
-constexpr int64_t kMaxWidth = 512; // output columns per work item (kn kernels)
+constexpr int64_t kPrefetchRows = 32;
 constexpr int64_t kMaxRows = 16;   // token rows per call (kn kernels; model/quant.py NATIVE_MAX_ROWS)
 constexpr int64_t kRowTile = 64;   // output rows (weight rows) per work item (nk kernels)
 
@@ -64,12 +68,22 @@ inline I16 Widen(S8x16 b) {
 inline F16 ToFloat(S8x16 b) { return __builtin_convertvector(Widen(b), F16); }
 typedef float F8 __attribute__((vector_size(32)));
 typedef float F4 __attribute__((vector_size(16)));
-// Horizontal sum in halves (exact for the int32 sums of qmm_*_i8x below 2^24 per lane pair).
+// Horizontal sum in halves (exact for the int32 sums of qmm_*_w8a8 below 2^24 per lane pair).
 inline float Sum(F16 v) {
   F8 h = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
          __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
   F4 q = __builtin_shufflevector(h, h, 0, 1, 2, 3) + __builtin_shufflevector(h, h, 4, 5, 6, 7);
   return (q[0] + q[2]) + (q[1] + q[3]);
+}
+
+// Software prefetch of `rows` runs of `bytes` bytes, `stride` apart. The kernels read the next block of weight rows
+// while they compute on this one: the [k, n] kernels read 16 or more short runs at once, more streams than the
+// hardware prefetcher follows, and without this a decode step read weights from memory at a third of the rate a
+// plain streaming loop gets (docs/performance.md).
+inline void Prefetch(const void* base, int64_t stride, int64_t rows, int64_t bytes) {
+  const char* p = static_cast<const char*>(base);
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t b = 0; b < bytes; b += 64) _mm_prefetch(p + r * stride + b, _MM_HINT_T0);
 }
 
 // The codes of one row of one 64-column tile as four float vectors, in column order. `p` points at the tile's bytes
@@ -138,6 +152,7 @@ void AccumulateBlock(const X* x, int64_t k, const uint8_t* codes, int64_t row_by
       for (int j = 0; j < 4; ++j) p[r][j] = part[r * vecs + s / 16 + j];
     const uint8_t* tile = codes + (c0 + s) / kTile * kBytesPerTile;
     for (int64_t kk = kb; kk < kend; ++kk) {
+      _mm_prefetch(reinterpret_cast<const char*>(tile + (kk + kPrefetchRows) * row_bytes), _MM_HINT_T0);
       V w[4];
       if constexpr (kBits == 0) DecodeInt8(tile + kk * row_bytes, w);
       else DecodeTile<kBits>(tile + kk * row_bytes, w);
@@ -151,58 +166,129 @@ void AccumulateBlock(const X* x, int64_t k, const uint8_t* codes, int64_t row_by
   }
 }
 
-// AccumulateBlock over weight rows [k0, k1) for all m rows of x: blocks of kKBlock weight rows, each a run of
-// `width` contiguous bytes per row (so the hardware prefetcher streams them), visited once for every row block of x
-// while they sit in L1.
+// AccumulateBlock over weight rows [k0, k1) and all n columns for all m rows of x, in blocks of kKBlock rows: each
+// block is one contiguous run of kKBlock * row_bytes bytes, and the next block is prefetched while this one is
+// computed (the register tiles read 16 short runs at once, more streams than the hardware prefetcher follows).
 template <int kBits, typename V, typename X>
-void AccumulateRows(const X* x, int64_t m, int64_t k, const uint8_t* codes, int64_t row_bytes, int64_t c0,
-                    int64_t width, int64_t k0, int64_t k1, V* part) {
+void AccumulateRows(const X* x, int64_t m, int64_t k, const uint8_t* codes, int64_t row_bytes, int64_t n,
+                    int64_t k0, int64_t k1, V* part) {
   for (int64_t kb = k0; kb < k1; kb += kKBlock) {
     const int64_t kend = std::min(kb + kKBlock, k1);
+    //PF1
     ForRowBlocks(m, [&](auto rows, int64_t r0) {
-      AccumulateBlock<kBits, decltype(rows)::value>(x, k, codes, row_bytes, c0, width, kb, kend, r0,
-                                                    part + r0 * (width / 16));
+      AccumulateBlock<kBits, decltype(rows)::value>(x, k, codes, row_bytes, 0, n, kb, kend, r0, part + r0 * (n / 16));
     });
   }
 }
 
-// One work item of qmm_kn: all m rows of y for columns [c0, c0 + width). `part` and `acc` are scratch for
-// m * width floats each.
+// Work items of the [k, n] kernels are chunks of weight rows (one scale group each when grouped), so each reads one
+// contiguous region of the weights; every thread adds its items into its own [m, n] accumulator (a slot), and the
+// slots are summed at the end.
+constexpr int64_t kChunkRows = 64;
+
+// One chunk [k0, k1) of qmm_kn into `acc` (m * n / 16 vectors; `part` is scratch of the same size). Per-channel
+// scales (one group): raw sums, scaled once at the end. Grouped: this chunk is one group, scaled here.
 template <int kBits>
-void KnItem(const float* x, int64_t m, int64_t k, int64_t n, const uint8_t* codes, const float* scale,
-            const float* zero, int64_t group, int64_t c0, int64_t width, F16* part, F16* acc, float* y) {
-  const int64_t row_bytes = n * (kBits ? kBits : 8) / 8, vecs = width / 16;
-  std::fill(acc, acc + m * vecs, F16{});
-  for (int64_t g0 = 0; g0 < k; g0 += group) {
-    std::fill(part, part + m * vecs, F16{});
-    AccumulateRows<kBits>(x, m, k, codes, row_bytes, c0, width, g0, g0 + group, part);
-    const float* s = scale + (g0 / group) * n + c0;
-    for (int64_t r = 0; r < m; ++r) {
-      if (zero == nullptr) {
-        for (int64_t v = 0; v < vecs; ++v) acc[r * vecs + v] += Load<F16>(s + 16 * v) * part[r * vecs + v];
-        continue;
-      }
-      float xsum = 0;
-      for (int64_t kk = g0; kk < g0 + group; ++kk) xsum += x[r * k + kk];
-      const float* z = zero + (g0 / group) * n + c0;
-      for (int64_t v = 0; v < vecs; ++v)
-        acc[r * vecs + v] += Load<F16>(s + 16 * v) * (part[r * vecs + v] - Load<F16>(z + 16 * v) * xsum);
-    }
+void KnChunk(const float* x, int64_t m, int64_t k, int64_t n, const uint8_t* codes, const float* scale,
+             const float* zero, int64_t group, int64_t k0, int64_t k1, F16* part, F16* acc) {
+  const int64_t row_bytes = n * (kBits ? kBits : 8) / 8, vecs = n / 16;
+  if (group == k) return AccumulateRows<kBits>(x, m, k, codes, row_bytes, n, k0, k1, acc);
+  std::fill(part, part + m * vecs, F16{});
+  AccumulateRows<kBits>(x, m, k, codes, row_bytes, n, k0, k1, part);
+  const float* s = scale + (k0 / group) * n;
+  const float* z = zero + (k0 / group) * n;
+  for (int64_t r = 0; r < m; ++r) {
+    float xsum = 0;
+    for (int64_t kk = k0; kk < k1; ++kk) xsum += x[r * k + kk];
+    for (int64_t v = 0; v < vecs; ++v)
+      acc[r * vecs + v] += Load<F16>(s + 16 * v) * (part[r * vecs + v] - Load<F16>(z + 16 * v) * xsum);
   }
-  for (int64_t r = 0; r < m; ++r) std::memcpy(y + r * n + c0, acc + r * vecs, width * sizeof(float));
 }
 
-// One work item of qmm_kn_i8x: int8 activations (per-row scale) against int8 weights, int32 sums.
-void KnI8xItem(const int8_t* x, const float* x_scale, int64_t m, int64_t k, int64_t n, const int8_t* w,
-               const float* scale, int64_t c0, int64_t width, I16* part, float* y) {
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+// int8 x int8 with AVX512-VNNI: vpdpbusd multiplies 4 unsigned bytes by 4 signed bytes and adds their sum to an int32
+// lane (64 products per instruction, against 16 per widen + multiply + add without it). The weights take the unsigned
+// slot as w + 128 (a sign-bit flip) and the activations the signed one; since sum_k (w + 128) x = sum_k w x +
+// 128 sum_k x, each token row's sum of x is subtracted at the end (int32 throughout: |sum| < 2^31 for k < 66,000).
+constexpr bool kVnni = true;
+
+// Four weight rows [kk, kk + 4) of one 64-column tile, sign-flipped and interleaved for vpdpbusd: u[j] holds, in its
+// int32 lane 4l + i, the 4 bytes of column 16l + 4j + i (so `VnniColumn` undoes the permutation).
+inline void VnniTile(const int8_t* row, int64_t n, __m512i u[4]) {
+  const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
+  __m512i a[4];
+  for (int i = 0; i < 4; ++i) a[i] = _mm512_xor_si512(_mm512_loadu_si512(row + i * n), flip);
+  const __m512i t0 = _mm512_unpacklo_epi8(a[0], a[1]), t1 = _mm512_unpackhi_epi8(a[0], a[1]);
+  const __m512i t2 = _mm512_unpacklo_epi8(a[2], a[3]), t3 = _mm512_unpackhi_epi8(a[2], a[3]);
+  u[0] = _mm512_unpacklo_epi16(t0, t2);
+  u[1] = _mm512_unpackhi_epi16(t0, t2);
+  u[2] = _mm512_unpacklo_epi16(t1, t3);
+  u[3] = _mm512_unpackhi_epi16(t1, t3);
+}
+// Where column c of a 64-column tile sits in the four accumulators of `VnniTile`: (vector, lane).
+inline int64_t VnniColumn(int64_t c) { return (c % 16 / 4) * 16 + (c / 16) * 4 + c % 4; }
+
+// part[r] (permuted as VnniTile) += sum over weight rows [kb, kend) (a multiple of 4) for R token rows from r0.
+template <int R>
+void VnniBlock(const int8_t* x, int64_t k, const int8_t* w, int64_t n, int64_t c0, int64_t width, int64_t kb,
+               int64_t kend, int64_t r0, I16* part) {
   const int64_t vecs = width / 16;
-  std::fill(part, part + m * vecs, I16{});
-  AccumulateRows<0>(x, m, k, reinterpret_cast<const uint8_t*>(w), n, c0, width, 0, k, part);
-  for (int64_t r = 0; r < m; ++r)
-    for (int64_t v = 0; v < vecs; ++v) {
-      const F16 out = __builtin_convertvector(part[r * vecs + v], F16) * Load<F16>(scale + c0 + 16 * v) * x_scale[r];
-      std::memcpy(y + r * n + c0 + 16 * v, &out, sizeof(F16));
+  for (int64_t s = 0; s < width; s += kTile) {
+    __m512i p[R][4];
+    for (int r = 0; r < R; ++r)
+      for (int j = 0; j < 4; ++j) p[r][j] = (__m512i)part[r * vecs + s / 16 + j];
+    for (int64_t kk = kb; kk < kend; kk += 4) {
+      for (int i = 0; i < 4; ++i) _mm_prefetch(reinterpret_cast<const char*>(w + (kk + i + kPrefetchRows) * n + c0 + s), _MM_HINT_T0);
+      __m512i u[4];
+      VnniTile(w + kk * n + c0 + s, n, u);
+      for (int r = 0; r < R; ++r) {
+        int32_t quad;
+        std::memcpy(&quad, x + (r0 + r) * k + kk, sizeof(quad));
+        const __m512i xb = _mm512_set1_epi32(quad);
+        for (int j = 0; j < 4; ++j) p[r][j] = _mm512_dpbusd_epi32(p[r][j], u[j], xb);
+      }
     }
+    for (int r = 0; r < R; ++r)
+      for (int j = 0; j < 4; ++j) part[r * vecs + s / 16 + j] = (I16)p[r][j];
+  }
+}
+
+void VnniRows(const int8_t* x, int64_t m, int64_t k, const int8_t* w, int64_t n, int64_t k0, int64_t k1, I16* part) {
+  for (int64_t kb = k0; kb < k1; kb += kKBlock) {
+    const int64_t kend = std::min(kb + kKBlock, k1);
+    //PF2
+    ForRowBlocks(m, [&](auto rows, int64_t r0) {
+      VnniBlock<decltype(rows)::value>(x, k, w, n, 0, n, kb, kend, r0, part + r0 * (n / 16));
+    });
+  }
+}
+
+// Dot products of one token row with Q weight rows (nk layout), sign-flipped weights as above; k any size.
+template <int Q>
+void VnniDots(const int8_t* xr, int64_t k, const int8_t* w, int32_t out[Q]) {
+  const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
+  __m512i acc[Q], ones = _mm512_set1_epi8(1), xs = _mm512_setzero_si512();
+  for (int q = 0; q < Q; ++q) acc[q] = _mm512_setzero_si512();
+  for (int64_t kk = 0; kk < k; kk += 64) {
+    const __mmask64 mask = k - kk >= 64 ? ~__mmask64{0} : (__mmask64{1} << (k - kk)) - 1;
+    const __m512i xb = _mm512_maskz_loadu_epi8(mask, xr + kk);
+    xs = _mm512_dpbusd_epi32(xs, ones, xb);  // sum of x, for the correction
+    for (int q = 0; q < Q; ++q)
+      acc[q] = _mm512_dpbusd_epi32(acc[q], _mm512_xor_si512(_mm512_maskz_loadu_epi8(mask, w + q * k + kk), flip), xb);
+  }
+  const int32_t correction = 128 * _mm512_reduce_add_epi32(xs);
+  for (int q = 0; q < Q; ++q) out[q] = _mm512_reduce_add_epi32(acc[q]) - correction;
+}
+#else
+constexpr bool kVnni = false;
+#endif
+
+// One chunk [k0, k1) of qmm_kn_w8a8: int32 sums into acc (m * n / 16 vectors; permuted as VnniTile with VNNI).
+void KnW8a8Chunk(const int8_t* x, int64_t m, int64_t k, int64_t n, const int8_t* w, int64_t k0, int64_t k1, I16* acc) {
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+  if (k % 4 == 0) return VnniRows(x, m, k, w, n, k0, k1, acc);
+#endif
+  AccumulateRows<0>(x, m, k, reinterpret_cast<const uint8_t*>(w), n, n, k0, k1, acc);
 }
 
 // Output columns [j0, j0 + Q) of y = x [m, k] @ w[n, k]^T, int8 rows of w, Q rows of w at once (k a multiple of 16).
@@ -211,7 +297,13 @@ void NkColumns(const void* xv, const float* x_scale, int64_t m, int64_t k, const
                int64_t n, int64_t j, float* y) {
   for (int64_t r = 0; r < m; ++r) {
     float dots[Q];
-    if constexpr (kIntX) {
+    if constexpr (kIntX && kVnni) {
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+      int32_t sums[Q];
+      VnniDots<Q>(static_cast<const int8_t*>(xv) + r * k, k, w + j * k, sums);
+      for (int q = 0; q < Q; ++q) dots[q] = static_cast<float>(sums[q]) * x_scale[r];
+#endif
+    } else if constexpr (kIntX) {
       const int8_t* xr = static_cast<const int8_t*>(xv) + r * k;
       I16 acc[Q] = {};
       for (int64_t kk = 0; kk < k; kk += 16) {
@@ -236,16 +328,26 @@ template <bool kIntX>
 void NkRows(const void* xv, const float* x_scale, int64_t m, int64_t k, const int8_t* w, const float* scale,
             int64_t n, int64_t j0, int64_t count, float* y) {
   int64_t j = j0;
-  for (; j + 4 <= j0 + count; j += 4) NkColumns<kIntX, 4>(xv, x_scale, m, k, w, scale, n, j, y);
+  for (; j + 4 <= j0 + count; j += 4) {
+    Prefetch(w + (j + 4) * k, 0, 1, std::min<int64_t>(4, n - j - 4) * k);  // the next 4 rows (contiguous)
+    NkColumns<kIntX, 4>(xv, x_scale, m, k, w, scale, n, j, y);
+  }
   for (; j < j0 + count; ++j) NkColumns<kIntX, 1>(xv, x_scale, m, k, w, scale, n, j, y);
 }
 
 int64_t Tiles(int64_t n, int64_t tile) { return (n + tile - 1) / tile; }
 
-// Work items of qmm_kn: column ranges of a multiple of 64, at most kMaxWidth and at least 4 per thread when possible.
-int64_t ItemWidth(int64_t n, int64_t threads) {
-  const int64_t tiles = n / kTile, per_item = std::max<int64_t>(1, tiles / (4 * std::max<int64_t>(threads, 1)));
-  return std::min(kMaxWidth, per_item * kTile);
+// Runs chunk(slot, k0, k1, acc) over the row chunks of a [k, n] kernel (`rows` rows each) with one zeroed
+// accumulator of m * n / 16 vectors per thread, and returns the accumulators (slots that ran nothing stay zero).
+template <typename V, typename F>
+std::vector<V> RunChunks(ffi::ThreadPool& pool, int64_t m, int64_t k, int64_t n, int64_t rows, const F& chunk) {
+  const int64_t items = Tiles(k, rows), slots = std::max<int64_t>(1, std::min<int64_t>(pool.num_threads(), items));
+  std::vector<V> acc(slots * m * (n / 16), V{});
+  peakllm::ParallelForSlots(pool, items, [&](int64_t slot, int64_t item) {
+    const int64_t k0 = item * rows;
+    chunk(slot, k0, std::min(k0 + rows, k), acc.data() + slot * m * (n / 16));
+  });
+  return acc;
 }
 
 ffi::Error QmmKnImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer codes, ffi::Buffer<ffi::F32> scale,
@@ -266,39 +368,85 @@ ffi::Error QmmKnImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuff
   const float* xp = x.typed_data();
   const float* sp = scale.typed_data();
   const float* zp = signed_codes ? nullptr : zero.typed_data();
-  float* yp = y->typed_data();
   const auto* cp = static_cast<const uint8_t*>(codes.untyped_data());
-  const int64_t width = ItemWidth(n, pool.num_threads());
-  auto run_item = [&](int64_t item) {
-    const int64_t c0 = item * width, w = std::min(width, n - c0);
-    alignas(64) F16 part[kMaxRows * kMaxWidth / 16], acc[kMaxRows * kMaxWidth / 16];
+  const int64_t vecs = n / 16, rows = group == k ? kChunkRows : group;
+  std::vector<F16> part(group == k ? 0 : std::min<int64_t>(pool.num_threads(), Tiles(k, rows)) * m * vecs);
+  const std::vector<F16> acc = RunChunks<F16>(pool, m, k, n, rows, [&](int64_t slot, int64_t k0, int64_t k1, F16* a) {
+    F16* scratch = part.data() + slot * m * vecs;
     switch (signed_codes ? 0 : bits) {
-      case 0: return KnItem<0>(xp, m, k, n, cp, sp, nullptr, k, c0, w, part, acc, yp);
-      case 8: return KnItem<8>(xp, m, k, n, cp, sp, zp, group, c0, w, part, acc, yp);
-      case 4: return KnItem<4>(xp, m, k, n, cp, sp, zp, group, c0, w, part, acc, yp);
-      case 3: return KnItem<3>(xp, m, k, n, cp, sp, zp, group, c0, w, part, acc, yp);
-      default: return KnItem<2>(xp, m, k, n, cp, sp, zp, group, c0, w, part, acc, yp);
+      case 0: return KnChunk<0>(xp, m, k, n, cp, sp, zp, group, k0, k1, scratch, a);
+      case 8: return KnChunk<8>(xp, m, k, n, cp, sp, zp, group, k0, k1, scratch, a);
+      case 4: return KnChunk<4>(xp, m, k, n, cp, sp, zp, group, k0, k1, scratch, a);
+      case 3: return KnChunk<3>(xp, m, k, n, cp, sp, zp, group, k0, k1, scratch, a);
+      default: return KnChunk<2>(xp, m, k, n, cp, sp, zp, group, k0, k1, scratch, a);
     }
-  };
-  ParallelFor(pool, Tiles(n, width), run_item);
+  });
+  const int64_t slots = acc.size() / (m * vecs);
+  for (int64_t r = 0; r < m; ++r) {
+    float xsum = 0;  // per-channel zero point: sum(x * (code - zero)) = sum(x * code) - zero * sum(x)
+    if (group == k && zp != nullptr)
+      for (int64_t kk = 0; kk < k; ++kk) xsum += xp[r * k + kk];
+    for (int64_t v = 0; v < vecs; ++v) {
+      F16 out = acc[r * vecs + v];
+      for (int64_t t = 1; t < slots; ++t) out += acc[(t * m + r) * vecs + v];
+      if (group == k) out = Load<F16>(sp + 16 * v) * (zp ? out - Load<F16>(zp + 16 * v) * xsum : out);
+      std::memcpy(y->typed_data() + r * n + 16 * v, &out, sizeof(F16));
+    }
+  }
   return ffi::Error::Success();
 }
 
-ffi::Error QmmKnI8xImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> x, ffi::Buffer<ffi::F32> x_scale,
-                        ffi::Buffer<ffi::S8> w, ffi::Buffer<ffi::F32> scale, ffi::ResultBuffer<ffi::F32> y) {
+// Per-token symmetric int8 activations, as model/kernels/int8_matmul.quantize_per_token computes them:
+// scale = max(max |x|, 1e-12) / 127 per row, q = clip(round-half-even(x / scale), -127, 127) (NaN -> 0).
+void QuantizeRows(const float* x, int64_t m, int64_t k, int8_t* q, float* scales) {
+  for (int64_t r = 0; r < m; ++r) {
+    float amax = 0;
+    for (int64_t kk = 0; kk < k; ++kk) amax = std::max(amax, std::fabs(x[r * k + kk]));
+    const float s = std::max(amax, 1e-12f) / 127.0f;
+    scales[r] = s;
+    for (int64_t kk = 0; kk < k; ++kk) {
+      const float v = std::nearbyint(x[r * k + kk] / s);
+      q[r * k + kk] = static_cast<int8_t>(v == v ? std::min(127.0f, std::max(-127.0f, v)) : 0.0f);
+    }
+  }
+}
+
+ffi::Error QmmKnW8a8Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> w,
+                         ffi::Buffer<ffi::F32> scale, ffi::ResultBuffer<ffi::F32> y) {
   const int64_t m = x.dimensions()[0], k = x.dimensions()[1], n = y->dimensions()[1];
-  if (n % kTile != 0) return ffi::Error::InvalidArgument("qmm_kn_i8x: the output size must be a multiple of 64");
-  if (m > kMaxRows) return ffi::Error::InvalidArgument("qmm_kn_i8x: at most 16 rows");
+  if (n % kTile != 0) return ffi::Error::InvalidArgument("qmm_kn_w8a8: the output size must be a multiple of 64");
+  if (m > kMaxRows) return ffi::Error::InvalidArgument("qmm_kn_w8a8: at most 16 rows");
   if (static_cast<int64_t>(w.element_count()) != k * n || static_cast<int64_t>(scale.element_count()) != n)
-    return ffi::Error::InvalidArgument("qmm_kn_i8x: w must be [k, n] and scale [n]");
-  const int64_t width = ItemWidth(n, pool.num_threads());
-  auto run_item = [&](int64_t item) {
-    const int64_t c0 = item * width;
-    alignas(64) I16 part[kMaxRows * kMaxWidth / 16];
-    KnI8xItem(x.typed_data(), x_scale.typed_data(), m, k, n, w.typed_data(), scale.typed_data(), c0,
-              std::min(width, n - c0), part, y->typed_data());
-  };
-  ParallelFor(pool, Tiles(n, width), run_item);
+    return ffi::Error::InvalidArgument("qmm_kn_w8a8: w must be [k, n] and scale [n]");
+  std::vector<int8_t> x_q(m * k);
+  std::vector<float> x_scale(m);
+  QuantizeRows(x.typed_data(), m, k, x_q.data(), x_scale.data());
+  const int8_t* xp = x_q.data();
+  const int64_t vecs = n / 16;
+  const std::vector<I16> acc = RunChunks<I16>(pool, m, k, n, kChunkRows, [&](int64_t, int64_t k0, int64_t k1, I16* a) {
+    KnW8a8Chunk(xp, m, k, n, w.typed_data(), k0, k1, a);
+  });
+  const int64_t slots = acc.size() / (m * vecs);
+  const bool permuted = kVnni && k % 4 == 0;
+  std::vector<int32_t> sums(n);
+  for (int64_t r = 0; r < m; ++r) {
+    int32_t xsum = 0;  // the VNNI kernels' sign-flip correction
+    for (int64_t kk = 0; kk < k; ++kk) xsum += xp[r * k + kk];
+    for (int64_t v = 0; v < vecs; ++v) {
+      I16 total = acc[r * vecs + v];
+      for (int64_t t = 1; t < slots; ++t) total += acc[(t * m + r) * vecs + v];
+      std::memcpy(sums.data() + 16 * v, &total, sizeof(I16));
+    }
+    for (int64_t c0 = 0; c0 < n; c0 += kTile) {
+      int32_t tile[kTile];
+      for (int64_t c = 0; c < kTile; ++c) tile[c] = permuted ? sums[c0 + VnniColumn(c)] - 128 * xsum : sums[c0 + c];
+      for (int64_t v = 0; v < kTile / 16; ++v) {
+        const F16 out = __builtin_convertvector(Load<I16>(tile + 16 * v), F16) *
+                        Load<F16>(scale.typed_data() + c0 + 16 * v) * x_scale[r];
+        std::memcpy(y->typed_data() + r * n + c0 + 16 * v, &out, sizeof(F16));
+      }
+    }
+  }
   return ffi::Error::Success();
 }
 
@@ -323,16 +471,19 @@ ffi::Error QmmNkImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<
   return Nk<false>(pool, x.typed_data(), nullptr, x.dimensions()[0], x.dimensions()[1], w, scale, y);
 }
 
-ffi::Error QmmNkI8xImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> x, ffi::Buffer<ffi::F32> x_scale,
-                        ffi::Buffer<ffi::S8> w, ffi::Buffer<ffi::F32> scale, ffi::ResultBuffer<ffi::F32> y) {
-  return Nk<true>(pool, x.typed_data(), x_scale.typed_data(), x.dimensions()[0], x.dimensions()[1], w, scale, y);
+ffi::Error QmmNkW8a8Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> w,
+                         ffi::Buffer<ffi::F32> scale, ffi::ResultBuffer<ffi::F32> y) {
+  const int64_t m = x.dimensions()[0], k = x.dimensions()[1];
+  std::vector<int8_t> x_q(m * k);
+  std::vector<float> x_scale(m);
+  QuantizeRows(x.typed_data(), m, k, x_q.data(), x_scale.data());
+  return Nk<true>(pool, x_q.data(), x_scale.data(), m, k, w, scale, y);
 }
 
-// (pool, x_q int8 [m, k], x_scale [m], w int8, scale) -> y [m, n]: the signature of both int8-activation kernels.
-auto Int8ActivationBinding() {
+// (pool, x float32 [m, k], w int8, scale float32) -> y float32 [m, n]: W8A16 [n, k] and both W8A8 kernels.
+auto FloatXInt8WBinding() {
   return ffi::Ffi::Bind()
       .Ctx<ffi::ThreadPool>()
-      .Arg<ffi::Buffer<ffi::S8>>()
       .Arg<ffi::Buffer<ffi::F32>>()
       .Arg<ffi::Buffer<ffi::S8>>()
       .Arg<ffi::Buffer<ffi::F32>>()
@@ -353,14 +504,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(PeakllmQmmKn, QmmKnImpl,
                                   .Attr<int64_t>("group")
                                   .Attr<bool>("signed_codes"));
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(PeakllmQmmKnI8x, QmmKnI8xImpl, Int8ActivationBinding());
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(PeakllmQmmNk, QmmNkImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::S8>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(PeakllmQmmNkI8x, QmmNkI8xImpl, Int8ActivationBinding());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(PeakllmQmmKnW8a8, QmmKnW8a8Impl, FloatXInt8WBinding());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(PeakllmQmmNk, QmmNkImpl, FloatXInt8WBinding());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(PeakllmQmmNkW8a8, QmmNkW8a8Impl, FloatXInt8WBinding());
