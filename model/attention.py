@@ -96,29 +96,46 @@ def attend_paged(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, visibilit
 
 
 class HeadsMajorKV(NamedTuple):
-  """A dense KV cache laid out heads-major, k/v [B, K, S, D]: the layout the attention dots batch over, so a decode
-  step reads the cache as it is instead of transposing all of it (`Transformer.init_cache(per_layer=True)`)."""
+  """A dense KV cache laid out heads-major, k/v [B * K, S, D]: the layout the attention dots batch over, so a decode
+  step reads the cache as it is instead of transposing or copying all of it (`Transformer.init_cache(per_layer=True)`)."""
   k: jax.Array
   v: jax.Array
 
 
 def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, visibility: Visibility, sm_scale: float,
                   heads_major: bool = False) -> jax.Array:
-  """Reference grouped-query attention. q [B, Lq, H, D], k/v [B, Lk, K, D] (or [B, K, Lk, D] with `heads_major`)
+  """Reference grouped-query attention. q [B, Lq, H, D], k/v [B, Lk, K, D] (or [B * K, Lk, D] with `heads_major`)
   with K | H -> [B, Lq, H, D] (q's dtype).
 
   Logits and softmax in float32; rows with no visible key give the mean of v (finite, never NaN).
   """
   b, lq, h, d = q.shape
-  kv_heads = k.shape[1 if heads_major else 2]
-  kv = "bksd" if heads_major else "bskd"
   mask = visibility.mask()
+  if heads_major:
+    return _heads_major_attention(q, k, v, mask, sm_scale)
+  kv_heads = k.shape[2]
+  kv = "bskd"
   q = q.reshape(b, lq, kv_heads, h // kv_heads, d)
   logits = jnp.einsum(f"bqkgd,{kv}->bkgqs", q, k, preferred_element_type=jnp.float32) * sm_scale
   logits = jnp.where(mask[:, :, None], logits, NEG_INF)
   probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
   out = jnp.einsum(f"bkgqs,{kv}->bqkgd", probs, v, preferred_element_type=jnp.float32)
   return out.reshape(b, lq, h, d).astype(q.dtype)
+
+
+def _heads_major_attention(q, k, v, mask, sm_scale: float) -> jax.Array:
+  """q [B, Lq, H, D] against a `HeadsMajorKV` cache k/v [B * K, S, D] with mask [B, 1, Lq, S] -> [B, Lq, H, D]. Both
+  dots have one batch dimension and read the cache as it is stored: a cache reshaped on its way to the dot made XLA
+  fuse the cache update into each reader and copy the whole cache several times per decode step."""
+  b, lq, h, d = q.shape
+  kv_heads = k.shape[0] // b
+  g = h // kv_heads
+  qh = q.reshape(b, lq, kv_heads, g, d).transpose(0, 2, 3, 1, 4).reshape(b * kv_heads, g * lq, d)
+  logits = jnp.einsum("nqd,nsd->nqs", qh, k, preferred_element_type=jnp.float32) * sm_scale
+  visible = jnp.broadcast_to(mask[:, :, None], (b, kv_heads, g, lq, mask.shape[-1])).reshape(logits.shape)
+  probs = jax.nn.softmax(jnp.where(visible, logits, NEG_INF), axis=-1).astype(v.dtype)
+  out = jnp.einsum("nqs,nsd->nqd", probs, v, preferred_element_type=jnp.float32)
+  return out.reshape(b, kv_heads, g, lq, d).transpose(0, 3, 1, 2, 4).reshape(b, lq, h, d).astype(q.dtype)
 
 
 def xla_self_attention(q: jax.Array, k: jax.Array, v: jax.Array, visibility: Visibility, sm_scale: float,
@@ -227,7 +244,7 @@ base.check_implemented("model.attention_impl", base.ATTENTION_IMPLS, IMPLS)
 def attend(q, k, v, visibility: Visibility, *, impl: str = "xla", sm_scale: float | None = None,
            heads_major: bool = False, matmul_impl: str = "xla") -> jax.Array:
   """Dispatches to the configured implementation (kernels only for full causal self-attention; else `xla`).
-  `heads_major`: k/v are [B, K, S, D] (a `HeadsMajorKV` cache), which only `xla` reads. `matmul_impl`
+  `heads_major`: k/v are [B * K, S, D] (a `HeadsMajorKV` cache), which only `xla` reads. `matmul_impl`
   (`model.matmul_impl`): with auto or native, `xla` self-attention runs its batched matmuls on the native CPU kernel
   where it is built and the program is not partitioned over several devices (the kernel does not shard)."""
   if impl not in IMPLS:

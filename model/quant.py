@@ -39,13 +39,24 @@ SMOOTHED = {"attn_norm": (("attn", "wq"), ("attn", "wk"), ("attn", "wv")),
 
 # -- run time ----------------------------------------------------------------------------------------------------------
 
-NATIVE_MAX_ROWS = cpu_native.MAX_ROWS  # token rows up to which the native kernels run; above (prefill), XLA
+# Token rows up to which the native kernels run, in calls of cpu_native.MAX_ROWS rows that each read the weights once;
+# above (long prefills) XLA's GEMM pays back its float copy of the weights. At 32 prompt rows, unpacking 4-bit codes
+# for XLA took most of the time to first token (docs/performance.md).
+NATIVE_MAX_ROWS = 4 * cpu_native.MAX_ROWS
+
+
+def _by_rows(fn, x2: jax.Array) -> jax.Array:
+  """fn(x rows) -> [rows, n], over blocks of at most cpu_native.MAX_ROWS rows of x2 [m, k], concatenated."""
+  step = cpu_native.MAX_ROWS
+  if x2.shape[0] <= step:
+    return fn(x2)
+  return jnp.concatenate([fn(x2[i:i + step]) for i in range(0, x2.shape[0], step)])
 
 
 def _w8a16(x2, w2, s, impl: str, transposed: bool):
   """Weight-only: activations stay in the compute dtype, weights are dequantized inside the matmul."""
   if impl == "native":
-    return cpu_native.matmul_nk(x2, w2, s) if transposed else cpu_native.matmul_kn(x2, w2, s)
+    return _by_rows(lambda x: cpu_native.matmul_nk(x, w2, s) if transposed else cpu_native.matmul_kn(x, w2, s), x2)
   w2 = w2.T if transposed else w2
   if impl == "pallas":
     return q8.w8a16_matmul(x2, w2, s).astype(jnp.float32)
@@ -57,7 +68,7 @@ def _w8a8(x2, w2, s, impl: str, transposed: bool):
   """Activations quantized per token at run time: int8 x int8 -> int32, then both scales (the native kernels quantize
   inside the call, saving XLA's handful of elementwise passes per matmul)."""
   if impl == "native":
-    return (cpu_native.matmul_nk_w8a8 if transposed else cpu_native.matmul_kn_w8a8)(x2, w2, s)
+    return _by_rows(lambda x: (cpu_native.matmul_nk_w8a8 if transposed else cpu_native.matmul_kn_w8a8)(x, w2, s), x2)
   x_q, x_scale = q8.quantize_per_token(x2)
   w2 = w2.T if transposed else w2
   return q8.w8a8_matmul(x_q, x_scale, w2, s) if impl == "pallas" else q8.w8a8_reference(x_q, x_scale, w2, s)
@@ -110,7 +121,7 @@ def packed_matmul(spec, x: jax.Array, codes: jax.Array, scale_zero: jax.Array, n
   """x [..., *in] @ a packed weight -> [..., *out] float32. codes: uint8 [k * n * bits / 8] in
   `cpu_native.to_kernel_layout`; scale_zero: float32 [2, k / group, *out], the weight is
   scale * (code - zero) per (group, output). The native kernel reads the codes as they are; the XLA path unpacks
-  them into a float temporary inside the call (prefill, or where the kernel is not built)."""
+  them into a float temporary inside the call (prefills over NATIVE_MAX_ROWS rows, or where the kernel is not built)."""
   groups, out_shape = scale_zero.shape[1], scale_zero.shape[2:]
   n = int(np.prod(out_shape))
   k = int(np.prod(x.shape[x.ndim - n_in:]))
@@ -118,7 +129,7 @@ def packed_matmul(spec, x: jax.Array, codes: jax.Array, scale_zero: jax.Array, n
   x2 = x.reshape(-1, k).astype(jnp.float32)
   scale, zero = scale_zero[0].reshape(groups, n), scale_zero[1].reshape(groups, n)
   if resolve_impl(spec, x2.shape[0], n, k) == "native":
-    y = cpu_native.matmul_packed(x2, codes, scale, zero, spec.quant_bits)
+    y = _by_rows(lambda x: cpu_native.matmul_packed(x, codes, scale, zero, spec.quant_bits), x2)
   else:
     w = cpu_native.from_kernel_layout(codes, spec.quant_bits, k, n).astype(jnp.float32)
     w = (jnp.repeat(scale, k // groups, axis=0) * (w - jnp.repeat(zero, k // groups, axis=0)))

@@ -269,10 +269,11 @@ class Attention(nnx.Module):
       out = attention_lib.attend_paged(q, *kv_cache, visibility, impl=spec.attention_impl)
       return checkpoint_name(out, "attention_out"), kv_cache
     heads_major = isinstance(kv_cache, attention_lib.HeadsMajorKV)
-    if heads_major:  # [B, K, S, hd]: the new keys/values are transposed, the cache is read as it is
-      start = (0, 0, q_slots_start, 0)
-      k = jax.lax.dynamic_update_slice(kv_cache.k, k.swapaxes(1, 2).astype(kv_cache.k.dtype), start)
-      v = jax.lax.dynamic_update_slice(kv_cache.v, v.swapaxes(1, 2).astype(kv_cache.v.dtype), start)
+    if heads_major:  # [B * K, S, hd]: the new keys/values are transposed, the cache is read as it is
+      start = (0, q_slots_start, 0)
+      to_cache = lambda t: t.swapaxes(1, 2).reshape(-1, *t.shape[1:2], t.shape[3]).astype(kv_cache.k.dtype)  # noqa: E731
+      k = jax.lax.dynamic_update_slice(kv_cache.k, to_cache(k), start)
+      v = jax.lax.dynamic_update_slice(kv_cache.v, to_cache(v), start)
       kv_cache = attention_lib.HeadsMajorKV(k, v)
     elif kv_cache is not None:
       k_cache, v_cache = kv_cache
@@ -477,7 +478,7 @@ class Transformer(nnx.Module):
 
     `per_layer=True` (for `unstacked()` models, as decode loops use) keeps one (k, v) pair per layer unit under "kv"
     instead, so each step updates the cache in place rather than slicing and restacking all of it. With
-    `attention_impl=xla` and a float32 cache those pairs are `attention.HeadsMajorKV` [batch, kv_heads, length, head_dim], the layout the
+    `attention_impl=xla` and a float32 cache those pairs are `attention.HeadsMajorKV` [batch * kv_heads, length, head_dim], the layout the
     attention dots read without transposing the whole cache at every step."""
     s = self.spec
     dtype = dtype or s.compute_dtype
@@ -485,7 +486,7 @@ class Transformer(nnx.Module):
     if per_layer:
       # float32 only: XLA's CPU dot thunk rejects bf16 x bf16 -> f32 for these batched dots (bench_decode, batch 8)
       heads_major = s.attention_impl == "xla" and jnp.dtype(dtype) == jnp.float32
-      shape = ((batch, s.num_kv_heads, length, s.head_dim) if heads_major else
+      shape = ((batch * s.num_kv_heads, length, s.head_dim) if heads_major else
                (batch, length, s.num_kv_heads, s.head_dim))
       shape = (s.layers_per_unit, *shape) if s.num_experts else shape  # BlockGroup caches, even of one block
       pair = attention_lib.HeadsMajorKV if heads_major else (lambda k, v: (k, v))

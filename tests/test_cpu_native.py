@@ -102,7 +102,8 @@ def test_kernel_rejects_shapes_it_does_not_take_and_auto_falls_back():
   spec = dataclasses.replace(SPEC, quant="int8_weight", matmul_impl="auto")
   assert quant.resolve_impl(spec, 1, 64, 32) == "native"
   assert quant.resolve_impl(spec, 1, 48, 32) == "xla"  # output size not a multiple of 64
-  assert quant.resolve_impl(spec, quant.NATIVE_MAX_ROWS + 1, 64, 32) == "xla"  # prefill-sized: XLA
+  assert quant.resolve_impl(spec, 60, 64, 32) == "native"  # short prefills: blocks of 16 rows
+  assert quant.resolve_impl(spec, quant.NATIVE_MAX_ROWS + 1, 64, 32) == "xla"  # long prefills: XLA
   assert quant.resolve_impl(dataclasses.replace(spec, matmul_impl="xla"), 1, 64, 32) == "xla"
 
 
@@ -130,14 +131,15 @@ def test_int8_models_decode_the_same_with_native_kernels(mode):
   outs = {}
   for impl in ("xla", "native"):
     model = _int8_model(mode, impl)
-    tokens = jnp.asarray(np.random.default_rng(0).integers(1, 256, (2, 6)))
+    tokens = jnp.asarray(np.random.default_rng(0).integers(1, 256, (2, 30)))  # 60 rows: 4 native calls per matmul
     outs[impl] = (np.asarray(model(tokens)), generate.generate(model, prompts, max_new_tokens=12))
   if mode == "int8_weight":
     np.testing.assert_allclose(outs["native"][0], outs["xla"][0], rtol=1e-4, atol=1e-4)
   else:  # W8A8 rounds each activation to int8: a last-bit difference upstream (another summation order) can move a
-    # value across a rounding boundary, which shifts the logits after it by about one quantization step
+    # value across a rounding boundary, which shifts the logits after it by about one quantization step; the first
+    # position (no upstream difference yet) agrees closely, later ones within a fraction of the logits' spread (0.8)
     diff = np.abs(outs["native"][0] - outs["xla"][0])
-    assert np.mean(diff <= 1e-4) >= 0.9 and diff.max() < 0.1, (np.mean(diff <= 1e-4), diff.max())
+    assert diff[:, 0].max() < 1e-4 and diff.max() < 0.1, (diff[:, 0].max(), diff.max())
   assert outs["native"][1] == outs["xla"][1]
 
 

@@ -36,7 +36,7 @@ SOURCE_DIR = pathlib.Path(__file__).with_name("cpu")
 SOURCES = (SOURCE_DIR / "quant_matmul.cc", SOURCE_DIR / "batched_matmul.cc")
 HEADERS = (SOURCE_DIR / "parallel.h",)
 TILE = 64  # output columns per register tile: n must be a multiple
-MAX_ROWS = 16  # token rows per call of the [k, n] kernels (decode batches; prefill runs on XLA)
+MAX_ROWS = 16  # token rows per call of the [k, n] kernels (model/quant.py runs up to 4 calls; longer prefills on XLA)
 PACKED_BITS = (2, 3, 4, 8)
 _TARGETS = {"PeakllmQmmKn": "qmm_kn", "PeakllmQmmKnW8a8": "qmm_kn_w8a8", "PeakllmQmmNk": "qmm_nk",
             "PeakllmQmmNkW8a8": "qmm_nk_w8a8", "PeakllmBmm": "bmm"}
