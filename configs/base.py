@@ -19,6 +19,7 @@ REMAT_POLICIES = ("none", "full", "save_dots", "save_dots_no_batch", "save_atten
 ATTENTION_IMPLS = ("xla", "pallas", "cudnn")  # reference jnp path, our Pallas flash kernel, cuDNN (NVIDIA GPUs)
 QUANT_MODES = ("none", "int8_weight", "w8a8", "packed")  # float, W8A16, W8A8 (SmoothQuant), infer.compress codes
 HEAD_QUANTS = ("none", "int8")  # quant=packed: the embedding and head float, or int8 rows (W8A16)
+NONFINITE = ("skip", "stop")  # train.nonfinite
 MATMUL_IMPLS = ("auto", "xla", "pallas", "native")  # auto: native CPU kernels where built and suited, else XLA
 PACKED_BITS = (2, 3, 4, 8)
 OPTIMIZERS = ("adamw", "adafactor", "lion")
@@ -117,6 +118,10 @@ def get_config() -> ml_collections.ConfigDict:
   t.weight_decay = 0.1  # decoupled weight decay; never applied to biases, norms or embeddings
   t.grad_clip = 1.0  # global-norm clipping threshold; 0 disables
   t.z_loss = 0.0  # coefficient of the log(Z)^2 auxiliary loss (PaLM); 0 disables
+  t.nonfinite = "skip"  # one of NONFINITE: a step whose loss or gradient norm is NaN/inf is never applied (the
+  # parameters and optimizer state stay as they were, on device); "skip" goes on, "stop" ends the run at the next
+  # log or checkpoint step without saving
+  t.nonfinite_max_skips = 10  # nonfinite=skip: this many skipped steps in a row stop the run
   t.moe_aux_loss = 0.01  # coefficient of the MoE load-balancing loss (Switch); MoE models only
   t.offload_optimizer = False  # keep optimizer state in pinned host memory between steps (ZeRO-Offload)
   t.router_z_loss = 0.001  # coefficient of the MoE router z-loss (ST-MoE); MoE models only
@@ -160,7 +165,8 @@ def get_config() -> ml_collections.ConfigDict:
 # implementation choices that change speed or memory but not the model or the data.
 RESUME_MAY_CHANGE = ("train.steps", "train.log_every", "train.eval_every", "train.eval_batches",
                      "train.checkpoint_every", "train.max_to_keep", "train.async_checkpoint", "train.progress_bar",
-                     "train.peak_flops", "train.profile_steps", "train.offload_optimizer", "data.num_workers", "data.data_dir",
+                     "train.peak_flops", "train.profile_steps", "train.nonfinite", "train.nonfinite_max_skips",
+                     "train.offload_optimizer", "data.num_workers", "data.data_dir",
                      "model.attention_impl", "model.remat", "model.scan_layers", "model.loss_chunk_tokens",
                      "model.pipeline_microbatches", "model.matmul_impl", "mesh", "distributed", "sample")
 
@@ -233,11 +239,13 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _fail("model.head_quant", m.head_quant, "applies to compressed workdirs served packed (model.quant=packed); "
           f"model.quant={m.quant!r} (int8 formats already hold an int8 head)")
   _choice(config, "train.optimizer", OPTIMIZERS)
+  _choice(config, "train.nonfinite", NONFINITE)
   profile_steps(config)
   _choice(config, "train.schedule", SCHEDULES)
   for key in ("model.vocab_size", "model.num_layers", "model.embed_dim", "model.num_heads", "model.max_len",
               "data.seq_len", "train.batch_size", "train.grad_accum_steps", "train.steps", "train.learning_rate",
               "train.log_every", "train.eval_batches", "train.checkpoint_every", "train.max_to_keep",
+              "train.nonfinite_max_skips",
               "model.norm_eps", "model.rope_theta", "model.rope_scaling_factor", "model.rope_original_max_len"):
     _positive(config, key)
   for key in ("model.num_kv_heads", "model.head_dim", "model.mlp_dim", "train.warmup_steps", "train.weight_decay",

@@ -43,7 +43,9 @@ class Event:
 
   token_ids: list[int]
   text: str
-  finish_reason: str | None = None  # "stop", "length", "cancelled", or "error" (the engine failed: HTTP 500)
+  # "stop", "length", "cancelled", "error" (the engine failed: HTTP 500), "queue_timeout" (waited longer than the
+  # scheduler's queue_timeout for a slot: HTTP 503) or "timeout" (ran longer than its request_timeout: HTTP 504)
+  finish_reason: str | None = None
 
 
 @dataclasses.dataclass(eq=False)
@@ -59,7 +61,7 @@ class Request:
   output_ids: list[int] = dataclasses.field(default_factory=list)
   text: str = ""  # the completion text emitted so far
   cancelled: threading.Event = dataclasses.field(default_factory=threading.Event)
-  error: str | None = None  # why the engine failed this request (finish_reason "error")
+  error: str | None = None  # why the request failed (finish_reason "error", "queue_timeout" or "timeout")
 
   def cancel(self) -> None:
     """Asks the scheduler to end this request (e.g. its client went away); its pages are freed next iteration."""
@@ -92,15 +94,22 @@ class Scheduler:
   """Runs an `Engine` on a background thread (see the module docstring).
 
   detokenize: token ids -> text (for stop strings and the text in events). mode: "continuous" or "static".
-  max_queue: the bound on waiting requests. on_finish: called with each finished request (metrics)."""
+  max_queue: the bound on waiting requests. queue_timeout: seconds a request may wait for a slot before it ends with
+  "queue_timeout"; request_timeout: seconds from arrival to the last token before it ends with "timeout" (its slot
+  and pages are freed); 0 disables either. on_finish: called with each finished request (metrics)."""
 
   def __init__(self, engine: Engine, detokenize: Callable[[Sequence[int]], str], *, mode: str = "continuous",
-               max_queue: int = 64, on_finish: Callable[[Request], None] | None = None):
+               max_queue: int = 64, queue_timeout: float = 0.0, request_timeout: float = 0.0,
+               on_finish: Callable[[Request], None] | None = None):
     if mode not in ("continuous", "static"):
       raise ValueError(f"mode={mode!r} must be 'continuous' or 'static'")
     if max_queue < 1:
       raise ValueError(f"max_queue={max_queue} must be >= 1")
+    for name, value in (("queue_timeout", queue_timeout), ("request_timeout", request_timeout)):
+      if not value >= 0:
+        raise ValueError(f"{name}={value} must be >= 0 seconds (0: no limit)")
     self.engine, self.mode, self.max_queue = engine, mode, max_queue
+    self.queue_timeout, self.request_timeout = queue_timeout, request_timeout
     self._detokenize = detokenize
     self.on_finish = on_finish  # may be set after construction (the server's metrics)
     self._waiting: collections.deque[Request] = collections.deque()
@@ -183,7 +192,7 @@ class Scheduler:
             self._lock.wait()
           if self._stop:
             break
-          self._end_cancelled()
+          self._end_cancelled_or_late()
           self._admit()
         try:
           self.step()
@@ -217,15 +226,31 @@ class Scheduler:
       request.error = f"{type(error).__name__}: {error}"
       self._finish_event(request, [], "", "error")
 
-  def _end_cancelled(self) -> None:
-    for request in [r for r in self._waiting if r.cancelled.is_set()]:
-      self._waiting.remove(request)
-      self._finish_event(request, [], "", "cancelled")
-    for slot, request in list(self._running.items()):
+  def _end_cancelled_or_late(self) -> None:
+    now = time.perf_counter()
+    for request in list(self._waiting):
+      waited = now - request.arrival
       if request.cancelled.is_set():
-        self.engine.release(slot)
-        del self._running[slot]
-        self._finish_event(request, [], "", "cancelled")
+        reason = "cancelled"
+      elif self.queue_timeout and waited > self.queue_timeout:
+        reason, request.error = "queue_timeout", (f"waited {waited:.1f} s for a free slot (the server's queue "
+                                                  f"timeout is {self.queue_timeout:g} s)")
+      else:
+        continue
+      self._waiting.remove(request)
+      self._finish_event(request, [], "", reason)
+    for slot, request in list(self._running.items()):
+      took = now - request.arrival
+      if request.cancelled.is_set():
+        reason = "cancelled"
+      elif self.request_timeout and took > self.request_timeout:
+        reason, request.error = "timeout", (f"ran {took:.1f} s after {len(request.output_ids)} tokens (the server's "
+                                            f"request timeout is {self.request_timeout:g} s)")
+      else:
+        continue
+      self.engine.release(slot)
+      del self._running[slot]
+      self._finish_event(request, [], "", reason)
 
   def _admit(self) -> None:
     if self.mode == "static" and self._running:

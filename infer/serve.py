@@ -1,7 +1,8 @@
 """Serve a trained (or quantized) workdir over HTTP with continuous batching: `python -m infer.serve --workdir=DIR`.
 
   python -m infer.serve --workdir=runs/default [--port=8000] [--slots=8] [--page_size=16] [--num_pages=0]
-      [--prefill_chunk=0] [--max_queue=64] [--mode=continuous|static] [--attention_impl=xla|pallas]
+      [--prefill_chunk=0] [--max_queue=64] [--queue_timeout=300] [--request_timeout=0] [--mode=continuous|static]
+      [--attention_impl=xla|pallas] [--head_quant=int8]
 
 SIGTERM (or Ctrl-C) drains: new requests get 503 while those in flight finish, then the process exits.
 """
@@ -26,7 +27,8 @@ from train import allocator
 
 
 def build(workdir: str, *, slots: int = 8, page_size: int = 16, num_pages: int = 0, prefill_chunk: int = 0,
-          max_queue: int = 64, mode: str = "continuous", attention_impl: str | None = None,
+          max_queue: int = 64, queue_timeout: float = 0.0, request_timeout: float = 0.0,
+          mode: str = "continuous", attention_impl: str | None = None,
           matmul_impl: str | None = None, step: int | None = None, api_key: str | None = None,
           profile_dir: str | None = None, head_quant: str | None = None) -> Server:
   """Loads `workdir` and wires engine, scheduler (started), metrics and server together."""
@@ -34,7 +36,8 @@ def build(workdir: str, *, slots: int = 8, page_size: int = 16, num_pages: int =
   print(loading.weights_note(model), flush=True)
   engine = Engine(model, slots=slots, page_size=page_size, num_pages=num_pages or None,
                   prefill_chunk=prefill_chunk or None)
-  scheduler = Scheduler(engine, lambda ids: tokenizer_lib.decode(tokenizer, ids), mode=mode, max_queue=max_queue)
+  scheduler = Scheduler(engine, lambda ids: tokenizer_lib.decode(tokenizer, ids), mode=mode, max_queue=max_queue,
+                        queue_timeout=queue_timeout, request_timeout=request_timeout)
   metrics = Metrics(scheduler)
   scheduler.on_finish = metrics.on_finish
   scheduler.start()
@@ -67,7 +70,8 @@ def main(argv):
   f = flags.FLAGS
   try:
     server = build(f.workdir, slots=f.slots, page_size=f.page_size, num_pages=f.num_pages,
-                   prefill_chunk=f.prefill_chunk, max_queue=f.max_queue, mode=f.mode, attention_impl=f.attention_impl,
+                   prefill_chunk=f.prefill_chunk, max_queue=f.max_queue, queue_timeout=f.queue_timeout,
+                   request_timeout=f.request_timeout, mode=f.mode, attention_impl=f.attention_impl,
                    matmul_impl=f.matmul_impl, step=f.step, api_key=f.api_key or os.environ.get("PEAKLLM_API_KEY"),
                    profile_dir=f.profile_dir or None, head_quant=f.head_quant)
   except (FileNotFoundError, ValueError) as e:
@@ -84,6 +88,10 @@ def _define_flags():
   flags.DEFINE_integer("num_pages", 0, "KV pages in the pool (0: enough for every slot at full context).")
   flags.DEFINE_integer("prefill_chunk", 0, "Most prompt tokens per prefill call (0: whole prompts).")
   flags.DEFINE_integer("max_queue", 64, "Waiting requests beyond which the server answers 429.")
+  flags.DEFINE_float("queue_timeout", 300.0, "Seconds a request may wait for a free slot before it gets 503 "
+                     "(0: no limit).")
+  flags.DEFINE_float("request_timeout", 0.0, "Seconds from arrival to the last token before a request is ended "
+                     "with 504 and its slot freed (0: no limit).")
   flags.DEFINE_enum("mode", "continuous", ["continuous", "static"], "Batching mode.")
   flags.DEFINE_enum("attention_impl", None, ["xla", "pallas"], "Override model.attention_impl.")
   flags.DEFINE_enum("matmul_impl", None, list(base.MATMUL_IMPLS), "Override model.matmul_impl.")

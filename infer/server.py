@@ -12,7 +12,9 @@ Bad requests get 400 with an OpenAI-style error body (`{"error": {"message", "ty
 are not JSON (bad charset, too deeply nested, numbers too large to parse), requests that can never fit (too many
 prompts or completions for the queue, prompts longer than the context); a body over 4 MiB gets 413, a Content-Type
 other than JSON 415, and with an API key (`Server(api_key=...)`) a missing or wrong `Authorization: Bearer` 401,
-all as JSON. A full queue gets 429 with `Retry-After` and a draining server 503. A client that disconnects has its requests cancelled and their pages
+all as JSON. A full queue gets 429 with `Retry-After` and a draining server 503; a request that waits longer than
+the scheduler's queue timeout 503 with `Retry-After`, one that runs past its request timeout 504, and an engine
+failure 500 (in a stream: a last `error` event). A client that disconnects has its requests cancelled and their pages
 freed. `BackgroundServer` runs the app on a loopback port in a thread (tests, benchmarks).
 """
 
@@ -59,6 +61,21 @@ class BadRequest(Exception):
 def error_response(status: int, message: str, *, type_: str = "invalid_request_error", param=None, code=None):
   body = {"error": {"message": message, "type": type_, "param": param, "code": code}}
   return web.json_response(body, status=status)
+
+
+# finish reasons that fail a request -> (HTTP status, error type, code, message prefix); see scheduler.Event
+FAILURES = {"error": (500, "server_error", "engine_error", "The engine failed while generating"),
+            "queue_timeout": (503, "server_error", "queue_timeout", "The server is at capacity"),
+            "timeout": (504, "server_error", "timeout", "The request timed out")}
+
+
+def failure_response(request) -> web.Response:
+  """The JSON error response of a request whose finish_reason is in FAILURES (503 carries Retry-After)."""
+  status, type_, code, prefix = FAILURES[request.finish_reason]
+  response = error_response(status, f"{prefix}: {request.error}", type_=type_, code=code)
+  if status == 503:
+    response.headers["Retry-After"] = str(RETRY_AFTER_S)
+  return response
 
 
 def _int(body, name, default, lo, hi):
@@ -325,10 +342,9 @@ class Server:
         for queue in queues:
           while (await queue.get()).finish_reason is None:
             pass
-        failed = [r for r in requests if r.finish_reason == "error"]
+        failed = [r for r in requests if r.finish_reason in FAILURES]
         if failed:
-          return error_response(500, f"The engine failed while generating: {failed[0].error}", type_="server_error",
-                                code="engine_error")
+          return failure_response(failed[0])
         choices = [{"text": r.text, "index": i, "logprobs": None, "finish_reason": r.finish_reason}
                    for i, r in enumerate(requests)]
         return web.json_response({**head, "choices": choices, "usage": usage()})
@@ -341,9 +357,8 @@ class Server:
         for task in done:
           i = pending.pop(task)
           event = task.result()
-          if event.finish_reason == "error":  # the status line went out already: the error is the last event
-            await send({"error": {"message": f"The engine failed while generating: {requests[i].error}",
-                                  "type": "server_error", "param": None, "code": "engine_error"}})
+          if event.finish_reason in FAILURES:  # the status line went out already: the error is the last event
+            await send(json.loads(failure_response(requests[i]).body))
             continue
           if event.text or event.finish_reason:
             choice = {"text": event.text, "index": i, "logprobs": None, "finish_reason": event.finish_reason}

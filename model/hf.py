@@ -322,6 +322,27 @@ def _to_hf(rule: Rule, a: np.ndarray) -> np.ndarray:
 
 # -- reading ------------------------------------------------------------------------------------------------------
 
+def _index_files(index: str, hf_dir: str) -> dict[str, str]:
+  """{tensor name: shard path} of a sharded checkpoint's index; ValueError for an index that is not a JSON object
+  with a "weight_map" of file names, or that names a file outside `hf_dir` (an absolute path, "..", a symlink out)."""
+  try:
+    with open(index, encoding="utf-8") as f:
+      weight_map = json.load(f)["weight_map"]
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+      raise TypeError("weight_map must map tensor names to file names")
+  except (ValueError, KeyError, TypeError) as e:
+    raise ValueError(f"{index} is not a safetensors index ({type(e).__name__}: {e})") from e
+  root = os.path.realpath(hf_dir)
+  files = {}
+  for name, shard in weight_map.items():
+    path = os.path.realpath(os.path.join(hf_dir, shard))
+    if os.path.isabs(shard) or os.path.commonpath([root, path]) != root:
+      raise ValueError(f"{index}: tensor {name} points at {shard!r}, outside {hf_dir}; shards must be files in the "
+                       "checkpoint's own directory")
+    files[name] = path
+  return files
+
+
 class SafetensorsReader:
   """Tensors of a Hugging Face directory by name, one at a time (`model.safetensors` or a sharded index)."""
 
@@ -329,8 +350,7 @@ class SafetensorsReader:
     index = os.path.join(hf_dir, "model.safetensors.index.json")
     single = os.path.join(hf_dir, "model.safetensors")
     if os.path.exists(index):
-      with open(index, encoding="utf-8") as f:
-        self.files = {k: os.path.join(hf_dir, v) for k, v in json.load(f)["weight_map"].items()}
+      self.files = _index_files(index, hf_dir)
     elif os.path.exists(single):
       with safe_open(single, "np") as f:
         self.files = {k: single for k in f.keys()}

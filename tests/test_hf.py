@@ -165,6 +165,23 @@ def test_unknown_tensors_are_refused(tmp_path):
     hf.load_pretrained(src)
 
 
+@pytest.mark.parametrize("shard", ["../outside.safetensors", "/etc/passwd", "link.safetensors"])
+def test_a_sharded_index_cannot_point_outside_its_directory(tmp_path, shard):
+  src = str(tmp_path / "hf")
+  build_hf("opt_125m_style", src)
+  os.replace(os.path.join(src, "model.safetensors"), tmp_path / "outside.safetensors")
+  os.symlink(tmp_path / "outside.safetensors", os.path.join(src, "link.safetensors"))  # a link out of the directory
+  names = load_file(str(tmp_path / "outside.safetensors")).keys()
+  with open(os.path.join(src, "model.safetensors.index.json"), "w", encoding="utf-8") as f:
+    json.dump({"weight_map": {name: shard for name in names}}, f)
+  with pytest.raises(ValueError, match="outside .*shards must be files in the checkpoint's own directory"):
+    hf.load_pretrained(src)
+  with open(os.path.join(src, "model.safetensors.index.json"), "w", encoding="utf-8") as f:
+    f.write("[1, 2]")
+  with pytest.raises(ValueError, match="is not a safetensors index"):
+    hf.load_pretrained(src)
+
+
 def _write_tokenizer(path: str, texts):
   """A byte-level BPE tokenizer.json with Llama-style specials, and the tokenizer_config.json that names them."""
   from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers

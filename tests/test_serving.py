@@ -166,7 +166,7 @@ def test_cancelled_and_finished_requests_return_all_pages_and_the_queue_is_bound
   assert sched.engine.active_slots == 2 and sched.queue_length == 1
   reqs[0].cancel()
   reqs[2].cancel()  # still waiting
-  sched._end_cancelled()
+  sched._end_cancelled_or_late()
   assert [r.finish_reason for r in reqs] == ["cancelled", None, "cancelled"]
   while reqs[1].finish_reason is None:
     sched.step()
@@ -409,6 +409,49 @@ def test_health_reports_a_stuck_engine(server, monkeypatch):
     worker.join(30)
   assert result["done"][0] == 200
   assert json.loads(urllib.request.urlopen(bg.url + "/health").read()) == {"status": "ok"}
+
+
+def test_queue_and_request_timeouts_answer_503_and_504_and_free_the_slots(server, monkeypatch):
+  srv, bg = server
+  sched, engine = srv.scheduler, srv.scheduler.engine
+  body = {"prompt": "a", "max_tokens": 50, "ignore_eos": True}
+
+  async def five(n=5):
+    async with aiohttp.ClientSession() as s:
+      return await asyncio.gather(*[_post_with_headers(s, bg.url, body) for _ in range(n)])
+
+  assert [r[0] for r in asyncio.run(five(4))] == [200] * 4  # compiled and warm before the clock matters
+  real_generate = engine.generate
+  monkeypatch.setattr(engine, "generate", lambda: (time.sleep(0.1), real_generate())[1])  # >= 100 ms per token
+  monkeypatch.setattr(sched, "request_timeout", 2.0)
+  monkeypatch.setattr(sched, "queue_timeout", 1.0)
+  results = asyncio.run(five())
+  # four slots: four requests run past the 2 s request timeout (50 tokens take >= 5 s); the fifth waits in the
+  # queue past the 1 s queue timeout
+  assert sorted(status for status, _, _ in results) == [503, 504, 504, 504, 504]
+  for status, text, headers in results:
+    error = json.loads(text)["error"]
+    assert error["code"] == {503: "queue_timeout", 504: "timeout"}[status] and "timeout is" in error["message"]
+    assert (status == 503) == ("Retry-After" in headers)
+
+  async def streamed():
+    async with aiohttp.ClientSession() as s:
+      async with s.post(bg.url + "/v1/completions", json={**body, "stream": True}) as r:
+        return r.status, [json.loads(line[6:]) for line in (await r.text()).split("\n\n") if line.startswith("data: {")]
+
+  status, events = asyncio.run(streamed())
+  assert status == 200 and events[-1]["error"]["code"] == "timeout"  # the stream's last event says why it ended
+  for _ in range(50):
+    if engine.active_slots == 0:
+      break
+    time.sleep(0.1)
+  assert engine.active_slots == 0 and engine.free_pages == engine.num_pages - 1
+
+
+def test_scheduler_refuses_negative_timeouts(tiny_run):
+  _, model, tokenizer, _ = loading.load_trained(tiny_run[0])
+  with pytest.raises(ValueError, match="request_timeout=-1 must be >= 0 seconds"):
+    _scheduler(model, tokenizer, request_timeout=-1)
 
 
 def test_openai_client_works_against_the_server(server):

@@ -137,3 +137,31 @@ def test_chunked_cross_entropy_gives_the_same_loss_and_gradients(chunk, tie):
   np.testing.assert_allclose(float(got), float(want), rtol=1e-6)
   np.testing.assert_allclose(float(got_nll), float(nll), rtol=1e-6)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5), got_grads, want_grads)
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "adafactor"])
+def test_a_non_finite_step_is_not_applied(optimizer):
+  """A NaN loss (one NaN weight in the batch) leaves parameters and optimizer state exactly as they were, advances
+  the step and reports nonfinite=1; the next finite batch trains as if the bad one had never come."""
+  config = small_config(optimizer=optimizer)
+  spec = ModelSpec.from_config(config.model)
+  t = config.train
+  params = transformer.init_params(spec, 0)
+  opt = optim.make_optimizer(t, params)
+  fn = step_lib.jit_train_step(transformer.graphdef(spec), opt, optim.make_schedule(t), 1, 0.0, donate=False)
+  state = step_lib.init_state(spec, opt, 0)
+  bad = random_batch(1)
+  bad["weights"] = bad["weights"].copy()
+  bad["weights"][0, 0] = np.nan
+  after_bad, m = fn(state, bad)
+  assert int(m["nonfinite"]) == 1 and not np.isfinite(float(m["loss"]))
+  assert int(after_bad["step"]) == 1
+  for a, b in zip(jax.tree.leaves((state["params"], state["opt_state"])),
+                  jax.tree.leaves((after_bad["params"], after_bad["opt_state"]))):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  good = random_batch(2)
+  from_bad, m_good = fn(after_bad, good)
+  assert int(m_good["nonfinite"]) == 0
+  clean, _ = fn(state, good)
+  for a, b in zip(jax.tree.leaves(from_bad["params"]), jax.tree.leaves(clean["params"])):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))  # the optimizer (and its schedule) never counted it

@@ -7,11 +7,16 @@ import signal
 import subprocess
 import sys
 
+import jax
+import numpy as np
 import pytest
 
 from configs import base, default, tiny
 from conftest import tiny_config
+from model import transformer
+from model.transformer import ModelSpec
 from train import profiling, trainer
+from workdir import checkpoint as checkpoint_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -65,6 +70,50 @@ def test_resume_after_a_signal_gives_bitwise_identical_losses(data_dir, tmp_path
   assert ("checkpoint step 5 is damaged" in caplog.text) == damage_latest
   resumed = {r["step"]: r["loss"] for r in read_rows(interrupted) if "loss" in r}
   assert resumed == expected  # exact float equality, step by step
+
+
+def _nan_batches_at(monkeypatch, bad_steps):
+  """Makes the trainer's batches of `bad_steps` (1-based) carry a NaN token weight, so their loss is NaN."""
+  real, calls = trainer.distributed.global_batch, {"n": 0}
+
+  def global_batch(batch, sharding):
+    calls["n"] += 1
+    if calls["n"] in bad_steps:
+      batch = dict(batch, weights=batch["weights"].copy())
+      batch["weights"][0, 0] = float("nan")
+    return real(batch, sharding)
+
+  monkeypatch.setattr(trainer.distributed, "global_batch", global_batch)
+
+
+@pytest.mark.parametrize("mode", ["skip", "stop"])
+def test_non_finite_steps_are_skipped_or_stop_the_run_and_are_never_saved(data_dir, tmp_path, monkeypatch, caplog,
+                                                                           mode):
+  steps = dict(steps=8, log_every=1, eval_every=0, checkpoint_every=2, warmup_steps=2, nonfinite=mode)
+  _nan_batches_at(monkeypatch, {3})
+  workdir = str(tmp_path / mode)
+  config = tiny_config(data_dir, **steps)
+  if mode == "stop":
+    with pytest.raises(FloatingPointError, match="non-finite loss or gradient norm at step 3 .train.nonfinite=stop"):
+      trainer.run(config, workdir)
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2"]  # nothing saved after the bad step
+  else:
+    with caplog.at_level("WARNING"):
+      summary = trainer.run(config, workdir)
+    assert summary["step"] == 8 and "1 step(s) had a non-finite loss" in caplog.text
+    rows = {r["step"]: r for r in read_rows(workdir) if "step_time_s" in r}  # the training rows
+    assert "loss" not in rows[3] and rows[3]["nonfinite_steps"] == 1 and np.isfinite(rows[8]["loss"])
+  spec = ModelSpec.from_config(config.model)
+  params, _ = checkpoint_lib.restore_params(workdir, jax.eval_shape(lambda: transformer.init_params(spec, 0)))
+  assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(params))
+
+
+def test_too_many_non_finite_steps_in_a_row_stop_the_run(data_dir, tmp_path, monkeypatch):
+  _nan_batches_at(monkeypatch, {2, 3, 4})
+  config = tiny_config(data_dir, steps=6, log_every=1, eval_every=0, checkpoint_every=100, warmup_steps=2,
+                       nonfinite_max_skips=2)
+  with pytest.raises(FloatingPointError, match="3 steps in a row .* train.nonfinite_max_skips=2"):
+    trainer.run(config, str(tmp_path / "w"))
 
 
 def test_train_cli_rejects_bad_overrides_before_compiling(tmp_path):

@@ -60,7 +60,7 @@ def main(argv):
   try:
     distributed.initialize(_CONFIG.value.distributed)
     summary = trainer.run(_CONFIG.value, _WORKDIR.value, closing_sample=generate.closing_sample)
-  except (ValueError, FileNotFoundError, checkpoint.DamagedCheckpoint) as e:
+  except (ValueError, FileNotFoundError, FloatingPointError, checkpoint.DamagedCheckpoint) as e:
     sys.exit(f"error: {e}")
   except _Interrupted as e:
     sys.stderr.write(f"stopped by signal {e.signum} outside the training loop; checkpoints already written are "

@@ -15,6 +15,7 @@ import time
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import ml_collections
 import tqdm
@@ -148,46 +149,53 @@ def run(config, workdir: str, on_step: Callable[[int], None] | None = None,
   window_start, window_steps = time.perf_counter(), 0
   interrupted = False
   profiler = profiling.StepProfiler(base.profile_steps(config), layout.path(workdir, layout.PROFILE))
+  nonfinite = _NonfiniteSteps(t.nonfinite, t.nonfinite_max_skips, first_step=start_step)
   with stop.installed():
-    while step < t.steps:
-      if stop.signal is not None:
-        interrupted = True
-        break
-      batch = distributed.global_batch(next(train_iter), batch_sh)
-      profiler.before(step + 1)
-      state, step_metrics = compiled(state, batch)
-      step += 1
-      profiler.after(step, step_metrics)
-      if profiler.summary is not None:
-        _log_profile(profiler)
-      window_steps += 1
-      bar.update(1)
-      if step % t.log_every == 0 or step == t.steps:
-        row = jax.device_get(step_metrics)  # blocks, so the window timing covers finished work
-        elapsed = time.perf_counter() - window_start
-        step_time = elapsed / window_steps
-        tps = tokens_per_step / step_time
-        throughput = {"tokens_per_sec": tps, "mfu": metrics_lib.mfu(flops_per_token, tps, peak_total)}
-        out = {"loss": row["loss"], "learning_rate": row["learning_rate"], "grad_norm": row["grad_norm"],
-               "tokens_per_sec": tps, "step_time_s": step_time, "mfu": throughput["mfu"]}
-        if t.z_loss or spec.num_experts:
-          out["objective"] = row["objective"]
-        out.update({k: v for k, v in row.items() if k.startswith("moe_")})  # load balance, router z, dropped share
-        if not np.isfinite(out["loss"]):
-          raise FloatingPointError(f"loss is {out['loss']} at step {step}; lower train.learning_rate or clip harder")
-        writer.write(step, out)
-        bar.set_postfix(loss=f"{out['loss']:.3f}", tok_s=f"{tps:,.0f}", mfu=f"{throughput['mfu']:.1%}")
-        window_start, window_steps = time.perf_counter(), 0
-      if (t.eval_every and step % t.eval_every == 0) or step == t.steps:
-        last_eval = validation.validation_loss(eval_fn, state["params"], config, sources["validation"], tokenizer,
-                                                 to_global=to_global)
-        writer.write(step, last_eval)
-        bar.write(f"step {step}: eval loss {last_eval['eval_loss']:.4f}, perplexity {last_eval['eval_ppl']:.2f}")
-        window_start, window_steps = time.perf_counter(), 0
-      if step % t.checkpoint_every == 0 or step == t.steps:
-        ckpt.save(step, state, train_iter)
-      if on_step is not None:
-        on_step(step)
+    try:
+      while step < t.steps:
+        if stop.signal is not None:
+          interrupted = True
+          break
+        batch = distributed.global_batch(next(train_iter), batch_sh)
+        profiler.before(step + 1)
+        state, step_metrics = compiled(state, batch)
+        step += 1
+        nonfinite.add(step_metrics["nonfinite"])
+        profiler.after(step, step_metrics)
+        if profiler.summary is not None:
+          _log_profile(profiler)
+        window_steps += 1
+        bar.update(1)
+        if step % t.log_every == 0 or step == t.steps:
+          row = jax.device_get(step_metrics)  # blocks, so the window timing covers finished work
+          elapsed = time.perf_counter() - window_start
+          step_time = elapsed / window_steps
+          tps = tokens_per_step / step_time
+          throughput = {"tokens_per_sec": tps, "mfu": metrics_lib.mfu(flops_per_token, tps, peak_total)}
+          out = {"loss": row["loss"], "learning_rate": row["learning_rate"], "grad_norm": row["grad_norm"],
+                 "tokens_per_sec": tps, "step_time_s": step_time, "mfu": throughput["mfu"]}
+          if t.z_loss or spec.num_experts:
+            out["objective"] = row["objective"]
+          out.update({k: v for k, v in row.items() if k.startswith("moe_")})  # load balance, router z, dropped share
+          if nonfinite.check():  # raises for nonfinite=stop, or too many skips in a row
+            out["nonfinite_steps"] = nonfinite.total
+          writer.write(step, {k: v for k, v in out.items() if np.isfinite(v)})
+          bar.set_postfix(loss=f"{out['loss']:.3f}", tok_s=f"{tps:,.0f}", mfu=f"{throughput['mfu']:.1%}")
+          window_start, window_steps = time.perf_counter(), 0
+        if (t.eval_every and step % t.eval_every == 0) or step == t.steps:
+          last_eval = validation.validation_loss(eval_fn, state["params"], config, sources["validation"], tokenizer,
+                                                   to_global=to_global)
+          writer.write(step, last_eval)
+          bar.write(f"step {step}: eval loss {last_eval['eval_loss']:.4f}, perplexity {last_eval['eval_ppl']:.2f}")
+          window_start, window_steps = time.perf_counter(), 0
+        if step % t.checkpoint_every == 0 or step == t.steps:
+          nonfinite.check()
+          ckpt.save(step, state, train_iter)
+        if on_step is not None:
+          on_step(step)
+    except FloatingPointError:  # train.nonfinite stops the run: saves in flight finish, nothing new is saved
+      ckpt.close()
+      raise
     if profiler.active:  # the run ended (or was stopped) inside the profiled range
       profiler.stop(step_metrics)
       _log_profile(profiler)
@@ -212,6 +220,39 @@ def run(config, workdir: str, on_step: Callable[[int], None] | None = None,
   if is_main:
     layout.write_json(layout.path(workdir, layout.SUMMARY), summary, indent=2)
   return summary
+
+
+class _NonfiniteSteps:
+  """Host side of `train.nonfinite`: the step never applies a NaN/inf update (train/step.py) and reports it in
+  metrics["nonfinite"]; this keeps the counts on device (no host sync per step) and `check` reads them at log and
+  checkpoint steps, raising FloatingPointError for `stop` or for more than `max_skips` skipped steps in a row."""
+
+  def __init__(self, mode: str, max_skips: int, first_step: int):
+    self.mode, self.max_skips, self.total = mode, max_skips, 0
+    self._counts = jnp.zeros(3, jnp.int32)  # skipped in a row, skipped in all, the last skipped step (this run)
+    self._step = first_step
+    self._add = jax.jit(lambda c, bad, step: jnp.stack([jnp.where(bad > 0, c[0] + 1, 0), c[1] + bad,
+                                                        jnp.where(bad > 0, step, c[2])]))
+
+  def add(self, flag: jax.Array) -> None:
+    self._step += 1
+    self._counts = self._add(self._counts, flag, self._step)
+
+  def check(self) -> bool:
+    """True when steps of this run were skipped (logged once per new skip); raises when the run must stop."""
+    in_a_row, total, last = (int(v) for v in jax.device_get(self._counts))
+    if total > self.total:
+      log.warning("%d step(s) had a non-finite loss or gradient norm and were not applied (last: step %d)",
+                  total - self.total, last)
+      self.total = total
+    advice = "lower train.learning_rate, clip harder (train.grad_clip) or check the data"
+    if total and self.mode == "stop":
+      raise FloatingPointError(f"non-finite loss or gradient norm at step {last} (train.nonfinite=stop): stopped "
+                               f"without saving; the parameters of the last checkpoint are finite. {advice}")
+    if in_a_row > self.max_skips:
+      raise FloatingPointError(f"{in_a_row} steps in a row had a non-finite loss or gradient norm (last: step "
+                               f"{last}), more than train.nonfinite_max_skips={self.max_skips}. {advice}")
+    return total > 0
 
 
 def _log_profile(profiler: profiling.StepProfiler) -> None:
