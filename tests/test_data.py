@@ -156,6 +156,32 @@ def test_prepared_dataset_is_reused_and_options_get_their_own_dir(corpus, env, t
     raw.decode("utf-8")  # cut on a character boundary
 
 
+def test_skipped_files_are_reported_with_their_reasons(corpus, tmp_path, caplog):
+  root, _ = corpus
+  with caplog.at_level("WARNING", logger="train.data"):
+    data.load_sources(_config(root, tmp_path / "tfds"))
+  text = caplog.text
+  assert "1 empty" in text and "1 not UTF-8" in text and "skipped" in text
+  assert "a/empty.txt" in text and "a/latin1.txt" in text
+
+
+def test_read_document_reads_a_bounded_prefix_and_names_what_it_skips(tmp_path):
+  import threading
+
+  result = {}
+  reader = threading.Thread(target=lambda: result.update(zero=data.read_document("/dev/zero", 1000)), daemon=True)
+  reader.start()
+  reader.join(20)  # an unbounded read of an endless file would never return
+  assert not reader.is_alive() and result["zero"] == ("\0" * 1000, None)
+  cut = tmp_path / "cut.txt"
+  cut.write_bytes("ab\u00e9".encode() + b"\xff" * 10)  # a 2-byte character cut by the limit; invalid bytes after it
+  assert data.read_document(str(cut), 3) == ("ab", None)
+  assert data.read_document(str(cut), 100) == ("", "not UTF-8")
+  (tmp_path / "empty.txt").write_bytes(b"")
+  assert data.read_document(str(tmp_path / "empty.txt"), 100) == ("", "empty")
+  assert data.read_document(str(tmp_path / "missing.txt"), 100) == ("", "unreadable")
+
+
 def test_clear_errors_for_bad_sources(corpus, tmp_path):
   root, _ = corpus
   cases = [(f"files:{root}/**/*.nomatch", "matches no files"),

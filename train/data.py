@@ -22,6 +22,7 @@ import functools
 import glob
 import hashlib
 import json
+import logging
 import os
 import sysconfig
 from collections.abc import Mapping, Sequence
@@ -35,6 +36,8 @@ import tensorflow_datasets as tfds
 from tokenizers import Tokenizer
 
 from workdir import tokenizer as tokenizer_lib
+
+log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1  # bump when the prepared records change; part of every TextFiles config name
 DEFAULT_DATA_DIR = "~/.cache/peakllm/tfds"
@@ -138,16 +141,36 @@ class TextFiles(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     return {s: self._generate_examples(docs, cfg.max_doc_bytes) for s, docs in by_split.items()}
 
   def _generate_examples(self, documents, max_doc_bytes: int):
+    skipped: dict[str, list[str]] = {"empty": [], "not UTF-8": [], "unreadable": []}
     for path, rel in documents:
-      with open(path, "rb") as f:
-        raw = f.read()
-      try:
-        raw.decode("utf-8")
-      except UnicodeDecodeError:
+      text, why = read_document(path, max_doc_bytes)
+      if why:
+        skipped[why].append(rel)
         continue
-      text = raw[:max_doc_bytes].decode("utf-8", errors="ignore")  # drops only a cut multi-byte tail
-      if text:
-        yield rel, {"text": text, "path": rel}
+      yield rel, {"text": text, "path": rel}
+    if any(skipped.values()):
+      log.warning("%s: skipped %d of %d files (%s), e.g. %s", self.builder_config.source, sum(map(len,
+                  skipped.values())), len(documents), ", ".join(f"{len(v)} {k}" for k, v in skipped.items() if v),
+                  ", ".join(next(iter(v)) for v in skipped.values() if v))
+
+
+def read_document(path: str, max_doc_bytes: int) -> tuple[str, str | None]:
+  """(text of the file's first `max_doc_bytes` bytes, None), or ("", why it is skipped: "empty", "not UTF-8" or
+  "unreadable"). Reads at most max_doc_bytes + 4 bytes, however large the file; a multi-byte character cut by the
+  limit is dropped."""
+  try:
+    with open(path, "rb") as f:
+      raw = f.read(max_doc_bytes + 4)
+  except OSError:
+    return "", "unreadable"
+  head = raw[:max_doc_bytes]
+  try:
+    text = head.decode("utf-8")
+  except UnicodeDecodeError as e:
+    if len(raw) <= max_doc_bytes or e.start < len(head) - 3 or e.reason != "unexpected end of data":
+      return "", "not UTF-8"
+    text = head[:e.start].decode("utf-8")  # the limit cut a character
+  return (text, None) if text else ("", "empty")
 
 
 def text_files_builder(config: ml_collections.ConfigDict) -> TextFiles:
