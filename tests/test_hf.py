@@ -229,6 +229,27 @@ def test_convert_workdir_generate_evaluate_finetune_export(tmp_path, data_dir):
   ppl = evaluate.stream_perplexity(model, stream, seq_len=64, batch_size=4)
   assert np.isfinite(ppl["ppl"]) and ppl["ppl"] > 1 and ppl["windows"] > 4
 
+  # quantized and compressed copies keep the tokenizer's own <s>/</s> (tokenizer_config.json), and the server's
+  # prompts start with <s> and stop at </s>
+  from configs import compress as compress_config
+  from infer import quantize, serve
+  from infer.compress import pipeline as compress
+
+  derived = {"int8": str(tmp_path / "int8"), "gptq4": str(tmp_path / "gptq4")}
+  quantize.quantize_workdir(workdir, derived["int8"], "int8_weight")
+  c = compress_config.get_config()
+  c.update(method="gptq", bits=4, group_size=16, calibration_samples=4, calibration_len=32)
+  compress.compress_workdir(config, model, tok, step, c, source_workdir=workdir, out=derived["gptq4"])
+  for name, path in derived.items():
+    assert os.path.exists(os.path.join(path, "tokenizer_config.json")), name
+    srv = serve.build(path, slots=2)
+    try:
+      prompts, params, _, _, _ = srv.parse({"prompt": "def f", "max_tokens": 4})
+      assert prompts[0][0] == 1 and params.stop_tokens == (2,), name
+      assert (srv.parse({"prompt": "def f", "ignore_eos": True})[1].stop_tokens == ()), name
+    finally:
+      srv.scheduler.stop()
+
   ft_config = finetune.get_config(workdir)
   ft_config.data.update(data_dir=tiny.data.data_dir, max_docs=tiny.data.max_docs, seq_len=64)
   ft_config.train.update(steps=2, warmup_steps=1, batch_size=2, eval_every=0, eval_batches=1, checkpoint_every=2,
