@@ -90,6 +90,18 @@ def _held_back(text: str, stops: Sequence[str]) -> int:
   return hold
 
 
+def _end_reason(request: Request, now: float, limit: float, late: str, doing: str) -> str | None:
+  """"cancelled"; `late` once more than `limit` seconds (0: no limit) have passed since the request arrived, with
+  request.error saying so (`doing` formatted with the seconds); or None to keep the request."""
+  if request.cancelled.is_set():
+    return "cancelled"
+  elapsed = now - request.arrival
+  if limit and elapsed > limit:
+    request.error = f"{doing.format(elapsed)} (the server's {late.replace('_', ' ')} is {limit:g} s)"
+    return late
+  return None
+
+
 class Scheduler:
   """Runs an `Engine` on a background thread (see the module docstring).
 
@@ -229,28 +241,17 @@ class Scheduler:
   def _end_cancelled_or_late(self) -> None:
     now = time.perf_counter()
     for request in list(self._waiting):
-      waited = now - request.arrival
-      if request.cancelled.is_set():
-        reason = "cancelled"
-      elif self.queue_timeout and waited > self.queue_timeout:
-        reason, request.error = "queue_timeout", (f"waited {waited:.1f} s for a free slot (the server's queue "
-                                                  f"timeout is {self.queue_timeout:g} s)")
-      else:
-        continue
-      self._waiting.remove(request)
-      self._finish_event(request, [], "", reason)
+      reason = _end_reason(request, now, self.queue_timeout, "queue_timeout", "waited {:.1f} s for a free slot")
+      if reason:
+        self._waiting.remove(request)
+        self._finish_event(request, [], "", reason)
     for slot, request in list(self._running.items()):
-      took = now - request.arrival
-      if request.cancelled.is_set():
-        reason = "cancelled"
-      elif self.request_timeout and took > self.request_timeout:
-        reason, request.error = "timeout", (f"ran {took:.1f} s after {len(request.output_ids)} tokens (the server's "
-                                            f"request timeout is {self.request_timeout:g} s)")
-      else:
-        continue
-      self.engine.release(slot)
-      del self._running[slot]
-      self._finish_event(request, [], "", reason)
+      reason = _end_reason(request, now, self.request_timeout, "timeout",
+                           f"ran {{:.1f}} s and produced {len(request.output_ids)} tokens")
+      if reason:
+        self.engine.release(slot)
+        del self._running[slot]
+        self._finish_event(request, [], "", reason)
 
   def _admit(self) -> None:
     if self.mode == "static" and self._running:
