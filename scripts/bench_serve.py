@@ -14,22 +14,12 @@ Prints a table and writes JSON.
 
 from __future__ import annotations
 
-import asyncio
 import json
-import os
-import random
-import signal
-import socket
-import statistics
-import subprocess
-import sys
-import time
-import urllib.request
 
-import aiohttp
 import jax
 from absl import app, flags
 
+from scripts import serve_load
 from workdir import layout
 
 _WORKDIR = flags.DEFINE_string("workdir", "runs/default", "Trained workdir to serve.")
@@ -49,117 +39,14 @@ _PROFILE = flags.DEFINE_string("profile", "", "A directory: trace the server dur
                                "(TensorBoard/Perfetto, one subdirectory per mode) and print its top operations.")
 
 
-def request_mix(n: int, vocab: int, max_len: int, seed: int) -> list[dict]:
-  rng = random.Random(seed)
-  (p_lo, p_hi), (o_lo, o_hi) = map(int, _PROMPT_LENGTHS.value), map(int, _OUTPUT_LENGTHS.value)
-  mix = []
-  for _ in range(n):
-    prompt_len = rng.randint(p_lo, p_hi)
-    out_len = min(rng.randint(o_lo, o_hi), max_len - prompt_len)
-    mix.append({"prompt": [rng.randrange(1, vocab) for _ in range(prompt_len)], "max_tokens": out_len,
-                "temperature": 0, "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}})
-  return mix
-
-
-async def _one(session: aiohttp.ClientSession, url: str, body: dict) -> dict:
-  start = time.perf_counter()
-  first = None
-  tokens = 0
-  async with session.post(url + "/v1/completions", json=body) as response:
-    if response.status != 200:
-      return {"status": response.status}
-    async for line in response.content:
-      line = line.strip()
-      if not line.startswith(b"data: ") or line == b"data: [DONE]":
-        continue
-      event = json.loads(line[6:])
-      if event["choices"] and first is None:
-        first = time.perf_counter()
-      if event.get("usage"):
-        tokens = event["usage"]["completion_tokens"]
-  end = time.perf_counter()
-  return {"status": 200, "ttft": first - start, "tpot": (end - first) / max(tokens - 1, 1), "tokens": tokens,
-          "latency": end - start}
-
-
-async def run_load(url: str, mix: list[dict], concurrency: int, max_seconds: float) -> tuple[list[dict], float]:
-  queue = list(reversed(mix))
-  results: list[dict] = []
-  start = time.perf_counter()
-
-  async def client(session):
-    while queue and time.perf_counter() - start < max_seconds:
-      results.append(await _one(session, url, queue.pop()))
-
-  async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0),
-                                   timeout=aiohttp.ClientTimeout(total=None)) as session:
-    await asyncio.gather(*(client(session) for _ in range(concurrency)))
-  return results, time.perf_counter() - start
-
-
-def _pct(values: list[float], q: float) -> float:
-  return statistics.quantiles(values, n=100, method="inclusive")[q - 1] if len(values) > 1 else values[0]
-
-
-def _free_port() -> int:
-  with socket.socket() as sock:
-    sock.bind(("127.0.0.1", 0))
-    return sock.getsockname()[1]
-
-
-def _start_server(mode: str, port: int) -> subprocess.Popen:
-  """`python -m infer.serve` in its own process (as in production: the load generator does not share its GIL)."""
-  cmd = [sys.executable, "-m", "infer.serve", f"--workdir={_WORKDIR.value}", f"--port={port}", f"--mode={mode}",
-         f"--slots={_SLOTS.value}", f"--page_size={_PAGE_SIZE.value}", f"--prefill_chunk={_PREFILL_CHUNK.value}",
-         f"--max_queue={max(64, _CONCURRENCY.value)}"]
-  if _ATTENTION.value:
-    cmd.append(f"--attention_impl={_ATTENTION.value}")
-  if _PROFILE.value:
-    cmd.append(f"--profile_dir={os.path.abspath(os.path.join(_PROFILE.value, mode))}")
-  proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-  deadline = time.time() + 300
-  while time.time() < deadline:
-    if proc.poll() is not None:
-      raise RuntimeError(f"the server exited with {proc.returncode}:\n{proc.stdout.read()}")
-    try:
-      with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
-        if r.status == 200:
-          return proc
-    except OSError:
-      time.sleep(0.5)
-  proc.kill()
-  raise RuntimeError("the server did not become healthy within 300 s")
-
-
-def bench_mode(mode: str, vocab: int, max_len: int) -> dict:
-  port = _free_port()
-  url = f"http://127.0.0.1:{port}"
-  proc = _start_server(mode, port)
-  try:
-    warm = [{"prompt": [1] * n, "max_tokens": 2, "temperature": 0, "ignore_eos": True, "stream": True}
-            for n in (8, 24, 48, 96, 160) if n + 2 <= max_len]
-    asyncio.run(run_load(url, warm, 1, 600))  # compiles the prefill buckets and the decode step
-    mix = request_mix(_REQUESTS.value, vocab, max_len, _SEED.value)
-    if _PROFILE.value:
-      urllib.request.urlopen(urllib.request.Request(url + "/debug/profile/start", method="POST"), timeout=60)
-    results, seconds = asyncio.run(run_load(url, mix, _CONCURRENCY.value, _MAX_SECONDS.value))
-    if _PROFILE.value:
-      with urllib.request.urlopen(urllib.request.Request(url + "/debug/profile/stop", method="POST"),
-                                  timeout=600) as r:
-        print(f"{mode}:\n" + json.loads(r.read())["table"], flush=True)
-  finally:
-    proc.send_signal(signal.SIGTERM)  # drains, then exits
-    try:
-      proc.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-      proc.kill()
-  done = [r for r in results if r["status"] == 200]
-  ttft, tpot = [r["ttft"] for r in done], [r["tpot"] for r in done if r["tokens"] > 1]
-  tokens = sum(r["tokens"] for r in done)
-  return {"mode": mode, "requests": len(done), "failed": len(results) - len(done), "seconds": seconds,
-          "requests_per_s": len(done) / seconds, "output_tokens_per_s": tokens / seconds, "output_tokens": tokens,
-          "ttft_p50_s": _pct(ttft, 50), "ttft_p99_s": _pct(ttft, 99), "tpot_p50_s": _pct(tpot, 50),
-          "tpot_p99_s": _pct(tpot, 99), "server_exit_code": proc.returncode}
+def settings(mode: str) -> serve_load.Settings:
+  """The flags as load settings for one batching mode."""
+  return serve_load.Settings(workdir=_WORKDIR.value, mode=mode, slots=_SLOTS.value, page_size=_PAGE_SIZE.value,
+                             prefill_chunk=_PREFILL_CHUNK.value, requests=_REQUESTS.value,
+                             concurrency=_CONCURRENCY.value, max_seconds=_MAX_SECONDS.value,
+                             prompt_lengths=tuple(map(int, _PROMPT_LENGTHS.value)),
+                             output_lengths=tuple(map(int, _OUTPUT_LENGTHS.value)), attention_impl=_ATTENTION.value,
+                             seed=_SEED.value, profile=_PROFILE.value)
 
 
 def main(argv):
@@ -167,7 +54,7 @@ def main(argv):
   model_config = layout.load_config(_WORKDIR.value).model
   rows = []
   for mode in _MODES.value:
-    rows.append(bench_mode(mode, model_config.vocab_size, model_config.max_len))
+    rows.append(serve_load.bench_mode(settings(mode), model_config.vocab_size, model_config.max_len))
     print(json.dumps(rows[-1]), flush=True)
   print(f"\nserving {_WORKDIR.value} on {jax.devices()[0].device_kind} (server in its own process): "
         f"{_REQUESTS.value} requests, {_CONCURRENCY.value} clients, {_SLOTS.value} slots, "

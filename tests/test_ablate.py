@@ -67,3 +67,45 @@ def test_decode_study_measures_speed_memory_and_divergence_from_float32(tmp_path
   # itself (other summation orders), small for int8
   assert int8["weight_mib"] < 0.6 * base["weight_mib"]
   assert all(math.isfinite(r[k]) and r[k] > 0 for r in (base, int8) for k in ("tokens_per_s", "ttft_s", "peak_rss_mib"))
+
+
+def test_compress_study_makes_each_format_and_measures_perplexity_bits_and_speed(tiny_run, tmp_path):
+  out = tmp_path / "ablations"
+  run_ablate(out, "--study=compress", f"--workdir={tiny_run[0]}", "--switches=format=int8|gptq4",
+             "--compress_samples=8", "--eval_tokens=4096", "--decode_tokens=8", "--decode_repeats=1")
+  rows = {r["value"] or "float32": r for r in json.loads((out / "compress.json").read_text())["rows"]}
+  assert set(rows) == {"float32", "int8", "gptq4"}
+  base = rows["float32"]
+  assert base["bits_per_param"] == pytest.approx(32)
+  # int8 rows plus float32 scales, norms and biases; 4-bit codes plus grids beside the float32 embedding
+  assert rows["int8"]["bits_per_param"] < 10 and rows["gptq4"]["bits_per_param"] < 20
+  assert "4-bit codes" in rows["gptq4"]["weights_note"]  # served as stored
+  for name, row in rows.items():
+    assert math.isfinite(row["quality"]) and 1 < row["quality"] < 1.5 * base["quality"], (name, row["quality"])
+    assert row["tokens_per_s"] > 0 and row["peak_rss_mib"] > 0
+  assert rows["int8"]["compile_s"] > 0 and "compress s" in (out / "compress.md").read_text()
+  assert (out / "compress.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_compress_and_serve_studies_need_a_trained_workdir(tmp_path, tiny_run):
+  for study in ("compress", "serve"):
+    with pytest.raises(FileNotFoundError, match=f"--study={study} needs --workdir=<a trained run>"):
+      ablate.require_workdir(study, str(tmp_path))
+  ablate.require_workdir("compress", tiny_run[0])
+  ablate.require_workdir("train", "")  # the config studies need none
+
+
+def test_serve_study_runs_the_server_at_each_batch_size(tiny_run, tmp_path):
+  out = tmp_path / "ablations"
+  run_ablate(out, "--study=serve", f"--workdir={tiny_run[0]}", "--switches=slots=1", "--serve_requests=8",
+             "--serve_concurrency=4")
+  rows = {(r["switch"], str(r["value"])): r for r in json.loads((out / "serve.json").read_text())["rows"]}
+  assert set(rows) == {("baseline", ""), ("slots", "1")}
+  assert [rows[k]["slots"] for k in (("slots", "1"), ("baseline", ""))] == [1, 8]
+  for row in rows.values():
+    for key in ("tokens_per_s", "step_s", "compile_s", "requests_per_s", "peak_rss_mib", "quality"):
+      assert math.isfinite(row[key]) and row[key] > 0, (key, row)
+  # four clients: one slot serves them one at a time, so the first token waits behind whole requests
+  assert rows[("slots", "1")]["quality"] > rows[("baseline", "")]["quality"]
+  assert "TTFT p50 (s)" in (out / "serve.md").read_text()
+  assert (out / "serve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

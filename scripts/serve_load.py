@@ -1,0 +1,170 @@
+"""The serving load generator shared by `scripts.bench_serve` and `scripts.ablate --study=serve`: starts
+`python -m infer.serve` in its own process with given settings, warms it up (prefill buckets, decode step), sends a
+seeded mix of streaming requests from closed-loop clients, and returns throughput, TTFT/TPOT percentiles and the
+server's peak RSS.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import os
+import random
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+import urllib.request
+
+import aiohttp
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+  """One serving benchmark: the server's settings and the load (`scripts.bench_serve` fills it from its flags;
+  `scripts.ablate --study=serve` varies slots, mode and prefill_chunk)."""
+  workdir: str
+  mode: str = "continuous"
+  slots: int = 8
+  page_size: int = 16
+  prefill_chunk: int = 0
+  requests: int = 48
+  concurrency: int = 16
+  max_seconds: float = 300.0
+  prompt_lengths: tuple[int, int] = (8, 96)
+  output_lengths: tuple[int, int] = (8, 128)
+  attention_impl: str | None = None
+  seed: int = 0
+  profile: str = ""
+
+
+def request_mix(n: int, vocab: int, max_len: int, seed: int, prompt_lengths: tuple[int, int],
+                output_lengths: tuple[int, int]) -> list[dict]:
+  rng = random.Random(seed)
+  (p_lo, p_hi), (o_lo, o_hi) = prompt_lengths, output_lengths
+  mix = []
+  for _ in range(n):
+    prompt_len = rng.randint(p_lo, p_hi)
+    out_len = min(rng.randint(o_lo, o_hi), max_len - prompt_len)
+    mix.append({"prompt": [rng.randrange(1, vocab) for _ in range(prompt_len)], "max_tokens": out_len,
+                "temperature": 0, "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}})
+  return mix
+
+
+async def _one(session: aiohttp.ClientSession, url: str, body: dict) -> dict:
+  start = time.perf_counter()
+  first = None
+  tokens = 0
+  async with session.post(url + "/v1/completions", json=body) as response:
+    if response.status != 200:
+      return {"status": response.status}
+    async for line in response.content:
+      line = line.strip()
+      if not line.startswith(b"data: ") or line == b"data: [DONE]":
+        continue
+      event = json.loads(line[6:])
+      if event["choices"] and first is None:
+        first = time.perf_counter()
+      if event.get("usage"):
+        tokens = event["usage"]["completion_tokens"]
+  end = time.perf_counter()
+  return {"status": 200, "ttft": first - start, "tpot": (end - first) / max(tokens - 1, 1), "tokens": tokens,
+          "latency": end - start}
+
+
+async def run_load(url: str, mix: list[dict], concurrency: int, max_seconds: float) -> tuple[list[dict], float]:
+  queue = list(reversed(mix))
+  results: list[dict] = []
+  start = time.perf_counter()
+
+  async def client(session):
+    while queue and time.perf_counter() - start < max_seconds:
+      results.append(await _one(session, url, queue.pop()))
+
+  async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0),
+                                   timeout=aiohttp.ClientTimeout(total=None)) as session:
+    await asyncio.gather(*(client(session) for _ in range(concurrency)))
+  return results, time.perf_counter() - start
+
+
+def _pct(values: list[float], q: float) -> float:
+  return statistics.quantiles(values, n=100, method="inclusive")[q - 1] if len(values) > 1 else values[0]
+
+
+def _free_port() -> int:
+  with socket.socket() as sock:
+    sock.bind(("127.0.0.1", 0))
+    return sock.getsockname()[1]
+
+
+def _start_server(s: Settings, port: int) -> subprocess.Popen:
+  """`python -m infer.serve` in its own process (as in production: the load generator does not share its GIL)."""
+  cmd = [sys.executable, "-m", "infer.serve", f"--workdir={s.workdir}", f"--port={port}", f"--mode={s.mode}",
+         f"--slots={s.slots}", f"--page_size={s.page_size}", f"--prefill_chunk={s.prefill_chunk}",
+         f"--max_queue={max(64, s.concurrency)}"]
+  if s.attention_impl:
+    cmd.append(f"--attention_impl={s.attention_impl}")
+  if s.profile:
+    cmd.append(f"--profile_dir={os.path.abspath(os.path.join(s.profile, s.mode))}")
+  proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  deadline = time.time() + 300
+  while time.time() < deadline:
+    if proc.poll() is not None:
+      raise RuntimeError(f"the server exited with {proc.returncode}:\n{proc.stdout.read()}")
+    try:
+      with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+        if r.status == 200:
+          return proc
+    except OSError:
+      time.sleep(0.5)
+  proc.kill()
+  raise RuntimeError("the server did not become healthy within 300 s")
+
+
+def _peak_rss_mib(pid: int) -> float | None:
+  """The process's peak resident memory (VmHWM) in MiB, from /proc (Linux), or None."""
+  try:
+    with open(f"/proc/{pid}/status", encoding="utf-8") as f:
+      return next((int(line.split()[1]) / 1024 for line in f if line.startswith("VmHWM:")), None)
+  except OSError:
+    return None
+
+
+def bench_mode(s: Settings, vocab: int, max_len: int) -> dict:
+  """Starts the server with settings `s`, warms it up, runs the load, drains it; the figures as a dict."""
+  port = _free_port()
+  url = f"http://127.0.0.1:{port}"
+  start = time.perf_counter()
+  proc = _start_server(s, port)
+  server_peak = None
+  try:
+    warm = [{"prompt": [1] * n, "max_tokens": 2, "temperature": 0, "ignore_eos": True, "stream": True}
+            for n in (8, 24, 48, 96, 160) if n + 2 <= max_len]
+    asyncio.run(run_load(url, warm, 1, 600))  # compiles the prefill buckets and the decode step
+    ready_s = time.perf_counter() - start
+    mix = request_mix(s.requests, vocab, max_len, s.seed, s.prompt_lengths, s.output_lengths)
+    if s.profile:
+      urllib.request.urlopen(urllib.request.Request(url + "/debug/profile/start", method="POST"), timeout=60)
+    results, seconds = asyncio.run(run_load(url, mix, s.concurrency, s.max_seconds))
+    if s.profile:
+      with urllib.request.urlopen(urllib.request.Request(url + "/debug/profile/stop", method="POST"),
+                                  timeout=600) as r:
+        print(f"{s.mode}:\n" + json.loads(r.read())["table"], flush=True)
+    server_peak = _peak_rss_mib(proc.pid)
+  finally:
+    proc.send_signal(signal.SIGTERM)  # drains, then exits
+    try:
+      proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+      proc.kill()
+  done = [r for r in results if r["status"] == 200]
+  ttft, tpot = [r["ttft"] for r in done], [r["tpot"] for r in done if r["tokens"] > 1]
+  tokens = sum(r["tokens"] for r in done)
+  return {"mode": s.mode, "slots": s.slots, "prefill_chunk": s.prefill_chunk, "requests": len(done), "failed": len(results) - len(done), "seconds": seconds,
+          "requests_per_s": len(done) / seconds, "output_tokens_per_s": tokens / seconds, "output_tokens": tokens,
+          "ttft_p50_s": _pct(ttft, 50), "ttft_p99_s": _pct(ttft, 99), "tpot_p50_s": _pct(tpot, 50),
+          "tpot_p99_s": _pct(tpot, 99), "server_exit_code": proc.returncode, "ready_s": ready_s,
+          "server_peak_rss_mib": server_peak}
