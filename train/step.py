@@ -105,18 +105,21 @@ def train_step(state: TrainState, batch: Batch, *, graphdef: nnx.GraphDef,
   denom = jnp.maximum(weight, 1.0)
   grads = jax.tree.map(lambda g: g / denom, grads)
   grad_norm = optax.tree.norm(grads)
-  # A NaN/inf loss or gradient is never applied: parameters and optimizer state keep their values (selected inside
-  # the update's own elementwise pass), the step counter advances with the data, and metrics["nonfinite"] says so.
+  # A NaN/inf loss or gradient is never applied: the update runs under a cond, so a bad step leaves parameters and
+  # optimizer state as they were, the step counter advances with the data, and metrics["nonfinite"] says so.
   finite = jnp.isfinite(objective) & jnp.isfinite(grad_norm)
-  keep_if_not_finite = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
   opt_state = state["opt_state"]
   if offload_optimizer:  # the moments live in host memory between steps; bring them in for the update only
     opt_state = jax.tree.map(lambda x: jax.device_put(x, jax.memory.Space.Device), opt_state)
-  updates, new_opt_state = optimizer.update(grads, opt_state, params)
-  new_opt_state = jax.tree.map(keep_if_not_finite, new_opt_state, opt_state)
+
+  def apply(operands):
+    params, opt_state = operands
+    updates, opt_state = optimizer.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state
+
+  new_params, new_opt_state = jax.lax.cond(finite, apply, lambda operands: operands, (params, opt_state))
   if offload_optimizer:
     new_opt_state = jax.tree.map(lambda x: jax.device_put(x, jax.memory.Space.Host), new_opt_state)
-  new_params = jax.tree.map(keep_if_not_finite, optax.apply_updates(params, updates), params)
   new_state = {"step": state["step"] + 1, "params": new_params, "opt_state": new_opt_state, "rng": state["rng"]}
   metrics = {"loss": nll / denom, "objective": objective / denom, "grad_norm": grad_norm,
              "learning_rate": schedule(state["step"]), "tokens": weight,
