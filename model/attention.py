@@ -97,7 +97,8 @@ def attend_paged(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, visibilit
 
 class HeadsMajorKV(NamedTuple):
   """A dense KV cache laid out heads-major, k/v [B * K, S, D]: the layout the attention dots batch over, so a decode
-  step reads the cache as it is instead of transposing or copying all of it (`Transformer.init_cache(per_layer=True)`)."""
+  step reads the cache as it is instead of transposing or copying all of it
+  (`Transformer.init_cache(per_layer=True)`)."""
   k: jax.Array
   v: jax.Array
 

@@ -34,7 +34,7 @@ namespace {
 constexpr int64_t kTile = 64;      // output columns per register tile (kn kernels)
 constexpr int64_t kKBlock = 16;    // weight rows per pass over a register tile
 constexpr int64_t kPrefetchRows = 32;
-constexpr int64_t kMaxRows = 16;   // token rows per call (kn kernels; model/quant.py NATIVE_MAX_ROWS)
+constexpr int64_t kMaxRows = 16;   // token rows per call (kn kernels; cpu_native.MAX_ROWS)
 constexpr int64_t kRowTile = 64;   // output rows (weight rows) per work item (nk kernels)
 
 using peakllm::ParallelFor;
