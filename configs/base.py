@@ -28,6 +28,9 @@ SCHEDULES = ("cosine", "linear", "constant")
 ACTIVATIONS = ("gelu", "gelu_exact", "relu", "silu")  # gelu is the tanh approximation (GPT-2's gelu_new)
 NORM_POSITIONS = ("pre", "post")  # pre: x + f(norm(x)) (GPT-2, Llama); post: norm(x + f(x)) (OPT-350m), no final norm
 ROPE_SCALINGS = ("none", "llama3")
+LORA_TARGETS = ("q", "k", "v", "o", "mlp_in", "mlp_gate", "mlp_out")  # train.lora.targets: the adapted linear layers
+LORA_BASE_QUANTS = ("none", "int8", "int4")  # train.lora.base_quant: the frozen base float, int8 (W8A16) or 4-bit
+# codes (round-to-nearest, groups of 64 inputs, the packed format of infer.compress): QLoRA
 
 
 def check_implemented(key: str, allowed: tuple[str, ...], table) -> None:
@@ -134,6 +137,12 @@ def get_config() -> ml_collections.ConfigDict:
   t.progress_bar = True  # tqdm bar with ETA on stderr
   t.peak_flops = 0.0  # device peak FLOP/s for MFU; 0 measures a dense matmul at start-up (CPU) or uses a table
   t.profile_steps = ""  # "A:B": a jax.profiler trace of steps A..B into <workdir>/profile, top operations logged
+  t.lora = lora = ml_collections.ConfigDict()  # LoRA / QLoRA fine-tuning (model/lora.py)
+  lora.rank = 0  # 0: every parameter trains; > 0: adapters of this rank on lora.targets, every base weight frozen
+  lora.alpha = 16.0  # the adapters' output is scaled by alpha / rank
+  lora.dropout = 0.0  # dropout on the adapters' input while training
+  lora.targets = "q,k,v,o,mlp_in,mlp_gate,mlp_out"  # comma-separated LORA_TARGETS (those the model has are adapted)
+  lora.base_quant = "none"  # one of LORA_BASE_QUANTS: how the frozen base is stored (int8 / int4: QLoRA)
 
   c.mesh = mesh = ml_collections.ConfigDict()  # device mesh; -1 takes all remaining devices (at most one axis)
   mesh.data = -1  # data parallelism (batch split, parameters replicated)
@@ -270,6 +279,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _fail("model.head_dim", head_dim(m), "RoPE needs an even head dimension")
   if d.seq_len > m.max_len:
     _fail("data.seq_len", d.seq_len, f"must be <= model.max_len={m.max_len}")
+  _validate_lora(config)
   if t.batch_size % t.grad_accum_steps:
     _fail("train.grad_accum_steps", t.grad_accum_steps, f"must divide train.batch_size={t.batch_size}")
   if t.warmup_steps > t.steps:
@@ -325,6 +335,42 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   if config.sample.temperature < 0 or config.sample.top_k < 0 or config.sample.max_new_tokens < 0:
     _fail("sample", dict(config.sample), "temperature, top_k and max_new_tokens must be >= 0")
   return config
+
+
+def lora_targets(lora: ml_collections.ConfigDict) -> tuple[str, ...]:
+  """train.lora.targets as a tuple of names (order and spaces ignored, duplicates dropped)."""
+  names = [n.strip() for n in str(lora.targets).split(",") if n.strip()]
+  return tuple(sorted(set(names), key=LORA_TARGETS.index if set(names) <= set(LORA_TARGETS) else str))
+
+
+def _validate_lora(config) -> None:
+  lora, m = config.train.lora, config.model
+  if not isinstance(lora.rank, int) or isinstance(lora.rank, bool) or lora.rank < 0:
+    _fail("train.lora.rank", lora.rank, "must be an int >= 0 (0 trains every parameter)")
+  if lora.base_quant not in LORA_BASE_QUANTS:
+    _fail("train.lora.base_quant", lora.base_quant, f"allowed values are {', '.join(LORA_BASE_QUANTS)}")
+  if not lora.rank:
+    if lora.base_quant != "none":
+      _fail("train.lora.base_quant", lora.base_quant, "QLoRA needs adapters: set train.lora.rank > 0")
+    return
+  if not lora.alpha > 0:
+    _fail("train.lora.alpha", lora.alpha, "must be a number > 0")
+  if not 0.0 <= lora.dropout < 1.0:
+    _fail("train.lora.dropout", lora.dropout, "must be in [0, 1)")
+  targets = lora_targets(lora)
+  unknown = [n for n in targets if n not in LORA_TARGETS]
+  if unknown or not targets:
+    _fail("train.lora.targets", lora.targets, f"must name one or more of {', '.join(LORA_TARGETS)} (comma-separated)")
+  if m.quant != "none":
+    _fail("model.quant", m.quant, "LoRA trains on a float model section; a quantized frozen base is "
+          "train.lora.base_quant (QLoRA)")
+  if lora.base_quant == "int4":
+    sizes = {"q/k/v": num_kv_heads(m) * head_dim(m), "o and q": m.num_heads * head_dim(m), "mlp": mlp_dim(m),
+             "embed": m.embed_dim}
+    bad = {k: v for k, v in sizes.items() if v % 64}
+    if bad:
+      _fail("train.lora.base_quant", "int4", f"the 4-bit base needs every linear layer's width to be a multiple of 64 "
+            f"(groups of 64 inputs, 64-column tiles); this model has {bad}: use int8")
 
 
 def head_dim(m: ml_collections.ConfigDict) -> int:

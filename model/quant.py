@@ -28,6 +28,7 @@ from flax import nnx
 from configs import base
 from model.attention import Visibility
 from model.kernels import cpu_native
+from model import quantizer
 from model.kernels import int8_matmul as q8
 
 # (parent path, weight name, number of leading input axes after the "layers" axis); order is irrelevant.
@@ -232,6 +233,33 @@ def quantize_model_params(spec, params: dict, mode: str, act_absmax: dict | None
       raise ValueError("w8a8 needs calibration statistics (act_absmax) for SmoothQuant")
     params = smooth(params, act_absmax, alpha)
   return dataclasses.replace(spec, quant=mode), quantize_params(params, spec.tie_embeddings)
+
+
+def pack_rtn(params: dict, bits: int, group_size: int) -> dict:
+  """Float parameter dict -> the `quant=packed` dict (block weights as `bits`-bit codes in the kernel layout beside
+  [2, groups, *out] scale and zero point), by round-to-nearest on asymmetric min-max grids over groups of
+  `group_size` inputs (infer.compress's RTN). Embeddings, head, norms and biases stay as they are. Runs eagerly
+  (the code layout is built on the host)."""
+  q = jax.tree.map(lambda x: x, params)
+  blocks = q["blocks"]
+  for parent, name, n_in in BLOCK_WEIGHTS:
+    group = blocks.get(parent[0], {})
+    if name not in group:
+      continue
+    w = jnp.asarray(group[name], jnp.float32)
+    layers, out_shape = w.shape[0], w.shape[1 + n_in:]
+    k, n = int(np.prod(w.shape[1:1 + n_in])), int(np.prod(out_shape))
+    g = group_size or k
+    if k % g:
+      raise ValueError(f"group_size={group_size} must divide the {k} inputs of blocks.{parent[0]}.{name}")
+    rows = w.reshape(layers, k // g, g, n).transpose(0, 1, 3, 2).reshape(-1, g)  # [layers * groups * n, g]
+    scale, zero = quantizer.grid(rows, bits, symmetric=False)
+    codes = quantizer.codes(rows, scale[:, None], zero[:, None], bits)
+    codes = codes.reshape(layers, k // g, n, g).transpose(0, 1, 3, 2).reshape(layers, k, n)
+    grid = jnp.stack([scale, zero]).reshape(2, layers, k // g, *out_shape).swapaxes(0, 1)
+    group[name] = jnp.asarray(cpu_native.to_kernel_layout(np.asarray(codes), bits))
+    group[name + "_scale"] = grid.astype(jnp.float32)
+  return q
 
 
 def nbytes(tree) -> int:

@@ -99,11 +99,12 @@ def make_mesh(sizes: dict, devices=None) -> jax.sharding.Mesh:
 
 
 def state_shardings(mesh: jax.sharding.Mesh, abstract_state: dict, param_spec_tree: dict, optimizer,
-                    offload_optimizer: bool = False) -> dict:
-  """NamedShardings for the train state {step, params, opt_state, rng}: params by their logical rules, optimizer
-  moments like the parameter they belong to (when shaped like it; factored statistics are replicated), the rest
-  replicated. ZeRO-3 / FSDP falls out of the rules: 'embed' dimensions split over the fsdp axis.
-  `offload_optimizer` places the optimizer state in pinned host memory (ZeRO-Offload)."""
+                    offload_optimizer: bool = False, frozen_spec_tree: dict | None = None) -> dict:
+  """NamedShardings for the train state {step, params, opt_state, rng} (+ frozen, with `frozen_spec_tree`, for
+  LoRA runs): params by their logical rules, optimizer moments like the parameter they belong to (when shaped like
+  it; factored statistics are replicated), the rest replicated. ZeRO-3 / FSDP falls out of the rules: 'embed'
+  dimensions split over the fsdp axis. `offload_optimizer` places the optimizer state in pinned host memory
+  (ZeRO-Offload)."""
   named = lambda spec: jax.sharding.NamedSharding(mesh, spec)  # noqa: E731
   replicated = named(PartitionSpec())
   params_sh = jax.tree.map(named, param_spec_tree, is_leaf=lambda x: isinstance(x, PartitionSpec))
@@ -113,7 +114,10 @@ def state_shardings(mesh: jax.sharding.Mesh, abstract_state: dict, param_spec_tr
       transform_non_params=lambda _: replicated)
   if offload_optimizer:
     opt_sh = jax.tree.map(lambda s: s.with_memory_kind("pinned_host"), opt_sh)
-  return {"step": replicated, "params": params_sh, "opt_state": opt_sh, "rng": replicated}
+  out = {"step": replicated, "params": params_sh, "opt_state": opt_sh, "rng": replicated}
+  if frozen_spec_tree is not None:
+    out["frozen"] = jax.tree.map(named, frozen_spec_tree, is_leaf=lambda x: isinstance(x, PartitionSpec))
+  return out
 
 
 def batch_sharding(mesh: jax.sharding.Mesh) -> jax.sharding.NamedSharding:

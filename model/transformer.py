@@ -19,6 +19,7 @@ from flax import nnx
 
 from configs import base
 from model import attention as attention_lib
+from model import lora as lora_lib
 from model import mixed_matmul
 from model import moe as moe_lib
 from model import pipeline
@@ -84,10 +85,21 @@ class ModelSpec:
   rope_high_freq_factor: float = 4.0
   rope_original_max_len: int = 8192
   loss_chunk_tokens: int = 0  # training: the head and cross-entropy run over chunks of this many tokens (0: at once)
+  lora_rank: int = 0  # > 0: LoRA adapters of this rank on `lora_targets` (model/lora.py)
+  lora_alpha: float = 16.0
+  lora_dropout: float = 0.0
+  lora_targets: tuple[str, ...] = ()
 
   @classmethod
-  def from_config(cls, m) -> "ModelSpec":
-    """Builds a spec from the `config.model` ConfigDict (defaults resolved as documented in configs/base.py)."""
+  def from_config(cls, m, lora=None) -> "ModelSpec":
+    """Builds a spec from the `config.model` ConfigDict (defaults resolved as documented in configs/base.py), and
+    with `lora` (`config.train.lora`, rank > 0) the LoRA model: adapters on the targets and the frozen base in the
+    format of lora.base_quant."""
+    if lora is not None and lora.rank:
+      m = m.copy_and_resolve_references()
+      m.update(lora_lib.BASE_FORMATS[lora.base_quant])
+      return dataclasses.replace(cls.from_config(m), lora_rank=lora.rank, lora_alpha=float(lora.alpha),
+                                 lora_dropout=float(lora.dropout), lora_targets=base.lora_targets(lora))
     return cls(family=m.family, vocab_size=m.vocab_size, num_layers=m.num_layers, embed_dim=m.embed_dim,
                num_heads=m.num_heads, num_kv_heads=base.num_kv_heads(m), head_dim=base.head_dim(m),
                mlp_dim=base.mlp_dim(m), max_len=m.max_len, activation=m.activation, norm_eps=m.norm_eps,
@@ -193,6 +205,18 @@ def _matmul(spec: ModelSpec, x: jax.Array, w, scale: nnx.Param | None = None, n_
   return out.astype(dt)
 
 
+def _linear(module, name: str, x: jax.Array, n_in: int = 1) -> jax.Array:
+  """x through the module's weight `name` (with its `<name>_scale` when quantized, and its LoRA adapter
+  `<name>_lora_a/_b` when it has one): [..., *in] -> [..., *out] in the compute dtype."""
+  spec = module.spec
+  y = _matmul(spec, x, getattr(module, name), getattr(module, name + "_scale"), n_in)
+  a = getattr(module, name + "_lora_a", None)
+  if a is None:
+    return y
+  return (y + lora_lib.delta(spec, x.astype(y.dtype), a[...], getattr(module, name + "_lora_b")[...], n_in,
+                             name)).astype(y.dtype)
+
+
 class Norm(nnx.Module):
   """LayerNorm (gpt) or RMSNorm (llama) over the last axis, computed in float32. x [..., D] -> [..., D] compute dtype."""
 
@@ -233,6 +257,10 @@ class Attention(nnx.Module):
     self.wk, self.wk_scale = _weight(spec, rngs, (d, k, hd), ("embed", "kv_heads", "head_dim"), spec.init_std)
     self.wv, self.wv_scale = _weight(spec, rngs, (d, k, hd), ("embed", "kv_heads", "head_dim"), spec.init_std)
     self.wo, self.wo_scale = _weight(spec, rngs, (h, hd, d), ("heads", "head_dim", "embed"), out_std, n_in=2)
+    self.wq_lora_a, self.wq_lora_b = lora_lib.adapter_pair(spec, rngs, "wq", (d, h, hd), ("embed", "heads", "head_dim"), 1)
+    self.wk_lora_a, self.wk_lora_b = lora_lib.adapter_pair(spec, rngs, "wk", (d, k, hd), ("embed", "kv_heads", "head_dim"), 1)
+    self.wv_lora_a, self.wv_lora_b = lora_lib.adapter_pair(spec, rngs, "wv", (d, k, hd), ("embed", "kv_heads", "head_dim"), 1)
+    self.wo_lora_a, self.wo_lora_b = lora_lib.adapter_pair(spec, rngs, "wo", (h, hd, d), ("heads", "head_dim", "embed"), 2)
     if spec.use_bias:
       self.bq = _param(rngs, (h, hd), ("heads", "head_dim"), dt, 0.0)
       self.bk = _param(rngs, (k, hd), ("kv_heads", "head_dim"), dt, 0.0)
@@ -241,8 +269,8 @@ class Attention(nnx.Module):
     else:
       self.bq = self.bk = self.bv = self.bo = None
 
-  def _project(self, x, w, scale, b):
-    y = _matmul(self.spec, x, w, scale)
+  def _project(self, x, name: str, b):
+    y = _linear(self, name, x)
     return y if b is None else y + b[...].astype(y.dtype)
 
   def __call__(self, x, positions, visibility, q_slots_start=None, kv_cache=None):
@@ -257,9 +285,9 @@ class Attention(nnx.Module):
   def mix(self, x, positions, visibility, q_slots_start=None, kv_cache=None):
     """Everything before the output projection (same arguments as `__call__`): (heads [B, L, H, hd], kv_cache)."""
     spec = self.spec
-    q = self._project(x, self.wq, self.wq_scale, self.bq)
-    k = self._project(x, self.wk, self.wk_scale, self.bk)
-    v = self._project(x, self.wv, self.wv_scale, self.bv)
+    q = self._project(x, "wq", self.bq)
+    k = self._project(x, "wk", self.bk)
+    v = self._project(x, "wv", self.bv)
     if spec.family == "llama":
       inv_freq = spec.rope_frequencies()
       q, k = rope(q, positions, inv_freq), rope(k, positions, inv_freq)
@@ -287,7 +315,7 @@ class Attention(nnx.Module):
 
   def project_out(self, heads):
     """heads [B, L, H, hd] -> [B, L, D] through wo (and bo)."""
-    y = _matmul(self.spec, heads, self.wo, self.wo_scale, n_in=2)
+    y = _linear(self, "wo", heads, n_in=2)
     return y if self.bo is None else y + self.bo[...].astype(y.dtype)
 
 
@@ -302,6 +330,10 @@ class MLP(nnx.Module):
     self.w_gate, self.w_gate_scale = (_weight(spec, rngs, (d, f), ("embed", "mlp"), spec.init_std)
                                       if spec.family == "llama" else (None, None))
     self.w_out, self.w_out_scale = _weight(spec, rngs, (f, d), ("mlp", "embed"), out_std)
+    self.w_in_lora_a, self.w_in_lora_b = lora_lib.adapter_pair(spec, rngs, "w_in", (d, f), ("embed", "mlp"), 1)
+    self.w_gate_lora_a, self.w_gate_lora_b = (lora_lib.adapter_pair(spec, rngs, "w_gate", (d, f), ("embed", "mlp"), 1)
+                                              if spec.family == "llama" else (None, None))
+    self.w_out_lora_a, self.w_out_lora_b = lora_lib.adapter_pair(spec, rngs, "w_out", (f, d), ("mlp", "embed"), 1)
     self.b_in = _param(rngs, (f,), ("mlp",), dt, 0.0) if spec.has_mlp_bias else None
     self.b_gate = _param(rngs, (f,), ("mlp",), dt, 0.0) if spec.has_mlp_bias and spec.family == "llama" else None
     self.b_out = _param(rngs, (d,), ("embed",), dt, 0.0) if spec.has_mlp_bias else None
@@ -312,11 +344,11 @@ class MLP(nnx.Module):
   def hidden(self, x):
     """The activated hidden layer, the input of w_out: x [B, L, D] -> [B, L, F]."""
     spec = self.spec
-    h = _matmul(spec, x, self.w_in, self.w_in_scale)
+    h = _linear(self, "w_in", x)
     if self.b_in is not None:
       h = h + self.b_in[...].astype(h.dtype)
     if self.w_gate is not None:
-      gate = _matmul(spec, x, self.w_gate, self.w_gate_scale)
+      gate = _linear(self, "w_gate", x)
       if self.b_gate is not None:
         gate = gate + self.b_gate[...].astype(gate.dtype)
       h = jax.nn.silu(gate) * h
@@ -326,7 +358,7 @@ class MLP(nnx.Module):
 
   def project_out(self, h):
     """h [B, L, F] -> [B, L, D] through w_out (and b_out)."""
-    y = _matmul(self.spec, h, self.w_out, self.w_out_scale)
+    y = _linear(self, "w_out", h)
     return y if self.b_out is None else y + self.b_out[...].astype(y.dtype)
 
 
@@ -644,20 +676,21 @@ class Transformer(nnx.Module):
 
     def body(carry, layer):
       x, aux = carry
-      block_params, layer_cache = layer
+      block_params, layer_cache, index = layer
       block = nnx.merge(graphdef, block_params)
-      y, layer_cache, block_aux = block(x, positions, visibility, start, layer_cache)
+      with lora_lib.layer_scope(index):  # each layer's adapters draw their own dropout masks
+        y, layer_cache, block_aux = block(x, positions, visibility, start, layer_cache)
       return (y, jax.tree.map(jnp.add, aux, block_aux)), layer_cache
 
     if spec.remat != "none":
       body = jax.checkpoint(body, policy=REMAT_POLICIES[spec.remat], prevent_cse=not spec.scan_layers)
     if spec.scan_layers:
-      (x, aux), kv_cache = jax.lax.scan(body, (x, aux), (params, kv_cache))
+      (x, aux), kv_cache = jax.lax.scan(body, (x, aux), (params, kv_cache, jnp.arange(units)))
       return x, kv_cache, aux
     outputs = []
     for i in range(units):
       layer = jax.tree.map(lambda a: a[i], (params, kv_cache))
-      (x, aux), layer_cache = body((x, aux), layer)
+      (x, aux), layer_cache = body((x, aux), (*layer, i))
       outputs.append(layer_cache)
     if kv_cache is None:
       return x, None, aux

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from configs import compress as compress_config
-from infer.compress import calibrate, gptq, quantizer, sparsegpt, storage
+from infer.compress import calibrate, gptq, sparsegpt, storage
+from model import quantizer
 
 
 def _problem(seed, k=128, n=64, t=1024):

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from infer.compress import qmoe, quantizer, storage
+from infer.compress import qmoe, storage
+from model import quantizer
 from infer.compress import ternary_code as tc
 from model import moe as moe_lib
 from model.attention import Visibility

@@ -17,6 +17,8 @@ import optax
 from flax import nnx
 
 from configs import base
+from model import lora
+from model import quant
 from model import sharding
 from model import transformer
 from model.transformer import ModelSpec
@@ -46,9 +48,12 @@ class TrainSetup:
 
   def init_state(self, params=None):
     """A step-0 train state placed on its shardings: fresh parameters from train.seed, or `params` (fine-tuning;
-    their buffers are donated). Optimizer state offloaded to host memory lands there."""
+    their buffers are donated). Optimizer state offloaded to host memory lands there. LoRA runs: `params` (or the
+    fresh ones) are the float base model's; it is frozen (quantized first for QLoRA) and fresh adapters train."""
     seed = self.config.train.seed
     device_sh = jax.tree.map(lambda s: s.with_memory_kind("device"), self.state_shardings)
+    if self.spec.lora_rank:
+      return jax.device_put(self._lora_state(params), self.state_shardings)
     if params is None:
       state = jax.jit(lambda: step_lib.init_state(self.spec, self.optimizer, seed), out_shardings=device_sh)()
     else:
@@ -56,10 +61,30 @@ class TrainSetup:
                       donate_argnums=0)(params)
     return jax.device_put(state, self.state_shardings)
 
+  def _lora_state(self, float_params=None):
+    spec, seed = self.spec, self.config.train.seed
+    float_spec = base_spec(spec)
+    if float_params is None:
+      float_params = jax.jit(lambda: transformer.init_params(float_spec, seed))()
+    fmt = lora.BASE_FORMATS[self.config.train.lora.base_quant]
+    if fmt.get("quant") == "int8_weight":
+      frozen = jax.jit(lambda p: quant.quantize_params(p, spec.tie_embeddings))(float_params)
+    elif fmt.get("quant") == "packed":
+      frozen = quant.pack_rtn(float_params, fmt["quant_bits"], fmt["quant_group_size"])
+    else:
+      frozen = float_params
+    adapters = jax.jit(lambda: lora.split(transformer.init_params(spec, seed))[0])()
+    return jax.jit(lambda a, f: step_lib.state_from_params(a, self.optimizer, seed, f))(adapters, frozen)
+
   def compile(self):
     """The train step lowered and compiled for the abstract state and batch on this set-up's mesh."""
     with jax.set_mesh(self.mesh):  # activations' logical constraints resolve against this mesh while tracing
       return self.train_step.lower(self.abstract_state, self.batch_spec).compile()
+
+
+def base_spec(spec: ModelSpec) -> ModelSpec:
+  """The float model without adapters under a LoRA `spec` (what fine-tuning starts from and merging gives)."""
+  return dataclasses.replace(spec, lora_rank=0, lora_targets=(), quant="none", quant_bits=8, quant_group_size=0)
 
 
 def build(config: ml_collections.ConfigDict, devices=None, *, donate: bool = True) -> TrainSetup:
@@ -68,20 +93,24 @@ def build(config: ml_collections.ConfigDict, devices=None, *, donate: bool = Tru
   `donate=False` only for measuring what donating the state saves."""
   base.validate(config)
   t = config.train
-  spec = ModelSpec.from_config(config.model)
+  spec = ModelSpec.from_config(config.model, t.lora)
+  if spec.lora_rank and spec.quant != "none":
+    spec = dataclasses.replace(spec, matmul_impl="xla")  # the native CPU kernels have no gradient (QLoRA's base)
   graphdef = transformer.graphdef(spec)
   abstract_params = jax.eval_shape(lambda: transformer.init_params(spec, t.seed))
-  optimizer = optim.make_optimizer(t, abstract_params)
+  trained, frozen = lora.split(abstract_params) if spec.lora_rank else (abstract_params, None)
+  optimizer = optim.make_optimizer(t, trained)
   schedule = optim.make_schedule(t)
-  abstract_state = jax.eval_shape(lambda: step_lib.init_state(spec, optimizer, t.seed))
+  abstract_state = jax.eval_shape(lambda: step_lib.state_from_params(trained, optimizer, t.seed, frozen))
   mesh = sharding.make_mesh(dict(config.mesh), devices)
   param_specs = sharding.param_specs(transformer.abstract_model(spec))
   sharding.check_divisible(abstract_params, param_specs, mesh)
+  trained_specs, frozen_specs = lora.split(param_specs) if spec.lora_rank else (param_specs, None)
   if t.offload_optimizer and not all("pinned_host" in {m.kind for m in d.addressable_memories()}
                                      for d in mesh.devices.flat if d.process_index == jax.process_index()):
     raise ValueError(f"config.train.offload_optimizer=True needs devices with pinned host memory; "
                      f"{jax.default_backend()} devices here have none")
-  state_sh = sharding.state_shardings(mesh, abstract_state, param_specs, optimizer, t.offload_optimizer)
+  state_sh = sharding.state_shardings(mesh, abstract_state, trained_specs, optimizer, t.offload_optimizer, frozen_specs)
   batch_sh = sharding.batch_sharding(mesh)
   abstract_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state,
                                 state_sh)

@@ -1,7 +1,8 @@
 """Pure training and evaluation steps.
 
 The train state is a plain pytree `{"step", "params", "opt_state", "rng"}` whose params are the model's pure dict
-(`nnx.to_pure_dict`), so optax, orbax and jit see nothing but arrays. Batches are dicts of [B, L] arrays: inputs,
+(`nnx.to_pure_dict`), so optax, orbax and jit see nothing but arrays. LoRA runs (`model/lora.py`) keep only the
+adapters as `params` (what trains and has optimizer state) and add `"frozen"`, the rest of the model. Batches are dicts of [B, L] arrays: inputs,
 targets, segment_ids, positions (int32) and weights (float32, 0 on padding).
 """
 
@@ -15,6 +16,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from model import lora
 from model import transformer
 from model.transformer import ModelSpec
 
@@ -27,10 +29,18 @@ def init_state(spec: ModelSpec, optimizer: optax.GradientTransformation, seed: i
   return state_from_params(transformer.init_params(spec, seed), optimizer, seed)
 
 
-def state_from_params(params: dict, optimizer: optax.GradientTransformation, seed: int) -> TrainState:
-  """A step-0 train state around given parameters (fresh optimizer state), e.g. to fine-tune imported weights."""
-  return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": optimizer.init(params),
-          "rng": jax.random.key_data(jax.random.key(seed + 1))}
+def state_from_params(params: dict, optimizer: optax.GradientTransformation, seed: int,
+                      frozen: dict | None = None) -> TrainState:
+  """A step-0 train state around given parameters (fresh optimizer state), e.g. to fine-tune imported weights;
+  `frozen`: the parameters that do not train (a LoRA run's base), kept beside them without optimizer state."""
+  state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": optimizer.init(params),
+           "rng": jax.random.key_data(jax.random.key(seed + 1))}
+  return state if frozen is None else {**state, "frozen": frozen}
+
+
+def model_params(state: TrainState) -> dict:
+  """The whole parameter dict of the model a train state holds (a LoRA run's adapters and frozen base together)."""
+  return lora.combine(state["params"], state["frozen"]) if "frozen" in state else state["params"]
 
 
 def token_losses(logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -60,11 +70,17 @@ def chunked_token_losses(model, features: jax.Array, targets: jax.Array, chunk: 
 
 
 def summed_loss(params: dict, graphdef: nnx.GraphDef, batch: Batch, z_loss: float,
-                moe_coefs: tuple[float, float] = (0.0, 0.0)):
+                moe_coefs: tuple[float, float] = (0.0, 0.0), frozen: dict | None = None, dropout_key=None):
   """Sum over real tokens of NLL (+ z_loss * log(Z)^2), plus for MoE models the batch's load-balancing and router
   z-losses times `moe_coefs` times the token count (so they enter the per-token mean with their coefficients).
+  `frozen`: the rest of the model when `params` are LoRA adapters; `dropout_key`: the adapters' dropout.
   Returns (objective_sum, (nll_sum, weight_sum, moe_sums)) with moe_sums the MoE terms times the token count."""
-  model = nnx.merge(graphdef, params)
+  model = nnx.merge(graphdef, params if frozen is None else lora.combine(params, frozen))
+  with lora.dropout_key(dropout_key):
+    return _summed_loss(model, batch, z_loss, moe_coefs)
+
+
+def _summed_loss(model, batch: Batch, z_loss: float, moe_coefs: tuple[float, float]):
   if model.spec.loss_chunk_tokens:
     features, moe = model.features_with_aux(batch["inputs"], batch["positions"], batch["segment_ids"])
     nll, log_z = chunked_token_losses(model, features, batch["targets"], model.spec.loss_chunk_tokens)
@@ -89,14 +105,21 @@ def train_step(state: TrainState, batch: Batch, *, graphdef: nnx.GraphDef,
   the update equals the full-batch update up to floating-point rounding.
   """
   grad_fn = jax.value_and_grad(summed_loss, has_aux=True)
-  params = state["params"]
+  params, frozen = state["params"], state.get("frozen")
+  spec = nnx.merge(graphdef, model_params(state)).spec
+  # LoRA dropout: a key per step (and micro-batch) from the state's RNG; nothing random otherwise
+  step_key = (jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
+              if spec.lora_rank and spec.lora_dropout else None)
   if grad_accum_steps == 1:
-    (objective, (nll, weight, moe)), grads = grad_fn(params, graphdef, batch, z_loss, moe_coefs)
+    (objective, (nll, weight, moe)), grads = grad_fn(params, graphdef, batch, z_loss, moe_coefs, frozen, step_key)
   else:
     micro = jax.tree.map(lambda x: x.reshape(grad_accum_steps, x.shape[0] // grad_accum_steps, *x.shape[1:]), batch)
+    micro = (micro, jnp.arange(grad_accum_steps))
 
     def accumulate(carry, mb):
-      (objective, (nll, weight, moe)), grads = grad_fn(params, graphdef, mb, z_loss, moe_coefs)
+      mb, index = mb
+      key = None if step_key is None else jax.random.fold_in(step_key, index)
+      (objective, (nll, weight, moe)), grads = grad_fn(params, graphdef, mb, z_loss, moe_coefs, frozen, key)
       return jax.tree.map(jnp.add, carry, (objective, nll, weight, moe, grads)), None
 
     moe_zeros = {k: jnp.zeros(()) for k in ("load_balance", "router_z", "dropped")}
@@ -121,16 +144,19 @@ def train_step(state: TrainState, batch: Batch, *, graphdef: nnx.GraphDef,
   if offload_optimizer:
     new_opt_state = jax.tree.map(lambda x: jax.device_put(x, jax.memory.Space.Host), new_opt_state)
   new_state = {"step": state["step"] + 1, "params": new_params, "opt_state": new_opt_state, "rng": state["rng"]}
+  if frozen is not None:
+    new_state["frozen"] = frozen
   metrics = {"loss": nll / denom, "objective": objective / denom, "grad_norm": grad_norm,
              "learning_rate": schedule(state["step"]), "tokens": weight,
              "nonfinite": jnp.logical_not(finite).astype(jnp.int32)}
-  if nnx.merge(graphdef, params).spec.num_experts:
+  if spec.num_experts:
     metrics.update({f"moe_{k}": v / denom for k, v in moe.items()})
   return new_state, metrics
 
 
 def eval_step(params: dict, batch: Batch, *, graphdef: nnx.GraphDef) -> dict[str, jax.Array]:
-  """Summed NLL and token count of one batch (sum, so batches combine exactly)."""
+  """Summed NLL and token count of one batch (sum, so batches combine exactly); params: the whole model's
+  (`model_params`)."""
   _, (nll, weight, _) = summed_loss(params, graphdef, batch, 0.0)
   return {"nll_sum": nll, "weight_sum": weight}
 

@@ -24,6 +24,7 @@ from tokenizers import Tokenizer
 
 from configs import base
 from model import flops
+from model import lora
 from model import pipeline
 from model import transformer
 from model.transformer import ModelSpec, Transformer
@@ -117,7 +118,16 @@ def run(config, workdir: str, on_step: Callable[[int], None] | None = None,
   if start_step is not None:
     log.info("resumed from step %d", start_step)
   else:  # fine-tuning starts from the parameters of another workdir (a run, or a Hugging Face import)
-    state = setup.init_state(_initial_params(t.init_from, setup.abstract_state["params"]) if t.init_from else None)
+    if t.init_from:
+      target = (jax.eval_shape(lambda: transformer.init_params(setup_lib.base_spec(spec), t.seed)) if spec.lora_rank
+                else setup.abstract_state["params"])
+      state = setup.init_state(_initial_params(t.init_from, target))
+    else:
+      state = setup.init_state()
+    if spec.lora_rank:
+      log.info("LoRA rank %d on %s: %s trainable parameters, %s frozen (base %s)", spec.lora_rank,
+               ",".join(spec.lora_targets), f"{lora.count(state['params']):,}", f"{lora.count(state['frozen']):,}",
+               t.lora.base_quant)
     start_step = 0
   compiled = setup.compile()
   log.info("mesh %s over %d devices", dict(mesh.shape), mesh.size)
@@ -183,7 +193,7 @@ def run(config, workdir: str, on_step: Callable[[int], None] | None = None,
           bar.set_postfix(loss=f"{out['loss']:.3f}", tok_s=f"{tps:,.0f}", mfu=f"{throughput['mfu']:.1%}")
           window_start, window_steps = time.perf_counter(), 0
         if (t.eval_every and step % t.eval_every == 0) or step == t.steps:
-          last_eval = validation.validation_loss(eval_fn, state["params"], config, sources["validation"], tokenizer,
+          last_eval = validation.validation_loss(eval_fn, step_lib.model_params(state), config, sources["validation"], tokenizer,
                                                    to_global=to_global)
           writer.write(step, last_eval)
           bar.write(f"step {step}: eval loss {last_eval['eval_loss']:.4f}, perplexity {last_eval['eval_ppl']:.2f}")
@@ -209,11 +219,11 @@ def run(config, workdir: str, on_step: Callable[[int], None] | None = None,
                              "pipeline_bubble_fraction": bubble}
   if not interrupted:
     if not last_eval:
-      last_eval = validation.validation_loss(eval_fn, state["params"], config, sources["validation"], tokenizer,
+      last_eval = validation.validation_loss(eval_fn, step_lib.model_params(state), config, sources["validation"], tokenizer,
                                                to_global=to_global)
     summary.update(last_eval)
     if closing_sample is not None and jax.process_count() == 1:
-      summary["sample"] = closing_sample(nnx.merge(setup.graphdef, state["params"]), tokenizer, config)
+      summary["sample"] = closing_sample(nnx.merge(setup.graphdef, step_lib.model_params(state)), tokenizer, config)
     elif closing_sample is not None:
       summary["sample"] = "(no sample in multi-process runs: use python -m infer.generate on the workdir)"
   writer.close()
@@ -265,7 +275,11 @@ def _log_profile(profiler: profiling.StepProfiler) -> None:
 def _initial_params(source: str, abstract_params):
   """The latest parameters of the workdir `source`, placed as `abstract_params` (with shardings) says; ValueError
   naming the first parameter whose shape differs (the model configs must match)."""
-  source_spec = ModelSpec.from_config(layout.load_config(source).model)
+  source_config = layout.load_config(source)
+  if source_config.train.lora.rank:
+    raise ValueError(f"config.train.init_from={source!r} is a LoRA run: merge its adapters first (python -m "
+                     "scripts.convert --merge_lora ...) and start from the merged workdir")
+  source_spec = ModelSpec.from_config(source_config.model)
   theirs = jax.eval_shape(lambda: transformer.init_params(source_spec, 0))
   ours_flat = jax.tree_util.tree_flatten_with_path(abstract_params)[0]
   theirs_flat = dict(jax.tree_util.tree_flatten_with_path(theirs)[0])

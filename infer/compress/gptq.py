@@ -7,7 +7,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from infer.compress import obs, quantizer
+from infer.compress import obs
+from model import quantizer
 from infer.compress.result import Compressed
 
 

@@ -16,7 +16,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from infer.compress import quantizer
+from model import quantizer
 
 
 def inverse_hessian_factor(h: jax.Array, damp: float) -> tuple[jax.Array, jax.Array]:

@@ -24,7 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from infer.compress import obs, quantizer
+from infer.compress import obs
+from model import quantizer
 from infer.compress import ternary_code as tc
 from model import moe as moe_lib
 from model.attention import Visibility
