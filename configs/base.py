@@ -92,7 +92,8 @@ def get_config() -> ml_collections.ConfigDict:
   m.moe_renormalize = True  # renormalize the top-k router probabilities to sum to 1 (Mixtral); False: Switch
 
   c.data = d = ml_collections.ConfigDict()
-  d.source = "stdlib"  # "stdlib" | "files:GLOB" | "tfds:NAME[:CONFIG]"
+  d.source = "stdlib"  # "stdlib" | "files:GLOB" | "tfds:NAME[:CONFIG]" | "sft:JSONL" (prompt/completion or chat
+  # records, loss on the answers only: train/sft.py)
   d.data_dir = ""  # where tfds datasets are prepared; "" means ~/.cache/peakllm/tfds
   d.validation_fraction = 0.02  # share of documents (by path hash) held out for validation
   d.max_doc_bytes = 200_000  # longer documents are cut to this many bytes
@@ -292,8 +293,11 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   if not 0.0 < d.validation_fraction < 1.0:
     _fail("data.validation_fraction", d.validation_fraction, "must be in (0, 1)")
   src = d.source
-  if not (src == "stdlib" or (src.startswith("files:") and len(src) > 6) or (src.startswith("tfds:") and len(src) > 5)):
-    _fail("data.source", src, "use 'stdlib', 'files:GLOB' or 'tfds:NAME[:CONFIG]'")
+  if not (src == "stdlib" or any(src.startswith(p) and len(src) > len(p) for p in ("files:", "tfds:", "sft:"))):
+    _fail("data.source", src, "use 'stdlib', 'files:GLOB', 'tfds:NAME[:CONFIG]' or 'sft:JSONL' (fine-tuning records)")
+  if src.startswith("sft:") and not d.tokenizer_path:
+    _fail("data.tokenizer_path", d.tokenizer_path, "fine-tuning records (data.source='sft:...') need the model's "
+          "tokenizer: start from a workdir with configs/finetune.py, or set data.tokenizer_path")
   sizes = [config.mesh[a] for a in MESH_AXES]
   if sum(v == -1 for v in sizes) > 1 or any(not isinstance(v, int) or v == 0 or v < -1 for v in sizes):
     _fail("mesh", {a: config.mesh[a] for a in MESH_AXES}, "each axis size must be a positive int, with at most one -1")

@@ -35,6 +35,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from tokenizers import Tokenizer
 
+from train import sft
 from workdir import tokenizer as tokenizer_lib
 
 log = logging.getLogger(__name__)
@@ -235,6 +236,8 @@ def load_sources(config: ml_collections.ConfigDict) -> dict[str, Any]:
   when data.data_dir is shared) and reused afterwards. Raises ValueError / FileNotFoundError naming data.source."""
   if config.data.source.startswith("tfds:"):
     return _tfds_sources(config)
+  if sft.is_sft(config):
+    return sft.read_records(config.data.source[len(sft.PREFIX):], config.data.validation_fraction, split_of)
   builder = text_files_builder(config)
   builder.download_and_prepare(
       file_format="array_record",
@@ -269,13 +272,17 @@ class _Flatten(grain.experimental.FlatMapTransform):
 
 
 def _batch_row(packed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-  """Packer output (inputs, targets, *_segment_ids, *_positions; [seq_len] each) -> one row of the batch format."""
+  """Packer output (inputs, targets, *_segment_ids, *_positions, and for SFT mask; [seq_len] each) -> one row of the
+  batch format (weights: 1 on real targets, and for SFT only on the trained ones)."""
+  weights = packed["targets_segment_ids"] > 0
+  if "mask" in packed:
+    weights = weights & (packed["mask"] > 0)
   return {
       "inputs": packed["inputs"].astype(np.int32),
       "targets": packed["targets"].astype(np.int32),
       "segment_ids": packed["inputs_segment_ids"].astype(np.int32),
       "positions": packed["inputs_positions"].astype(np.int32),
-      "weights": (packed["targets_segment_ids"] > 0).astype(np.float32),
+      "weights": weights.astype(np.float32),
   }
 
 
@@ -302,13 +309,20 @@ def make_dataset(config: ml_collections.ConfigDict, source, tokenizer: Tokenizer
   train = split == "train"
   if train:
     ds = ds.shuffle(seed=d.shuffle_seed)  # reshuffled every epoch by the repeat below
-  ds = ds.repeat().map(functools.partial(tokenize_document, tokenizer=tokenizer, seq_len=d.seq_len))
+  lengths, bins = {"inputs": d.seq_len, "targets": d.seq_len}, rows
+  if sft.is_sft(config):  # one record per segment, with its loss mask; short records pack better over more bins
+    bins = 8 * rows
+    template = sft.chat_template(d.tokenizer_path, tokenizer)
+    tokenize = functools.partial(sft.tokenize_record, tokenizer=tokenizer, template=template, seq_len=d.seq_len)
+    lengths["mask"] = d.seq_len
+  else:
+    tokenize = functools.partial(tokenize_document, tokenizer=tokenizer, seq_len=d.seq_len)
+  ds = ds.repeat().map(tokenize)
   it = grain.experimental.FlatMapIterDataset(ds.to_iter_dataset(_READ_OPTIONS), _Flatten())
   if train and d.shuffle_window > 1:  # spread the chunks of long documents over many batches
     it = grain.experimental.WindowShuffleIterDataset(it, window_size=d.shuffle_window, seed=d.shuffle_seed)
   it = grain.experimental.FirstFitPackIterDataset(
-      it, length_struct={"inputs": d.seq_len, "targets": d.seq_len}, num_packing_bins=rows,
-      seed=d.shuffle_seed, shuffle_bins=train)
+      it, length_struct=lengths, num_packing_bins=bins, seed=d.shuffle_seed, shuffle_bins=train)
   it = it.map(_batch_row).batch(rows, drop_remainder=True)
   if d.num_workers > 0:
     if not flags.FLAGS.is_parsed():  # grain reads its absl flags; outside absl.app (scripts, tests) keep defaults
