@@ -106,7 +106,7 @@ def main(argv):
   del argv
   f = flags.FLAGS
   try:
-    config, model, tokenizer, step = loading.load_trained(f.workdir, head_quant=f.head_quant)
+    config, model, tokenizer, step = loading.load_trained(f.workdir, head_quant=f.head_quant, adapter=f.adapter)
   except (FileNotFoundError, ValueError) as e:
     sys.exit(f"error: cannot load --workdir={f.workdir}: {e}")
   if f.data:
@@ -136,6 +136,8 @@ if __name__ == "__main__":
   flags.DEFINE_integer("seq_len", 0, "Window length (default: the run's data.seq_len).")
   flags.DEFINE_integer("batch_size", 8, "Windows per forward pass (does not change the result).")
   flags.DEFINE_integer("max_tokens", 0, "Score only the first this many validation tokens (0: all).")
+  flags.DEFINE_string("adapter", None, "A LoRA adapter over --workdir: a PEFT directory (adapter_config.json) or a "
+                      "LoRA training run; merged into float bases at load.")
   flags.DEFINE_enum("head_quant", None, list(base.HEAD_QUANTS), "Serve a packed compressed workdir's float embedding and head as int8 rows (smaller, faster; not lossless).")
   flags.DEFINE_string("json", "", "Where to write the result (default: WORKDIR/eval.json).")
   app.run(main)

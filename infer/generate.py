@@ -154,6 +154,8 @@ def _define_flags():
   flags.DEFINE_integer("step", None, "Checkpoint step to load (default: latest).")
   flags.DEFINE_enum("matmul_impl", None, list(base.MATMUL_IMPLS), "Override model.matmul_impl (pallas on a QMoE workdir: "
                     "experts decoded inside the fused kernel).")
+  flags.DEFINE_string("adapter", None, "A LoRA adapter over --workdir: a PEFT directory (adapter_config.json) or a "
+                      "LoRA training run; merged into float bases at load.")
   flags.DEFINE_enum("head_quant", None, list(base.HEAD_QUANTS), "Serve a packed compressed workdir's float embedding and head as int8 rows (smaller, faster; not lossless).")
   flags.mark_flag_as_required("workdir")
 
@@ -163,7 +165,8 @@ def main(argv):
     sys.exit(f"error: unexpected arguments {argv[1:]}")
   f = flags.FLAGS
   try:
-    config, model, tokenizer, step = loading.load_trained(f.workdir, f.step, f.matmul_impl, head_quant=f.head_quant)
+    config, model, tokenizer, step = loading.load_trained(f.workdir, f.step, f.matmul_impl, head_quant=f.head_quant,
+                                                          adapter=f.adapter)
   except (FileNotFoundError, ValueError) as e:
     sys.exit(f"error: cannot load --workdir={f.workdir}: {e}")
   s = config.sample

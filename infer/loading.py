@@ -7,13 +7,18 @@ Trained runs, Hugging Face imports and int8 workdirs hold plain parameter checkp
 
 from __future__ import annotations
 
+import dataclasses
+import os
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from configs import base
 from infer.compress import storage
+from model import lora
 from model import moe
+from model import peft
 from model import quant
 from model import transformer
 from model.transformer import ModelSpec
@@ -23,19 +28,68 @@ from workdir import tokenizer as tokenizer_lib
 
 
 def load_trained(workdir: str, step: int | None = None, matmul_impl: str | None = None,
-                 attention_impl: str | None = None, dequantize: bool = False, head_quant: str | None = None):
-  """Returns (config, model, tokenizer, step) for the latest (or given) checkpoint of `workdir`.
+                 attention_impl: str | None = None, dequantize: bool = False, head_quant: str | None = None,
+                 adapter: str | None = None, merge_lora: bool = True):
+  """Returns (config, model, tokenizer, step) for the latest (or given) checkpoint of `workdir`, with a LoRA
+  adapter when `adapter` names one (see `with_adapter`).
 
   `matmul_impl` overrides the run's model.matmul_impl (`pallas` on a QMoE workdir decodes the experts inside the
   fused kernel during generation; the returned model is then unstacked and carries the coded weights);
   `attention_impl` overrides model.attention_impl; `dequantize` loads a compressed workdir's codes into the float
   model instead of serving them as stored (the reference the packed kernels are tested against); `head_quant="int8"`
-  serves a packed workdir's float embedding and head as int8 rows (quantized here; any other workdir refuses it)."""
+  serves a packed workdir's float embedding and head as int8 rows (quantized here; any other workdir refuses it).
+  A LoRA training run loads as its base with its adapters: merged into float bases (`merge_lora`, no cost per
+  token), beside quantized (QLoRA) ones."""
+  config, model, tokenizer, step = _load(workdir, step, matmul_impl, attention_impl, dequantize, head_quant, merge_lora)
+  if adapter:
+    model = with_adapter(model, adapter, merge_lora)
+  return config, model, tokenizer, step
+
+
+def with_adapter(model, adapter: str, merge: bool = True):
+  """`model` with the LoRA adapter of `adapter`: a PEFT directory (adapter_config.json) or a LoRA training workdir
+  over this base. Merged into a float base when `merge`, else (and for quantized bases) run beside it."""
+  if model.spec.lora_rank:
+    raise ValueError(f"--adapter={adapter}: the model already carries an adapter (a LoRA run); load its base")
+  float_spec = lora.base_spec(model.spec)
+  if os.path.isfile(os.path.join(adapter, peft.CONFIG)):
+    lora_spec, adapters = peft.load_adapter(adapter, float_spec)
+  elif os.path.isfile(layout.path(adapter, layout.CONFIG)) and layout.load_config(adapter).train.lora.rank:
+    config = layout.load_config(adapter)
+    lora_spec = ModelSpec.from_config(config.model, config.train.lora)
+    abstract = lora.split(jax.eval_shape(lambda: transformer.init_params(lora_spec, 0)))[0]
+    adapters = checkpoint.restore_items(adapter, {"params": abstract})[0]["params"]
+  else:
+    raise FileNotFoundError(f"--adapter={adapter} is neither a PEFT LoRA directory ({peft.CONFIG}) nor a LoRA "
+                            "training workdir (config.json with train.lora.rank > 0)")
+  _, base_params = lora.split(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+  spec = dataclasses.replace(model.spec, lora_rank=lora_spec.lora_rank, lora_alpha=lora_spec.lora_alpha,
+                             lora_targets=lora_spec.lora_targets)
+  expected = lora.split(jax.eval_shape(lambda: transformer.init_params(spec, 0)))[0]
+  if jax.tree.map(lambda a: a.shape, expected) != jax.tree.map(lambda a: a.shape, adapters):
+    raise ValueError(f"--adapter={adapter}: its adapter shapes do not fit this model (another base model?)")
+  params = lora.combine(adapters, base_params)
+  if merge and spec.quant == "none":
+    return transformer.from_params(float_spec, lora.merge(spec, params))
+  return transformer.from_params(spec, params)
+
+
+def _load(workdir, step, matmul_impl, attention_impl, dequantize, head_quant, merge_lora):
   config = layout.load_config(workdir)
   if matmul_impl:
     config.model.matmul_impl = matmul_impl
   if attention_impl:
     config.model.attention_impl = attention_impl
+  if config.train.lora.rank:  # a LoRA (QLoRA) training run: adapters and the frozen base
+    _refuse_head_quant(head_quant, workdir, "is a LoRA run")
+    spec = ModelSpec.from_config(config.model, config.train.lora)
+    adapters, frozen = lora.split(jax.eval_shape(lambda: transformer.init_params(spec, 0)))
+    items, step = checkpoint.restore_items(workdir, {"params": adapters, "frozen": frozen}, step)
+    params = lora.combine(items["params"], items["frozen"])
+    if merge_lora and spec.quant == "none":
+      return config, transformer.from_params(lora.base_spec(spec), lora.merge(spec, params)), \
+          tokenizer_lib.load_from(workdir), step
+    return config, transformer.from_params(spec, params), tokenizer_lib.load_from(workdir), step
   spec = ModelSpec.from_config(config.model)
   abstract_params = jax.eval_shape(lambda: transformer.init_params(spec, 0))
   if layout.is_compressed(workdir):

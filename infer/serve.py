@@ -30,9 +30,11 @@ def build(workdir: str, *, slots: int = 8, page_size: int = 16, num_pages: int =
           max_queue: int = 64, queue_timeout: float = 0.0, request_timeout: float = 0.0,
           mode: str = "continuous", attention_impl: str | None = None,
           matmul_impl: str | None = None, step: int | None = None, api_key: str | None = None,
-          profile_dir: str | None = None, head_quant: str | None = None) -> Server:
-  """Loads `workdir` and wires engine, scheduler (started), metrics and server together."""
-  _, model, tokenizer, _ = loading.load_trained(workdir, step, matmul_impl, attention_impl, head_quant=head_quant)
+          profile_dir: str | None = None, head_quant: str | None = None, adapter: str | None = None) -> Server:
+  """Loads `workdir` (with a LoRA `adapter`, if given) and wires engine, scheduler (started), metrics and server
+  together."""
+  _, model, tokenizer, _ = loading.load_trained(workdir, step, matmul_impl, attention_impl, head_quant=head_quant,
+                                                adapter=adapter)
   print(loading.weights_note(model), flush=True)
   engine = Engine(model, slots=slots, page_size=page_size, num_pages=num_pages or None,
                   prefill_chunk=prefill_chunk or None)
@@ -73,7 +75,7 @@ def main(argv):
                    prefill_chunk=f.prefill_chunk, max_queue=f.max_queue, queue_timeout=f.queue_timeout,
                    request_timeout=f.request_timeout, mode=f.mode, attention_impl=f.attention_impl,
                    matmul_impl=f.matmul_impl, step=f.step, api_key=f.api_key or os.environ.get("PEAKLLM_API_KEY"),
-                   profile_dir=f.profile_dir or None, head_quant=f.head_quant)
+                   profile_dir=f.profile_dir or None, head_quant=f.head_quant, adapter=f.adapter)
   except (FileNotFoundError, ValueError) as e:
     sys.exit(f"error: cannot serve --workdir={f.workdir}: {e}")
   asyncio.run(_serve(server, f.host, f.port, f.drain_timeout))
@@ -95,6 +97,8 @@ def _define_flags():
   flags.DEFINE_enum("mode", "continuous", ["continuous", "static"], "Batching mode.")
   flags.DEFINE_enum("attention_impl", None, ["xla", "pallas"], "Override model.attention_impl.")
   flags.DEFINE_enum("matmul_impl", None, list(base.MATMUL_IMPLS), "Override model.matmul_impl.")
+  flags.DEFINE_string("adapter", None, "A LoRA adapter over --workdir: a PEFT directory (adapter_config.json) or a "
+                      "LoRA training run; merged into float bases at load.")
   flags.DEFINE_enum("head_quant", None, list(base.HEAD_QUANTS), "Serve a packed compressed workdir's float embedding and head as int8 rows (smaller, faster; not lossless).")
   flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
   flags.DEFINE_string("api_key", "", "Require 'Authorization: Bearer <key>' on /v1/* (default: $PEAKLLM_API_KEY; "

@@ -13,6 +13,7 @@ mlp_out -> mlp.w_in/w_gate/w_out (dense blocks; MoE experts are not adapted).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import zlib
 from typing import Any
@@ -33,6 +34,12 @@ BASE_FORMATS = {"none": {}, "int8": {"quant": "int8_weight"},
 base.check_implemented("train.lora.base_quant", base.LORA_BASE_QUANTS, BASE_FORMATS)
 
 SUFFIXES = ("_lora_a", "_lora_b")
+
+
+def base_spec(spec):
+  """The float model without adapters under a LoRA `spec` (what fine-tuning starts from and merging gives)."""
+  return dataclasses.replace(spec, lora_rank=0, lora_targets=(), lora_dropout=0.0, quant="none", quant_bits=8,
+                             quant_group_size=0)
 
 
 def target_weights(spec) -> frozenset[str]:

@@ -63,7 +63,7 @@ class TrainSetup:
 
   def _lora_state(self, float_params=None):
     spec, seed = self.spec, self.config.train.seed
-    float_spec = base_spec(spec)
+    float_spec = lora.base_spec(spec)
     if float_params is None:
       float_params = jax.jit(lambda: transformer.init_params(float_spec, seed))()
     fmt = lora.BASE_FORMATS[self.config.train.lora.base_quant]
@@ -80,11 +80,6 @@ class TrainSetup:
     """The train step lowered and compiled for the abstract state and batch on this set-up's mesh."""
     with jax.set_mesh(self.mesh):  # activations' logical constraints resolve against this mesh while tracing
       return self.train_step.lower(self.abstract_state, self.batch_spec).compile()
-
-
-def base_spec(spec: ModelSpec) -> ModelSpec:
-  """The float model without adapters under a LoRA `spec` (what fine-tuning starts from and merging gives)."""
-  return dataclasses.replace(spec, lora_rank=0, lora_targets=(), quant="none", quant_bits=8, quant_group_size=0)
 
 
 def build(config: ml_collections.ConfigDict, devices=None, *, donate: bool = True) -> TrainSetup:

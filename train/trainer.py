@@ -119,7 +119,7 @@ def run(config, workdir: str, on_step: Callable[[int], None] | None = None,
     log.info("resumed from step %d", start_step)
   else:  # fine-tuning starts from the parameters of another workdir (a run, or a Hugging Face import)
     if t.init_from:
-      target = (jax.eval_shape(lambda: transformer.init_params(setup_lib.base_spec(spec), t.seed)) if spec.lora_rank
+      target = (jax.eval_shape(lambda: transformer.init_params(lora.base_spec(spec), t.seed)) if spec.lora_rank
                 else setup.abstract_state["params"])
       state = setup.init_state(_initial_params(t.init_from, target))
     else:

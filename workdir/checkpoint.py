@@ -191,7 +191,14 @@ def save_params(workdir: str, step: int, params: Any) -> None:
 def restore_params(workdir: str, abstract_params: Any, step: int | None = None) -> tuple[Any, int]:
   """Only the parameters of the latest (or given) checkpoint, whether it holds a whole train state or parameters
   only: (params, step). Leaves of `abstract_params` without a sharding land on this process's first device."""
-  item = {"params": _on_first_device(abstract_params)}
+  items, step = restore_items(workdir, {"params": abstract_params}, step)
+  return items["params"], step
+
+
+def restore_items(workdir: str, abstract_items: dict[str, Any], step: int | None = None) -> tuple[dict, int]:
+  """Some top-level entries of the latest (or given) checkpoint's state, e.g. {"params", "frozen"} of a LoRA run:
+  (dict of them, step). Leaves without a sharding land on this process's first device."""
+  item = {k: _on_first_device(v) for k, v in abstract_items.items()}
   state, step = _restore(workdir, step, ocp.args.PyTreeRestore(
       item, restore_args=ocp.checkpoint_utils.construct_restore_args(item), partial_restore=True))
-  return state["params"], step
+  return {k: state[k] for k in abstract_items}, step
