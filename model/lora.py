@@ -29,8 +29,9 @@ TARGETS = {"q": ("attn", "wq"), "k": ("attn", "wk"), "v": ("attn", "wv"), "o": (
 base.check_implemented("train.lora.targets", base.LORA_TARGETS, TARGETS)
 
 # train.lora.base_quant -> the model fields of the frozen base (a model.quant format the matmuls dequantize inside)
+# (int4: the blocks' weights as 4-bit codes, the embedding and head as int8 rows, as `--head_quant=int8` serves them)
 BASE_FORMATS = {"none": {}, "int8": {"quant": "int8_weight"},
-                "int4": {"quant": "packed", "quant_bits": 4, "quant_group_size": 64}}
+                "int4": {"quant": "packed", "quant_bits": 4, "quant_group_size": 64, "head_quant": "int8"}}
 base.check_implemented("train.lora.base_quant", base.LORA_BASE_QUANTS, BASE_FORMATS)
 
 SUFFIXES = ("_lora_a", "_lora_b")
@@ -39,7 +40,7 @@ SUFFIXES = ("_lora_a", "_lora_b")
 def base_spec(spec):
   """The float model without adapters under a LoRA `spec` (what fine-tuning starts from and merging gives)."""
   return dataclasses.replace(spec, lora_rank=0, lora_targets=(), lora_dropout=0.0, quant="none", quant_bits=8,
-                             quant_group_size=0)
+                             quant_group_size=0, head_quant="none")
 
 
 def target_weights(spec) -> frozenset[str]:

@@ -71,6 +71,8 @@ class TrainSetup:
       frozen = jax.jit(lambda p: quant.quantize_params(p, spec.tie_embeddings))(float_params)
     elif fmt.get("quant") == "packed":
       frozen = quant.pack_rtn(float_params, fmt["quant_bits"], fmt["quant_group_size"])
+      if fmt.get("head_quant") == "int8":
+        frozen = quant.quantize_head(frozen, spec.tie_embeddings)
     else:
       frozen = float_params
     adapters = jax.jit(lambda: lora.split(transformer.init_params(spec, seed))[0])()
