@@ -16,6 +16,9 @@ Pages are `page_size` slots of every layer's keys and values: k/v [layers, num_p
 head_dim]. Page 0 is scratch and never handed out. Attention reads pages through the slot's page table: the Pallas
 paged decode kernel (`model.attention_impl=pallas`) or a gather plus the jnp reference (`xla`).
 
+A model with a LoRA adapter bank (`loading.with_adapter_bank`) decodes each row with the adapter its request names
+(`SamplingParams.adapter`; 0 is the base model), so requests for different fine-tunes share one batch.
+
 Sampling runs on device with per-request settings (temperature, top-k, top-p, seed); a request's key for its i-th
 new token is fold_in(key(seed), i), so a seeded request samples the same tokens whatever else is running.
 Greedy decoding (temperature 0) gives the same tokens as `infer.generate.generate` on the prompt alone.
@@ -34,14 +37,18 @@ import numpy as np
 from flax import nnx
 
 from infer import sampling
+from model import lora
 from infer.sampling import SamplingParams
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("pages",))
-def _step(graphdef, state, pages, tokens, live, positions, page_table, lengths, last_index, counters, settings):
-  """One paged extend + sampling at each row's `last_index`. tokens/live/positions [B, L]; returns ([B], pages)."""
+def _step(graphdef, state, pages, tokens, live, positions, page_table, lengths, last_index, counters, settings,
+          adapters):
+  """One paged extend + sampling at each row's `last_index`. tokens/live/positions [B, L]; adapters [B] int32 (the
+  LoRA adapter of each row, for models with an adapter bank); returns ([B], pages)."""
   model = nnx.merge(graphdef, state)
-  logits, pages = model.extend_paged(tokens, live, positions, page_table, lengths, pages)
+  with lora.row_adapters(adapters):
+    logits, pages = model.extend_paged(tokens, live, positions, page_table, lengths, pages)
   last = jnp.take_along_axis(logits, last_index[:, None, None], axis=1)[:, 0]
   return sampling.sample(last, counters=counters, **settings), pages
 
@@ -123,6 +130,9 @@ class Engine:
   def insert(self, prompt: Sequence[int], params: SamplingParams) -> int | None:
     """Reserves a free slot and the request's pages. Returns the slot, or None when they are not free now."""
     params.validate()
+    if params.adapter and not 0 < params.adapter < self.model.spec.lora_bank:
+      raise ValueError(f"adapter={params.adapter}: this engine's model holds {max(self.model.spec.lora_bank - 1, 0)} "
+                       "LoRA adapters (1-based; 0 is the base model)")
     self.check_fits(prompt, params)
     if not self.can_insert(len(prompt), params.max_tokens):
       return None
@@ -197,6 +207,7 @@ class Engine:
   def _run(self, tokens, live, positions, table, lengths, last_index, rows: Sequence[_Slot | None]) -> np.ndarray:
     params = [r.params if r is not None else SamplingParams() for r in rows]
     counters = np.array([r.generated if r is not None else 0 for r in rows], np.int32)
+    adapters = np.array([p.adapter for p in params], np.int32)
     out, self._pages = _step(self._graphdef, self._state, self._pages, tokens, live, positions, table, lengths,
-                             last_index, counters, sampling.row_settings(params))
+                             last_index, counters, sampling.row_settings(params), adapters)
     return np.asarray(jax.device_get(out))

@@ -46,32 +46,58 @@ def load_trained(workdir: str, step: int | None = None, matmul_impl: str | None 
   return config, model, tokenizer, step
 
 
-def with_adapter(model, adapter: str, merge: bool = True):
-  """`model` with the LoRA adapter of `adapter`: a PEFT directory (adapter_config.json) or a LoRA training workdir
-  over this base. Merged into a float base when `merge`, else (and for quantized bases) run beside it."""
-  if model.spec.lora_rank:
-    raise ValueError(f"--adapter={adapter}: the model already carries an adapter (a LoRA run); load its base")
-  float_spec = lora.base_spec(model.spec)
+def read_adapter(adapter: str, float_spec: ModelSpec) -> tuple[ModelSpec, dict]:
+  """(LoRA spec, adapter tree) of `adapter`: a PEFT directory (adapter_config.json) or a LoRA training run."""
   if os.path.isfile(os.path.join(adapter, peft.CONFIG)):
-    lora_spec, adapters = peft.load_adapter(adapter, float_spec)
-  elif os.path.isfile(layout.path(adapter, layout.CONFIG)) and layout.load_config(adapter).train.lora.rank:
+    return peft.load_adapter(adapter, float_spec)
+  if os.path.isfile(layout.path(adapter, layout.CONFIG)) and layout.load_config(adapter).train.lora.rank:
     config = layout.load_config(adapter)
     lora_spec = ModelSpec.from_config(config.model, config.train.lora)
     abstract = lora.split(jax.eval_shape(lambda: transformer.init_params(lora_spec, 0)))[0]
-    adapters = checkpoint.restore_items(adapter, {"params": abstract})[0]["params"]
-  else:
-    raise FileNotFoundError(f"--adapter={adapter} is neither a PEFT LoRA directory ({peft.CONFIG}) nor a LoRA "
-                            "training workdir (config.json with train.lora.rank > 0)")
-  _, base_params = lora.split(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
-  spec = dataclasses.replace(model.spec, lora_rank=lora_spec.lora_rank, lora_alpha=lora_spec.lora_alpha,
-                             lora_targets=lora_spec.lora_targets)
+    return lora_spec, checkpoint.restore_items(adapter, {"params": abstract})[0]["params"]
+  raise FileNotFoundError(f"adapter {adapter} is neither a PEFT LoRA directory ({peft.CONFIG}) nor a LoRA training "
+                          "workdir (config.json with train.lora.rank > 0)")
+
+
+def _base_params(model, adapter: str) -> dict:
+  if model.spec.lora_rank:
+    raise ValueError(f"adapter {adapter}: the model already carries an adapter (a LoRA run); load its base")
+  return nnx.to_pure_dict(nnx.state(model, nnx.Param))
+
+
+def _check_fits(spec: ModelSpec, adapters: dict, adapter: str) -> None:
   expected = lora.split(jax.eval_shape(lambda: transformer.init_params(spec, 0)))[0]
   if jax.tree.map(lambda a: a.shape, expected) != jax.tree.map(lambda a: a.shape, adapters):
-    raise ValueError(f"--adapter={adapter}: its adapter shapes do not fit this model (another base model?)")
+    raise ValueError(f"adapter {adapter}: its shapes do not fit this model (made for another base model?)")
+
+
+def with_adapter(model, adapter: str, merge: bool = True):
+  """`model` with the LoRA adapter of `adapter` (see `read_adapter`) over this base: merged into a float base when
+  `merge`, else (and for quantized bases) run beside it."""
+  base_params = _base_params(model, adapter)
+  lora_spec, adapters = read_adapter(adapter, lora.base_spec(model.spec))
+  spec = dataclasses.replace(model.spec, lora_rank=lora_spec.lora_rank, lora_alpha=lora_spec.lora_alpha,
+                             lora_targets=lora_spec.lora_targets)
+  _check_fits(spec, adapters, adapter)
   params = lora.combine(adapters, base_params)
   if merge and spec.quant == "none":
-    return transformer.from_params(float_spec, lora.merge(spec, params))
+    return transformer.from_params(lora.base_spec(spec), lora.merge(spec, params))
   return transformer.from_params(spec, params)
+
+
+def with_adapter_bank(model, adapters: list[str]):
+  """`model` with several LoRA adapters over its base at bank indices 1..n (`lora.bank`), for the serving engine to
+  pick one per request (index 0: the base model)."""
+  base_params = _base_params(model, ",".join(adapters))
+  float_spec = lora.base_spec(model.spec)
+  named = []
+  for path in adapters:
+    lora_spec, tree = read_adapter(path, float_spec)
+    _check_fits(dataclasses.replace(model.spec, lora_rank=lora_spec.lora_rank, lora_targets=lora_spec.lora_targets),
+                tree, path)
+    named.append((lora_spec, tree))
+  fields, bank = lora.bank(named)
+  return transformer.from_params(dataclasses.replace(model.spec, **fields), lora.combine(bank, base_params))
 
 
 def _load(workdir, step, matmul_impl, attention_impl, dequantize, head_quant, merge_lora):

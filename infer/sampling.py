@@ -27,6 +27,7 @@ class SamplingParams:
   seed: int = 0
   stop_tokens: tuple[int, ...] = ()
   stop_strings: tuple[str, ...] = ()
+  adapter: int = 0  # the LoRA adapter of the serving engine's bank that decodes the request (0: the base model)
 
   def validate(self) -> "SamplingParams":
     """self, or ValueError naming the first bad setting and what is allowed."""

@@ -30,11 +30,16 @@ def build(workdir: str, *, slots: int = 8, page_size: int = 16, num_pages: int =
           max_queue: int = 64, queue_timeout: float = 0.0, request_timeout: float = 0.0,
           mode: str = "continuous", attention_impl: str | None = None,
           matmul_impl: str | None = None, step: int | None = None, api_key: str | None = None,
-          profile_dir: str | None = None, head_quant: str | None = None, adapter: str | None = None) -> Server:
-  """Loads `workdir` (with a LoRA `adapter`, if given) and wires engine, scheduler (started), metrics and server
-  together."""
+          profile_dir: str | None = None, head_quant: str | None = None, adapter: str | None = None,
+          adapters: dict[str, str] | None = None) -> Server:
+  """Loads `workdir` and wires engine, scheduler (started), metrics and server together. `adapter`: a LoRA adapter
+  merged into the model; `adapters` {model id: adapter path}: a bank the requests pick from by their `model` field
+  (the workdir's own id is the base model)."""
   _, model, tokenizer, _ = loading.load_trained(workdir, step, matmul_impl, attention_impl, head_quant=head_quant,
                                                 adapter=adapter)
+  if adapters:
+    model = loading.with_adapter_bank(model, list(adapters.values()))
+    print(f"LoRA adapters served by request: {', '.join(adapters)} (rank {model.spec.lora_rank})", flush=True)
   print(loading.weights_note(model), flush=True)
   engine = Engine(model, slots=slots, page_size=page_size, num_pages=num_pages or None,
                   prefill_chunk=prefill_chunk or None)
@@ -44,7 +49,7 @@ def build(workdir: str, *, slots: int = 8, page_size: int = 16, num_pages: int =
   scheduler.on_finish = metrics.on_finish
   scheduler.start()
   return Server(scheduler, tokenizer, os.path.basename(os.path.normpath(workdir)), metrics, api_key=api_key,
-                profile_dir=profile_dir)
+                profile_dir=profile_dir, adapter_ids=tuple(adapters or ()))
 
 
 async def _serve(server: Server, host: str, port: int, drain_timeout: float) -> None:
@@ -66,6 +71,22 @@ async def _serve(server: Server, host: str, port: int, drain_timeout: float) -> 
   print("drained" if drained else f"drain timed out after {drain_timeout}s", flush=True)
 
 
+def _adapter_flags(values: list[str] | None) -> dict:
+  """--adapter values -> build()'s adapter (one unnamed PATH, merged) or adapters ({NAME: PATH})."""
+  values = values or []
+  named = [v for v in values if "=" in v and not os.path.exists(v)]
+  if not named:
+    if len(values) > 1:
+      raise ValueError(f"--adapter: {len(values)} unnamed adapters; name each to serve several (--adapter=NAME=PATH)")
+    return {"adapter": values[0] if values else None}
+  if len(named) != len(values):
+    raise ValueError("--adapter: name every adapter (NAME=PATH) when serving several")
+  pairs = dict(v.split("=", 1) for v in values)
+  if len(pairs) != len(values):
+    raise ValueError(f"--adapter: names repeat in {values}")
+  return {"adapters": pairs}
+
+
 def main(argv):
   if len(argv) > 1:
     sys.exit(f"error: unexpected arguments {argv[1:]}")
@@ -75,7 +96,7 @@ def main(argv):
                    prefill_chunk=f.prefill_chunk, max_queue=f.max_queue, queue_timeout=f.queue_timeout,
                    request_timeout=f.request_timeout, mode=f.mode, attention_impl=f.attention_impl,
                    matmul_impl=f.matmul_impl, step=f.step, api_key=f.api_key or os.environ.get("PEAKLLM_API_KEY"),
-                   profile_dir=f.profile_dir or None, head_quant=f.head_quant, adapter=f.adapter)
+                   profile_dir=f.profile_dir or None, head_quant=f.head_quant, **_adapter_flags(f.adapter))
   except (FileNotFoundError, ValueError) as e:
     sys.exit(f"error: cannot serve --workdir={f.workdir}: {e}")
   asyncio.run(_serve(server, f.host, f.port, f.drain_timeout))
@@ -97,8 +118,9 @@ def _define_flags():
   flags.DEFINE_enum("mode", "continuous", ["continuous", "static"], "Batching mode.")
   flags.DEFINE_enum("attention_impl", None, ["xla", "pallas"], "Override model.attention_impl.")
   flags.DEFINE_enum("matmul_impl", None, list(base.MATMUL_IMPLS), "Override model.matmul_impl.")
-  flags.DEFINE_string("adapter", None, "A LoRA adapter over --workdir: a PEFT directory (adapter_config.json) or a "
-                      "LoRA training run; merged into float bases at load.")
+  flags.DEFINE_multi_string("adapter", None, "LoRA adapters over --workdir (a PEFT directory or a LoRA training run):"
+                            " one PATH is merged into the model; NAME=PATH (repeatable) serves each adapter under "
+                            "the model id NAME, picked per request, beside the base.")
   flags.DEFINE_enum("head_quant", None, list(base.HEAD_QUANTS), "Serve a packed compressed workdir's float embedding and head as int8 rows (smaller, faster; not lossless).")
   flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
   flags.DEFINE_string("api_key", "", "Require 'Authorization: Bearer <key>' on /v1/* (default: $PEAKLLM_API_KEY; "

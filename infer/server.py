@@ -143,8 +143,10 @@ class Server:
   """The aiohttp application over a scheduler. tokenizer: a `tokenizers.Tokenizer` (see `workdir.tokenizer`)."""
 
   def __init__(self, scheduler: Scheduler, tokenizer, model_id: str, metrics: Metrics, api_key: str | None = None,
-               profile_dir: str | None = None):
+               profile_dir: str | None = None, adapter_ids: tuple[str, ...] = ()):
     self.scheduler, self.tokenizer, self.model_id, self.metrics = scheduler, tokenizer, model_id, metrics
+    # model ids the `model` field may name: the base, then the engine's LoRA adapters in bank order (1, 2, ...)
+    self.model_ids = (model_id, *adapter_ids)
     self.profile_dir = profile_dir  # enables POST /debug/profile/start and /stop (a jax.profiler trace there)
     self._recording = profiling.Recording()
     self.api_key = api_key or None  # "" means no key
@@ -194,7 +196,8 @@ class Server:
 
   async def models(self, request):
     return web.json_response({"object": "list", "data": [
-        {"id": self.model_id, "object": "model", "created": self.created, "owned_by": "peakllm"}]})
+        {"id": m, "object": "model", "created": self.created, "owned_by": "peakllm",
+         **({"parent": self.model_id} if m != self.model_id else {})} for m in self.model_ids]})
 
   async def health(self, request):
     if self.scheduler.error is not None:
@@ -239,9 +242,9 @@ class Server:
       if name in body and body[name] not in allowed and not (name == "logit_bias" and body[name] == {}):
         raise BadRequest(f"'{name}'={body[name]!r} is not supported by this server (allowed: {allowed})", name)
     model = body.get("model", self.model_id)
-    if model != self.model_id:
-      raise BadRequest(f"The model '{model}' does not exist; this server serves '{self.model_id}'", "model",
-                       "model_not_found", status=404)
+    if model not in self.model_ids:
+      raise BadRequest(f"The model '{model}' does not exist; this server serves {', '.join(map(repr, self.model_ids))}",
+                       "model", "model_not_found", status=404)
     if "prompt" not in body:
       raise BadRequest("'prompt' is required", "prompt")
     if isinstance(body["prompt"], list) and len(body["prompt"]) > MAX_PROMPTS and all(
@@ -278,7 +281,8 @@ class Server:
                                                                               lo_open=True),
         top_k=_int(body, "top_k", 0, 0, self.vocab),
         seed=_int(body, "seed", None, 0, 2**31 - 1) if body.get("seed") is not None else secrets.randbelow(2**31),
-        stop_tokens=() if ignore_eos else (self.eot,), stop_strings=tuple(stop))
+        stop_tokens=() if ignore_eos else (self.eot,), stop_strings=tuple(stop),
+        adapter=self.model_ids.index(model))
     for p in prompts:
       try:
         self.scheduler.engine.check_fits(p, params)
@@ -333,7 +337,7 @@ class Server:
       self.metrics.rejected.labels("503").inc()
       return error_response(503, f"Service unavailable: {e}", type_="server_error", code="unavailable")
     head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
-            "model": self.model_id}
+            "model": self.model_ids[params.adapter]}
     usage = lambda: {"prompt_tokens": sum(len(r.prompt) for r in requests),  # noqa: E731
                      "completion_tokens": sum(len(r.output_ids) for r in requests),
                      "total_tokens": sum(len(r.prompt) + len(r.output_ids) for r in requests)}

@@ -54,9 +54,12 @@ def adapter_pair(spec, rngs: nnx.Rngs, name: str, shape: tuple, names: tuple, n_
     return None, None
   r, fan_in = spec.lora_rank, math.prod(shape[:n_in])
   bound = 1.0 / math.sqrt(fan_in)
-  a = jax.random.uniform(rngs.params(), (*shape[:n_in], r), jnp.float32, -bound, bound)
-  return (nnx.Param(a.astype(spec.weight_dtype), logical_axes=(*names[:n_in], None)),
-          nnx.Param(jnp.zeros((r, *shape[n_in:]), spec.weight_dtype), logical_axes=(None, *names[n_in:])))
+  bank = (spec.lora_bank,) if spec.lora_bank else ()
+  a = jax.random.uniform(rngs.params(), (*bank, *shape[:n_in], r), jnp.float32, -bound, bound)
+  bank_axis = (None,) if bank else ()
+  return (nnx.Param(a.astype(spec.weight_dtype), logical_axes=(*bank_axis, *names[:n_in], None)),
+          nnx.Param(jnp.zeros((*bank, r, *shape[n_in:]), spec.weight_dtype),
+                    logical_axes=(*bank_axis, None, *names[n_in:])))
 
 
 def scaling(spec) -> float:
@@ -88,8 +91,37 @@ def layer_scope(index):
     yield
 
 
+_ROWS: list[jax.Array] = []
+
+
+@contextlib.contextmanager
+def row_adapters(ids: jax.Array):
+  """Inside, models with an adapter bank (`spec.lora_bank`) use adapter ids[b] for batch row b (0: none)."""
+  _ROWS.append(ids)
+  try:
+    yield
+  finally:
+    _ROWS.pop()
+
+
+def _bank_delta(spec, x, a, b, n_in: int) -> jax.Array:
+  """Each batch row through its own adapter of the bank: x [B, L, *in], a [bank, *in, r], b [bank, r, *out]."""
+  if not _ROWS:
+    raise ValueError("a model with an adapter bank runs inside lora.row_adapters(ids) (the serving engine's step)")
+  ids = _ROWS[-1]
+  k, r = math.prod(x.shape[x.ndim - n_in:]), a.shape[-1]
+  a_rows = jnp.take(a, ids, axis=0).reshape(ids.shape[0], k, r).astype(x.dtype)
+  b_rows = jnp.take(b, ids, axis=0).reshape(ids.shape[0], r, -1).astype(x.dtype)
+  h = jnp.einsum("blk,bkr->blr", x.reshape(x.shape[0], -1, k), a_rows, preferred_element_type=jnp.float32)
+  y = jnp.einsum("blr,brn->bln", h.astype(x.dtype), b_rows, preferred_element_type=jnp.float32)
+  return y.reshape(*x.shape[:x.ndim - n_in], *b.shape[2:]) * scaling(spec)
+
+
 def delta(spec, x: jax.Array, a: jax.Array, b: jax.Array, n_in: int, name: str) -> jax.Array:
-  """(alpha / r) * dropout(x) A B: x [..., *in], a [*in, r], b [r, *out] -> [..., *out] float32."""
+  """(alpha / r) * dropout(x) A B: x [..., *in], a [*in, r], b [r, *out] -> [..., *out] float32 (with a bank,
+  a [bank, *in, r] and b [bank, r, *out], each batch row through its own adapter)."""
+  if spec.lora_bank:
+    return _bank_delta(spec, x, a, b, n_in)
   if spec.lora_dropout and _KEYS and _KEYS[-1] is not None:
     keep = 1.0 - spec.lora_dropout
     mask = jax.random.bernoulli(jax.random.fold_in(_KEYS[-1], zlib.crc32(name.encode())), keep, x.shape)
@@ -154,6 +186,38 @@ def _fold(adapters: dict, frozen: dict, scale: float, where: str) -> None:
       a2 = a.reshape(*a.shape[:lead], -1, a.shape[-1]).astype(jnp.float32)
       b2 = b.reshape(*b.shape[:lead + 1], -1).astype(jnp.float32)
       frozen[name] = (w.astype(jnp.float32) + scale * jnp.matmul(a2, b2).reshape(w.shape)).astype(w.dtype)
+
+
+def bank(named: list[tuple[Any, dict]]) -> tuple[dict, dict]:
+  """Several adapters of one base -> (LoRA spec fields, adapter tree) of a bank that holds them at indices 1..n and
+  none at 0. named: [(lora spec, adapter tree)] as `peft.load_adapter` or a LoRA run gives them. Ranks are padded
+  with zeros to the largest and each adapter's alpha / r is folded into its B, so every row computes exactly its own
+  adapter's update; a target some adapter lacks is zero for it."""
+  rank = max(spec.lora_rank for spec, _ in named)
+  targets = tuple(t for t in TARGETS if any(t in spec.lora_targets for spec, _ in named))
+  out: dict = {}
+  for target in targets:
+    parent, name = TARGETS[target]
+    shapes = next(tree["blocks"][parent] for spec, tree in named if target in spec.lora_targets)
+    a_shape, b_shape = shapes[name + "_lora_a"].shape, shapes[name + "_lora_b"].shape  # [L, *in, r], [L, r, *out]
+    a_bank = [jnp.zeros((*a_shape[:-1], rank), jnp.float32)]
+    b_bank = [jnp.zeros((b_shape[0], rank, *b_shape[2:]), jnp.float32)]
+    for spec, tree in named:
+      if target in spec.lora_targets:
+        a, b = tree["blocks"][parent][name + "_lora_a"], tree["blocks"][parent][name + "_lora_b"]
+        pad = rank - spec.lora_rank
+        a_bank.append(jnp.pad(a.astype(jnp.float32), [(0, 0)] * (a.ndim - 1) + [(0, pad)]))
+        b_bank.append(jnp.pad(b.astype(jnp.float32) * scaling(spec), [(0, 0), (0, pad)] + [(0, 0)] * (b.ndim - 2)))
+      else:
+        a_bank.append(a_bank[0])
+        b_bank.append(b_bank[0])
+    dtype = shapes[name + "_lora_a"].dtype
+    group = out.setdefault("blocks", {}).setdefault(parent, {})
+    group[name + "_lora_a"] = jnp.stack(a_bank, axis=1).astype(dtype)  # [L, bank, *in, r]
+    group[name + "_lora_b"] = jnp.stack(b_bank, axis=1).astype(dtype)
+  fields = dict(lora_rank=rank, lora_alpha=float(rank), lora_targets=targets, lora_dropout=0.0,
+                lora_bank=len(named) + 1)
+  return fields, out
 
 
 def count(tree: Any) -> int:

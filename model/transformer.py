@@ -89,6 +89,7 @@ class ModelSpec:
   lora_alpha: float = 16.0
   lora_dropout: float = 0.0
   lora_targets: tuple[str, ...] = ()
+  lora_bank: int = 0  # serving: > 0 holds this many adapters per weight (index 0: none), picked per batch row
 
   @classmethod
   def from_config(cls, m, lora=None) -> "ModelSpec":

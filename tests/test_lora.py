@@ -16,7 +16,11 @@ from flax import nnx
 
 from configs import base
 from conftest import tiny_config
-from infer import loading
+from infer import generate, loading
+from infer.engine import Engine
+from infer.sampling import SamplingParams
+from infer.scheduler import Scheduler
+from infer.server import BadRequest, Server
 from model import lora, peft, quant, transformer
 from model import hf
 from model.transformer import ModelSpec
@@ -329,3 +333,42 @@ def _eval_loss(model, config):
   graphdef, state = nnx.split(model)
   fn = step_lib.jit_eval_step(graphdef)
   return validation.validation_loss(fn, nnx.to_pure_dict(state), config, sources["validation"], tok)["eval_loss"]
+
+
+def test_one_engine_serves_several_adapters_picked_per_request(tiny_run, tmp_path):
+  c = small(targets="q,v,mlp_out")
+  float_spec = ModelSpec.from_config(c.model)
+  frozen = transformer.init_params(float_spec, 0)
+  paths, merged = [], []
+  for i, (rank, targets) in enumerate([(4, "q,v,mlp_out"), (2, "k,o,mlp_in")]):
+    cfg = small(rank=rank, targets=targets)
+    spec = ModelSpec.from_config(cfg.model, cfg.train.lora)
+    adapters = perturbed(lora.split(transformer.init_params(spec, 0))[0], seed=i + 5, scale=0.3)
+    paths.append(str(tmp_path / f"a{i}"))
+    peft.save_adapter(spec, adapters, paths[-1])
+    merged.append(transformer.from_params(float_spec, lora.merge(spec, lora.combine(adapters, frozen))))
+  base_model = transformer.from_params(float_spec, frozen)
+  banked = loading.with_adapter_bank(base_model, paths)
+  assert banked.spec.lora_bank == 3 and banked.spec.lora_rank == 4
+  prompts = [list(np.arange(3, 3 + n) % 128) for n in (5, 9, 3, 7)]
+  which = [0, 1, 2, 1]
+  engine = Engine(banked, slots=4, page_size=16)
+  slots = {engine.insert(p, SamplingParams(max_tokens=6, adapter=a)): i for i, (p, a) in enumerate(zip(prompts, which))}
+  out = {i: [engine.prefill(slot)] for slot, i in slots.items()}
+  for _ in range(5):
+    for slot, token in engine.generate().items():
+      out[slots[slot]].append(token)
+  references = [base_model, *merged]
+  for i, (p, a) in enumerate(zip(prompts, which)):
+    assert out[i] == generate.generate(references[a], [p], max_new_tokens=6)[0], (i, a)
+  assert len({tuple(out[1]), tuple(out[0])}) == 2  # the adapters change the continuation
+  with pytest.raises(ValueError, match="holds 2 LoRA adapters"):
+    engine.insert(prompts[0], SamplingParams(max_tokens=2, adapter=3))
+
+  # the server maps the request's `model` to the adapter, and lists every model id
+  tok = tokenizer_lib.load(os.path.join(tiny_run[0], "tokenizer.json"))
+  srv = Server(Scheduler(engine, str), tok, "base", None, adapter_ids=("first", "second"))
+  assert srv.parse({"model": "second", "prompt": [1, 2, 3]})[1].adapter == 2
+  assert srv.parse({"prompt": [1, 2, 3]})[1].adapter == 0
+  with pytest.raises(BadRequest, match="'third' does not exist"):
+    srv.parse({"model": "third", "prompt": [1, 2, 3]})
