@@ -23,11 +23,10 @@ def run_ablate(out, *args):
 
 def test_train_study_on_the_tiny_config_writes_json_table_and_plot(tmp_path):
   out = tmp_path / "ablations"
-  run_ablate(out, "--study=train", "--steps=2", "--warmup=1",
-             "--switches=model.remat=none|full,model.scan_layers=false")
+  run_ablate(out, "--study=train", "--steps=2", "--warmup=1", "--switches=model.remat=none|full")
   result = json.loads((out / "train.json").read_text())
   rows = {(r["switch"], str(r["value"])): r for r in result["rows"]}
-  assert set(rows) == {("baseline", ""), ("model.remat", "full"), ("model.scan_layers", "False")}  # remat=none is
+  assert set(rows) == {("baseline", ""), ("model.remat", "full")}  # remat=none is
   for row in rows.values():  # the baseline's own value, so it is not run twice
     for key in ("tokens_per_s", "step_s", "compile_s", "temp_mib", "peak_rss_mib", "quality"):
       assert math.isfinite(row[key]) and row[key] > 0, (key, row)
@@ -37,7 +36,7 @@ def test_train_study_on_the_tiny_config_writes_json_table_and_plot(tmp_path):
   # the same model and data: one-switch changes that do not alter the math leave the loss where it was
   assert rows[("model.remat", "full")]["quality"] == pytest.approx(rows[("baseline", "")]["quality"], rel=1e-4)
   table = (out / "train.md").read_text()
-  assert "| model.remat | full |" in table and "| model.scan_layers | False |" in table
+  assert "| model.remat | full |" in table
   assert (out / "train.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -71,19 +70,18 @@ def test_decode_study_measures_speed_memory_and_divergence_from_float32(tmp_path
 
 def test_compress_study_makes_each_format_and_measures_perplexity_bits_and_speed(tiny_run, tmp_path):
   out = tmp_path / "ablations"
-  run_ablate(out, "--study=compress", f"--workdir={tiny_run[0]}", "--switches=format=int8|gptq4",
+  run_ablate(out, "--study=compress", f"--workdir={tiny_run[0]}", "--switches=format=gptq4",
              "--compress_samples=8", "--eval_tokens=4096", "--decode_tokens=8", "--decode_repeats=1")
   rows = {r["value"] or "float32": r for r in json.loads((out / "compress.json").read_text())["rows"]}
-  assert set(rows) == {"float32", "int8", "gptq4"}
+  assert set(rows) == {"float32", "gptq4"}  # int8 and the other formats take the same path
   base = rows["float32"]
   assert base["bits_per_param"] == pytest.approx(32)
-  # int8 rows plus float32 scales, norms and biases; 4-bit codes plus grids beside the float32 embedding
-  assert rows["int8"]["bits_per_param"] < 10 and rows["gptq4"]["bits_per_param"] < 20
+  assert rows["gptq4"]["bits_per_param"] < 20  # 4-bit codes plus grids beside the float32 embedding
   assert "4-bit codes" in rows["gptq4"]["weights_note"]  # served as stored
   for name, row in rows.items():
     assert math.isfinite(row["quality"]) and 1 < row["quality"] < 1.5 * base["quality"], (name, row["quality"])
     assert row["tokens_per_s"] > 0 and row["peak_rss_mib"] > 0
-  assert rows["int8"]["compile_s"] > 0 and "compress s" in (out / "compress.md").read_text()
+  assert rows["gptq4"]["compile_s"] > 0 and "compress s" in (out / "compress.md").read_text()
   assert (out / "compress.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

@@ -42,7 +42,9 @@ def test_tiny_preset_learns_and_fills_the_workdir(tiny_run):
   assert summary["sample"].startswith(tiny.get_config().sample.prompt) and summary["eval_ppl"] == evals[-1]["eval_ppl"]
 
 
-@pytest.mark.parametrize("damage_latest", [False, True])
+# damage_latest=False (resuming from the step the signal saved) is covered by test_lora's QLoRA run and by the kill -9
+# test below; this one keeps the harder case to save CI time.
+@pytest.mark.parametrize("damage_latest", [True])
 def test_resume_after_a_signal_gives_bitwise_identical_losses(data_dir, tmp_path, damage_latest, caplog):
   steps = dict(steps=12, log_every=1, eval_every=0, checkpoint_every=3 if damage_latest else 100, warmup_steps=2)
   straight = str(tmp_path / "straight")
@@ -194,7 +196,7 @@ def test_kill_9_at_random_moments_then_rerunning_gives_the_uninterrupted_losses(
     return [sys.executable, "-m", "train", "--config=configs/tiny.py", f"--workdir={workdir}",
             f"--config.data.data_dir={data_dir}", "--config.data.max_docs=300",
             "--config.data.tokenizer_train_bytes=300000", "--config.mesh.data=1", "--config.sample.max_new_tokens=0",
-            "--config.train.steps=60", "--config.train.log_every=1", "--config.train.eval_every=0",
+            "--config.train.steps=30", "--config.train.log_every=1", "--config.train.eval_every=0",
             "--config.train.checkpoint_every=4", "--config.train.warmup_steps=5"]
 
   def losses(workdir):
@@ -207,9 +209,9 @@ def test_kill_9_at_random_moments_then_rerunning_gives_the_uninterrupted_losses(
   subprocess.run(command(straight), cwd=REPO, check=True, capture_output=True, timeout=600)
   rng, killed = random.Random(1234), tmp_path / "killed"
   kills = 0
-  for attempt in range(9):
+  for attempt in range(7):
     proc = subprocess.Popen(command(killed), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + (rng.uniform(0.5, 9.0) if attempt < 8 else 600)
+    deadline = time.monotonic() + (rng.uniform(0.5, 8.0) if attempt < 6 else 600)
     while proc.poll() is None and time.monotonic() < deadline:
       time.sleep(0.02)
     if proc.poll() is None:
