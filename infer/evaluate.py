@@ -26,6 +26,7 @@ from configs import base
 from infer import loading
 from model import quant
 from train import data as data_lib
+from train import sft
 from train import step as step_lib
 from train import validation
 from workdir import layout
@@ -99,6 +100,9 @@ def stream_perplexity(model, tokens: np.ndarray, seq_len: int, batch_size: int =
 
 def validation_stream(config, tokenizer, max_tokens: int | None = None) -> np.ndarray:
   """The validation split of `config.data.source` as one token stream (see `token_stream`)."""
+  if sft.is_sft(config):
+    raise ValueError(f"data.source={config.data.source!r} holds fine-tuning records, not a text stream: score text "
+                     "with --data='files:...' (or 'stdlib'); the run's metrics.jsonl has its answer-only eval loss")
   return token_stream(data_lib.load_sources(config)["validation"], tokenizer, max_tokens)
 
 
