@@ -92,23 +92,26 @@ def plan(config, devices=None, device_memory_gb: float = 0.0) -> dict:
   """The estimate for `config` on `devices` (default: all): bytes per device by category, and whether it fits."""
   setup = setup_lib.build(config, devices)
   spec, abstract_state, state_sh, mesh = setup.spec, setup.abstract_state, setup.state_shardings, setup.mesh
-  params, _ = _shard_bytes(abstract_state["params"], state_sh["params"])
+  params, _ = _shard_bytes(abstract_state["params"], state_sh["params"])  # the trained ones (a LoRA run's adapters)
+  frozen = _shard_bytes(abstract_state["frozen"], state_sh["frozen"])[0] if "frozen" in abstract_state else 0
   opt_device, opt_host = _shard_bytes(abstract_state["opt_state"], state_sh["opt_state"])
-  grads = params  # one gradient per parameter shard, in the parameter dtype
+  grads = params  # one gradient per trained parameter shard, in the parameter dtype
   acts = activation_bytes(spec, config, dict(mesh.shape))
   fsdp = dict(mesh.shape).get("fsdp", 1)
   if fsdp > 1:  # FSDP all-gathers weights before use: two layers' worth in flight, plus embedding and head
     blocks, _ = _shard_bytes(abstract_state["params"]["blocks"], state_sh["params"]["blocks"])
-    rest = params - blocks
+    if frozen:
+      blocks += _shard_bytes(abstract_state["frozen"]["blocks"], state_sh["frozen"]["blocks"])[0]
+    rest = params + frozen - blocks
     per_layer = blocks / (spec.num_layers / dict(mesh.shape).get("pipeline", 1))
     acts["fsdp_gathered"] = fsdp * (rest + min(2, spec.num_layers) * per_layer)
     acts["total"] += acts["fsdp_gathered"]
   batch = 5 * 4 * config.train.batch_size * config.data.seq_len / max(
       1, dict(mesh.shape).get("data", 1) * dict(mesh.shape).get("fsdp", 1) * dict(mesh.shape).get("expert", 1))
-  total = params + grads + opt_device + acts["total"] + batch
+  total = params + frozen + grads + opt_device + acts["total"] + batch
   stages = dict(mesh.shape).get("pipeline", 1)
   out = {"mesh": {k: int(v) for k, v in mesh.shape.items()}, "devices": mesh.size, "remat": spec.remat,
-         "params": params, "grads": grads, "optimizer": opt_device, "optimizer_host": opt_host,
+         "params": params, "frozen": frozen, "grads": grads, "optimizer": opt_device, "optimizer_host": opt_host,
          "activations": acts["total"], "activation_parts": acts, "batch": batch, "total": total,
          "pipeline_bubble_fraction": pipeline_lib.bubble_fraction(
              stages, pipeline_lib.default_microbatches(stages, spec.pipeline_microbatches))}
@@ -140,7 +143,7 @@ def main(argv):
   config = base.validate(f.config)
   devices = jax.devices()[:f.devices] if f.devices else None
   result = plan(config, devices, f.device_memory_gb)
-  rows = [("parameters", result["params"]), ("gradients", result["grads"]), ("optimizer state", result["optimizer"]),
+  rows = [("parameters", result["params"]), ("frozen base (LoRA)", result["frozen"]), ("gradients", result["grads"]), ("optimizer state", result["optimizer"]),
           ("activations", result["activations"]), ("batch", result["batch"]), ("total (estimate)", result["total"])]
   print(f"mesh {result['mesh']} ({result['devices']} devices), remat={result['remat']}, per device:")
   for name, value in rows:

@@ -27,6 +27,7 @@ from model.transformer import ModelSpec
 from train import data as data_lib
 from train import setup as setup_lib
 from scripts import convert
+from scripts import plan as plan_lib
 from train import sft, trainer, validation
 from train import step as step_lib
 from workdir import tokenizer as tokenizer_lib
@@ -372,3 +373,19 @@ def test_one_engine_serves_several_adapters_picked_per_request(tiny_run, tmp_pat
   assert srv.parse({"prompt": [1, 2, 3]})[1].adapter == 0
   with pytest.raises(BadRequest, match="'third' does not exist"):
     srv.parse({"model": "third", "prompt": [1, 2, 3]})
+
+
+def test_accumulation_and_remat_give_the_plain_lora_step_and_the_planner_counts_the_frozen_base():
+  plain = setup_lib.build(small())
+  c = small()
+  c.train.grad_accum_steps = 2
+  c.model.remat = "full"
+  accumulated = setup_lib.build(base.validate(c))
+  s1, m1 = plain.train_step(plain.init_state(), random_batch(3))
+  s2, m2 = accumulated.train_step(accumulated.init_state(), random_batch(3))
+  np.testing.assert_allclose(float(m1["loss"]), float(m2["loss"]), rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(s1["params"]), jax.tree.leaves(s2["params"])):
+    np.testing.assert_allclose(a, b, atol=1e-6)
+  full, lo = plan_lib.plan(small(rank=0)), plan_lib.plan(small())
+  assert lo["frozen"] == full["params"] and full["frozen"] == 0
+  assert lo["grads"] < 0.2 * full["grads"] and lo["optimizer"] < 0.2 * full["optimizer"]
