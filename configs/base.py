@@ -181,17 +181,18 @@ RESUME_MAY_CHANGE = ("train.steps", "train.log_every", "train.eval_every", "trai
                      "model.pipeline_microbatches", "model.matmul_impl", "mesh", "distributed", "sample")
 
 
-def _flat(tree, prefix: str = "") -> dict:
+def flatten(tree, prefix: str = "") -> dict:
+  """A nested dict -> {"a.b.c": leaf}."""
   out = {}
   for key, value in tree.items():
     name = f"{prefix}{key}"
-    out.update(_flat(value, name + ".") if isinstance(value, dict) else {name: value})
+    out.update(flatten(value, name + ".") if isinstance(value, dict) else {name: value})
   return out
 
 
 def config_changes(old: ml_collections.ConfigDict, new: ml_collections.ConfigDict) -> list[tuple[str, Any, Any]]:
   """(key, old value, new value) for every key outside RESUME_MAY_CHANGE whose value differs (compared as JSON)."""
-  a, b = (_flat(json.loads(c.to_json_best_effort())) for c in (old, new))
+  a, b = (flatten(json.loads(c.to_json_best_effort())) for c in (old, new))
   allowed = lambda key: any(key == k or key.startswith(k + ".") for k in RESUME_MAY_CHANGE)  # noqa: E731
   return [(k, a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if not allowed(k) and a.get(k) != b.get(k)]
 
@@ -228,7 +229,7 @@ def profile_steps(config) -> tuple[int, int] | None:
 def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """Checks every key before anything compiles; raises ValueError naming the key, its value and what is allowed."""
   m, d, t = config.model, config.data, config.train
-  for key, value in _flat(config.to_dict()).items():
+  for key, value in flatten(config.to_dict()).items():
     if isinstance(value, float) and not math.isfinite(value):
       _fail(key, value, "must be a finite number")
   _choice(config, "model.family", FAMILIES)

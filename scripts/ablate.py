@@ -63,6 +63,7 @@ STUDIES: dict[str, dict[str, tuple]] = {
         "model.matmul_impl": ("auto", "xla"),  # native batched matmuls in attention vs XLA's
         "model.loss_chunk_tokens": (0, 512),
         "train.grad_accum_steps": (1, 2),
+        "train.lora.rank": (0, 16),  # LoRA on every linear layer of the blocks, the base frozen
     },
     "decode": {
         "format": ("float32", "bfloat16", "int8", "w8a8", "gptq4", "gptq4_int8head", "gptq3"),
@@ -119,10 +120,12 @@ def _baseline_value(study: str, key: str, config):
     return {"compress": COMPRESS_BASELINE, "serve": SERVE_BASELINE}[study][key]
   if study == "decode":
     return DECODE_BASELINE[key] if key != "model.matmul_impl" else config.model.matmul_impl
-  section, name = key.split(".")
-  if section not in config or name not in config[section]:
-    raise ValueError(f"--switches: the config has no key {key!r}")
-  return config[section][name]
+  node = config
+  for part in key.split("."):
+    if not hasattr(node, "keys") or part not in node:
+      raise ValueError(f"--switches: the config has no key {key!r}")
+    node = node[part]
+  return node
 
 
 def _parse_like(text: str, like, key: str):
@@ -164,8 +167,11 @@ def variants(study: str, switches: dict[str, tuple], config) -> list[dict]:
 def _apply(config, overrides: dict):
   c = config.copy_and_resolve_references()
   for key, value in overrides.items():
-    section, name = key.split(".")
-    c[section][name] = value
+    *parents, name = key.split(".")  # section.name, or deeper (train.lora.rank)
+    node = c
+    for parent in parents:
+      node = node[parent]
+    node[name] = value
   return c
 
 
@@ -451,9 +457,8 @@ def _overridden(config, config_path: str) -> dict:
   fresh = _load_config(config_path, {})
   out = {}
   for section in ("model", "data", "train"):
-    for name, value in config[section].items():
-      if not isinstance(value, dict) and fresh[section].get(name) != value:
-        out[f"{section}.{name}"] = value
+    ours, theirs = base.flatten(config[section].to_dict()), base.flatten(fresh[section].to_dict())
+    out.update({f"{section}.{name}": value for name, value in ours.items() if theirs.get(name) != value})
   return out
 
 
