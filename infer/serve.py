@@ -24,6 +24,8 @@ from infer.scheduler import Scheduler
 from infer.server import Metrics, Server
 from workdir import tokenizer as tokenizer_lib
 from train import allocator
+from train import sft
+from workdir import layout
 
 
 def build(workdir: str, *, slots: int = 8, page_size: int = 16, num_pages: int = 0, prefill_chunk: int = 0,
@@ -48,8 +50,9 @@ def build(workdir: str, *, slots: int = 8, page_size: int = 16, num_pages: int =
   metrics = Metrics(scheduler)
   scheduler.on_finish = metrics.on_finish
   scheduler.start()
+  template = sft.chat_template(layout.path(workdir, layout.TOKENIZER), tokenizer)  # for /v1/chat/completions
   return Server(scheduler, tokenizer, os.path.basename(os.path.normpath(workdir)), metrics, api_key=api_key,
-                profile_dir=profile_dir, adapter_ids=tuple(adapters or ()))
+                profile_dir=profile_dir, adapter_ids=tuple(adapters or ()), chat_template=template)
 
 
 async def _serve(server: Server, host: str, port: int, drain_timeout: float) -> None:

@@ -6,6 +6,11 @@ Routes:
     events ending in `data: [DONE]`), stream_options.include_usage; `usage` counts tokens. String prompts start with
     `<|endoftext|>` as training documents do, and every completion stops at it unless `ignore_eos` (an extension,
     as in vLLM, for benchmarks) is true.
+  * `POST /v1/chat/completions`: messages (system / user / assistant / developer turns, text content or text parts)
+    rendered with the model's chat template (`train.sft.chat_template`: the tokenizer_config.json's, else
+    `sft.DEFAULT_CHAT_TEMPLATE`) and a generation prompt; max_tokens or max_completion_tokens (default: the rest of
+    the context), the same sampling fields, n, stop, seed and stream (`chat.completion.chunk` deltas, the role in
+    each choice's first chunk); the assistant turn ends at the template's end-of-turn token.
   * `GET /v1/models`, `GET /health` (503 while draining), `GET /metrics` (Prometheus text: queue length, active
     slots, free pages, tokens/s, time-to-first-token and time-per-output-token histograms).
 Bad requests get 400 with an OpenAI-style error body (`{"error": {"message", "type", "param", "code"}}`): bodies that
@@ -35,6 +40,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from infer.sampling import SamplingParams
 from train import profiling
+from train import sft
 from workdir import tokenizer as tokenizer_lib
 from infer.scheduler import Draining, Event, QueueFull, Request, Scheduler
 
@@ -50,6 +56,12 @@ NEUTRAL = {"frequency_penalty": (0, 0.0, None), "presence_penalty": (0, 0.0, Non
            "echo": (False, None), "suffix": (None,), "logit_bias": (None,), "best_of": (None, 1)}
 KNOWN = {"model", "prompt", "max_tokens", "temperature", "top_p", "top_k", "n", "stop", "stream", "stream_options",
          "seed", "user", "ignore_eos", *NEUTRAL}
+CHAT_NEUTRAL = {"frequency_penalty": (0, 0.0, None), "presence_penalty": (0, 0.0, None), "logprobs": (None, False),
+                "top_logprobs": (None, 0), "logit_bias": (None,), "response_format": (None, {"type": "text"}),
+                "parallel_tool_calls": (None,), "tools": (None, []), "tool_choice": (None, "none")}
+CHAT_KNOWN = (KNOWN - {"prompt", "echo", "suffix", "best_of", *NEUTRAL}) | {"messages", "max_completion_tokens",
+                                                                            *CHAT_NEUTRAL}
+CHAT_ROLES = ("system", "developer", "user", "assistant")
 
 
 class BadRequest(Exception):
@@ -143,7 +155,7 @@ class Server:
   """The aiohttp application over a scheduler. tokenizer: a `tokenizers.Tokenizer` (see `workdir.tokenizer`)."""
 
   def __init__(self, scheduler: Scheduler, tokenizer, model_id: str, metrics: Metrics, api_key: str | None = None,
-               profile_dir: str | None = None, adapter_ids: tuple[str, ...] = ()):
+               profile_dir: str | None = None, adapter_ids: tuple[str, ...] = (), chat_template=None):
     self.scheduler, self.tokenizer, self.model_id, self.metrics = scheduler, tokenizer, model_id, metrics
     # model ids the `model` field may name: the base, then the engine's LoRA adapters in bank order (1, 2, ...)
     self.model_ids = (model_id, *adapter_ids)
@@ -155,10 +167,12 @@ class Server:
     self.vocab = tokenizer.get_vocab_size()
     self.created = int(time.time())
     self.draining = False
+    self.chat_template = chat_template or sft.chat_template("", tokenizer)  # the model's, or the documented default
 
   def app(self) -> web.Application:
     app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[self._authorize])
-    app.add_routes([web.post("/v1/completions", self.completions), web.get("/v1/models", self.models),
+    app.add_routes([web.post("/v1/completions", self.completions), web.post("/v1/chat/completions", self.chat),
+                    web.get("/v1/models", self.models),
                     web.get("/health", self.health), web.get("/metrics", self.metrics_text)])
     if self.profile_dir:
       app.add_routes([web.post("/debug/profile/start", self.profile_start),
@@ -231,27 +245,65 @@ class Server:
       return [ids(p) for p in prompt]
     return [ids(prompt)]
 
+  def _chat_prompt(self, messages) -> list[int]:
+    """The token ids of `messages` rendered by the chat template with the generation prompt, or BadRequest."""
+    if not isinstance(messages, list) or not messages:
+      raise BadRequest("'messages' must be a non-empty list of {'role', 'content'} objects", "messages")
+    turns = []
+    for i, m in enumerate(messages):
+      content = m.get("content") if isinstance(m, dict) else None
+      if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text" and
+                                           isinstance(p.get("text"), str) for p in content):
+        content = "".join(p["text"] for p in content)  # text parts; images and audio are not supported
+      if not isinstance(m, dict) or m.get("role") not in CHAT_ROLES or not isinstance(content, str):
+        raise BadRequest(f"messages[{i}] must be {{'role': one of {', '.join(CHAT_ROLES)}, 'content': a string or "
+                         "text parts}", "messages")
+      turns.append({"role": "system" if m["role"] == "developer" else m["role"], "content": content})
+    try:
+      text = self.chat_template.render(turns, add_generation_prompt=True)
+    except Exception as e:  # the template's raise_exception (e.g. roles out of order) and other template errors
+      raise BadRequest(f"the model's chat template refused the messages: {e}", "messages") from None
+    return tokenizer_lib.encode(self.tokenizer, text)
+
   def parse(self, body) -> tuple[list[list[int]], SamplingParams, int, bool, bool]:
     """Validated (prompts, params, n, stream, include_usage) of a completions body, or BadRequest."""
+    return self._parse(body, chat=False)
+
+  def parse_chat(self, body) -> tuple[list[list[int]], SamplingParams, int, bool, bool]:
+    """Validated (prompts (one), params, n, stream, include_usage) of a chat completions body, or BadRequest."""
+    return self._parse(body, chat=True)
+
+  def _parse(self, body, chat: bool):
     if not isinstance(body, dict):
       raise BadRequest("the request body must be a JSON object")
-    unknown = sorted(set(body) - KNOWN)
+    unknown = sorted(set(body) - (CHAT_KNOWN if chat else KNOWN))
     if unknown:
       raise BadRequest(f"Unrecognized request argument supplied: {', '.join(unknown)}", unknown[0])
-    for name, allowed in NEUTRAL.items():
+    for name, allowed in (CHAT_NEUTRAL if chat else NEUTRAL).items():
       if name in body and body[name] not in allowed and not (name == "logit_bias" and body[name] == {}):
         raise BadRequest(f"'{name}'={body[name]!r} is not supported by this server (allowed: {allowed})", name)
     model = body.get("model", self.model_id)
     if model not in self.model_ids:
       raise BadRequest(f"The model '{model}' does not exist; this server serves {', '.join(map(repr, self.model_ids))}",
                        "model", "model_not_found", status=404)
-    if "prompt" not in body:
-      raise BadRequest("'prompt' is required", "prompt")
-    if isinstance(body["prompt"], list) and len(body["prompt"]) > MAX_PROMPTS and all(
-        isinstance(p, (str, list)) for p in body["prompt"]):
-      raise BadRequest(f"{len(body['prompt'])} prompts in one request; the limit is {MAX_PROMPTS}", "prompt")
     n = _int(body, "n", 1, 1, MAX_N)
-    prompts = self._prompts(body["prompt"])
+    if chat:
+      if "messages" not in body:
+        raise BadRequest("'messages' is required", "messages")
+      prompts = [self._chat_prompt(body["messages"])]
+      if "max_completion_tokens" in body and "max_tokens" in body:
+        raise BadRequest("give one of 'max_tokens' and 'max_completion_tokens'", "max_completion_tokens")
+      limit = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
+      rest = self.scheduler.engine.max_len - len(prompts[0])
+      max_tokens = _int(body, limit, max(rest, 1), 1, self.scheduler.engine.max_len)
+    else:
+      if "prompt" not in body:
+        raise BadRequest("'prompt' is required", "prompt")
+      if isinstance(body["prompt"], list) and len(body["prompt"]) > MAX_PROMPTS and all(
+          isinstance(p, (str, list)) for p in body["prompt"]):
+        raise BadRequest(f"{len(body['prompt'])} prompts in one request; the limit is {MAX_PROMPTS}", "prompt")
+      prompts = self._prompts(body["prompt"])
+      max_tokens = _int(body, "max_tokens", 16, 1, self.scheduler.engine.max_len)
     if len(prompts) * n > self.scheduler.max_queue:
       raise BadRequest(f"{len(prompts)} prompt(s) x n={n} completions can never be queued at once here (the queue "
                        f"holds {self.scheduler.max_queue}); send fewer per request", "n")
@@ -276,7 +328,7 @@ class Server:
     if not isinstance(options, dict) or set(options) - {"include_usage"}:
       raise BadRequest("'stream_options' may only hold 'include_usage'", "stream_options")
     params = SamplingParams(
-        max_tokens=_int(body, "max_tokens", 16, 1, self.scheduler.engine.max_len),
+        max_tokens=max_tokens,
         temperature=_float(body, "temperature", 1.0, 0.0, 2.0), top_p=_float(body, "top_p", 1.0, 0.0, 1.0,
                                                                               lo_open=True),
         top_k=_int(body, "top_k", 0, 0, self.vocab),
@@ -307,6 +359,12 @@ class Server:
     return requests, queues
 
   async def completions(self, request: web.Request):
+    return await self._complete(request, chat=False)
+
+  async def chat(self, request: web.Request):
+    return await self._complete(request, chat=True)
+
+  async def _complete(self, request: web.Request, chat: bool):
     if self.draining:
       self.metrics.rejected.labels("503").inc()
       return error_response(503, "The server is shutting down", type_="server_error", code="draining")
@@ -323,7 +381,8 @@ class Server:
                             "4,300 digits)")
     loop = asyncio.get_running_loop()
     try:  # tokenizing long prompts off the event loop keeps /health and streams responsive
-      prompts, params, n, stream, include_usage = await loop.run_in_executor(None, self.parse, body)
+      prompts, params, n, stream, include_usage = await loop.run_in_executor(
+          None, self.parse_chat if chat else self.parse, body)
     except BadRequest as e:
       return error_response(e.status, str(e), param=e.param, code=e.code)
     try:
@@ -336,8 +395,9 @@ class Server:
     except Draining as e:
       self.metrics.rejected.labels("503").inc()
       return error_response(503, f"Service unavailable: {e}", type_="server_error", code="unavailable")
-    head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
-            "model": self.model_ids[params.adapter]}
+    head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}",
+            "object": ("chat.completion.chunk" if stream else "chat.completion") if chat else "text_completion",
+            "created": int(time.time()), "model": self.model_ids[params.adapter]}
     usage = lambda: {"prompt_tokens": sum(len(r.prompt) for r in requests),  # noqa: E731
                      "completion_tokens": sum(len(r.output_ids) for r in requests),
                      "total_tokens": sum(len(r.prompt) + len(r.output_ids) for r in requests)}
@@ -349,13 +409,15 @@ class Server:
         failed = [r for r in requests if r.finish_reason in FAILURES]
         if failed:
           return failure_response(failed[0])
-        choices = [{"text": r.text, "index": i, "logprobs": None, "finish_reason": r.finish_reason}
+        choices = [{"index": i, **({"message": {"role": "assistant", "content": r.text}} if chat else
+                                   {"text": r.text}), "logprobs": None, "finish_reason": r.finish_reason}
                    for i, r in enumerate(requests)]
         return web.json_response({**head, "choices": choices, "usage": usage()})
       response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
       await response.prepare(request)
       send = lambda data: response.write(f"data: {json.dumps(data)}\n\n".encode())  # noqa: E731
       pending = {asyncio.ensure_future(q.get()): i for i, q in enumerate(queues)}
+      started: set[int] = set()  # chat: choices whose first chunk (with the role) went out
       while pending:
         done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
         for task in done:
@@ -365,7 +427,14 @@ class Server:
             await send(json.loads(failure_response(requests[i]).body))
             continue
           if event.text or event.finish_reason:
-            choice = {"text": event.text, "index": i, "logprobs": None, "finish_reason": event.finish_reason}
+            if chat:
+              delta = {"content": event.text} if event.text else {}
+              if i not in started:
+                delta = {"role": "assistant", "content": event.text}
+                started.add(i)
+              choice = {"index": i, "delta": delta, "logprobs": None, "finish_reason": event.finish_reason}
+            else:
+              choice = {"text": event.text, "index": i, "logprobs": None, "finish_reason": event.finish_reason}
             await send({**head, "choices": [choice]})
           if event.finish_reason is None:
             pending[asyncio.ensure_future(queues[i].get())] = i

@@ -2,6 +2,7 @@
 them, fine-tuning data masks prompts, runs resume bitwise, and bad settings or records are named."""
 
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -12,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+import transformers
 from flax import nnx
 
 from configs import base
@@ -63,19 +65,30 @@ def random_batch(seed, batch=4, length=32, vocab=128):
 X = jnp.asarray(np.arange(40).reshape(2, 20) % 128, jnp.int32)
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def logits(spec, params, x=X):
+  """The model of `spec` on `params` (one compiled program: op-by-op dispatch costs seconds here)."""
+  return transformer.from_params(spec, params)(x)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def init(spec, seed=0):
+  return transformer.init_params(spec, seed)
+
+
 @pytest.mark.parametrize("family,targets", [("llama", ALL), ("gpt", "q,v,mlp_out")])
 def test_a_fresh_adapter_is_the_identity_and_merging_is_exact(family, targets):
   c = small(family, targets=targets)
   spec, float_spec = ModelSpec.from_config(c.model, c.train.lora), ModelSpec.from_config(c.model)
-  adapters, frozen = lora.split(transformer.init_params(spec, 0))
+  adapters, frozen = lora.split(init(spec))
   assert set(adapters["blocks"]["attn"]) == {"wq_lora_a", "wq_lora_b", "wv_lora_a", "wv_lora_b"} | (
       {"wk_lora_a", "wk_lora_b", "wo_lora_a", "wo_lora_b"} if family == "llama" else set())
-  base_logits = transformer.from_params(float_spec, frozen)(X)
-  np.testing.assert_array_equal(transformer.from_params(spec, lora.combine(adapters, frozen))(X), base_logits)
+  base_logits = logits(float_spec, frozen)
+  np.testing.assert_array_equal(logits(spec, lora.combine(adapters, frozen)), base_logits)
   trained = lora.combine(perturbed(adapters), frozen)
-  unmerged = transformer.from_params(spec, trained)(X)
+  unmerged = logits(spec, trained)
   assert float(jnp.abs(unmerged - base_logits).max()) > 0.1  # the adapters do something
-  merged = transformer.from_params(float_spec, lora.merge(spec, trained))(X)
+  merged = logits(float_spec, lora.merge(spec, trained))
   np.testing.assert_allclose(merged, unmerged, atol=2e-5)
 
 
@@ -106,13 +119,13 @@ def test_qlora_keeps_the_base_quantized_and_computes_the_dequantized_model(base_
   lo = setup_lib.build(c)
   state = lo.init_state()
   float_spec = ModelSpec.from_config(c.model)
-  float_params = transformer.init_params(float_spec, c.train.seed)
+  float_params = init(float_spec, c.train.seed)
   stored = quant.nbytes(state["frozen"]["blocks"])
   assert stored < (0.3 if base_quant == "int8" else 0.2) * quant.nbytes(float_params["blocks"])
   # the frozen base equals round-to-nearest of the float model: compare against its dequantized weights
   spec = ModelSpec.from_config(c.model, c.train.lora)
   trained = perturbed(state["params"])
-  model = transformer.from_params(spec, lora.combine(trained, state["frozen"]))
+  model_logits = logits(spec, lora.combine(trained, state["frozen"]))
   reference = jax.tree.map(lambda x: x, float_params)
   for parent, name, n_in in quant.BLOCK_WEIGHTS:
     group = reference["blocks"].get(parent[0], {})
@@ -141,8 +154,8 @@ def test_qlora_keeps_the_base_quantized_and_computes_the_dequantized_model(base_
   assert quant.nbytes(state["frozen"]) < 0.3 * quant.nbytes(float_params)
   ref_spec = dataclasses.replace(lora.base_spec(spec), lora_rank=spec.lora_rank, lora_alpha=spec.lora_alpha,
                                  lora_targets=spec.lora_targets)  # float base, same adapters
-  ref = transformer.from_params(ref_spec, lora.combine(trained, jax.tree.map(jnp.asarray, reference)))
-  np.testing.assert_allclose(model(X), ref(X), atol=2e-4)
+  ref_logits = logits(ref_spec, lora.combine(trained, jax.tree.map(jnp.asarray, reference)))
+  np.testing.assert_allclose(model_logits, ref_logits, atol=2e-4)
   state, metrics = lo.train_step(state, random_batch(0))  # and it trains (gradients through the codes' matmul)
   assert np.isfinite(float(metrics["loss"]))
 
@@ -183,13 +196,12 @@ def test_lora_trains_with_fsdp_and_tensor_sharding_like_one_device():
 @pytest.mark.parametrize("family,targets", [("llama", ALL), ("gpt", "q,k,o,mlp_in")])
 def test_peft_reads_our_adapters_and_we_read_peft_adapters(family, targets, tmp_path):
   import peft as peft_lib
-  import transformers
 
   c = small(family, targets=targets)
   spec, float_spec = ModelSpec.from_config(c.model, c.train.lora), ModelSpec.from_config(c.model)
-  adapters, frozen = lora.split(transformer.init_params(spec, 0))
+  adapters, frozen = lora.split(init(spec))
   adapters = perturbed(adapters)
-  ours = np.asarray(transformer.from_params(spec, lora.combine(adapters, frozen))(X))
+  ours = np.asarray(logits(spec, lora.combine(adapters, frozen)))
   hf.save_pretrained(transformer.from_params(float_spec, frozen), str(tmp_path / "base"))
   peft.save_adapter(spec, adapters, str(tmp_path / "adapter"))
   torch_base = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "base"), dtype=torch.float32)
@@ -208,9 +220,9 @@ def test_peft_reads_our_adapters_and_we_read_peft_adapters(family, targets, tmp_
   with torch.no_grad():
     theirs = made(torch.tensor(np.asarray(X))).logits.numpy()
   lora_spec, read = peft.load_adapter(str(tmp_path / "theirs"), float_spec)
-  ours = np.asarray(transformer.from_params(lora_spec, lora.combine(read, frozen))(X))
+  ours = np.asarray(logits(lora_spec, lora.combine(read, frozen)))
   np.testing.assert_allclose(ours, theirs, atol=1e-4)
-  assert float(np.abs(theirs - np.asarray(transformer.from_params(float_spec, frozen)(X))).max()) > 1e-2
+  assert float(np.abs(theirs - np.asarray(logits(float_spec, frozen))).max()) > 1e-2
 
 
 # -- fine-tuning data -----------------------------------------------------------------------------------------------
@@ -327,6 +339,14 @@ def test_qlora_fine_tuning_learns_resumes_bitwise_and_serves(tiny_run, tmp_path)
   x = jnp.asarray(np.arange(32).reshape(2, 16) % 300, jnp.int32)
   np.testing.assert_allclose(with_peft(x), float_lora(x), atol=1e-4)
 
+  # merged into the float base and exported for transformers: the same logits as the base with the adapter beside it
+  merged_dir = str(tmp_path / "merged_hf")
+  convert.export_hf(base_run, merged_dir, adapter=out)
+  torch_model = transformers.AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32)
+  with torch.no_grad():
+    theirs = torch_model(torch.tensor(np.asarray(x))).logits.numpy()
+  np.testing.assert_allclose(theirs, float_lora(x), atol=1e-4)
+
 
 def _eval_loss(model, config):
   tok = tokenizer_lib.load(config.data.tokenizer_path)
@@ -339,19 +359,19 @@ def _eval_loss(model, config):
 def test_one_engine_serves_several_adapters_picked_per_request(tiny_run, tmp_path):
   c = small(targets="q,v,mlp_out")
   float_spec = ModelSpec.from_config(c.model)
-  frozen = transformer.init_params(float_spec, 0)
+  frozen = init(float_spec)
   paths, merged = [], []
   for i, (rank, targets) in enumerate([(4, "q,v,mlp_out"), (2, "k,o,mlp_in")]):
     cfg = small(rank=rank, targets=targets)
     spec = ModelSpec.from_config(cfg.model, cfg.train.lora)
-    adapters = perturbed(lora.split(transformer.init_params(spec, 0))[0], seed=i + 5, scale=0.3)
+    adapters = perturbed(lora.split(init(spec))[0], seed=i + 5, scale=0.3)
     paths.append(str(tmp_path / f"a{i}"))
     peft.save_adapter(spec, adapters, paths[-1])
     merged.append(transformer.from_params(float_spec, lora.merge(spec, lora.combine(adapters, frozen))))
   base_model = transformer.from_params(float_spec, frozen)
   banked = loading.with_adapter_bank(base_model, paths)
   assert banked.spec.lora_bank == 3 and banked.spec.lora_rank == 4
-  prompts = [list(np.arange(3, 3 + n) % 128) for n in (5, 9, 3, 7)]
+  prompts = [list((np.arange(6) * k + 3) % 128) for k in (1, 2, 3, 5)]  # one length: generate compiles once
   which = [0, 1, 2, 1]
   engine = Engine(banked, slots=4, page_size=16)
   slots = {engine.insert(p, SamplingParams(max_tokens=6, adapter=a)): i for i, (p, a) in enumerate(zip(prompts, which))}

@@ -470,6 +470,45 @@ def test_openai_client_works_against_the_server(server):
     client.completions.create(model=srv.model_id, prompt="a", max_tokens=-5)
 
 
+def test_chat_completions_render_the_template_and_work_with_the_openai_client(server):
+  import openai
+
+  srv, bg = server
+  client = openai.OpenAI(base_url=bg.url + "/v1", api_key="unused", max_retries=0)
+  messages = [{"role": "system", "content": "You write Python."}, {"role": "user", "content": "a loop"}]
+  # the reference: the default template's rendering with the generation prompt, continued greedily to its EOT
+  text = srv.chat_template.render(messages, add_generation_prompt=True)
+  assert text == "<|endoftext|><|system|>\nYou write Python.<|endoftext|><|user|>\na loop<|endoftext|><|assistant|>\n"
+  prompt = tokenizer_lib.encode(srv.tokenizer, text)
+  alone = generate.generate(srv.scheduler.engine.model, [prompt], max_new_tokens=12, eos_id=srv.eot)[0]
+  want = tokenizer_lib.decode_completion(srv.tokenizer, alone)
+  reply = client.chat.completions.create(model=srv.model_id, messages=messages, max_tokens=12, temperature=0, n=2,
+                                         seed=3)
+  assert reply.object == "chat.completion" and [c.message.role for c in reply.choices] == ["assistant"] * 2
+  assert [c.message.content for c in reply.choices] == [want, want]
+  assert reply.usage.prompt_tokens == 2 * len(prompt) and reply.usage.completion_tokens == 2 * len(alone)
+  chunks = list(client.chat.completions.create(model=srv.model_id, messages=messages, max_completion_tokens=12,
+                                               temperature=0, stream=True, stream_options={"include_usage": True}))
+  assert chunks[0].choices[0].delta.role == "assistant" and chunks[-1].usage.completion_tokens == len(alone)
+  assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == want
+  assert chunks[-2].choices[0].finish_reason in ("stop", "length")
+  stopped = client.chat.completions.create(model=srv.model_id, messages=messages, max_tokens=12, temperature=0,
+                                           stop=[want[2:4]] if len(want) > 3 else None)
+  assert want.startswith(stopped.choices[0].message.content)
+  # parts, developer role; and refusals that name the field
+  parts = [{"role": "developer", "content": [{"type": "text", "text": "You write "}, {"type": "text", "text": "Python."}]},
+           {"role": "user", "content": "a loop"}]
+  assert client.chat.completions.create(model=srv.model_id, messages=parts, max_tokens=12,
+                                        temperature=0).choices[0].message.content == want
+  for bad, param in (({"messages": []}, "messages"), ({"messages": [{"role": "robot", "content": "x"}]}, "messages"),
+                     ({"messages": messages, "tools": [{"type": "function"}]}, "tools"),
+                     ({"messages": messages, "extra_body": {"prompt": "x"}}, "prompt"),
+                     ({"messages": messages, "max_tokens": 4, "max_completion_tokens": 4}, "max_completion_tokens")):
+    with pytest.raises(openai.BadRequestError) as e:
+      client.chat.completions.create(model=srv.model_id, **bad)
+    assert e.value.body["param"] == param, (bad, e.value.body)
+
+
 def test_a_client_that_disconnects_is_cancelled_and_its_pages_freed(server, monkeypatch):
   srv, bg = server
   engine = srv.scheduler.engine

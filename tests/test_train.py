@@ -158,7 +158,7 @@ def test_generate_cli_is_deterministic_under_a_seed(tiny_run):
     ("train.grad_accum_steps", 3, "must divide train.batch_size=8"),
     ("data.seq_len", 512, "must be <= model.max_len=256"),
     ("train.learning_rate", -1.0, "must be a number > 0"),
-    ("data.source", "http://x", "'stdlib', 'files:GLOB' or 'tfds:NAME[:CONFIG]'"),
+    ("data.source", "http://x", "'stdlib', 'files:GLOB', 'tfds:NAME[:CONFIG]' or 'sft:JSONL'"),
     ("train.warmup_steps", 10_000, "must be <= train.steps=600"),
     ("train.profile_steps", "9:3", "use A:B with 1 <= A <= B"),
 ])
