@@ -41,6 +41,10 @@ from model import lora
 from infer.sampling import SamplingParams
 
 
+TOP_LOGPROBS = 5  # alternatives reported per generated token (OpenAI's completions allow up to 5)
+Logprob = tuple[float, tuple[tuple[int, float], ...]]  # (the token's log-probability, the top alternatives)
+
+
 @functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("pages",))
 def _step(graphdef, state, pages, tokens, live, positions, page_table, lengths, last_index, counters, settings,
           adapters):
@@ -50,7 +54,11 @@ def _step(graphdef, state, pages, tokens, live, positions, page_table, lengths, 
   with lora.row_adapters(adapters):
     logits, pages = model.extend_paged(tokens, live, positions, page_table, lengths, pages)
   last = jnp.take_along_axis(logits, last_index[:, None, None], axis=1)[:, 0]
-  return sampling.sample(last, counters=counters, **settings), pages
+  chosen = sampling.sample(last, counters=counters, **settings)
+  # log-probabilities of the model's distribution (before temperature and filtering), as OpenAI's logprobs report
+  logp = jax.nn.log_softmax(last.astype(jnp.float32), axis=-1)
+  top_lp, top_ids = jax.lax.top_k(logp, TOP_LOGPROBS)
+  return (chosen, jnp.take_along_axis(logp, chosen[:, None], axis=1)[:, 0], top_lp, top_ids), pages
 
 
 @dataclasses.dataclass
@@ -97,6 +105,8 @@ class Engine:
     self._free_pages = list(range(self.num_pages - 1, 0, -1))  # a stack; page 0 is scratch
     self._table = np.zeros((self.slots, self.max_pages), np.int32)
     self._active: dict[int, _Slot] = {}
+    self._row_logprobs: list[Logprob] = []
+    self.logprobs: dict[int, Logprob] = {}  # slot -> its last token's log-probability and top alternatives
 
   # -- capacity ---------------------------------------------------------------------------------------------------
 
@@ -165,6 +175,7 @@ class Engine:
     if s.prefilled < len(s.prompt):
       return None
     s.last_token, s.generated = int(token), 1
+    self.logprobs[slot] = self._row_logprobs[0]
     return int(token)
 
   def generate(self) -> dict[int, int]:
@@ -189,11 +200,13 @@ class Engine:
       s = self._active[slot]
       s.last_token, s.generated = int(out[slot]), s.generated + 1
       result[slot] = s.last_token
+      self.logprobs[slot] = self._row_logprobs[slot]
     return result
 
   def release(self, slot: int) -> None:
     """Frees the slot and returns its pages (finished or cancelled request)."""
     s = self._active.pop(slot)
+    self.logprobs.pop(slot, None)
     self._free_pages.extend(reversed(s.pages))
     self._table[slot] = 0
 
@@ -210,4 +223,7 @@ class Engine:
     adapters = np.array([p.adapter for p in params], np.int32)
     out, self._pages = _step(self._graphdef, self._state, self._pages, tokens, live, positions, table, lengths,
                              last_index, counters, sampling.row_settings(params), adapters)
-    return np.asarray(jax.device_get(out))
+    chosen, lp, top_lp, top_ids = jax.device_get(out)
+    self._row_logprobs = [(float(lp[i]), tuple(zip(map(int, top_ids[i]), map(float, top_lp[i]))))
+                          for i in range(len(rows))]
+    return np.asarray(chosen)

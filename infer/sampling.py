@@ -28,6 +28,7 @@ class SamplingParams:
   stop_tokens: tuple[int, ...] = ()
   stop_strings: tuple[str, ...] = ()
   adapter: int = 0  # the LoRA adapter of the serving engine's bank that decodes the request (0: the base model)
+  logprobs: int = -1  # server responses: -1 none; k >= 0: each token's log-probability and its top k alternatives
 
   def validate(self) -> "SamplingParams":
     """self, or ValueError naming the first bad setting and what is allowed."""

@@ -46,6 +46,7 @@ class Event:
   # "stop", "length", "cancelled", "error" (the engine failed: HTTP 500), "queue_timeout" (waited longer than the
   # scheduler's queue_timeout for a slot: HTTP 503) or "timeout" (ran longer than its request_timeout: HTTP 504)
   finish_reason: str | None = None
+  logprobs: list = dataclasses.field(default_factory=list)  # per token id: `engine.Logprob` (or None)
 
 
 @dataclasses.dataclass(eq=False)
@@ -59,6 +60,7 @@ class Request:
   finish_time: float | None = None
   finish_reason: str | None = None
   output_ids: list[int] = dataclasses.field(default_factory=list)
+  output_logprobs: list = dataclasses.field(default_factory=list)  # per output id: `engine.Logprob`
   text: str = ""  # the completion text emitted so far
   cancelled: threading.Event = dataclasses.field(default_factory=threading.Event)
   error: str | None = None  # why the request failed (finish_reason "error", "queue_timeout" or "timeout")
@@ -278,6 +280,8 @@ class Scheduler:
     request = self._running[slot]
     self.generated_tokens += 1
     request.output_ids.append(token)
+    logprob = self.engine.logprobs.get(slot)
+    request.output_logprobs.append(logprob)
     params = request.params
     full = self._detokenize(request.output_ids)
     reason = None
@@ -295,16 +299,17 @@ class Scheduler:
     delta = full[len(request.text):emit_to]
     request.text += delta
     if reason is None:
-      request.on_event(Event([token], delta))
+      request.on_event(Event([token], delta, logprobs=[logprob]))
       return
     with self._lock:
       self.engine.release(slot)
       del self._running[slot]
-    self._finish_event(request, [token], delta, reason)
+    self._finish_event(request, [token], delta, reason, [logprob])
 
-  def _finish_event(self, request: Request, token_ids: list[int], text: str, reason: str) -> None:
+  def _finish_event(self, request: Request, token_ids: list[int], text: str, reason: str,
+                    logprobs: list | None = None) -> None:
     request.finish_time = time.perf_counter()
     request.finish_reason = reason
-    request.on_event(Event(token_ids, text, reason))
+    request.on_event(Event(token_ids, text, reason, logprobs or []))
     if self.on_finish is not None:
       self.on_finish(request)

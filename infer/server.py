@@ -11,6 +11,9 @@ Routes:
     `sft.DEFAULT_CHAT_TEMPLATE`) and a generation prompt; max_tokens or max_completion_tokens (default: the rest of
     the context), the same sampling fields, n, stop, seed and stream (`chat.completion.chunk` deltas, the role in
     each choice's first chunk); the assistant turn ends at the template's end-of-turn token.
+  * `logprobs` on both (completions: the number of alternatives, 0-5; chat: `logprobs: true` and `top_logprobs`
+    0-5): each generated token's log-probability under the model (before temperature and filtering) and its top
+    alternatives, in OpenAI's shapes.
   * `GET /v1/models`, `GET /health` (503 while draining), `GET /metrics` (Prometheus text: queue length, active
     slots, free pages, tokens/s, time-to-first-token and time-per-output-token histograms).
 Bad requests get 400 with an OpenAI-style error body (`{"error": {"message", "type", "param", "code"}}`): bodies that
@@ -38,6 +41,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from infer.engine import TOP_LOGPROBS
 from infer.sampling import SamplingParams
 from train import profiling
 from train import sft
@@ -52,15 +56,15 @@ MAX_BODY_BYTES = 4 * 2**20
 RETRY_AFTER_S = 1
 STUCK_AFTER_S = 60.0
 # Accepted OpenAI fields that only have their neutral value here (anything else gets a 400 naming the field).
-NEUTRAL = {"frequency_penalty": (0, 0.0, None), "presence_penalty": (0, 0.0, None), "logprobs": (None,),
+NEUTRAL = {"frequency_penalty": (0, 0.0, None), "presence_penalty": (0, 0.0, None),
            "echo": (False, None), "suffix": (None,), "logit_bias": (None,), "best_of": (None, 1)}
 KNOWN = {"model", "prompt", "max_tokens", "temperature", "top_p", "top_k", "n", "stop", "stream", "stream_options",
-         "seed", "user", "ignore_eos", *NEUTRAL}
-CHAT_NEUTRAL = {"frequency_penalty": (0, 0.0, None), "presence_penalty": (0, 0.0, None), "logprobs": (None, False),
-                "top_logprobs": (None, 0), "logit_bias": (None,), "response_format": (None, {"type": "text"}),
-                "parallel_tool_calls": (None,), "tools": (None, []), "tool_choice": (None, "none")}
+         "seed", "user", "ignore_eos", "logprobs", *NEUTRAL}
+CHAT_NEUTRAL = {"frequency_penalty": (0, 0.0, None), "presence_penalty": (0, 0.0, None), "logit_bias": (None,),
+                "response_format": (None, {"type": "text"}), "parallel_tool_calls": (None,), "tools": (None, []),
+                "tool_choice": (None, "none")}
 CHAT_KNOWN = (KNOWN - {"prompt", "echo", "suffix", "best_of", *NEUTRAL}) | {"messages", "max_completion_tokens",
-                                                                            *CHAT_NEUTRAL}
+                                                                            "top_logprobs", *CHAT_NEUTRAL}
 CHAT_ROLES = ("system", "developer", "user", "assistant")
 
 
@@ -327,8 +331,17 @@ class Server:
     options = body.get("stream_options") or {}
     if not isinstance(options, dict) or set(options) - {"include_usage"}:
       raise BadRequest("'stream_options' may only hold 'include_usage'", "stream_options")
+    if chat:  # logprobs: bool, top_logprobs: alternatives
+      if body.get("logprobs") not in (None, True, False):
+        raise BadRequest(f"'logprobs' must be a boolean; got {body['logprobs']!r}", "logprobs")
+      top = _int(body, "top_logprobs", 0, 0, TOP_LOGPROBS)
+      if top and not body.get("logprobs"):
+        raise BadRequest("'top_logprobs' needs 'logprobs': true", "top_logprobs")
+      logprobs = top if body.get("logprobs") else -1
+    else:  # logprobs: the number of alternatives, or null
+      logprobs = -1 if body.get("logprobs") is None else _int(body, "logprobs", 0, 0, TOP_LOGPROBS)
     params = SamplingParams(
-        max_tokens=max_tokens,
+        max_tokens=max_tokens, logprobs=logprobs,
         temperature=_float(body, "temperature", 1.0, 0.0, 2.0), top_p=_float(body, "top_p", 1.0, 0.0, 1.0,
                                                                               lo_open=True),
         top_k=_int(body, "top_k", 0, 0, self.vocab),
@@ -341,6 +354,24 @@ class Server:
       except ValueError as e:
         raise BadRequest(str(e), "prompt", "context_length_exceeded") from None
     return prompts, params, n, stream, bool(options.get("include_usage", False))
+
+  def _logprobs(self, token_ids, logprobs, top: int, chat: bool):
+    """OpenAI's logprobs object for these tokens (None when not asked for): completions {tokens, token_logprobs,
+    top_logprobs, text_offset}, chat {content: [{token, logprob, bytes, top_logprobs}]}."""
+    if top < 0:
+      return None
+    piece = lambda i: tokenizer_lib.decode(self.tokenizer, [i])  # noqa: E731
+    pairs = [(t, lp) for t, lp in zip(token_ids, logprobs) if lp is not None]
+    if chat:
+      entry = lambda i, lp: {"token": piece(i), "logprob": lp, "bytes": list(piece(i).encode())}  # noqa: E731
+      return {"content": [{**entry(t, lp[0]), "top_logprobs": [entry(j, v) for j, v in lp[1][:top]]}
+                          for t, lp in pairs]}
+    offsets, at = [], 0
+    for t, _ in pairs:
+      offsets.append(at)
+      at += len(piece(t))
+    return {"tokens": [piece(t) for t, _ in pairs], "token_logprobs": [lp[0] for _, lp in pairs],
+            "top_logprobs": [{piece(j): v for j, v in lp[1][:top]} for _, lp in pairs], "text_offset": offsets}
 
   def _submit_all(self, prompts, params, n, loop) -> tuple[list[Request], list[asyncio.Queue]]:
     requests, queues = [], []
@@ -410,7 +441,9 @@ class Server:
         if failed:
           return failure_response(failed[0])
         choices = [{"index": i, **({"message": {"role": "assistant", "content": r.text}} if chat else
-                                   {"text": r.text}), "logprobs": None, "finish_reason": r.finish_reason}
+                                   {"text": r.text}),
+                    "logprobs": self._logprobs(r.output_ids, r.output_logprobs, params.logprobs, chat),
+                    "finish_reason": r.finish_reason}
                    for i, r in enumerate(requests)]
         return web.json_response({**head, "choices": choices, "usage": usage()})
       response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
@@ -432,9 +465,11 @@ class Server:
               if i not in started:
                 delta = {"role": "assistant", "content": event.text}
                 started.add(i)
-              choice = {"index": i, "delta": delta, "logprobs": None, "finish_reason": event.finish_reason}
+            logprobs = self._logprobs(event.token_ids, event.logprobs, params.logprobs, chat)
+            if chat:
+              choice = {"index": i, "delta": delta, "logprobs": logprobs, "finish_reason": event.finish_reason}
             else:
-              choice = {"text": event.text, "index": i, "logprobs": None, "finish_reason": event.finish_reason}
+              choice = {"text": event.text, "index": i, "logprobs": logprobs, "finish_reason": event.finish_reason}
             await send({**head, "choices": [choice]})
           if event.finish_reason is None:
             pending[asyncio.ensure_future(queues[i].get())] = i

@@ -495,6 +495,18 @@ def test_chat_completions_render_the_template_and_work_with_the_openai_client(se
   stopped = client.chat.completions.create(model=srv.model_id, messages=messages, max_tokens=12, temperature=0,
                                            stop=[want[2:4]] if len(want) > 3 else None)
   assert want.startswith(stopped.choices[0].message.content)
+  # logprobs: the model's log-probabilities of the greedy tokens, the top alternatives first
+  lp = client.chat.completions.create(model=srv.model_id, messages=messages, max_tokens=12, temperature=0,
+                                      logprobs=True, top_logprobs=3).choices[0].logprobs.content
+  assert len(lp) == len(alone) and all(len(t.top_logprobs) == 3 for t in lp)
+  assert all(t.top_logprobs[0].logprob == pytest.approx(t.logprob, abs=1e-5) for t in lp)  # greedy: the best
+  full = np.asarray(jax.nn.log_softmax(srv.scheduler.engine.model(jnp.asarray([prompt + alone]))[0], axis=-1))
+  want_lp = [full[len(prompt) - 1 + i, t] for i, t in enumerate(alone)]
+  np.testing.assert_allclose([t.logprob for t in lp], want_lp, atol=2e-4)
+  text_lp = client.completions.create(model=srv.model_id, prompt=prompt, max_tokens=12, temperature=0,
+                                      logprobs=2).choices[0].logprobs
+  np.testing.assert_allclose(text_lp.token_logprobs, want_lp, atol=2e-4)
+  assert all(1 <= len(d) <= 2 for d in text_lp.top_logprobs) and text_lp.text_offset[0] == 0
   # parts, developer role; and refusals that name the field
   parts = [{"role": "developer", "content": [{"type": "text", "text": "You write "}, {"type": "text", "text": "Python."}]},
            {"role": "user", "content": "a loop"}]
@@ -503,7 +515,9 @@ def test_chat_completions_render_the_template_and_work_with_the_openai_client(se
   for bad, param in (({"messages": []}, "messages"), ({"messages": [{"role": "robot", "content": "x"}]}, "messages"),
                      ({"messages": messages, "tools": [{"type": "function"}]}, "tools"),
                      ({"messages": messages, "extra_body": {"prompt": "x"}}, "prompt"),
-                     ({"messages": messages, "max_tokens": 4, "max_completion_tokens": 4}, "max_completion_tokens")):
+                     ({"messages": messages, "max_tokens": 4, "max_completion_tokens": 4}, "max_completion_tokens"),
+                     ({"messages": messages, "top_logprobs": 2}, "top_logprobs"),
+                     ({"messages": messages, "logprobs": True, "top_logprobs": 9}, "top_logprobs")):
     with pytest.raises(openai.BadRequestError) as e:
       client.chat.completions.create(model=srv.model_id, **bad)
     assert e.value.body["param"] == param, (bad, e.value.body)
