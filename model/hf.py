@@ -13,6 +13,7 @@ larger than one device loads onto a mesh.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -467,6 +468,30 @@ def hf_tensors(model: Transformer, model_type: str | None = None) -> dict[str, n
           for name, parts in pieces.items()}
 
 
+def check_new_directory(out_dir: str) -> None:
+  """FileExistsError unless `out_dir` is new or empty (exports never overwrite)."""
+  if os.path.exists(out_dir) and os.listdir(out_dir):
+    raise FileExistsError(f"{out_dir} is not empty: choose a new directory for the export")
+
+
+@contextlib.contextmanager
+def staged_directory(out_dir: str):
+  """Yields a temporary directory beside `out_dir` to write into; renamed to `out_dir` when the block ends, removed
+  if it raises, so a crash never leaves a half-written export. out_dir must be new or empty."""
+  check_new_directory(out_dir)
+  parent = os.path.dirname(os.path.abspath(out_dir))
+  os.makedirs(parent, exist_ok=True)
+  tmp = tempfile.mkdtemp(prefix=".export-", dir=parent)
+  try:
+    yield tmp
+    if os.path.exists(out_dir):
+      os.rmdir(out_dir)
+    os.rename(tmp, out_dir)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+
+
 def save_pretrained(model: Transformer, out_dir: str, *, model_type: str | None = None, extra_config: dict | None = None,
                     max_shard_bytes: int = 5 * 2**30, extra_files: dict[str, str | dict] | None = None) -> str:
   """Writes `model` as a Hugging Face directory (config.json and safetensors, sharded with an index past
@@ -477,13 +502,9 @@ def save_pretrained(model: Transformer, out_dir: str, *, model_type: str | None 
   directory is written beside `out_dir` and renamed into place, so a crash leaves no half-written model; out_dir
   must not exist or be empty. Returns out_dir."""
   model_type = architecture_of(model.spec, model_type)
-  if os.path.exists(out_dir) and os.listdir(out_dir):
-    raise FileExistsError(f"{out_dir} is not empty: choose a new directory for the export")
+  check_new_directory(out_dir)
   tensors = hf_tensors(model, model_type)
-  parent = os.path.dirname(os.path.abspath(out_dir))
-  os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix=".export-", dir=parent)
-  try:
+  with staged_directory(out_dir) as tmp:
     shards: list[dict[str, np.ndarray]] = [{}]
     size = 0
     for name in sorted(tensors):
@@ -510,10 +531,4 @@ def save_pretrained(model: Transformer, out_dir: str, *, model_type: str | None 
           json.dump(source, f, indent=2)
       else:
         shutil.copy(source, os.path.join(tmp, name))
-    if os.path.exists(out_dir):
-      os.rmdir(out_dir)
-    os.rename(tmp, out_dir)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
   return out_dir

@@ -16,8 +16,6 @@ import dataclasses
 import json
 import math
 import os
-import shutil
-import tempfile
 
 import jax
 import jax.numpy as jnp
@@ -56,8 +54,7 @@ def save_adapter(spec: ModelSpec, adapters: dict, out_dir: str, *, base_model: s
   """Writes the adapters (`lora.split(params)[0]` of a LoRA `spec`) as a PEFT LoRA directory for the Hugging Face
   export of the base model (`hf.save_pretrained`, same `model_type`). out_dir must not exist or be empty."""
   model_type = hf.architecture_of(spec, model_type)
-  if os.path.exists(out_dir) and os.listdir(out_dir):
-    raise FileExistsError(f"{out_dir} is not empty: choose a new directory for the adapter")
+  hf.check_new_directory(out_dir)
   rules = _target_rules(spec, model_type)
   blocks = jax.device_get(adapters["blocks"])
   r, layers = spec.lora_rank, spec.num_layers
@@ -96,22 +93,13 @@ def save_adapter(spec: ModelSpec, adapters: dict, out_dir: str, *, base_model: s
             "bias": "none", "fan_in_fan_out": model_type == "gpt2", "base_model_name_or_path": base_model or None,
             "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern, "use_rslora": False, "use_dora": False,
             "inference_mode": True, "modules_to_save": None, "init_lora_weights": True}
-  parent_dir = os.path.dirname(os.path.abspath(out_dir))
-  os.makedirs(parent_dir, exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix=".adapter-", dir=parent_dir)
-  try:
+  with hf.staged_directory(out_dir) as tmp:
     dtype = jnp.dtype(spec.param_dtype)
     with jax.default_device(jax.devices("cpu")[0]):
       save_file({k: jnp.asarray(v, dtype) for k, v in tensors.items()}, os.path.join(tmp, WEIGHTS),
                 metadata={"format": "pt"})
     with open(os.path.join(tmp, CONFIG), "w", encoding="utf-8") as f:
       json.dump(config, f, indent=2)
-    if os.path.exists(out_dir):
-      os.rmdir(out_dir)
-    os.rename(tmp, out_dir)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
   return out_dir
 
 
