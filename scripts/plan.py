@@ -14,6 +14,15 @@ bubble ticks included), and under FSDP the all-gathered weights in flight.
 
 `--compile` also lowers and compiles the real train step on `--devices` devices (simulated on CPU) and prints
 XLA's own memory analysis next to the estimate. Prints a table and writes JSON.
+
+`--topology=v5e:2x2` (with the `libtpu` wheel installed: `pip install -e ".[tpu]"`) plans for that Cloud TPU slice
+from any machine: the mesh is laid over the slice's devices (`jax.experimental.topologies`), the train step is
+compiled for TPU ahead of time, and the table adds XLA's compiled peak per chip, whether it fits the chip's HBM
+(`TPU_CHIPS`), and XLA's estimated step time (the compiled cost analysis' `optimal_seconds`) beside an analytic
+one (the step's FLOPs at the chip's peak bf16 rate).
+
+  python -m scripts.plan --config=configs/llama_1b.py --topology=v5p:2x2x2 --config.mesh.fsdp=-1 \
+      --config.mesh.data=1 --compile
 """
 
 from __future__ import annotations
@@ -22,6 +31,7 @@ import json
 import math
 import os
 import sys
+import time
 
 _DEVICES_FLAG = next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--devices=")), None)
 if _DEVICES_FLAG and "jax" not in sys.modules:  # simulated devices must be requested before jax starts
@@ -30,14 +40,56 @@ if _DEVICES_FLAG and "jax" not in sys.modules:  # simulated devices must be requ
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from absl import app, flags  # noqa: E402
+from jax.experimental import topologies  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from configs import base  # noqa: E402
+from model import flops as flops_lib  # noqa: E402
 from model import pipeline as pipeline_lib  # noqa: E402
 from model.transformer import ModelSpec  # noqa: E402
 from train import setup as setup_lib  # noqa: E402
 
 GB = 1e9
+# device_kind -> (HBM bytes per chip, peak dense bf16 FLOP/s per chip), from Google's published TPU specifications
+TPU_CHIPS = {"TPU v4": (32 * 2**30, 275e12), "TPU v5 lite": (16 * 2**30, 197e12), "TPU v5": (95 * 2**30, 459e12),
+             "TPU v5p": (95 * 2**30, 459e12), "TPU v6 lite": (32 * 2**30, 918e12), "TPU v6e": (32 * 2**30, 918e12)}
+
+
+def topology_devices(name: str) -> list:
+  """The devices of the Cloud TPU slice `name` (e.g. "v5e:2x2", "v5p:2x2x2"), compiled for without a TPU; ValueError
+  naming the flag when libtpu is not installed or the name is unknown."""
+  try:
+    return list(topologies.get_topology_desc(platform="tpu", topology_name=name).devices)
+  except Exception as e:  # no libtpu (RuntimeError/ValueError from the plugin loader), or an unknown topology
+    raise ValueError(f"--topology={name!r}: cannot describe this TPU slice ({type(e).__name__}: {str(e)[:200]}); "
+                     "install the TPU compiler with `pip install -e \".[tpu]\"` and use names such as v5e:2x2, "
+                     "v5p:2x2x2, v4:2x2x1, v6e:2x2") from None
+
+
+def tpu_compile(config, devices) -> dict:
+  """Compiles the train step of `config` for the TPU `devices` (`topology_devices`): XLA's per-chip memory (argument,
+  output, temp, peak), whether it fits the chip's HBM, XLA's estimated step time and the analytic one."""
+  config = config.copy_and_resolve_references()
+  config.model.matmul_impl = "xla"  # the native CPU kernels are host code; TPU runs XLA's dots
+  setup = setup_lib.build(base.validate(config), devices)
+  start = time.perf_counter()
+  compiled = setup.compile()
+  seconds = time.perf_counter() - start
+  m = compiled.memory_analysis()
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, list) else cost
+  kind = devices[0].device_kind
+  hbm, peak_flops = TPU_CHIPS.get(kind, (0, 0.0))
+  peak = int(getattr(m, "peak_memory_in_bytes", 0)) or (m.argument_size_in_bytes + m.output_size_in_bytes
+                                                         - m.alias_size_in_bytes + m.temp_size_in_bytes)
+  tokens = config.train.batch_size * config.data.seq_len
+  flops = flops_lib.flops_per_token(setup.spec, config.data.seq_len) * tokens
+  return {"device_kind": kind, "chips": len(devices), "compile_s": seconds, "argument": m.argument_size_in_bytes,
+          "output": m.output_size_in_bytes, "temp": m.temp_size_in_bytes, "alias": m.alias_size_in_bytes,
+          "peak": peak, "hbm": hbm, "fits": bool(hbm) and peak <= hbm,
+          "xla_step_s": float(cost.get("optimal_seconds", float("nan"))) if cost else float("nan"),
+          "xla_flops_per_chip": float(cost.get("flops", float("nan"))) if cost else float("nan"),
+          "analytic_step_s": flops / (peak_flops * len(devices)) if peak_flops else float("nan")}
 
 
 def _shard_bytes(tree, shardings) -> tuple[int, int]:
@@ -142,6 +194,12 @@ def main(argv):
   f = flags.FLAGS
   config = base.validate(f.config)
   devices = jax.devices()[:f.devices] if f.devices else None
+  if f.topology:
+    try:
+      devices = topology_devices(f.topology)
+    except ValueError as e:
+      sys.exit(f"error: {e}")
+    config.model.matmul_impl = "xla"
   result = plan(config, devices, f.device_memory_gb)
   rows = [("parameters", result["params"]), ("frozen base (LoRA)", result["frozen"]), ("gradients", result["grads"]), ("optimizer state", result["optimizer"]),
           ("activations", result["activations"]), ("batch", result["batch"]), ("total (estimate)", result["total"])]
@@ -153,7 +211,15 @@ def main(argv):
   if "fits" in result:
     print(f"  fits in {f.device_memory_gb:g} GB per device: {'yes' if result['fits'] else 'NO'} "
           f"({100 * result['total'] / result['device_memory']:.0f}% used)")
-  if f.compile:
+  if f.compile and f.topology:
+    result["tpu"] = tpu = tpu_compile(config, devices)
+    print(f"  compiled for {f.topology} ({tpu['chips']} x {tpu['device_kind']}) in {tpu['compile_s']:.1f} s: "
+          f"peak {_fmt(tpu['peak']).strip()} per chip of {_fmt(tpu['hbm']).strip()} HBM: "
+          f"{'fits' if tpu['fits'] else 'does NOT fit'}; estimate / compiled peak "
+          f"{result['total'] / tpu['peak']:.2f}")
+    print(f"  step time: XLA's estimate {tpu['xla_step_s'] * 1e3:.2f} ms, analytic (FLOPs at peak bf16) "
+          f"{tpu['analytic_step_s'] * 1e3:.2f} ms")
+  elif f.compile:
     result["compiled"] = compiled = compiled_memory(config, devices)
     if compiled:
       print("  compiled step (XLA memory analysis): " + ", ".join(f"{k} {_fmt(v).strip()}" for k, v in
@@ -168,5 +234,7 @@ if __name__ == "__main__":
   flags.DEFINE_integer("devices", 0, "Devices to plan for (0: all; on CPU they are simulated).")
   flags.DEFINE_float("device_memory_gb", 0.0, "Per-device memory to check the total against (0: no check).")
   flags.DEFINE_bool("compile", False, "Also compile the step and print XLA's memory analysis.")
+  flags.DEFINE_string("topology", "", "Plan (and with --compile, compile) for this Cloud TPU slice, e.g. v5e:2x2 "
+                      "or v5p:2x2x2 (needs libtpu: pip install -e '.[tpu]').")
   flags.DEFINE_string("out", "plan.json", "Where to write the JSON result.")
   app.run(main)

@@ -1,5 +1,7 @@
 """Memory planner: the analytic per-device estimate against XLA's memory analysis of the compiled step."""
 
+import importlib.util
+
 import jax
 import pytest
 
@@ -40,3 +42,27 @@ def test_sharding_divides_the_exact_state_bytes_and_the_fit_check_reports():
   assert one["fits"] and not fsdp["fits"]  # 1 GB holds the tiny step; 1 MB does not
   tensor = plan.plan(base.validate(_config(tensor=2)), jax.devices()[:2])
   assert tensor["activation_parts"]["logits"] == pytest.approx(one["activation_parts"]["logits"] / 2)
+
+
+TPU_REASON = "libtpu is not installed (pip install -e '.[tpu]'), so nothing can be compiled for a TPU here"
+
+
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason=TPU_REASON)
+@pytest.mark.parametrize("topology,family", [("v5e:2x2", "gpt"), ("v5p:2x2x1", "llama")])
+def test_the_train_step_compiles_for_a_tpu_slice_without_a_tpu(topology, family):
+  c = _config(data=-1)
+  c.model.update(family=family)
+  c = base.validate(c)
+  devices = plan.topology_devices(topology)
+  assert len(devices) == 4 and devices[0].platform == "tpu"
+  tpu = plan.tpu_compile(c, devices)
+  assert tpu["device_kind"] in plan.TPU_CHIPS and tpu["fits"] and 0 < tpu["peak"] < tpu["hbm"]
+  assert tpu["xla_step_s"] > 0 and tpu["analytic_step_s"] > 0 and tpu["xla_flops_per_chip"] > 0
+  estimate = plan.plan(c, devices)  # the analytic planner over the same slice
+  assert 0.3 <= estimate["total"] / tpu["peak"] <= 3, (estimate["total"], tpu)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason=TPU_REASON)
+def test_an_unknown_topology_is_named():
+  with pytest.raises(ValueError, match="--topology='v9z:1x1'"):
+    plan.topology_devices("v9z:1x1")
