@@ -72,14 +72,20 @@ def tpu_compile(config, devices) -> dict:
   config = config.copy_and_resolve_references()
   config.model.matmul_impl = "xla"  # the native CPU kernels are host code; TPU runs XLA's dots
   setup = setup_lib.build(base.validate(config), devices)
+  kind = devices[0].device_kind
+  hbm, peak_flops = TPU_CHIPS.get(kind, (0, 0.0))
   start = time.perf_counter()
-  compiled = setup.compile()
+  try:
+    compiled = setup.compile()
+  except jax.errors.JaxRuntimeError as e:  # the TPU compiler refuses programs that cannot fit the chip's HBM
+    if "RESOURCE_EXHAUSTED" not in str(e):
+      raise
+    return {"device_kind": kind, "chips": len(devices), "compile_s": time.perf_counter() - start, "fits": False,
+            "hbm": hbm, "refused": str(e).split("\n")[0][:300]}
   seconds = time.perf_counter() - start
   m = compiled.memory_analysis()
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, list) else cost
-  kind = devices[0].device_kind
-  hbm, peak_flops = TPU_CHIPS.get(kind, (0, 0.0))
   peak = int(getattr(m, "peak_memory_in_bytes", 0)) or (m.argument_size_in_bytes + m.output_size_in_bytes
                                                          - m.alias_size_in_bytes + m.temp_size_in_bytes)
   tokens = config.train.batch_size * config.data.seq_len
@@ -87,7 +93,7 @@ def tpu_compile(config, devices) -> dict:
   return {"device_kind": kind, "chips": len(devices), "compile_s": seconds, "argument": m.argument_size_in_bytes,
           "output": m.output_size_in_bytes, "temp": m.temp_size_in_bytes, "alias": m.alias_size_in_bytes,
           "peak": peak, "hbm": hbm, "fits": bool(hbm) and peak <= hbm,
-          "xla_step_s": float(cost.get("optimal_seconds", float("nan"))) if cost else float("nan"),
+          "xla_step_s": _positive_or_nan(cost.get("optimal_seconds") if cost else None),
           "xla_flops_per_chip": float(cost.get("flops", float("nan"))) if cost else float("nan"),
           "analytic_step_s": flops / (peak_flops * len(devices)) if peak_flops else float("nan")}
 
@@ -189,6 +195,23 @@ def _fmt(n: float) -> str:
   return f"{n / GB:9.3f} GB" if n >= 0.1 * GB else f"{n / 1e6:9.2f} MB"
 
 
+def _positive_or_nan(value) -> float:
+  """XLA's cost model reports optimal_seconds <= 0 where it has no estimate (seen with full remat): NaN then."""
+  return float(value) if value is not None and float(value) > 0 else float("nan")
+
+
+def _print_tpu(topology: str, tpu: dict, result: dict) -> None:
+  if "refused" in tpu:
+    print(f"  does NOT fit {topology} ({tpu['chips']} x {tpu['device_kind']}): XLA's TPU compiler says "
+          f"{tpu['refused']}")
+    return
+  print(f"  compiled for {topology} ({tpu['chips']} x {tpu['device_kind']}) in {tpu['compile_s']:.1f} s: "
+        f"peak {_fmt(tpu['peak']).strip()} per chip of {_fmt(tpu['hbm']).strip()} HBM: "
+        f"{'fits' if tpu['fits'] else 'does NOT fit'}; estimate / compiled peak {result['total'] / tpu['peak']:.2f}")
+  xla = "not reported" if math.isnan(tpu["xla_step_s"]) else f"{tpu['xla_step_s'] * 1e3:.2f} ms"
+  print(f"  step time: XLA's estimate {xla}, analytic (FLOPs at peak bf16) {tpu['analytic_step_s'] * 1e3:.2f} ms")
+
+
 def main(argv):
   del argv
   f = flags.FLAGS
@@ -213,12 +236,7 @@ def main(argv):
           f"({100 * result['total'] / result['device_memory']:.0f}% used)")
   if f.compile and f.topology:
     result["tpu"] = tpu = tpu_compile(config, devices)
-    print(f"  compiled for {f.topology} ({tpu['chips']} x {tpu['device_kind']}) in {tpu['compile_s']:.1f} s: "
-          f"peak {_fmt(tpu['peak']).strip()} per chip of {_fmt(tpu['hbm']).strip()} HBM: "
-          f"{'fits' if tpu['fits'] else 'does NOT fit'}; estimate / compiled peak "
-          f"{result['total'] / tpu['peak']:.2f}")
-    print(f"  step time: XLA's estimate {tpu['xla_step_s'] * 1e3:.2f} ms, analytic (FLOPs at peak bf16) "
-          f"{tpu['analytic_step_s'] * 1e3:.2f} ms")
+    _print_tpu(f.topology, tpu, result)
   elif f.compile:
     result["compiled"] = compiled = compiled_memory(config, devices)
     if compiled:
