@@ -224,7 +224,8 @@ def main(argv):
       sys.exit(f"error: {e}")
     config.model.matmul_impl = "xla"
   result = plan(config, devices, f.device_memory_gb)
-  rows = [("parameters", result["params"]), ("frozen base (LoRA)", result["frozen"]), ("gradients", result["grads"]), ("optimizer state", result["optimizer"]),
+  rows = [("parameters", result["params"]), ("frozen base (LoRA)", result["frozen"]), ("gradients", result["grads"]),
+          ("optimizer state", result["optimizer"]),
           ("activations", result["activations"]), ("batch", result["batch"]), ("total (estimate)", result["total"])]
   print(f"mesh {result['mesh']} ({result['devices']} devices), remat={result['remat']}, per device:")
   for name, value in rows:

@@ -2,8 +2,8 @@
 
 The train state is a plain pytree `{"step", "params", "opt_state", "rng"}` whose params are the model's pure dict
 (`nnx.to_pure_dict`), so optax, orbax and jit see nothing but arrays. LoRA runs (`model/lora.py`) keep only the
-adapters as `params` (what trains and has optimizer state) and add `"frozen"`, the rest of the model. Batches are dicts of [B, L] arrays: inputs,
-targets, segment_ids, positions (int32) and weights (float32, 0 on padding).
+adapters as `params` (what trains and has optimizer state) and add `"frozen"`, the rest of the model. Batches are
+dicts of [B, L] arrays: inputs, targets, segment_ids, positions (int32) and weights (float32, 0 on padding).
 """
 
 from __future__ import annotations

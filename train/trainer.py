@@ -193,8 +193,8 @@ def run(config, workdir: str, on_step: Callable[[int], None] | None = None,
           bar.set_postfix(loss=f"{out['loss']:.3f}", tok_s=f"{tps:,.0f}", mfu=f"{throughput['mfu']:.1%}")
           window_start, window_steps = time.perf_counter(), 0
         if (t.eval_every and step % t.eval_every == 0) or step == t.steps:
-          last_eval = validation.validation_loss(eval_fn, step_lib.model_params(state), config, sources["validation"], tokenizer,
-                                                   to_global=to_global)
+          last_eval = validation.validation_loss(eval_fn, step_lib.model_params(state), config,
+                                                 sources["validation"], tokenizer, to_global=to_global)
           writer.write(step, last_eval)
           bar.write(f"step {step}: eval loss {last_eval['eval_loss']:.4f}, perplexity {last_eval['eval_ppl']:.2f}")
           window_start, window_steps = time.perf_counter(), 0
@@ -219,8 +219,8 @@ def run(config, workdir: str, on_step: Callable[[int], None] | None = None,
                              "pipeline_bubble_fraction": bubble}
   if not interrupted:
     if not last_eval:
-      last_eval = validation.validation_loss(eval_fn, step_lib.model_params(state), config, sources["validation"], tokenizer,
-                                               to_global=to_global)
+      last_eval = validation.validation_loss(eval_fn, step_lib.model_params(state), config,
+                                             sources["validation"], tokenizer, to_global=to_global)
     summary.update(last_eval)
     if closing_sample is not None and jax.process_count() == 1:
       summary["sample"] = closing_sample(nnx.merge(setup.graphdef, step_lib.model_params(state)), tokenizer, config)
