@@ -142,7 +142,9 @@ def run(config, workdir: str, on_step: Callable[[int], None] | None = None,
 
   n_params = flops.param_count(spec)
   flops_per_token = flops.flops_per_token(spec, config.data.seq_len)
-  peak, peak_source = metrics_lib.peak_flops_per_device(config.model.dtype, t.peak_flops)
+  # MFU against the rate of the dtype the matmuls run in (model.matmul_dtype when it differs from model.dtype)
+  matmul_dtype = config.model.matmul_dtype or config.model.dtype
+  peak, peak_source = metrics_lib.peak_flops_per_device(matmul_dtype, t.peak_flops)
   step_devices = len(jax.tree.leaves(compiled.output_shardings)[0].device_set)  # devices the step really uses
   peak_total = peak * step_devices
   log.info("model: %s, %.2fM parameters, %.1f MFLOPs/token; peak %.3g FLOP/s per device (%s)",
