@@ -24,6 +24,7 @@ from flax import nnx
 from configs import base
 from infer import loading
 from infer import sampling
+from infer import speculative
 from infer.sampling import SamplingParams
 from workdir import tokenizer as tokenizer_lib
 from workdir.tokenizer import decode_completion, encode_document
@@ -101,17 +102,37 @@ def _cut(out: np.ndarray, eos_id: int | None) -> list[list[int]]:
   return rows
 
 
+SPECULATE = ("none", "lookup")  # ordinary decoding; prompt-lookup speculation (infer/speculative.py)
+
+
+def _decoder(speculate: str, draft_tokens: int, ngram: int):
+  """The jitted decode program for `speculate`, with its static settings bound; ValueError names a bad one."""
+  if speculate not in SPECULATE:
+    raise ValueError(f"speculate={speculate!r} must be one of {list(SPECULATE)}")
+  if speculate == "none":
+    return _generate_padded
+  if not 1 <= draft_tokens <= 16:
+    raise ValueError(f"draft_tokens={draft_tokens} must be in [1, 16] (tokens verified per model call - 1)")
+  if not 1 <= ngram <= 8:
+    raise ValueError(f"ngram={ngram} must be in [1, 8] (the longest context suffix looked up)")
+  return functools.partial(speculative.generate_lookup, draft_tokens=draft_tokens, ngram=ngram)
+
+
 def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, temperature: float = 0.0,
-             top_k: int = 0, top_p: float = 1.0, seed: int = 0, eos_id: int | None = None) -> list[list[int]]:
+             top_k: int = 0, top_p: float = 1.0, seed: int = 0, eos_id: int | None = None, speculate: str = "none",
+             draft_tokens: int = 4, ngram: int = 3) -> list[list[int]]:
   """Continues each prompt (a list of token ids; lengths may differ) by up to `max_new_tokens` tokens.
 
   Prompts are left-padded to the longest, prefilled in one `extend` call, and decoded in one jitted `while_loop`
   (compiled once per batch size, padded prompt length, max_new_tokens and sampling settings). Returns the new tokens
   of each row as Python ints, cut after the first `eos_id` (which is included); the loop stops once every row has
   produced it. Deterministic for a given `seed`. ValueError if padded prompt length + max_new_tokens > max_len.
+  `speculate="lookup"`: prompt-lookup speculation (`infer/speculative.py`) with `draft_tokens` drafts per model call
+  from n-grams of up to `ngram` tokens: greedy output identical, sampled output distributed as ordinary decoding's.
   """
+  decode = _decoder(speculate, draft_tokens, ngram)
   args, kwargs = _prepare(model, prompts, max_new_tokens, temperature, top_k, top_p, seed, eos_id)
-  out, _ = _generate_padded(*args, **kwargs)
+  out = decode(*args, **kwargs)[0]
   return _cut(jax.device_get(out), eos_id)
 
 

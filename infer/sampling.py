@@ -54,33 +54,43 @@ def row_settings(params) -> dict[str, np.ndarray]:
           "top_p": np.array([p.top_p for p in params], np.float32)}
 
 
+def filtered_logits(logits: jax.Array, temperature: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
+  """The distribution `sample` draws from, as logits: [B, V] float -> [B, V] float32, the logits divided by the
+  temperature with every token outside the top_k largest (0 = off) and outside the nucleus of what is left (the
+  smallest set of most likely tokens whose probability reaches top_p; 1 = off; the top token is always kept; ties at
+  the cut-off are kept) set to -inf. temperature, top_p [B] float32 (> 0 here), top_k [B] int32."""
+  vocab = logits.shape[-1]
+  scaled = logits.astype(jnp.float32) / jnp.maximum(temperature, 1e-6)[:, None]
+  ordered = -jnp.sort(-scaled, axis=-1)  # descending
+  rank = jnp.arange(vocab, dtype=jnp.int32)[None, :]
+  in_top_k = (top_k[:, None] == 0) | (rank < top_k[:, None])
+  ordered = jnp.where(in_top_k, ordered, -jnp.inf)
+  probs = jax.nn.softmax(ordered, axis=-1)
+  mass_before = jnp.cumsum(probs, axis=-1) - probs
+  # at least the top token: a top_p that rounds to 0 in float32 means greedy, not "no filtering"
+  keep = jnp.maximum(jnp.sum((mass_before < top_p[:, None]) & in_top_k, axis=-1, keepdims=True), 1)
+  threshold = jnp.take_along_axis(ordered, keep - 1, axis=-1)  # smallest kept logit
+  return jnp.where(scaled < threshold, -jnp.inf, scaled)
+
+
+def row_keys(seeds: jax.Array, counters: jax.Array) -> jax.Array:
+  """Row b's key for its counters[b]-th new token: fold_in(key(seeds[b]), counters[b]). [B] int32 each -> [B] keys."""
+  return jax.vmap(lambda s, c: jax.random.fold_in(jax.random.key(s), c))(seeds, counters)
+
+
 def sample(logits: jax.Array, seeds: jax.Array, counters: jax.Array, temperature: jax.Array, top_k: jax.Array,
            top_p: jax.Array) -> jax.Array:
   """One token per row with per-row settings. logits [B, V] float; seeds, counters, top_k [B] int32; temperature,
   top_p [B] float32. Returns [B] int32.
 
-  temperature 0 is greedy (argmax). Otherwise logits are divided by the temperature, restricted to the top_k largest
-  (0 = off), then to the nucleus of what is left: the smallest set of most likely tokens whose probability reaches
-  top_p (1 = off; the top token is always kept; ties at the cut-off are kept). Row b draws with the key
-  fold_in(key(seeds[b]), counters[b]). When no row samples, only the argmax runs."""
+  temperature 0 is greedy (argmax). Otherwise a draw from `filtered_logits` with row b's key
+  fold_in(key(seeds[b]), counters[b]) (`row_keys`). When no row samples, only the argmax runs."""
   logits = logits.astype(jnp.float32)
   greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
   def sampled(_):
-    vocab = logits.shape[-1]
-    scaled = logits / jnp.maximum(temperature, 1e-6)[:, None]
-    ordered = -jnp.sort(-scaled, axis=-1)  # descending
-    rank = jnp.arange(vocab, dtype=jnp.int32)[None, :]
-    in_top_k = (top_k[:, None] == 0) | (rank < top_k[:, None])
-    ordered = jnp.where(in_top_k, ordered, -jnp.inf)
-    probs = jax.nn.softmax(ordered, axis=-1)
-    mass_before = jnp.cumsum(probs, axis=-1) - probs
-    # at least the top token: a top_p that rounds to 0 in float32 means greedy, not "no filtering"
-    keep = jnp.maximum(jnp.sum((mass_before < top_p[:, None]) & in_top_k, axis=-1, keepdims=True), 1)
-    threshold = jnp.take_along_axis(ordered, keep - 1, axis=-1)  # smallest kept logit
-    masked = jnp.where(scaled < threshold, -jnp.inf, scaled)
-    keys = jax.vmap(lambda s, c: jax.random.fold_in(jax.random.key(s), c))(seeds, counters)
-    drawn = jax.vmap(lambda k, row: jax.random.categorical(k, row))(keys, masked).astype(jnp.int32)
+    masked = filtered_logits(logits, temperature, top_k, top_p)
+    drawn = jax.vmap(jax.random.categorical)(row_keys(seeds, counters), masked).astype(jnp.int32)
     return jnp.where(temperature > 0, drawn, greedy)
 
   return jax.lax.cond(jnp.any(temperature > 0), sampled, lambda _: greedy, None)

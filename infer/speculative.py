@@ -1,0 +1,135 @@
+"""Speculative decoding by prompt lookup: drafts copied from the context, verified by the model in one pass.
+
+Each round proposes `k` draft tokens per row by n-gram matching (the most recent earlier occurrence of the row's
+last n tokens, n = `ngram` down to 1, and the k tokens that followed it: no draft model), feeds the last emitted
+token and the k drafts to the model in one `extend` call, and keeps the drafts the model agrees with plus one token
+of its own. The KV cache is rolled back by moving its index: the rejected slots lie past every later query's causal
+window until they are overwritten.
+
+Acceptance is the standard speculative-sampling rule with a one-hot draft distribution: draft d is kept with
+probability p(d), where p is the distribution `sampling.sample` draws from (`sampling.filtered_logits`), and on
+rejection the row's token is drawn from p with d removed, so every emitted token is distributed exactly as ordinary
+decoding's. Greedy rows keep d when it is the argmax, so their output is identical to ordinary greedy decoding.
+Rows of a batch share the cache index, so a round advances every row by the fewest tokens any live row accepted;
+the tokens a row loses that way are recomputed in the next round (with the same keys, so the same decisions).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from infer import sampling
+
+DRAFT_KEY, RESIDUAL_KEY = 1, 2  # fold_in tags of a token's acceptance draw and its residual draw (after its counter)
+
+
+def lookup_drafts(history: jax.Array, end: jax.Array, k: int, ngram: int) -> jax.Array:
+  """Draft tokens from the context. history [B, T] int32, end [] int32: history[:, end] is each row's newest token.
+  Returns [B, k] int32: the k tokens after the most recent earlier occurrence of the row's last n tokens, for the
+  largest n <= `ngram` that occurs (n = 1 matches the newest token alone); without any match, the newest token
+  repeated. Positions past `end` read as they are (not yet generated: zeros), which only weakens a draft."""
+  b, t = history.shape
+  pos = jnp.arange(t, dtype=jnp.int32)
+  newest = jax.lax.dynamic_slice_in_dim(history, end - ngram + 1, ngram, axis=1)  # [B, ngram], oldest first
+  best = jnp.full((b,), -1, jnp.int32)
+  matched = jnp.zeros((b,), jnp.bool_)
+  for n in range(ngram, 0, -1):  # the longest n-gram that occurs wins
+    same = jnp.ones((b, t), jnp.bool_)
+    for j in range(n):  # history[e - j] == the j-th newest token
+      shifted = jnp.roll(history, j, axis=1)
+      same &= (shifted == newest[:, ngram - 1 - j][:, None]) & (pos >= j)[None]
+    same &= (pos < end)[None] & (pos >= n - 1)[None]  # earlier occurrences only
+    last = jnp.max(jnp.where(same, pos[None], -1), axis=1)  # the most recent one
+    best = jnp.where(~matched & (last >= 0), last, best)
+    matched |= last >= 0
+  take = jnp.clip(best[:, None] + 1 + jnp.arange(k, dtype=jnp.int32)[None], 0, t - 1)
+  newest_token = newest[:, -1:]
+  return jnp.where(matched[:, None], jnp.take_along_axis(history, take, axis=1), newest_token)
+
+
+def verify(logits: jax.Array, drafts: jax.Array, settings: dict, counters: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """The acceptance rule over one round. logits [B, k + 1, V] float32: the model's next-token logits after the last
+  emitted token and after each draft; drafts [B, k] int32; settings: `sampling.row_settings` arrays [B]; counters [B]
+  int32: the index of the round's first new token in each row's output (token j draws with counter + j).
+
+  Returns (accepted [B] int32 in 0..k: leading drafts kept, tokens [B, k + 1] int32: token j is draft j where
+  j < accepted and the row's own token at j = accepted; entries after it are unspecified)."""
+  b, k1, vocab = logits.shape
+  k = k1 - 1
+  temperature = settings["temperature"]
+  rep = lambda x: jnp.repeat(x, k1, axis=0)  # noqa: E731  [B] -> [B * (k + 1)]: one row per position
+  flat = logits.reshape(b * k1, vocab)
+  greedy = jnp.argmax(flat, axis=-1).astype(jnp.int32).reshape(b, k1)
+  draft_at = jnp.concatenate([drafts, jnp.zeros((b, 1), jnp.int32)], axis=1)  # position k has no draft
+
+  def sampled(_):
+    masked = sampling.filtered_logits(flat, rep(temperature), rep(settings["top_k"]), rep(settings["top_p"]))
+    keys = sampling.row_keys(rep(settings["seeds"]), (counters[:, None] + jnp.arange(k1)[None]).reshape(-1))
+    probs = jax.nn.softmax(masked, axis=-1)
+    p_draft = jnp.take_along_axis(probs, draft_at.reshape(-1, 1), axis=1)[:, 0]
+    u = jax.vmap(lambda key: jax.random.uniform(jax.random.fold_in(key, DRAFT_KEY)))(keys)
+    keep = (u < p_draft).reshape(b, k1)
+    without_draft = jnp.where(jnp.arange(vocab)[None] == draft_at.reshape(-1, 1), -jnp.inf, masked)
+    # position k (no draft) draws from p itself; a rejected draft's row draws from p without it
+    residual = jnp.where((jnp.arange(k1) < k)[None].repeat(b, 0).reshape(-1, 1), without_draft, masked)
+    drawn = jax.vmap(lambda key, row: jax.random.categorical(jax.random.fold_in(key, RESIDUAL_KEY), row))(keys, residual)
+    return keep, drawn.astype(jnp.int32).reshape(b, k1)
+
+  greedy_keep = draft_at == greedy
+  keep, own = jax.lax.cond(jnp.any(temperature > 0), sampled, lambda _: (greedy_keep, greedy), None)
+  is_greedy = (temperature <= 0)[:, None]
+  keep = jnp.where(is_greedy, greedy_keep, keep)[:, :k]
+  own = jnp.where(is_greedy, greedy, own)
+  accepted = jnp.sum(jnp.cumprod(keep.astype(jnp.int32), axis=1), axis=1)
+  j = jnp.arange(k1)[None]
+  return accepted, jnp.where(j < accepted[:, None], draft_at, own)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "draft_tokens", "ngram"))
+def generate_lookup(graphdef, state, tokens, positions, segment_ids, lengths, settings, eos_id, *,
+                    max_new_tokens: int, draft_tokens: int, ngram: int):
+  """`generate._generate_padded` with prompt-lookup speculation (same arguments and outputs, the left-padded
+  prompts tokens [B, P]). Returns (new tokens [B, max_new_tokens] int32, model calls including the prefill [] int32,
+  drafts accepted [] int32 summed over rows and rounds)."""
+  model = nnx.merge(graphdef, state).unstacked()
+  b, p = tokens.shape
+  k = draft_tokens
+  width = max_new_tokens + k + 1  # a round writes k + 1 tokens from i, which may run past the end (cut at return)
+  cache = model.init_cache(b, p + width, per_layer=True)
+  logits, cache = model.extend(tokens, positions, segment_ids, cache)
+  first = sampling.sample(logits[:, -1], counters=jnp.zeros((b,), jnp.int32), **settings)
+  history = jnp.concatenate([tokens, jnp.zeros((b, width), jnp.int32)], axis=1).at[:, p].set(first)
+  done = first == eos_id
+  max_position = model.spec.max_len - 1
+
+  def cond(carry):
+    i, _, _, done, _, _ = carry
+    return (i < max_new_tokens) & ~jnp.all(done)
+
+  def body(carry):
+    i, history, cache, done, calls, accepted_total = carry  # i tokens generated; token i-1 is history[:, p + i - 1]
+    last = jax.lax.dynamic_slice_in_dim(history, p + i - 1, 1, axis=1)  # [B, 1]
+    drafts = lookup_drafts(history, p + i - 1, k, ngram)
+    feed = jnp.concatenate([last, drafts], axis=1)
+    pos = jnp.minimum((lengths + i - 1)[:, None] + jnp.arange(k + 1)[None], max_position)  # past max_len: cut anyway
+    index = cache["index"]
+    logits, cache = model.extend(feed, pos, jnp.ones_like(feed), cache)
+    accepted, new = verify(logits, drafts, settings, jnp.full((b,), i, jnp.int32))
+    advance = jnp.min(jnp.where(done, k, accepted)) + 1  # every row keeps this many tokens (done rows: any)
+    j = jnp.arange(k + 1)[None]
+    is_eos = (new == eos_id) & (j < advance)
+    after_eos = jnp.cumsum(is_eos.astype(jnp.int32), axis=1) - is_eos.astype(jnp.int32) > 0
+    new = jnp.where(done[:, None] | after_eos, jnp.maximum(eos_id, 0), new)
+    history = jax.lax.dynamic_update_slice(history, new, (0, p + i))
+    cache = dict(cache, index=index + advance)  # the rejected slots are overwritten by the next round
+    live = jnp.sum(~done)
+    return (i + advance, history, cache, done | jnp.any(is_eos, axis=1), calls + 1,
+            accepted_total + live * (advance - 1))
+
+  init = (jnp.int32(1), history, cache, done, jnp.int32(1), jnp.int32(0))
+  _, history, _, _, calls, accepted_total = jax.lax.while_loop(cond, body, init)
+  return history[:, p:p + max_new_tokens], calls, accepted_total

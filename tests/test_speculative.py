@@ -1,0 +1,117 @@
+"""Prompt-lookup speculative decoding: drafts from the context, greedy output identical to ordinary decoding, sampled
+output distributed as ordinary decoding's (against the exact distribution on a small vocabulary)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from configs import base, tiny
+from infer import generate as G
+from infer import speculative
+from model import transformer as T
+
+
+def small_model(family="gpt", vocab=97, max_len=48):
+  """A random 2-layer, width-32 model with peaked logits (weights ~ N(0, 0.3)), so greedy is not decided by noise."""
+  c = tiny.get_config()
+  c.model.update(family=family, num_layers=2, embed_dim=32, num_heads=4, max_len=max_len, vocab_size=vocab)
+  c.data.seq_len = max_len
+  if family == "llama":
+    c.model.num_kv_heads = 2
+  base.validate(c)
+  spec = T.ModelSpec.from_config(c.model)
+  graphdef, state = nnx.split(nnx.eval_shape(lambda: T.Transformer(spec, rngs=nnx.Rngs(params=0))))
+  rng = np.random.default_rng(1)
+
+  def init(path, x):
+    noise = rng.normal(0.0, 0.3, x.shape)
+    return jnp.asarray(1.0 + noise / 3 if "scale" in jax.tree_util.keystr(path) else noise, x.dtype)
+
+  return nnx.merge(graphdef, jax.tree_util.tree_map_with_path(init, state))
+
+
+def test_drafts_follow_the_most_recent_longest_match():
+  history = jnp.asarray([[1, 2, 3, 9, 1, 2, 3, 7, 8, 5, 1, 2, 3, 0, 0],   # "1 2 3" last seen followed by 7 8 5
+                         [4, 4, 6, 5, 9, 9, 9, 9, 9, 9, 9, 1, 6, 0, 0],   # only the 1-gram "6" matches (at 2)
+                         [3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 7, 0, 0]], jnp.int32)  # "7" never seen before
+  drafts = speculative.lookup_drafts(history, jnp.int32(12), k=3, ngram=3)
+  np.testing.assert_array_equal(drafts, [[7, 8, 5], [5, 9, 9], [7, 7, 7]])
+
+
+@pytest.mark.parametrize("family", ["gpt", "llama"])
+def test_greedy_lookup_gives_ordinary_greedy_output_in_fewer_model_calls(family):
+  model = small_model(family)
+  prompts = [[5, 6, 7, 8, 5, 6, 7, 8, 5, 6, 7], [1, 2, 3, 1, 2, 3, 1, 2], [40, 41, 42, 43]]  # left-padded batch
+  want = G.generate(model, prompts, max_new_tokens=24)
+  for draft_tokens, ngram in ((4, 3), (2, 1), (7, 2)):
+    assert G.generate(model, prompts, max_new_tokens=24, speculate="lookup", draft_tokens=draft_tokens,
+                      ngram=ngram) == want, (draft_tokens, ngram)
+  eos = want[0][5]  # a row that stops early, the others later or not at all: identical cuts and fills
+  assert (G.generate(model, prompts, max_new_tokens=24, eos_id=eos, speculate="lookup")
+          == G.generate(model, prompts, max_new_tokens=24, eos_id=eos))
+  # the drafts were used: fewer model calls than tokens
+  args, kwargs = G._prepare(model, prompts[:1], 24, 0.0, 0, 1.0, 0, None)
+  out, calls, accepted = speculative.generate_lookup(*args, **kwargs, draft_tokens=4, ngram=3)
+  assert out.tolist() == want[:1]
+  assert int(calls) < 24 and int(accepted) > 0 and int(calls) - 1 + int(accepted) >= 24 - 1
+
+
+def _exact_next_two(model, prompt, temperature):
+  """Exact marginals of new tokens 0, 1 and 2 under temperature sampling: [3, V] probabilities."""
+  vocab = model.spec.vocab_size
+  probs = lambda x: np.asarray(jax.nn.softmax(model(jnp.asarray(x))[:, -1] / temperature, axis=-1), np.float64)  # noqa: E731
+  p0 = probs([prompt])[0]  # [V]
+  p1 = probs([prompt + [t] for t in range(vocab)])  # [V, V]: row t0
+  p2 = probs([prompt + [a, b] for a in range(vocab) for b in range(vocab)]).reshape(vocab, vocab, vocab)
+  joint01 = p0[:, None] * p1
+  return np.stack([p0, joint01.sum(0), (joint01[:, :, None] * p2).sum((0, 1))])
+
+
+def test_sampled_lookup_is_distributed_as_the_model_and_a_wrong_rule_is_caught():
+  model = small_model(vocab=6)
+  prompt = [1, 2, 3, 1, 2, 3, 1, 2, 3, 1, 2]  # repetitive: most rounds have a draft to accept or reject
+  exact = _exact_next_two(model, prompt, temperature=1.0)
+  rows = 3000
+
+  def marginals(**kw):
+    args, kwargs = G._prepare(model, [prompt] * rows, 3, 1.0, 0, 1.0, 0, None)
+    if kw:  # 3,000 rows share each round's advance, so mostly one token per round: the rule decides each of them
+      out = speculative.generate_lookup(*args, **kwargs, **kw)[0]
+    else:
+      out, _ = G._generate_padded(*args, **kwargs)
+    out = np.asarray(out)
+    return np.stack([np.bincount(out[:, j], minlength=6) / rows for j in range(3)])
+
+  def total_variation(p):
+    return 0.5 * np.abs(p - exact).sum(1)
+
+  ordinary = total_variation(marginals())
+  speculated = total_variation(marginals(draft_tokens=2, ngram=2))
+  assert ordinary.max() < 0.04 and speculated.max() < 0.04, (ordinary, speculated)
+  # tokens 1 and 2 went through the acceptance rule; keeping every draft instead skews them toward the drafts
+  always_keep = speculative.verify
+
+  def keep_all(logits, drafts, settings, counters):
+    accepted, tokens = always_keep(logits, drafts, settings, counters)
+    k = drafts.shape[1]
+    return jnp.full_like(accepted, k), tokens.at[:, :k].set(drafts)
+
+  speculative.verify = keep_all
+  try:
+    jax.clear_caches()
+    wrong = total_variation(marginals(draft_tokens=2, ngram=2))
+  finally:
+    speculative.verify = always_keep
+    jax.clear_caches()
+  assert wrong[1:].max() > 0.1, wrong
+
+
+def test_bad_speculation_settings_are_named():
+  model = small_model()
+  for kw, message in (({"speculate": "draft"}, "speculate='draft' must be one of"),
+                      ({"speculate": "lookup", "draft_tokens": 0}, "draft_tokens=0 must be in"),
+                      ({"speculate": "lookup", "ngram": 9}, "ngram=9 must be in")):
+    with pytest.raises(ValueError, match=message):
+      G.generate(model, [[1, 2]], max_new_tokens=4, **kw)
