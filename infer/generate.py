@@ -178,6 +178,10 @@ def _define_flags():
   flags.DEFINE_string("adapter", None, "A LoRA adapter over --workdir: a PEFT directory (adapter_config.json) or a "
                       "LoRA training run; merged into float bases at load.")
   flags.DEFINE_enum("head_quant", None, list(base.HEAD_QUANTS), "Serve a packed compressed workdir's float embedding and head as int8 rows (smaller, faster; not lossless).")
+  flags.DEFINE_enum("speculate", "none", list(SPECULATE), "lookup: prompt-lookup speculative decoding (drafts copied "
+                    "from the context, verified in one model call; same greedy output).")
+  flags.DEFINE_integer("draft_tokens", 4, "--speculate=lookup: drafts verified per model call.")
+  flags.DEFINE_integer("ngram", 3, "--speculate=lookup: the longest context suffix looked up.")
   flags.mark_flag_as_required("workdir")
 
 
@@ -197,25 +201,28 @@ def main(argv):
                   s.temperature), top_k=pick(f.top_k, s.top_k), top_p=pick(f.top_p, s.top_p), seed=f.seed)
   eos = tokenizer_lib.eot_id(tokenizer)
   try:
+    decode = _decoder(f.speculate, f.draft_tokens, f.ngram)
     args, kwargs = _prepare(model, [encode_document(tokenizer, p) for p in prompts], eos_id=eos, **settings)
   except ValueError as e:
     sys.exit(f"error: {e}")
-  rows, stats = _timed_generate(args, kwargs, eos)
+  rows, stats = _timed_generate(decode, args, kwargs, eos)
   print(f"step {step} of {f.workdir}; {loading.weights_note(model)}; {settings}")
   for prompt, row in zip(prompts, rows):
     print("-" * 80)
     print(prompt + decode_completion(tokenizer, row))
   print("-" * 80)
   print(f"{stats['tokens']} new tokens in {stats['seconds']:.3f} s ({stats['tokens_per_s']:.1f} tokens/s; batch "
-        f"{len(rows)}, {stats['steps']} steps incl. prefill; compile {stats['compile_s']:.1f} s)")
+        f"{len(rows)}, {stats['steps']} model calls incl. prefill; compile {stats['compile_s']:.1f} s)")
 
 
-def _timed_generate(args, kwargs, eos_id):
-  """Compiles ahead of time, then times one run. Returns (rows, stats dict)."""
+def _timed_generate(decode, args, kwargs, eos_id):
+  """Compiles `decode` (`_decoder`) ahead of time, then times one run. Returns (rows, stats dict)."""
+  jitted = decode.func if isinstance(decode, functools.partial) else decode
+  static = {**kwargs, **(decode.keywords if isinstance(decode, functools.partial) else {})}
   t0 = time.perf_counter()
-  compiled = _generate_padded.lower(*args, **kwargs).compile()
+  compiled = jitted.lower(*args, **static).compile()
   t1 = time.perf_counter()
-  out, steps = jax.block_until_ready(compiled(*args[1:]))  # graphdef (static) is not passed to `compiled`
+  out, steps = jax.block_until_ready(compiled(*args[1:]))[:2]  # graphdef (static) is not passed to `compiled`
   t2 = time.perf_counter()
   rows = _cut(jax.device_get(out), eos_id)
   n = sum(len(r) for r in rows)

@@ -13,6 +13,12 @@ ratio column. Prints a table and writes JSON.
 
   python -m scripts.bench_decode [--shapes=shape_s,gpt2_124m] [--batches=1,8]
       [--formats=float32,bfloat16,int8,w8a8,gptq4,gptq4_int8head,gptq3] [--matmul_impl=auto] [--nopeer] [--profile=DIR]
+
+With `--speculate_workdir=DIR` (a trained run) it measures prompt-lookup speculation instead (`infer/speculative.py`):
+greedy tokens/s at batch 1 with and without it on prompts cut from the run's validation split (code, for the
+default corpus), per draft length, with the model calls per token and whether every output was identical.
+
+  python -m scripts.bench_decode --speculate_workdir=runs/default [--draft_tokens=1,2,4,8] [--speculate_prompts=8]
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ import numpy as np
 from absl import app, flags
 from flax import nnx
 
-from infer import generate
+from infer import evaluate, generate, loading, speculative
 from infer.compress import gptq, storage
 from model import quant, transformer
 from model.transformer import ModelSpec, Transformer
@@ -51,6 +57,12 @@ _OUT = flags.DEFINE_string("out", "bench_decode.json", "Where to write the JSON 
 _PROFILE = flags.DEFINE_string("profile", "", "A directory: trace one generate call of each case there "
                                 "(TensorBoard/Perfetto) and print its top operations.")
 _PEER = flags.DEFINE_bool("peer", True, "Also measure HF-PyTorch `generate` (needs the test extra).")
+_SPEC_WORKDIR = flags.DEFINE_string("speculate_workdir", "", "A trained run: measure prompt-lookup speculation on "
+                                    "prompts from its validation split instead of the format table.")
+_DRAFTS = flags.DEFINE_list("draft_tokens", ["1", "2", "4", "8"], "--speculate_workdir: draft lengths to measure.")
+_NGRAM = flags.DEFINE_integer("ngram", 3, "--speculate_workdir: the longest context suffix looked up.")
+_SPEC_PROMPTS = flags.DEFINE_integer("speculate_prompts", 8, "--speculate_workdir: prompts (each decoded at batch 1).")
+_SPEC_PROMPT_LEN = flags.DEFINE_integer("speculate_prompt_len", 128, "--speculate_workdir: tokens per prompt.")
 
 
 def copy_bandwidth(mib: int = 256, repeats: int = 5) -> float:
@@ -130,8 +142,57 @@ def time_generate(model, batch: int, prompt_len: int, new_tokens: int, repeats: 
   return statistics.median(times)
 
 
+def _best_seconds(fn, args, kwargs, repeats: int):
+  """(fastest of `repeats` timed calls after a warm-up, the last outputs): the VM's noise only ever adds time."""
+  out = jax.block_until_ready(fn(*args, **kwargs))
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    out = jax.block_until_ready(fn(*args, **kwargs))
+    times.append(time.perf_counter() - start)
+  return min(times), out
+
+
+def speculation_rows(workdir: str, prompts: int, prompt_len: int, new_tokens: int, draft_lengths, ngram: int,
+                     repeats: int) -> list[dict]:
+  """Greedy batch-1 decoding of `prompts` windows of the validation split, ordinary and with prompt lookup at each
+  draft length: summed tokens/s (fastest of `repeats` per prompt), model calls per token, identical outputs."""
+  config, model, tokenizer, _ = loading.load_trained(workdir)
+  model = model.unstacked()
+  stream = evaluate.validation_stream(config, tokenizer, prompts * (prompt_len + new_tokens) * 2)
+  stride = len(stream) // prompts
+  windows = [stream[i * stride:i * stride + prompt_len].tolist() for i in range(prompts)]
+  cases = [("greedy", generate._generate_padded, {})] + [
+      (f"lookup k={k}", speculative.generate_lookup, {"draft_tokens": k, "ngram": ngram}) for k in draft_lengths]
+  rows, reference = [], []
+  for name, fn, extra in cases:
+    seconds, calls, outputs = 0.0, 0, []
+    for prompt in windows:
+      args, kwargs = generate._prepare(model, [prompt], new_tokens, 0.0, 0, 1.0, 0, None)
+      best, out = _best_seconds(fn, args, {**kwargs, **extra}, repeats)
+      seconds += best
+      calls += int(out[1])
+      outputs.append(np.asarray(out[0]).tolist())
+    reference = reference or outputs
+    row = {"workdir": workdir, "case": name, "batch": 1, "prompts": prompts, "prompt_len": prompt_len,
+           "new_tokens": new_tokens, "tokens_per_s": prompts * new_tokens / seconds,
+           "model_calls_per_token": calls / (prompts * new_tokens), "identical_to_greedy": outputs == reference}
+    row["speedup"] = row["tokens_per_s"] / rows[0]["tokens_per_s"] if rows else 1.0
+    rows.append(row)
+    print(f"{name:<12} {row['tokens_per_s']:9,.1f} tokens/s  {row['speedup']:5.2f}x  "
+          f"{row['model_calls_per_token']:.3f} calls/token  identical: {row['identical_to_greedy']}", flush=True)
+  return rows
+
+
 def main(argv):
   del argv
+  if _SPEC_WORKDIR.value:
+    print(f"{cpu_description()}; prompt lookup on {_SPEC_WORKDIR.value}'s validation split, batch 1, greedy")
+    rows = speculation_rows(_SPEC_WORKDIR.value, _SPEC_PROMPTS.value, _SPEC_PROMPT_LEN.value, _NEW.value,
+                            [int(k) for k in _DRAFTS.value], _NGRAM.value, _REPEATS.value)
+    with open(_OUT.value, "w", encoding="utf-8") as f:
+      json.dump({"cpu": cpu_description(), "device": jax.devices()[0].device_kind, "rows": rows}, f, indent=2)
+    return
   bandwidth = copy_bandwidth()
   device = jax.devices()[0].device_kind
   print(f"{cpu_description()}; device {device}; copy bandwidth {bandwidth / 1e9:.1f} GB/s (read + write)")

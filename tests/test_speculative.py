@@ -1,6 +1,9 @@
 """Prompt-lookup speculative decoding: drafts from the context, greedy output identical to ordinary decoding, sampled
 output distributed as ordinary decoding's (against the exact distribution on a small vocabulary)."""
 
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -115,3 +118,22 @@ def test_bad_speculation_settings_are_named():
                       ({"speculate": "lookup", "ngram": 9}, "ngram=9 must be in")):
     with pytest.raises(ValueError, match=message):
       G.generate(model, [[1, 2]], max_new_tokens=4, **kw)
+
+
+def test_the_benchmark_measures_lookup_on_the_validation_split_and_the_cli_speculates(tiny_run, tmp_path):
+  from scripts import bench_decode
+
+  workdir = tiny_run[0]
+  rows = bench_decode.speculation_rows(workdir, prompts=2, prompt_len=24, new_tokens=16, draft_lengths=[2],
+                                       ngram=3, repeats=1)
+  assert [r["case"] for r in rows] == ["greedy", "lookup k=2"]
+  assert all(r["identical_to_greedy"] and r["tokens_per_s"] > 0 for r in rows)
+  assert rows[0]["model_calls_per_token"] == 1.0 and rows[1]["model_calls_per_token"] < 1.0  # drafts were kept
+  out = subprocess.run([sys.executable, "-m", "infer.generate", f"--workdir={workdir}", "--prompt=def f(x):",
+                        "--max_new_tokens=8", "--speculate=lookup", "--draft_tokens=3"],
+                       capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert "model calls incl. prefill" in out.stdout
+  bad = subprocess.run([sys.executable, "-m", "infer.generate", f"--workdir={workdir}", "--prompt=x",
+                        "--speculate=lookup", "--draft_tokens=0"], capture_output=True, text=True, timeout=300)
+  assert bad.returncode == 1 and "draft_tokens=0 must be in [1, 16]" in bad.stderr and "Traceback" not in bad.stderr
