@@ -102,11 +102,12 @@ def _cut(out: np.ndarray, eos_id: int | None) -> list[list[int]]:
   return rows
 
 
-SPECULATE = ("none", "lookup")  # ordinary decoding; prompt-lookup speculation (infer/speculative.py)
+SPECULATE = ("none", "lookup", "draft")  # ordinary decoding; prompt lookup; a draft model (infer/speculative.py)
+_DYNAMIC = ("draft_state",)  # arguments of the speculative program that are arrays, not compile-time settings
 
 
-def _decoder(speculate: str, draft_tokens: int, ngram: int):
-  """The jitted decode program for `speculate`, with its static settings bound; ValueError names a bad one."""
+def _decoder(speculate: str, draft_tokens: int, ngram: int, draft_model=None, model=None):
+  """The jitted decode program for `speculate`, with its settings bound; ValueError names a bad one."""
   if speculate not in SPECULATE:
     raise ValueError(f"speculate={speculate!r} must be one of {list(SPECULATE)}")
   if speculate == "none":
@@ -115,22 +116,35 @@ def _decoder(speculate: str, draft_tokens: int, ngram: int):
     raise ValueError(f"draft_tokens={draft_tokens} must be in [1, 16] (tokens verified per model call - 1)")
   if not 1 <= ngram <= 8:
     raise ValueError(f"ngram={ngram} must be in [1, 8] (the longest context suffix looked up)")
-  return functools.partial(speculative.generate_lookup, draft_tokens=draft_tokens, ngram=ngram)
+  if speculate == "lookup":
+    return functools.partial(speculative.generate_speculative, draft_tokens=draft_tokens, ngram=ngram)
+  if draft_model is None:
+    raise ValueError("speculate='draft' needs a draft model (--draft_workdir: a run with the same tokenizer)")
+  if model is not None and draft_model.spec.vocab_size != model.spec.vocab_size:
+    raise ValueError(f"the draft model's vocabulary ({draft_model.spec.vocab_size} tokens) differs from the model's "
+                     f"({model.spec.vocab_size}): a draft must share the tokenizer")
+  if model is not None and draft_model.spec.max_len < model.spec.max_len:
+    raise ValueError(f"the draft model's max_len={draft_model.spec.max_len} is shorter than the model's "
+                     f"{model.spec.max_len}")
+  draft_graphdef, draft_state = nnx.split(draft_model)
+  return functools.partial(speculative.generate_speculative, draft_tokens=draft_tokens, ngram=ngram,
+                           draft_graphdef=draft_graphdef, draft_state=draft_state)
 
 
 def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, temperature: float = 0.0,
              top_k: int = 0, top_p: float = 1.0, seed: int = 0, eos_id: int | None = None, speculate: str = "none",
-             draft_tokens: int = 4, ngram: int = 3) -> list[list[int]]:
+             draft_tokens: int = 4, ngram: int = 3, draft_model=None) -> list[list[int]]:
   """Continues each prompt (a list of token ids; lengths may differ) by up to `max_new_tokens` tokens.
 
   Prompts are left-padded to the longest, prefilled in one `extend` call, and decoded in one jitted `while_loop`
   (compiled once per batch size, padded prompt length, max_new_tokens and sampling settings). Returns the new tokens
   of each row as Python ints, cut after the first `eos_id` (which is included); the loop stops once every row has
   produced it. Deterministic for a given `seed`. ValueError if padded prompt length + max_new_tokens > max_len.
-  `speculate="lookup"`: prompt-lookup speculation (`infer/speculative.py`) with `draft_tokens` drafts per model call
-  from n-grams of up to `ngram` tokens: greedy output identical, sampled output distributed as ordinary decoding's.
+  Speculation (`infer/speculative.py`; greedy output identical, sampled output distributed as ordinary decoding's):
+  `speculate="lookup"` verifies `draft_tokens` drafts per model call copied from n-grams of up to `ngram` tokens of
+  the context; `speculate="draft"` takes them from `draft_model` (same vocabulary).
   """
-  decode = _decoder(speculate, draft_tokens, ngram)
+  decode = _decoder(speculate, draft_tokens, ngram, draft_model, model)
   args, kwargs = _prepare(model, prompts, max_new_tokens, temperature, top_k, top_p, seed, eos_id)
   out = decode(*args, **kwargs)[0]
   return _cut(jax.device_get(out), eos_id)
@@ -182,6 +196,7 @@ def _define_flags():
                     "from the context, verified in one model call; same greedy output).")
   flags.DEFINE_integer("draft_tokens", 4, "--speculate=lookup: drafts verified per model call.")
   flags.DEFINE_integer("ngram", 3, "--speculate=lookup: the longest context suffix looked up.")
+  flags.DEFINE_string("draft_workdir", None, "--speculate=draft: a smaller run trained with the same tokenizer.")
   flags.mark_flag_as_required("workdir")
 
 
@@ -200,8 +215,14 @@ def main(argv):
   settings = dict(max_new_tokens=pick(f.max_new_tokens, s.max_new_tokens), temperature=pick(f.temperature,
                   s.temperature), top_k=pick(f.top_k, s.top_k), top_p=pick(f.top_p, s.top_p), seed=f.seed)
   eos = tokenizer_lib.eot_id(tokenizer)
+  draft_model = None
+  if f.draft_workdir:
+    try:
+      draft_model = loading.load_trained(f.draft_workdir)[1]
+    except (FileNotFoundError, ValueError) as e:
+      sys.exit(f"error: cannot load --draft_workdir={f.draft_workdir}: {e}")
   try:
-    decode = _decoder(f.speculate, f.draft_tokens, f.ngram)
+    decode = _decoder(f.speculate, f.draft_tokens, f.ngram, draft_model, model)
     args, kwargs = _prepare(model, [encode_document(tokenizer, p) for p in prompts], eos_id=eos, **settings)
   except ValueError as e:
     sys.exit(f"error: {e}")
@@ -218,11 +239,12 @@ def main(argv):
 def _timed_generate(decode, args, kwargs, eos_id):
   """Compiles `decode` (`_decoder`) ahead of time, then times one run. Returns (rows, stats dict)."""
   jitted = decode.func if isinstance(decode, functools.partial) else decode
-  static = {**kwargs, **(decode.keywords if isinstance(decode, functools.partial) else {})}
+  bound = decode.keywords if isinstance(decode, functools.partial) else {}
+  dynamic = {k: v for k, v in bound.items() if k in _DYNAMIC}
   t0 = time.perf_counter()
-  compiled = jitted.lower(*args, **static).compile()
+  compiled = jitted.lower(*args, **kwargs, **bound).compile()
   t1 = time.perf_counter()
-  out, steps = jax.block_until_ready(compiled(*args[1:]))[:2]  # graphdef (static) is not passed to `compiled`
+  out, steps = jax.block_until_ready(compiled(*args[1:], **dynamic))[:2]  # static settings are compiled in
   t2 = time.perf_counter()
   rows = _cut(jax.device_get(out), eos_id)
   n = sum(len(r) for r in rows)

@@ -24,7 +24,8 @@ from flax import nnx
 
 from infer import sampling
 
-DRAFT_KEY, RESIDUAL_KEY = 1, 2  # fold_in tags of a token's acceptance draw and its residual draw (after its counter)
+# fold_in tags (after a token's counter) of its acceptance draw, its residual draw and a draft model's draw
+DRAFT_KEY, RESIDUAL_KEY, DRAFT_SAMPLE_KEY = 1, 2, 3
 
 
 def lookup_drafts(history: jax.Array, end: jax.Array, k: int, ngram: int) -> jax.Array:
@@ -51,10 +52,14 @@ def lookup_drafts(history: jax.Array, end: jax.Array, k: int, ngram: int) -> jax
   return jnp.where(matched[:, None], jnp.take_along_axis(history, take, axis=1), newest_token)
 
 
-def verify(logits: jax.Array, drafts: jax.Array, settings: dict, counters: jax.Array) -> tuple[jax.Array, jax.Array]:
+def verify(logits: jax.Array, drafts: jax.Array, settings: dict, counters: jax.Array,
+           draft_probs: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
   """The acceptance rule over one round. logits [B, k + 1, V] float32: the model's next-token logits after the last
   emitted token and after each draft; drafts [B, k] int32; settings: `sampling.row_settings` arrays [B]; counters [B]
-  int32: the index of the round's first new token in each row's output (token j draws with counter + j).
+  int32: the index of the round's first new token in each row's output (token j draws with counter + j);
+  draft_probs [B, k, V] float32: the distribution each draft was drawn from (None: one-hot, as prompt lookup's).
+  Draft j is kept with probability min(1, p(d) / q(d)); a rejected one is replaced by a draw from max(p - q, 0)
+  renormalized, which with a one-hot q is p without d.
 
   Returns (accepted [B] int32 in 0..k: leading drafts kept, tokens [B, k + 1] int32: token j is draft j where
   j < accepted and the row's own token at j = accepted; entries after it are unspecified)."""
@@ -72,12 +77,20 @@ def verify(logits: jax.Array, drafts: jax.Array, settings: dict, counters: jax.A
     probs = jax.nn.softmax(masked, axis=-1)
     p_draft = jnp.take_along_axis(probs, draft_at.reshape(-1, 1), axis=1)[:, 0]
     u = jax.vmap(lambda key: jax.random.uniform(jax.random.fold_in(key, DRAFT_KEY)))(keys)
-    keep = (u < p_draft).reshape(b, k1)
-    without_draft = jnp.where(jnp.arange(vocab)[None] == draft_at.reshape(-1, 1), -jnp.inf, masked)
-    # position k (no draft) draws from p itself; a rejected draft's row draws from p without it
-    residual = jnp.where((jnp.arange(k1) < k)[None].repeat(b, 0).reshape(-1, 1), without_draft, masked)
+    has_draft = (jnp.arange(k1) < k)[None].repeat(b, 0).reshape(-1)  # position k (no draft) draws from p itself
+    if draft_probs is None:
+      keep = u < p_draft
+      rest = jnp.where(jnp.arange(vocab)[None] == draft_at.reshape(-1, 1), -jnp.inf, masked)  # p without d
+    else:
+      q = jnp.concatenate([draft_probs, jnp.zeros((b, 1, vocab), draft_probs.dtype)], axis=1).reshape(b * k1, vocab)
+      q_draft = jnp.take_along_axis(q, draft_at.reshape(-1, 1), axis=1)[:, 0]
+      keep = u * q_draft < p_draft  # u < p / q without dividing by a zero q
+      excess = jnp.maximum(probs - q, 0.0)
+      # p == q leaves nothing to draw from, but then a draft is never rejected: fall back to p to stay finite
+      rest = jnp.where(jnp.sum(excess, -1, keepdims=True) > 0, jnp.log(excess), masked)
+    residual = jnp.where(has_draft[:, None], rest, masked)
     drawn = jax.vmap(lambda key, row: jax.random.categorical(jax.random.fold_in(key, RESIDUAL_KEY), row))(keys, residual)
-    return keep, drawn.astype(jnp.int32).reshape(b, k1)
+    return keep.reshape(b, k1), drawn.astype(jnp.int32).reshape(b, k1)
 
   greedy_keep = draft_at == greedy
   keep, own = jax.lax.cond(jnp.any(temperature > 0), sampled, lambda _: (greedy_keep, greedy), None)
@@ -89,36 +102,82 @@ def verify(logits: jax.Array, drafts: jax.Array, settings: dict, counters: jax.A
   return accepted, jnp.where(j < accepted[:, None], draft_at, own)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "draft_tokens", "ngram"))
-def generate_lookup(graphdef, state, tokens, positions, segment_ids, lengths, settings, eos_id, *,
-                    max_new_tokens: int, draft_tokens: int, ngram: int):
-  """`generate._generate_padded` with prompt-lookup speculation (same arguments and outputs, the left-padded
-  prompts tokens [B, P]). Returns (new tokens [B, max_new_tokens] int32, model calls including the prefill [] int32,
-  drafts accepted [] int32 summed over rows and rounds)."""
+def _draft_round(draft, cache, history, lengths, i, p: int, k: int, settings):
+  """k draft tokens from a draft model. Its cache is rolled back to hold everything before token i-2 of the output
+  (slot p + i - 2), so one 2-token call re-feeds that token and feeds the newest one: whatever the previous round kept,
+  the cache then matches the output. Returns (drafts [B, k] int32, their distributions q [B, k, V] float32 (zeros
+  when no row samples), the draft cache)."""
+  b = history.shape[0]
+  temperature = settings["temperature"]
+
+  def pick(logits, j):  # [B, V] -> (token [B], q [B, V])
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+    def sampled(_):
+      masked = sampling.filtered_logits(logits, temperature, settings["top_k"], settings["top_p"])
+      keys = sampling.row_keys(settings["seeds"], jnp.full((b,), i + j, jnp.int32))
+      drawn = jax.vmap(lambda key, row: jax.random.categorical(jax.random.fold_in(key, DRAFT_SAMPLE_KEY), row))(
+          keys, masked).astype(jnp.int32)
+      return jnp.where(temperature > 0, drawn, greedy), jax.nn.softmax(masked, axis=-1)
+
+    return jax.lax.cond(jnp.any(temperature > 0), sampled, lambda _: (greedy, jnp.zeros_like(logits)), None)
+
+  cache = dict(cache, index=p + i - 2)
+  two = jax.lax.dynamic_slice_in_dim(history, p + i - 2, 2, axis=1)
+  logits, cache = draft.extend(two, (lengths + i - 2)[:, None] + jnp.arange(2)[None], jnp.ones_like(two), cache)
+  first, q_first = pick(logits[:, -1].astype(jnp.float32), 0)
+
+  def step(carry, j):
+    token, cache = carry
+    logits, cache = draft.extend(token[:, None], (lengths + i + j)[:, None], jnp.ones((b, 1), jnp.int32), cache)
+    nxt, q = pick(logits[:, 0].astype(jnp.float32), j + 1)
+    return (nxt, cache), (nxt, q)
+
+  (_, cache), (rest, q_rest) = jax.lax.scan(step, (first, cache), jnp.arange(k - 1, dtype=jnp.int32))
+  drafts = jnp.concatenate([first[:, None], rest.T], axis=1)
+  q = jnp.concatenate([q_first[:, None], q_rest.transpose(1, 0, 2)], axis=1)
+  return drafts, q, cache
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "draft_tokens", "ngram", "draft_graphdef"))
+def generate_speculative(graphdef, state, tokens, positions, segment_ids, lengths, settings, eos_id, draft_state=None,
+                         *, max_new_tokens: int, draft_tokens: int, ngram: int = 3, draft_graphdef=None):
+  """`generate._generate_padded` with speculation (same arguments and outputs; the prompts are left-padded tokens
+  [B, P]): drafts from prompt lookup (n-grams of up to `ngram` tokens), or from a draft model (`draft_graphdef` /
+  `draft_state`, same vocabulary) that decodes `draft_tokens` tokens ahead with the same sampling settings and its
+  own KV cache. Returns (new tokens [B, max_new_tokens] int32, target-model calls including the prefill [] int32,
+  drafts kept [] int32 summed over rows and rounds)."""
   model = nnx.merge(graphdef, state).unstacked()
+  draft = None if draft_graphdef is None else nnx.merge(draft_graphdef, draft_state).unstacked()
   b, p = tokens.shape
   k = draft_tokens
   width = max_new_tokens + k + 1  # a round writes k + 1 tokens from i, which may run past the end (cut at return)
   cache = model.init_cache(b, p + width, per_layer=True)
   logits, cache = model.extend(tokens, positions, segment_ids, cache)
+  draft_cache = None
+  if draft is not None:
+    draft_cache = draft.extend(tokens, positions, segment_ids, draft.init_cache(b, p + width, per_layer=True))[1]
   first = sampling.sample(logits[:, -1], counters=jnp.zeros((b,), jnp.int32), **settings)
   history = jnp.concatenate([tokens, jnp.zeros((b, width), jnp.int32)], axis=1).at[:, p].set(first)
   done = first == eos_id
   max_position = model.spec.max_len - 1
 
   def cond(carry):
-    i, _, _, done, _, _ = carry
+    i, _, _, _, done, _, _ = carry
     return (i < max_new_tokens) & ~jnp.all(done)
 
   def body(carry):
-    i, history, cache, done, calls, accepted_total = carry  # i tokens generated; token i-1 is history[:, p + i - 1]
+    i, history, cache, draft_cache, done, calls, kept = carry  # i tokens out; token i-1 is history[:, p + i - 1]
     last = jax.lax.dynamic_slice_in_dim(history, p + i - 1, 1, axis=1)  # [B, 1]
-    drafts = lookup_drafts(history, p + i - 1, k, ngram)
+    if draft is None:
+      drafts, q = lookup_drafts(history, p + i - 1, k, ngram), None
+    else:
+      drafts, q, draft_cache = _draft_round(draft, draft_cache, history, lengths, i, p, k, settings)
     feed = jnp.concatenate([last, drafts], axis=1)
     pos = jnp.minimum((lengths + i - 1)[:, None] + jnp.arange(k + 1)[None], max_position)  # past max_len: cut anyway
     index = cache["index"]
     logits, cache = model.extend(feed, pos, jnp.ones_like(feed), cache)
-    accepted, new = verify(logits, drafts, settings, jnp.full((b,), i, jnp.int32))
+    accepted, new = verify(logits, drafts, settings, jnp.full((b,), i, jnp.int32), q)
     advance = jnp.min(jnp.where(done, k, accepted)) + 1  # every row keeps this many tokens (done rows: any)
     j = jnp.arange(k + 1)[None]
     is_eos = (new == eos_id) & (j < advance)
@@ -127,9 +186,9 @@ def generate_lookup(graphdef, state, tokens, positions, segment_ids, lengths, se
     history = jax.lax.dynamic_update_slice(history, new, (0, p + i))
     cache = dict(cache, index=index + advance)  # the rejected slots are overwritten by the next round
     live = jnp.sum(~done)
-    return (i + advance, history, cache, done | jnp.any(is_eos, axis=1), calls + 1,
-            accepted_total + live * (advance - 1))
+    return (i + advance, history, cache, draft_cache, done | jnp.any(is_eos, axis=1), calls + 1,
+            kept + live * (advance - 1))
 
-  init = (jnp.int32(1), history, cache, done, jnp.int32(1), jnp.int32(0))
-  _, history, _, _, calls, accepted_total = jax.lax.while_loop(cond, body, init)
-  return history[:, p:p + max_new_tokens], calls, accepted_total
+  init = (jnp.int32(1), history, cache, draft_cache, done, jnp.int32(1), jnp.int32(0))
+  _, history, _, _, _, calls, kept = jax.lax.while_loop(cond, body, init)
+  return history[:, p:p + max_new_tokens], calls, kept

@@ -163,7 +163,7 @@ def speculation_rows(workdir: str, prompts: int, prompt_len: int, new_tokens: in
   stride = len(stream) // prompts
   windows = [stream[i * stride:i * stride + prompt_len].tolist() for i in range(prompts)]
   cases = [("greedy", generate._generate_padded, {})] + [
-      (f"lookup k={k}", speculative.generate_lookup, {"draft_tokens": k, "ngram": ngram}) for k in draft_lengths]
+      (f"lookup k={k}", speculative.generate_speculative, {"draft_tokens": k, "ngram": ngram}) for k in draft_lengths]
   rows, reference = [], []
   for name, fn, extra in cases:
     seconds, calls, outputs = 0.0, 0, []

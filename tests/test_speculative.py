@@ -16,17 +16,17 @@ from infer import speculative
 from model import transformer as T
 
 
-def small_model(family="gpt", vocab=97, max_len=48):
+def small_model(family="gpt", vocab=97, max_len=48, seed=1, layers=2):
   """A random 2-layer, width-32 model with peaked logits (weights ~ N(0, 0.3)), so greedy is not decided by noise."""
   c = tiny.get_config()
-  c.model.update(family=family, num_layers=2, embed_dim=32, num_heads=4, max_len=max_len, vocab_size=vocab)
+  c.model.update(family=family, num_layers=layers, embed_dim=32, num_heads=4, max_len=max_len, vocab_size=vocab)
   c.data.seq_len = max_len
   if family == "llama":
     c.model.num_kv_heads = 2
   base.validate(c)
   spec = T.ModelSpec.from_config(c.model)
   graphdef, state = nnx.split(nnx.eval_shape(lambda: T.Transformer(spec, rngs=nnx.Rngs(params=0))))
-  rng = np.random.default_rng(1)
+  rng = np.random.default_rng(seed)
 
   def init(path, x):
     noise = rng.normal(0.0, 0.3, x.shape)
@@ -43,12 +43,11 @@ def test_drafts_follow_the_most_recent_longest_match():
   np.testing.assert_array_equal(drafts, [[7, 8, 5], [5, 9, 9], [7, 7, 7]])
 
 
-@pytest.mark.parametrize("family", ["gpt", "llama"])
-def test_greedy_lookup_gives_ordinary_greedy_output_in_fewer_model_calls(family):
-  model = small_model(family)
+def test_greedy_lookup_gives_ordinary_greedy_output_in_fewer_model_calls():
+  model = small_model("gpt")  # llama: the draft-model test below
   prompts = [[5, 6, 7, 8, 5, 6, 7, 8, 5, 6, 7], [1, 2, 3, 1, 2, 3, 1, 2], [40, 41, 42, 43]]  # left-padded batch
   want = G.generate(model, prompts, max_new_tokens=24)
-  for draft_tokens, ngram in ((4, 3), (2, 1), (7, 2)):
+  for draft_tokens, ngram in ((4, 3), (7, 1)):
     assert G.generate(model, prompts, max_new_tokens=24, speculate="lookup", draft_tokens=draft_tokens,
                       ngram=ngram) == want, (draft_tokens, ngram)
   eos = want[0][5]  # a row that stops early, the others later or not at all: identical cuts and fills
@@ -56,7 +55,7 @@ def test_greedy_lookup_gives_ordinary_greedy_output_in_fewer_model_calls(family)
           == G.generate(model, prompts, max_new_tokens=24, eos_id=eos))
   # the drafts were used: fewer model calls than tokens
   args, kwargs = G._prepare(model, prompts[:1], 24, 0.0, 0, 1.0, 0, None)
-  out, calls, accepted = speculative.generate_lookup(*args, **kwargs, draft_tokens=4, ngram=3)
+  out, calls, accepted = speculative.generate_speculative(*args, **kwargs, draft_tokens=4, ngram=3)
   assert out.tolist() == want[:1]
   assert int(calls) < 24 and int(accepted) > 0 and int(calls) - 1 + int(accepted) >= 24 - 1
 
@@ -81,7 +80,7 @@ def test_sampled_lookup_is_distributed_as_the_model_and_a_wrong_rule_is_caught()
   def marginals(**kw):
     args, kwargs = G._prepare(model, [prompt] * rows, 3, 1.0, 0, 1.0, 0, None)
     if kw:  # 3,000 rows share each round's advance, so mostly one token per round: the rule decides each of them
-      out = speculative.generate_lookup(*args, **kwargs, **kw)[0]
+      out = speculative.generate_speculative(*args, **kwargs, **kw)[0]
     else:
       out, _ = G._generate_padded(*args, **kwargs)
     out = np.asarray(out)
@@ -96,8 +95,8 @@ def test_sampled_lookup_is_distributed_as_the_model_and_a_wrong_rule_is_caught()
   # tokens 1 and 2 went through the acceptance rule; keeping every draft instead skews them toward the drafts
   always_keep = speculative.verify
 
-  def keep_all(logits, drafts, settings, counters):
-    accepted, tokens = always_keep(logits, drafts, settings, counters)
+  def keep_all(logits, drafts, settings, counters, draft_probs=None):
+    accepted, tokens = always_keep(logits, drafts, settings, counters, draft_probs)
     k = drafts.shape[1]
     return jnp.full_like(accepted, k), tokens.at[:, :k].set(drafts)
 
@@ -111,11 +110,41 @@ def test_sampled_lookup_is_distributed_as_the_model_and_a_wrong_rule_is_caught()
   assert wrong[1:].max() > 0.1, wrong
 
 
+def test_a_draft_model_gives_greedy_output_identical_and_sampled_output_distributed_as_the_model():
+  model = small_model("llama")
+  prompts = [[5, 6, 7, 8, 5, 6, 7, 8, 5, 6, 7], [1, 2, 3, 1, 2, 3, 1, 2], [40, 41, 42, 43]]
+  want = G.generate(model, prompts, max_new_tokens=20)
+  other = small_model("gpt", seed=7, layers=1)  # a different model: most drafts rejected
+  assert G.generate(model, prompts, max_new_tokens=20, speculate="draft", draft_model=other, draft_tokens=3) == want
+  # the model as its own draft: every greedy draft is kept, k + 1 tokens per target call
+  args, kwargs = G._prepare(model, prompts, 20, 0.0, 0, 1.0, 0, None)
+  draft_graphdef, draft_state = nnx.split(model)
+  out, calls, _ = speculative.generate_speculative(*args, **kwargs, draft_tokens=4, draft_graphdef=draft_graphdef,
+                                                   draft_state=draft_state)
+  assert out.tolist() == want and int(calls) == 1 + 4  # prefill + ceil(19 / 5) rounds
+
+  target, draft = small_model(vocab=6), small_model(vocab=6, seed=3, layers=1)
+  prompt = [1, 2, 3, 1, 2, 3, 1, 2, 3, 1, 2]
+  exact = _exact_next_two(target, prompt, temperature=1.0)
+  rows = 3000
+  args, kwargs = G._prepare(target, [prompt] * rows, 3, 1.0, 0, 1.0, 0, None)
+  draft_graphdef, draft_state = nnx.split(draft)
+  out = np.asarray(speculative.generate_speculative(*args, **kwargs, draft_tokens=2, draft_graphdef=draft_graphdef,
+                                                    draft_state=draft_state)[0])
+  got = np.stack([np.bincount(out[:, j], minlength=6) / rows for j in range(3)])
+  assert (0.5 * np.abs(got - exact).sum(1)).max() < 0.04, got - exact
+  # and the draft's own distribution is far from the model's, so the rule had work to do
+  drafted = _exact_next_two(draft, prompt, temperature=1.0)
+  assert (0.5 * np.abs(drafted - exact).sum(1)).max() > 0.1
+
+
 def test_bad_speculation_settings_are_named():
   model = small_model()
-  for kw, message in (({"speculate": "draft"}, "speculate='draft' must be one of"),
+  for kw, message in (({"speculate": "medusa"}, "speculate='medusa' must be one of"),
                       ({"speculate": "lookup", "draft_tokens": 0}, "draft_tokens=0 must be in"),
-                      ({"speculate": "lookup", "ngram": 9}, "ngram=9 must be in")):
+                      ({"speculate": "lookup", "ngram": 9}, "ngram=9 must be in"),
+                      ({"speculate": "draft"}, "needs a draft model"),
+                      ({"speculate": "draft", "draft_model": small_model(vocab=50)}, "vocabulary \\(50 tokens\\) differs")):
     with pytest.raises(ValueError, match=message):
       G.generate(model, [[1, 2]], max_new_tokens=4, **kw)
 
