@@ -18,7 +18,8 @@ With `--speculate_workdir=DIR` (a trained run) it measures prompt-lookup specula
 greedy tokens/s at batch 1 with and without it on prompts cut from the run's validation split (code, for the
 default corpus), per draft length, with the model calls per token and whether every output was identical.
 
-  python -m scripts.bench_decode --speculate_workdir=runs/default [--draft_tokens=1,2,4,8] [--speculate_prompts=8]
+  python -m scripts.bench_decode --speculate_workdir=runs/default [--draft_workdir=runs/draft]
+      [--draft_tokens=1,2,4,8] [--speculate_prompts=8]
 """
 
 from __future__ import annotations
@@ -62,6 +63,8 @@ _SPEC_WORKDIR = flags.DEFINE_string("speculate_workdir", "", "A trained run: mea
 _DRAFTS = flags.DEFINE_list("draft_tokens", ["1", "2", "4", "8"], "--speculate_workdir: draft lengths to measure.")
 _NGRAM = flags.DEFINE_integer("ngram", 3, "--speculate_workdir: the longest context suffix looked up.")
 _SPEC_PROMPTS = flags.DEFINE_integer("speculate_prompts", 8, "--speculate_workdir: prompts (each decoded at batch 1).")
+_DRAFT_WORKDIR = flags.DEFINE_string("draft_workdir", "", "--speculate_workdir: also measure draft-model speculation "
+                                     "with this smaller run (trained with the same tokenizer) as the draft.")
 _SPEC_PROMPT_LEN = flags.DEFINE_integer("speculate_prompt_len", 128, "--speculate_workdir: tokens per prompt.")
 
 
@@ -154,9 +157,10 @@ def _best_seconds(fn, args, kwargs, repeats: int):
 
 
 def speculation_rows(workdir: str, prompts: int, prompt_len: int, new_tokens: int, draft_lengths, ngram: int,
-                     repeats: int) -> list[dict]:
-  """Greedy batch-1 decoding of `prompts` windows of the validation split, ordinary and with prompt lookup at each
-  draft length: summed tokens/s (fastest of `repeats` per prompt), model calls per token, identical outputs."""
+                     repeats: int, draft_workdir: str = "") -> list[dict]:
+  """Greedy batch-1 decoding of `prompts` windows of the validation split, ordinary and with prompt lookup (and with
+  the draft model of `draft_workdir`) at each draft length: summed tokens/s (fastest of `repeats` per prompt),
+  target-model calls per token, identical outputs."""
   config, model, tokenizer, _ = loading.load_trained(workdir)
   model = model.unstacked()
   stream = evaluate.validation_stream(config, tokenizer, prompts * (prompt_len + new_tokens) * 2)
@@ -164,6 +168,11 @@ def speculation_rows(workdir: str, prompts: int, prompt_len: int, new_tokens: in
   windows = [stream[i * stride:i * stride + prompt_len].tolist() for i in range(prompts)]
   cases = [("greedy", generate._generate_padded, {})] + [
       (f"lookup k={k}", speculative.generate_speculative, {"draft_tokens": k, "ngram": ngram}) for k in draft_lengths]
+  if draft_workdir:
+    draft_graphdef, draft_state = nnx.split(loading.load_trained(draft_workdir)[1].unstacked())
+    cases += [(f"draft k={k}", speculative.generate_speculative,
+               {"draft_tokens": k, "draft_graphdef": draft_graphdef, "draft_state": draft_state})
+              for k in draft_lengths]
   rows, reference = [], []
   for name, fn, extra in cases:
     seconds, calls, outputs = 0.0, 0, []
@@ -189,7 +198,7 @@ def main(argv):
   if _SPEC_WORKDIR.value:
     print(f"{cpu_description()}; prompt lookup on {_SPEC_WORKDIR.value}'s validation split, batch 1, greedy")
     rows = speculation_rows(_SPEC_WORKDIR.value, _SPEC_PROMPTS.value, _SPEC_PROMPT_LEN.value, _NEW.value,
-                            [int(k) for k in _DRAFTS.value], _NGRAM.value, _REPEATS.value)
+                            [int(k) for k in _DRAFTS.value], _NGRAM.value, _REPEATS.value, _DRAFT_WORKDIR.value)
     with open(_OUT.value, "w", encoding="utf-8") as f:
       json.dump({"cpu": cpu_description(), "device": jax.devices()[0].device_kind, "rows": rows}, f, indent=2)
     return
