@@ -12,6 +12,14 @@ The JetStream-style cycle, driven by `infer/scheduler.py`:
     columns as the longest sequence needs, rounded up to a power of two.
   * `release(slot)` returns the slot's pages to the free list (on completion or cancellation).
 
+Prefix caching (`prefix_caching=True`): every page a prompt fills completely is registered under a hash of all the
+prompt tokens up to its end (and the request's LoRA adapter), so a later request whose prompt starts with the same
+pages maps them into its page table instead of computing them again (its prefill starts after them; at least its
+last prompt token is always computed, for its first token's logits). Shared pages are only ever read: a request
+writes from its first uncached position on. A page keeps a reference count; when it drops to zero the page stays
+cached but evictable, and pages are taken least recently used first when the free list runs out.
+`prefix_hit_rate` is the share of admitted prompt tokens served from the cache.
+
 Pages are `page_size` slots of every layer's keys and values: k/v [layers, num_pages, page_size, kv_heads,
 head_dim]. Page 0 is scratch and never handed out. Attention reads pages through the slot's page table: the Pallas
 paged decode kernel (`model.attention_impl=pallas`) or a gather plus the jnp reference (`xla`).
@@ -26,8 +34,10 @@ Greedy decoding (temperature 0) gives the same tokens as `infer.generate.generat
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
+import hashlib
 import math
 from collections.abc import Sequence
 
@@ -80,8 +90,9 @@ class Engine:
   """
 
   def __init__(self, model, *, slots: int = 8, page_size: int = 16, num_pages: int | None = None,
-               prefill_chunk: int | None = None):
+               prefill_chunk: int | None = None, prefix_caching: bool = False):
     self.model = model
+    self.prefix_caching = prefix_caching
     self.max_len = model.spec.max_len
     if slots < 1:
       raise ValueError(f"slots={slots} must be >= 1")
@@ -105,6 +116,11 @@ class Engine:
     self._free_pages = list(range(self.num_pages - 1, 0, -1))  # a stack; page 0 is scratch
     self._table = np.zeros((self.slots, self.max_pages), np.int32)
     self._active: dict[int, _Slot] = {}
+    self._page_hash: dict[int, bytes] = {}  # cached page -> the hash of the prompt tokens up to its end
+    self._cached: dict[bytes, int] = {}  # that hash -> its page
+    self._refs: dict[int, int] = {}  # cached page -> requests using it
+    self._evictable: collections.OrderedDict[int, None] = collections.OrderedDict()  # cached, unused; oldest first
+    self.prompt_tokens = self.prefix_hit_tokens = 0  # admitted prompt tokens, and those read from cached pages
     self._row_logprobs: list[Logprob] = []
     self.logprobs: dict[int, Logprob] = {}  # slot -> its last token's log-probability and top alternatives
 
@@ -112,7 +128,16 @@ class Engine:
 
   @property
   def free_pages(self) -> int:
-    return len(self._free_pages)
+    """Pages a new request can take: the free list plus cached pages no request uses."""
+    return len(self._free_pages) + len(self._evictable)
+
+  @property
+  def cached_pages(self) -> int:
+    return len(self._page_hash)
+
+  @property
+  def prefix_hit_rate(self) -> float:
+    return self.prefix_hit_tokens / self.prompt_tokens if self.prompt_tokens else 0.0
 
   @property
   def active_slots(self) -> int:
@@ -133,7 +158,27 @@ class Engine:
                        f"has {self.num_pages - 1}")
 
   def can_insert(self, prompt_len: int, max_tokens: int) -> bool:
-    return len(self._active) < self.slots and self.pages_needed(prompt_len, max_tokens) <= len(self._free_pages)
+    return len(self._active) < self.slots and self.pages_needed(prompt_len, max_tokens) <= self.free_pages
+
+  def _prefix_hashes(self, prompt: Sequence[int], adapter: int) -> list[bytes]:
+    """One hash per page the prompt fills completely: of the adapter and every prompt token up to the page's end."""
+    hashes, h = [], hashlib.sha256(adapter.to_bytes(4, "little"))
+    for end in range(self.page_size, len(prompt) + 1, self.page_size):
+      h.update(np.asarray(prompt[end - self.page_size:end], np.int64).tobytes())
+      hashes.append(h.copy().digest())
+    return hashes
+
+  def _take_page(self) -> int:
+    """A page from the free list, else the least recently used cached page nobody uses (its hash forgotten)."""
+    if self._free_pages:
+      return self._free_pages.pop()
+    page, _ = self._evictable.popitem(last=False)
+    del self._cached[self._page_hash.pop(page)], self._refs[page]
+    return page
+
+  def _share(self, page: int) -> None:
+    self._refs[page] += 1
+    self._evictable.pop(page, None)
 
   # -- the cycle --------------------------------------------------------------------------------------------------
 
@@ -147,11 +192,29 @@ class Engine:
     if not self.can_insert(len(prompt), params.max_tokens):
       return None
     slot = next(s for s in range(self.slots) if s not in self._active)
-    pages = [self._free_pages.pop() for _ in range(self.pages_needed(len(prompt), params.max_tokens))]
+    hits = []
+    if self.prefix_caching:  # cached pages of this prompt, leaving at least its last token to compute
+      for h in self._prefix_hashes(prompt[:len(prompt) - 1], params.adapter):
+        if h not in self._cached:
+          break
+        hits.append(self._cached[h])
+      for page in hits:
+        self._share(page)
+    pages = hits + [self._take_page() for _ in range(self.pages_needed(len(prompt), params.max_tokens) - len(hits))]
     self._table[slot] = 0
     self._table[slot, :len(pages)] = pages
-    self._active[slot] = _Slot(list(prompt), params, pages)
+    self._active[slot] = _Slot(list(prompt), params, pages, prefilled=len(hits) * self.page_size)
+    self.prompt_tokens += len(prompt)
+    self.prefix_hit_tokens += len(hits) * self.page_size
     return slot
+
+  def _register_prompt_pages(self, s: _Slot) -> None:
+    """Caches the pages the slot's prompt filled completely (its prefill is done), unless equal ones are cached."""
+    for page, h in zip(s.pages, self._prefix_hashes(s.prompt, s.params.adapter)):
+      if page in self._page_hash:  # shared from the cache already
+        continue
+      if h not in self._cached:
+        self._cached[h], self._page_hash[page], self._refs[page] = page, h, 1
 
   def is_prefilling(self, slot: int) -> bool:
     s = self._active[slot]
@@ -174,6 +237,8 @@ class Engine:
                       np.array([n - 1], np.int32), [s])[0]
     if s.prefilled < len(s.prompt):
       return None
+    if self.prefix_caching:
+      self._register_prompt_pages(s)
     s.last_token, s.generated = int(token), 1
     self.logprobs[slot] = self._row_logprobs[0]
     return int(token)
@@ -207,7 +272,13 @@ class Engine:
     """Frees the slot and returns its pages (finished or cancelled request)."""
     s = self._active.pop(slot)
     self.logprobs.pop(slot, None)
-    self._free_pages.extend(reversed(s.pages))
+    for page in reversed(s.pages):
+      if page not in self._page_hash:
+        self._free_pages.append(page)
+        continue
+      self._refs[page] -= 1
+      if self._refs[page] == 0:  # stays cached until its page is needed (most recently used last)
+        self._evictable[page] = None
     self._table[slot] = 0
 
   # -- internals --------------------------------------------------------------------------------------------------

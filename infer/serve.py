@@ -2,7 +2,7 @@
 
   python -m infer.serve --workdir=runs/default [--port=8000] [--slots=8] [--page_size=16] [--num_pages=0]
       [--prefill_chunk=0] [--max_queue=64] [--queue_timeout=300] [--request_timeout=0] [--mode=continuous|static]
-      [--attention_impl=xla|pallas] [--head_quant=int8]
+      [--attention_impl=xla|pallas] [--head_quant=int8] [--prefix_caching]
 
 SIGTERM (or Ctrl-C) drains: new requests get 503 while those in flight finish, then the process exits.
 """
@@ -33,7 +33,7 @@ def build(workdir: str, *, slots: int = 8, page_size: int = 16, num_pages: int =
           mode: str = "continuous", attention_impl: str | None = None,
           matmul_impl: str | None = None, step: int | None = None, api_key: str | None = None,
           profile_dir: str | None = None, head_quant: str | None = None, adapter: str | None = None,
-          adapters: dict[str, str] | None = None) -> Server:
+          adapters: dict[str, str] | None = None, prefix_caching: bool = False) -> Server:
   """Loads `workdir` and wires engine, scheduler (started), metrics and server together. `adapter`: a LoRA adapter
   merged into the model; `adapters` {model id: adapter path}: a bank the requests pick from by their `model` field
   (the workdir's own id is the base model)."""
@@ -44,7 +44,7 @@ def build(workdir: str, *, slots: int = 8, page_size: int = 16, num_pages: int =
     print(f"LoRA adapters served by request: {', '.join(adapters)} (rank {model.spec.lora_rank})", flush=True)
   print(loading.weights_note(model), flush=True)
   engine = Engine(model, slots=slots, page_size=page_size, num_pages=num_pages or None,
-                  prefill_chunk=prefill_chunk or None)
+                  prefill_chunk=prefill_chunk or None, prefix_caching=prefix_caching)
   scheduler = Scheduler(engine, lambda ids: tokenizer_lib.decode(tokenizer, ids), mode=mode, max_queue=max_queue,
                         queue_timeout=queue_timeout, request_timeout=request_timeout)
   metrics = Metrics(scheduler)
@@ -99,7 +99,8 @@ def main(argv):
                    prefill_chunk=f.prefill_chunk, max_queue=f.max_queue, queue_timeout=f.queue_timeout,
                    request_timeout=f.request_timeout, mode=f.mode, attention_impl=f.attention_impl,
                    matmul_impl=f.matmul_impl, step=f.step, api_key=f.api_key or os.environ.get("PEAKLLM_API_KEY"),
-                   profile_dir=f.profile_dir or None, head_quant=f.head_quant, **_adapter_flags(f.adapter))
+                   profile_dir=f.profile_dir or None, head_quant=f.head_quant, prefix_caching=f.prefix_caching,
+                   **_adapter_flags(f.adapter))
   except (FileNotFoundError, ValueError) as e:
     sys.exit(f"error: cannot serve --workdir={f.workdir}: {e}")
   asyncio.run(_serve(server, f.host, f.port, f.drain_timeout))
@@ -113,6 +114,8 @@ def _define_flags():
   flags.DEFINE_integer("page_size", 16, "KV-cache slots per page (a power of two >= 16).")
   flags.DEFINE_integer("num_pages", 0, "KV pages in the pool (0: enough for every slot at full context).")
   flags.DEFINE_integer("prefill_chunk", 0, "Most prompt tokens per prefill call (0: whole prompts).")
+  flags.DEFINE_bool("prefix_caching", False, "Share the KV pages of equal prompt prefixes between requests "
+                    "(content-hashed full pages, reference counts, least recently used evicted first).")
   flags.DEFINE_integer("max_queue", 64, "Waiting requests beyond which the server answers 429.")
   flags.DEFINE_float("queue_timeout", 300.0, "Seconds a request may wait for a free slot before it gets 503 "
                      "(0: no limit).")

@@ -126,6 +126,10 @@ class Metrics:
         lambda: scheduler.queue_length)
     Gauge("peakllm_active_slots", "Slots running a request.", registry=r).set_function(lambda: engine.active_slots)
     Gauge("peakllm_free_pages", "Free KV-cache pages.", registry=r).set_function(lambda: engine.free_pages)
+    Gauge("peakllm_cached_pages", "KV-cache pages holding a cached prompt prefix.",
+          registry=r).set_function(lambda: engine.cached_pages)
+    Gauge("peakllm_prefix_cache_hit_rate", "Share of admitted prompt tokens read from cached prefix pages.",
+          registry=r).set_function(lambda: engine.prefix_hit_rate)
     self._window: collections.deque[tuple[float, int]] = collections.deque()
     Gauge("peakllm_tokens_per_second", "Output tokens per second over the last 10 s.", registry=r).set_function(
         lambda: self._rate(scheduler.generated_tokens))

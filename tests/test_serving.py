@@ -96,6 +96,35 @@ def test_engine_greedy_under_load_equals_generate_alone_and_frees_every_page(tin
   assert engine.free_pages == engine.num_pages - 1 and engine.active_slots == 0
 
 
+def test_prefix_caching_shares_pages_exactly_evicts_the_least_recently_used_and_returns_every_page(tiny_run):
+  _, model, _, _ = loading.load_trained(tiny_run[0])
+  system = _prompts(model.spec.vocab_size, [24], seed=5)[0]  # one full page of 16 shared, 8 tokens in the second
+  tails = _prompts(model.spec.vocab_size, [3, 20, 1, 9], seed=6)
+  prompts = [system + t for t in tails] + [system + tails[1]] + _prompts(model.spec.vocab_size, [20], seed=7)
+  new = [6, 4, 8, 5, 4, 6]
+  want = generate.generate(model, prompts, max_new_tokens=max(new))
+  # one slot: each request finishes its prefill before the next arrives; 6 usable pages
+  engine = Engine(model, slots=1, page_size=16, num_pages=7, prefill_chunk=16, prefix_caching=True)
+  outputs, _ = _drive(engine, prompts, [SamplingParams(max_tokens=n) for n in new])
+  for i, n in enumerate(new):
+    assert outputs[i] == want[i][:n], f"request {i}"
+  # requests 1-3 reuse the system prompt's full page (16 tokens each); the repeated prompt (44 tokens) its first
+  # two pages (the second cached by request 1); the unrelated one nothing
+  assert engine.prefix_hit_tokens == 3 * 16 + 32, engine.prefix_hit_tokens
+  assert engine.prefix_hit_rate == pytest.approx(engine.prefix_hit_tokens / sum(map(len, prompts)))
+  assert engine.active_slots == 0 and engine.free_pages == engine.num_pages - 1  # every page free or evictable
+  assert engine.cached_pages == 4  # the system page, the second pages of requests 1 and 3, the unrelated prompt's
+  # A 50-token request needs 4 pages with 2 free: it evicts the two least recently used cached pages, request 3's
+  # and request 1's second pages (the system page and the unrelated page were released later), so the repeated
+  # prompt now finds only the system page, and still decodes exactly.
+  hits = engine.prefix_hit_tokens
+  more, _ = _drive(engine, [_prompts(model.spec.vocab_size, [50], seed=8)[0], prompts[1]],
+                   [SamplingParams(max_tokens=10), SamplingParams(max_tokens=4)])
+  assert more[1] == want[1][:4]
+  assert engine.prefix_hit_tokens == hits + 16
+  assert engine.free_pages == engine.num_pages - 1
+
+
 @pytest.mark.parametrize("kind", ["int8_weight", "moe", "gptq4"])
 def test_engine_serves_int8_moe_and_packed_checkpoints_like_generate(kind, tiny_run, tiny_moe_run, tmp_path):
   from configs import compress as compress_config
@@ -553,7 +582,8 @@ def test_metrics_and_health(server):
   import urllib.request
 
   text = urllib.request.urlopen(bg.url + "/metrics").read().decode()
-  for name in ("peakllm_queue_length", "peakllm_active_slots", "peakllm_free_pages", "peakllm_tokens_per_second",
+  for name in ("peakllm_queue_length", "peakllm_active_slots", "peakllm_free_pages", "peakllm_prefix_cache_hit_rate",
+               "peakllm_cached_pages", "peakllm_tokens_per_second",
                "peakllm_time_to_first_token_seconds_bucket", "peakllm_time_per_output_token_seconds_bucket"):
     assert name in text
   assert json.loads(urllib.request.urlopen(bg.url + "/health").read()) == {"status": "ok"}
