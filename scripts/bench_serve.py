@@ -10,6 +10,11 @@ Prints a table and writes JSON.
 
   python -m scripts.bench_serve --workdir=runs/default [--requests=48] [--concurrency=16] [--slots=8]
       [--modes=continuous,static] [--out=bench_serve.json]
+
+Shared system prompt, prefix caching off and on (every prompt starts with the same 192 tokens):
+
+  python -m scripts.bench_serve --modes=continuous --prefix_caching=off,on --shared_prefix=192 \
+      --prompt_lengths=8,32 --output_lengths=8,32
 """
 
 from __future__ import annotations
@@ -34,45 +39,58 @@ _PROMPT_LENGTHS = flags.DEFINE_list("prompt_lengths", ["8", "96"], "Prompt lengt
 _OUTPUT_LENGTHS = flags.DEFINE_list("output_lengths", ["8", "128"], "Output length range [lo, hi] in tokens.")
 _ATTENTION = flags.DEFINE_enum("attention_impl", None, ["xla", "pallas"], "Override model.attention_impl.")
 _SEED = flags.DEFINE_integer("seed", 0, "Request mix seed.")
+_PREFIX_CACHING = flags.DEFINE_list("prefix_caching", ["off"], "Prefix caching settings to compare (off, on).")
+_SHARED_PREFIX = flags.DEFINE_integer("shared_prefix", 0, "Tokens of one common prompt start shared by every request.")
 _OUT = flags.DEFINE_string("out", "bench_serve.json", "Where to write the JSON results.")
 _PROFILE = flags.DEFINE_string("profile", "", "A directory: trace the server during each mode's timed load there "
                                "(TensorBoard/Perfetto, one subdirectory per mode) and print its top operations.")
 
 
-def settings(mode: str) -> serve_load.Settings:
-  """The flags as load settings for one batching mode."""
+def settings(mode: str, prefix_caching: bool = False) -> serve_load.Settings:
+  """The flags as load settings for one batching mode and prefix-caching setting."""
   return serve_load.Settings(workdir=_WORKDIR.value, mode=mode, slots=_SLOTS.value, page_size=_PAGE_SIZE.value,
                              prefill_chunk=_PREFILL_CHUNK.value, requests=_REQUESTS.value,
                              concurrency=_CONCURRENCY.value, max_seconds=_MAX_SECONDS.value,
                              prompt_lengths=tuple(map(int, _PROMPT_LENGTHS.value)),
                              output_lengths=tuple(map(int, _OUTPUT_LENGTHS.value)), attention_impl=_ATTENTION.value,
-                             seed=_SEED.value, profile=_PROFILE.value)
+                             seed=_SEED.value, profile=_PROFILE.value, prefix_caching=prefix_caching,
+                             shared_prefix=_SHARED_PREFIX.value)
 
 
 def main(argv):
   del argv
   model_config = layout.load_config(_WORKDIR.value).model
   rows = []
+  for value in _PREFIX_CACHING.value:
+    if value not in ("off", "on"):
+      raise app.UsageError(f"--prefix_caching={value!r}: each value must be off or on")
   for mode in _MODES.value:
-    rows.append(serve_load.bench_mode(settings(mode), model_config.vocab_size, model_config.max_len))
-    print(json.dumps(rows[-1]), flush=True)
+    for value in _PREFIX_CACHING.value:
+      rows.append(serve_load.bench_mode(settings(mode, value == "on"), model_config.vocab_size,
+                                        model_config.max_len))
+      print(json.dumps(rows[-1]), flush=True)
   print(f"\nserving {_WORKDIR.value} on {jax.devices()[0].device_kind} (server in its own process): "
         f"{_REQUESTS.value} requests, {_CONCURRENCY.value} clients, {_SLOTS.value} slots, "
         f"prompts {'-'.join(_PROMPT_LENGTHS.value)} tokens, "
-        f"outputs {'-'.join(_OUTPUT_LENGTHS.value)} tokens")
-  print("| mode | requests | req/s | output tok/s | TTFT p50 / p99 (s) | TPOT p50 / p99 (ms) |")
-  print("|---|---|---|---|---|---|")
+        f"outputs {'-'.join(_OUTPUT_LENGTHS.value)} tokens, shared prefix {_SHARED_PREFIX.value} tokens")
+  print("| mode | prefix caching | requests | req/s | output tok/s | TTFT p50 / p99 (s) | TPOT p50 / p99 (ms) |")
+  print("|---|---|---|---|---|---|---|")
   for r in rows:
     tpot = f"{1e3 * r['tpot_p50_s']:.1f} / {1e3 * r['tpot_p99_s']:.1f}"
-    print(f"| {r['mode']} | {r['requests']} | {r['requests_per_s']:.2f} | {r['output_tokens_per_s']:.1f} | "
-          f"{r['ttft_p50_s']:.2f} / {r['ttft_p99_s']:.2f} | {tpot} |")
-  by_mode = {r["mode"]: r for r in rows}
+    print(f"| {r['mode']} | {'on' if r['prefix_caching'] else 'off'} | {r['requests']} | {r['requests_per_s']:.2f} | "
+          f"{r['output_tokens_per_s']:.1f} | {r['ttft_p50_s']:.2f} / {r['ttft_p99_s']:.2f} | {tpot} |")
+  by_mode = {r["mode"]: r for r in rows if not r["prefix_caching"]}
+  cached = {r["mode"]: r for r in rows if r["prefix_caching"]}
   result = {"device": jax.devices()[0].device_kind, "workdir": _WORKDIR.value, "slots": _SLOTS.value,
             "concurrency": _CONCURRENCY.value, "modes": rows}
   if {"continuous", "static"} <= set(by_mode):
     ratio = by_mode["continuous"]["output_tokens_per_s"] / by_mode["static"]["output_tokens_per_s"]
     result["continuous_over_static_throughput"] = ratio
     print(f"continuous / static output throughput: {ratio:.2f}x")
+  for mode in set(by_mode) & set(cached):
+    ratio = cached[mode]["ttft_p50_s"] / by_mode[mode]["ttft_p50_s"]
+    result[f"{mode}_ttft_p50_prefix_caching_over_off"] = ratio
+    print(f"{mode}: TTFT p50 with prefix caching / without: {ratio:.2f}x")
   with open(_OUT.value, "w", encoding="utf-8") as f:
     json.dump(result, f, indent=1)
 

@@ -39,17 +39,23 @@ class Settings:
   attention_impl: str | None = None
   seed: int = 0
   profile: str = ""
+  prefix_caching: bool = False
+  shared_prefix: int = 0  # tokens of one common "system prompt" that starts every request's prompt
 
 
 def request_mix(n: int, vocab: int, max_len: int, seed: int, prompt_lengths: tuple[int, int],
-                output_lengths: tuple[int, int]) -> list[dict]:
+                output_lengths: tuple[int, int], shared_prefix: int = 0) -> list[dict]:
+  """n requests of random token ids: prompt lengths (after a common `shared_prefix`-token start) and output lengths
+  drawn uniformly from the ranges, outputs cut to the context."""
   rng = random.Random(seed)
   (p_lo, p_hi), (o_lo, o_hi) = prompt_lengths, output_lengths
+  prefix = [rng.randrange(1, vocab) for _ in range(shared_prefix)]
   mix = []
   for _ in range(n):
-    prompt_len = rng.randint(p_lo, p_hi)
+    prompt_len = shared_prefix + rng.randint(p_lo, p_hi)
     out_len = min(rng.randint(o_lo, o_hi), max_len - prompt_len)
-    mix.append({"prompt": [rng.randrange(1, vocab) for _ in range(prompt_len)], "max_tokens": out_len,
+    prompt = prefix + [rng.randrange(1, vocab) for _ in range(prompt_len - shared_prefix)]
+    mix.append({"prompt": prompt, "max_tokens": out_len,
                 "temperature": 0, "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}})
   return mix
 
@@ -107,6 +113,8 @@ def _start_server(s: Settings, port: int) -> subprocess.Popen:
          f"--max_queue={max(64, s.concurrency)}"]
   if s.attention_impl:
     cmd.append(f"--attention_impl={s.attention_impl}")
+  if s.prefix_caching:
+    cmd.append("--prefix_caching")
   if s.profile:
     cmd.append(f"--profile_dir={os.path.abspath(os.path.join(s.profile, s.mode))}")
   proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -143,9 +151,14 @@ def bench_mode(s: Settings, vocab: int, max_len: int) -> dict:
   try:
     warm = [{"prompt": [1] * n, "max_tokens": 2, "temperature": 0, "ignore_eos": True, "stream": True}
             for n in (8, 24, 48, 96, 160) if n + 2 <= max_len]
+    if s.shared_prefix:  # the prefill shapes after a cached prefix too, with a prefix of its own (not the load's)
+      other = [1 + (7 * i) % (vocab - 1) for i in range(s.shared_prefix)]
+      warm += [{**warm[0], "prompt": other + [2 + i % (vocab - 2)] * n}
+               for i, n in enumerate((s.prompt_lengths[0], s.prompt_lengths[0], s.prompt_lengths[1],
+                                      (s.prompt_lengths[0] + s.prompt_lengths[1]) // 2))]
     asyncio.run(run_load(url, warm, 1, 600))  # compiles the prefill buckets and the decode step
     ready_s = time.perf_counter() - start
-    mix = request_mix(s.requests, vocab, max_len, s.seed, s.prompt_lengths, s.output_lengths)
+    mix = request_mix(s.requests, vocab, max_len, s.seed, s.prompt_lengths, s.output_lengths, s.shared_prefix)
     if s.profile:
       urllib.request.urlopen(urllib.request.Request(url + "/debug/profile/start", method="POST"), timeout=60)
     results, seconds = asyncio.run(run_load(url, mix, s.concurrency, s.max_seconds))
@@ -163,7 +176,8 @@ def bench_mode(s: Settings, vocab: int, max_len: int) -> dict:
   done = [r for r in results if r["status"] == 200]
   ttft, tpot = [r["ttft"] for r in done], [r["tpot"] for r in done if r["tokens"] > 1]
   tokens = sum(r["tokens"] for r in done)
-  return {"mode": s.mode, "slots": s.slots, "prefill_chunk": s.prefill_chunk, "requests": len(done), "failed": len(results) - len(done), "seconds": seconds,
+  return {"mode": s.mode, "slots": s.slots, "prefill_chunk": s.prefill_chunk, "prefix_caching": s.prefix_caching,
+          "shared_prefix": s.shared_prefix, "requests": len(done), "failed": len(results) - len(done), "seconds": seconds,
           "requests_per_s": len(done) / seconds, "output_tokens_per_s": tokens / seconds, "output_tokens": tokens,
           "ttft_p50_s": _pct(ttft, 50), "ttft_p99_s": _pct(ttft, 99), "tpot_p50_s": _pct(tpot, 50),
           "tpot_p99_s": _pct(tpot, 99), "server_exit_code": proc.returncode, "ready_s": ready_s,
