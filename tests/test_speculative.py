@@ -162,7 +162,4 @@ def test_the_benchmark_measures_lookup_on_the_validation_split_and_the_cli_specu
                         "--max_new_tokens=8", "--speculate=lookup", "--draft_tokens=3"],
                        capture_output=True, text=True, timeout=300)
   assert out.returncode == 0, out.stderr[-2000:]
-  assert "model calls incl. prefill" in out.stdout
-  bad = subprocess.run([sys.executable, "-m", "infer.generate", f"--workdir={workdir}", "--prompt=x",
-                        "--speculate=lookup", "--draft_tokens=0"], capture_output=True, text=True, timeout=300)
-  assert bad.returncode == 1 and "draft_tokens=0 must be in [1, 16]" in bad.stderr and "Traceback" not in bad.stderr
+  assert "model calls incl. prefill" in out.stdout  # (bad settings: test_bad_speculation_settings_are_named)
