@@ -20,6 +20,34 @@ def tiny_config(data_dir, **train):
   return base.validate(c)
 
 
+def random_model(family: str = "gpt", vocab: int = 97, max_len: int = 32, seed: int = 0, layers: int = 2):
+  """A random width-32 model. Parameters come from numpy (eager jax.random init compiles ~30 small programs,
+  seconds on a busy CPU); weights ~ N(0, 0.3) give peaked logits, so greedy argmax is not decided by float noise."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from flax import nnx
+
+  from configs import base, tiny
+  from model import transformer
+
+  c = tiny.get_config()
+  c.model.update(family=family, num_layers=layers, embed_dim=32, num_heads=4, max_len=max_len, vocab_size=vocab)
+  c.data.seq_len = max_len
+  if family == "llama":
+    c.model.num_kv_heads = 2
+  base.validate(c)
+  spec = transformer.ModelSpec.from_config(c.model)
+  graphdef, state = nnx.split(nnx.eval_shape(lambda: transformer.Transformer(spec, rngs=nnx.Rngs(params=0))))
+  rng = np.random.default_rng(seed)
+
+  def init(path, x):
+    noise = rng.normal(0.0, 0.3, x.shape)
+    return jnp.asarray(1.0 + noise / 3 if "scale" in jax.tree_util.keystr(path) else noise, x.dtype)
+
+  return nnx.merge(graphdef, jax.tree_util.tree_map_with_path(init, state))
+
+
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory):
   return str(tmp_path_factory.mktemp("tfds"))

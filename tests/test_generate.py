@@ -2,15 +2,13 @@
 
 import functools
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
-from configs import base, tiny
+from conftest import random_model
 from infer import generate as G
-from model import transformer as T
 from workdir import tokenizer as tokenizer_lib
 
 VOCAB = 97
@@ -19,23 +17,8 @@ MAX_LEN = 32
 
 @functools.lru_cache(maxsize=None)
 def make_model(family="gpt"):
-  """A random 2-layer, width-32 model. Parameters come from numpy (eager jax.random init compiles ~30 small programs,
-  seconds on a busy CPU); weights ~ N(0, 0.3) give peaked logits, so greedy argmax is not decided by float noise."""
-  c = tiny.get_config()
-  c.model.update(family=family, num_layers=2, embed_dim=32, num_heads=4, max_len=MAX_LEN, vocab_size=VOCAB)
-  c.data.seq_len = MAX_LEN
-  if family == "llama":
-    c.model.num_kv_heads = 2
-  base.validate(c)
-  spec = T.ModelSpec.from_config(c.model)
-  graphdef, state = nnx.split(nnx.eval_shape(lambda: T.Transformer(spec, rngs=nnx.Rngs(params=0))))
-  rng = np.random.default_rng(0)
-
-  def init(path, x):
-    noise = rng.normal(0.0, 0.3, x.shape)
-    return jnp.asarray(1.0 + noise / 3 if "scale" in jax.tree_util.keystr(path) else noise, x.dtype)
-
-  return nnx.merge(graphdef, jax.tree_util.tree_map_with_path(init, state))
+  """A random 2-layer, width-32 model with peaked logits (conftest.random_model)."""
+  return random_model(family, VOCAB, MAX_LEN)
 
 
 @nnx.jit

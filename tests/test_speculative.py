@@ -10,29 +10,13 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from configs import base, tiny
+from conftest import random_model
 from infer import generate as G
 from infer import speculative
-from model import transformer as T
 
 
 def small_model(family="gpt", vocab=97, max_len=48, seed=1, layers=2):
-  """A random 2-layer, width-32 model with peaked logits (weights ~ N(0, 0.3)), so greedy is not decided by noise."""
-  c = tiny.get_config()
-  c.model.update(family=family, num_layers=layers, embed_dim=32, num_heads=4, max_len=max_len, vocab_size=vocab)
-  c.data.seq_len = max_len
-  if family == "llama":
-    c.model.num_kv_heads = 2
-  base.validate(c)
-  spec = T.ModelSpec.from_config(c.model)
-  graphdef, state = nnx.split(nnx.eval_shape(lambda: T.Transformer(spec, rngs=nnx.Rngs(params=0))))
-  rng = np.random.default_rng(seed)
-
-  def init(path, x):
-    noise = rng.normal(0.0, 0.3, x.shape)
-    return jnp.asarray(1.0 + noise / 3 if "scale" in jax.tree_util.keystr(path) else noise, x.dtype)
-
-  return nnx.merge(graphdef, jax.tree_util.tree_map_with_path(init, state))
+  return random_model(family, vocab, max_len, seed, layers)
 
 
 def test_drafts_follow_the_most_recent_longest_match():
