@@ -8,8 +8,11 @@ The JetStream-style cycle, driven by `infer/scheduler.py`:
     chunk it samples the first new token and the slot starts decoding; earlier chunks return None. Chunking keeps a
     long prompt from stalling the running decodes for a whole prefill.
   * `generate()` runs one decode step for every decoding slot at once (one jitted call over all slots; idle slots
-    write to the scratch page 0 and are ignored) and returns {slot: token}. Steps read only as many page-table
-    columns as the longest sequence needs, rounded up to a power of two.
+    write to the scratch page 0 and are ignored) and returns {slot: [token]}. Steps read only as many page-table
+    columns as the longest sequence needs, rounded up to a power of two. With speculation (`speculate="lookup"` or
+    "draft", `infer/speculative.py`) the step verifies k drafts per request in one call and returns the 1 to k + 1
+    tokens each request keeps; drafts never run past the pages reserved at insert (a request's budget is its tokens
+    left - 1), and rejected drafts leave keys and values past the request's length that its next step overwrites.
   * `release(slot)` returns the slot's pages to the free list (on completion or cancellation).
 
 Prefix caching (`prefix_caching=True`): every page a prompt fills completely is registered under a hash of all the
@@ -47,6 +50,7 @@ import numpy as np
 from flax import nnx
 
 from infer import sampling
+from infer import speculative
 from model import lora
 from infer.sampling import SamplingParams
 
@@ -71,14 +75,63 @@ def _step(graphdef, state, pages, tokens, live, positions, page_table, lengths, 
   return (chosen, jnp.take_along_axis(logp, chosen[:, None], axis=1)[:, 0], top_lp, top_ids), pages
 
 
+@functools.partial(jax.jit, static_argnames=("graphdef", "draft_graphdef", "k", "ngram"),
+                   donate_argnames=("pages", "draft_pages"))
+def _speculative_step(graphdef, state, pages, draft_graphdef, draft_state, draft_pages, history, last_pos, budget,
+                      page_table, counters, settings, adapters, *, k: int, ngram: int):
+  """One speculative round for every decoding row: k drafts (prompt lookup, or the draft model over its own pages
+  when `draft_graphdef` is given), verified by one paged extend over [newest token, drafts].
+
+  history [B, T] int32: each row's prompt + output (zeros after); last_pos [B] int32: its newest token's position (-1:
+  the row does not decode now); budget [B] int32 in 0..k: drafts it may keep (its tokens left - 1); page_table [B, M];
+  counters [B]: the output index of its first new token. Returns ((accepted [B], tokens [B, k + 1], their logprobs
+  [B, k + 1], top logprobs [B, k + 1, TOP_LOGPROBS] and ids), pages, draft_pages): row b emits tokens[b, :accepted + 1].
+  Rejected drafts leave keys and values past the row's length, overwritten by its next round."""
+  model = nnx.merge(graphdef, state)
+  active = last_pos >= 0
+  if draft_graphdef is None:
+    drafts, q = speculative.lookup_drafts_rows(history, jnp.maximum(last_pos, 0), k, ngram), None
+  else:
+    draft = nnx.merge(draft_graphdef, draft_state)
+    drafts, q, draft_pages = speculative.paged_drafts(draft, draft_pages, history, last_pos, budget, page_table,
+                                                      settings, counters, k)
+  newest = jnp.take_along_axis(history, jnp.maximum(last_pos, 0)[:, None], axis=1)
+  feed = jnp.concatenate([newest, drafts], axis=1)  # [B, k + 1]
+  j = jnp.arange(k + 1)[None]
+  live = (active[:, None] & (j <= budget[:, None])).astype(jnp.int32)
+  positions = (last_pos[:, None] + j) * live
+  with lora.row_adapters(adapters):
+    logits, pages = model.extend_paged(feed, live, positions, page_table, jnp.where(active, last_pos + 1 + budget, 0),
+                                       pages)
+  logits = logits.astype(jnp.float32)
+  accepted, tokens = speculative.verify(logits, drafts, settings, counters, q, limit=budget)
+  logp = jax.nn.log_softmax(logits, axis=-1)
+  top_lp, top_ids = jax.lax.top_k(logp, TOP_LOGPROBS)
+  chosen_lp = jnp.take_along_axis(logp, tokens[..., None], axis=2)[..., 0]
+  return (accepted, tokens, chosen_lp, top_lp, top_ids), pages, draft_pages
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("pages",))
+def _draft_prefill(graphdef, state, pages, tokens, live, positions, page_table, lengths):
+  """Writes a prefill chunk into the draft model's pages (speculate="draft"): the arguments of `_step`."""
+  return nnx.merge(graphdef, state).extend_paged(tokens, live, positions, page_table, lengths, pages)[1]
+
+
 @dataclasses.dataclass
 class _Slot:
   prompt: list[int]
   params: SamplingParams
   pages: list[int]
   prefilled: int = 0  # prompt tokens already written
-  generated: int = 0  # new tokens sampled so far
-  last_token: int = -1
+  output: list[int] = dataclasses.field(default_factory=list)  # new tokens sampled so far
+
+  @property
+  def generated(self) -> int:
+    return len(self.output)
+
+  @property
+  def last_token(self) -> int:
+    return self.output[-1]
 
 
 class Engine:
@@ -87,11 +140,18 @@ class Engine:
   model: a `Transformer` (float or int8 weights). slots: concurrent sequences. page_size: slots per page (a power
   of two >= 16). num_pages: pages in the pool including the scratch page (default: enough for every slot at the
   model's max_len). prefill_chunk: the most prompt tokens per prefill call (default max_len: no chunking).
+  speculate: "none", "lookup" (drafts copied from n-grams of up to `ngram` tokens of the request's context) or
+  "draft" (drafts from `draft_model`, same tokenizer, over its own page pool): each decode step verifies
+  `draft_tokens` drafts per request in one model call and emits 1 to draft_tokens + 1 tokens per request.
   """
 
   def __init__(self, model, *, slots: int = 8, page_size: int = 16, num_pages: int | None = None,
-               prefill_chunk: int | None = None, prefix_caching: bool = False):
+               prefill_chunk: int | None = None, prefix_caching: bool = False, speculate: str = "none",
+               draft_tokens: int = 4, ngram: int = 3, draft_model=None):
+    speculative.check_settings(speculate, draft_tokens, ngram, draft_model, model)
     self.model = model
+    self.speculate, self.draft_tokens, self.ngram = speculate, draft_tokens, ngram
+    self.draft_model = draft_model if speculate == "draft" else None
     self.prefix_caching = prefix_caching
     self.max_len = model.spec.max_len
     if slots < 1:
@@ -107,12 +167,18 @@ class Engine:
     if not 1 <= self.prefill_chunk <= self.max_len:
       raise ValueError(f"prefill_chunk={self.prefill_chunk} must be in [1, max_len={self.max_len}]")
     self._graphdef, self._state = nnx.split(model.unstacked())
+    self._draft_graphdef = self._draft_state = None
+    if self.draft_model is not None:
+      self._draft_graphdef, self._draft_state = nnx.split(self.draft_model.unstacked())
     self.reset()
 
   def reset(self) -> None:
     """Empties every slot and makes fresh KV pages (after a failed step, whose donated pages may be gone)."""
     # Committed to the device like the step's (donated) outputs, so the second call does not compile again.
     self._pages = jax.device_put(self.model.init_pages(self.num_pages, self.page_size), jax.devices()[0])
+    self._draft_pages = None
+    if self.draft_model is not None:
+      self._draft_pages = jax.device_put(self.draft_model.init_pages(self.num_pages, self.page_size), jax.devices()[0])
     self._free_pages = list(range(self.num_pages - 1, 0, -1))  # a stack; page 0 is scratch
     self._table = np.zeros((self.slots, self.max_pages), np.int32)
     self._active: dict[int, _Slot] = {}
@@ -122,7 +188,13 @@ class Engine:
     self._evictable: collections.OrderedDict[int, None] = collections.OrderedDict()  # cached, unused; oldest first
     self.prompt_tokens = self.prefix_hit_tokens = 0  # admitted prompt tokens, and those read from cached pages
     self._row_logprobs: list[Logprob] = []
-    self.logprobs: dict[int, Logprob] = {}  # slot -> its last token's log-probability and top alternatives
+    self.logprobs: dict[int, list[Logprob]] = {}  # slot -> its last step's tokens' log-probabilities and top ones
+    self.speculative_rounds = self.drafts_proposed = self.drafts_accepted = 0  # over decoding rows
+
+  @property
+  def acceptance_rate(self) -> float:
+    """Share of verified drafts the model kept (speculation only)."""
+    return self.drafts_accepted / self.drafts_proposed if self.drafts_proposed else 0.0
 
   # -- capacity ---------------------------------------------------------------------------------------------------
 
@@ -233,21 +305,27 @@ class Engine:
     positions[0, :n] = np.arange(s.prefilled, s.prefilled + n)
     s.prefilled += n
     width = self._table_width(s.prefilled)
-    token = self._run(tokens, live, positions, self._table[slot:slot + 1, :width], np.array([s.prefilled], np.int32),
-                      np.array([n - 1], np.int32), [s])[0]
+    table, lengths = self._table[slot:slot + 1, :width], np.array([s.prefilled], np.int32)
+    token = self._run(tokens, live, positions, table, lengths, np.array([n - 1], np.int32), [s])[0]
+    if self.draft_model is not None:
+      self._draft_pages = _draft_prefill(self._draft_graphdef, self._draft_state, self._draft_pages, tokens, live,
+                                         positions, table, lengths)
     if s.prefilled < len(s.prompt):
       return None
     if self.prefix_caching:
       self._register_prompt_pages(s)
-    s.last_token, s.generated = int(token), 1
-    self.logprobs[slot] = self._row_logprobs[0]
+    s.output = [int(token)]
+    self.logprobs[slot] = [self._row_logprobs[0]]
     return int(token)
 
-  def generate(self) -> dict[int, int]:
-    """One decode step for every slot whose prompt is fully prefilled. Returns {slot: new token}."""
+  def generate(self) -> dict[int, list[int]]:
+    """One decode step for every slot whose prompt is fully prefilled. Returns {slot: its new tokens} (one token,
+    or with speculation 1 to draft_tokens + 1); `logprobs[slot]` has one entry per new token."""
     decoding = [slot for slot, s in self._active.items() if s.prefilled == len(s.prompt)]
     if not decoding:
       return {}
+    if self.speculate != "none":
+      return self._generate_speculative(decoding)
     tokens = np.zeros((self.slots, 1), np.int32)
     live = np.zeros((self.slots, 1), np.int32)
     positions = np.zeros((self.slots, 1), np.int32)
@@ -263,9 +341,43 @@ class Engine:
     result = {}
     for slot in decoding:
       s = self._active[slot]
-      s.last_token, s.generated = int(out[slot]), s.generated + 1
-      result[slot] = s.last_token
-      self.logprobs[slot] = self._row_logprobs[slot]
+      s.output.append(int(out[slot]))
+      result[slot] = [s.last_token]
+      self.logprobs[slot] = [self._row_logprobs[slot]]
+    return result
+
+  def _generate_speculative(self, decoding: list[int]) -> dict[int, list[int]]:
+    k = self.draft_tokens
+    history = np.zeros((self.slots, self.max_len), np.int32)
+    last_pos = np.full((self.slots,), -1, np.int32)
+    budget = np.zeros((self.slots,), np.int32)
+    counters = np.zeros((self.slots,), np.int32)
+    rows: list[_Slot | None] = [None] * self.slots
+    for slot in decoding:
+      s = self._active[slot]
+      context = s.prompt + s.output
+      history[slot, :len(context)] = context
+      last_pos[slot] = len(context) - 1
+      budget[slot] = min(k, s.params.max_tokens - s.generated - 1)  # never past the pages reserved at insert
+      counters[slot] = s.generated
+      rows[slot] = s
+    params = [r.params if r is not None else SamplingParams() for r in rows]
+    table = np.where((last_pos >= 0)[:, None], self._table, 0)[:, :self._table_width(int((last_pos + 1 + budget).max()))]
+    out, self._pages, self._draft_pages = _speculative_step(
+        self._graphdef, self._state, self._pages, self._draft_graphdef, self._draft_state, self._draft_pages, history,
+        last_pos, budget, table, counters, sampling.row_settings(params),
+        np.array([p.adapter for p in params], np.int32), k=k, ngram=self.ngram)
+    accepted, tokens, lp, top_lp, top_ids = jax.device_get(out)
+    result = {}
+    for slot in decoding:
+      s, n = self._active[slot], int(accepted[slot]) + 1
+      s.output.extend(int(t) for t in tokens[slot, :n])
+      result[slot] = [int(t) for t in tokens[slot, :n]]
+      self.logprobs[slot] = [(float(lp[slot, j]), tuple(zip(map(int, top_ids[slot, j]), map(float, top_lp[slot, j]))))
+                             for j in range(n)]
+      self.speculative_rounds += 1
+      self.drafts_proposed += int(budget[slot])
+      self.drafts_accepted += n - 1
     return result
 
   def release(self, slot: int) -> None:

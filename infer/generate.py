@@ -25,6 +25,7 @@ from configs import base
 from infer import loading
 from infer import sampling
 from infer import speculative
+from model import offload
 from infer.sampling import SamplingParams
 from workdir import tokenizer as tokenizer_lib
 from workdir.tokenizer import decode_completion, encode_document
@@ -102,30 +103,17 @@ def _cut(out: np.ndarray, eos_id: int | None) -> list[list[int]]:
   return rows
 
 
-SPECULATE = ("none", "lookup", "draft")  # ordinary decoding; prompt lookup; a draft model (infer/speculative.py)
+SPECULATE = speculative.SPECULATE
 _DYNAMIC = ("draft_state",)  # arguments of the speculative program that are arrays, not compile-time settings
 
 
 def _decoder(speculate: str, draft_tokens: int, ngram: int, draft_model=None, model=None):
   """The jitted decode program for `speculate`, with its settings bound; ValueError names a bad one."""
-  if speculate not in SPECULATE:
-    raise ValueError(f"speculate={speculate!r} must be one of {list(SPECULATE)}")
+  speculative.check_settings(speculate, draft_tokens, ngram, draft_model, model)
   if speculate == "none":
     return _generate_padded
-  if not 1 <= draft_tokens <= 16:
-    raise ValueError(f"draft_tokens={draft_tokens} must be in [1, 16] (tokens verified per model call - 1)")
-  if not 1 <= ngram <= 8:
-    raise ValueError(f"ngram={ngram} must be in [1, 8] (the longest context suffix looked up)")
   if speculate == "lookup":
     return functools.partial(speculative.generate_speculative, draft_tokens=draft_tokens, ngram=ngram)
-  if draft_model is None:
-    raise ValueError("speculate='draft' needs a draft model (--draft_workdir: a run with the same tokenizer)")
-  if model is not None and draft_model.spec.vocab_size != model.spec.vocab_size:
-    raise ValueError(f"the draft model's vocabulary ({draft_model.spec.vocab_size} tokens) differs from the model's "
-                     f"({model.spec.vocab_size}): a draft must share the tokenizer")
-  if model is not None and draft_model.spec.max_len < model.spec.max_len:
-    raise ValueError(f"the draft model's max_len={draft_model.spec.max_len} is shorter than the model's "
-                     f"{model.spec.max_len}")
   draft_graphdef, draft_state = nnx.split(draft_model)
   return functools.partial(speculative.generate_speculative, draft_tokens=draft_tokens, ngram=ngram,
                            draft_graphdef=draft_graphdef, draft_state=draft_state)
@@ -197,6 +185,8 @@ def _define_flags():
   flags.DEFINE_integer("draft_tokens", 4, "--speculate=lookup: drafts verified per model call.")
   flags.DEFINE_integer("ngram", 3, "--speculate=lookup: the longest context suffix looked up.")
   flags.DEFINE_string("draft_workdir", None, "--speculate=draft: a smaller run trained with the same tokenizer.")
+  flags.DEFINE_enum("offload", "none", list(offload.OFFLOADS), "Keep each layer's weights and/or the KV cache in host "
+                    "memory, streamed to the device layer by layer (model/offload.py).")
   flags.mark_flag_as_required("workdir")
 
 
@@ -222,12 +212,14 @@ def main(argv):
     except (FileNotFoundError, ValueError) as e:
       sys.exit(f"error: cannot load --draft_workdir={f.draft_workdir}: {e}")
   try:
+    model = offload.place(model, f.offload)
     decode = _decoder(f.speculate, f.draft_tokens, f.ngram, draft_model, model)
     args, kwargs = _prepare(model, [encode_document(tokenizer, p) for p in prompts], eos_id=eos, **settings)
   except ValueError as e:
     sys.exit(f"error: {e}")
   rows, stats = _timed_generate(decode, args, kwargs, eos)
-  print(f"step {step} of {f.workdir}; {loading.weights_note(model)}; {settings}")
+  placed = "" if f.offload == "none" else f"; offloaded ({f.offload}): {offload.resident_bytes(model)} bytes by memory kind"
+  print(f"step {step} of {f.workdir}; {loading.weights_note(model)}{placed}; {settings}")
   for prompt, row in zip(prompts, rows):
     print("-" * 80)
     print(prompt + decode_completion(tokenizer, row))

@@ -272,15 +272,17 @@ class Scheduler:
       token = self.engine.prefill(slot)
       if token is not None:
         self._running[slot].first_token_time = time.perf_counter()
-        self._deliver(slot, token)
-    for slot, token in self.engine.generate().items():
-      self._deliver(slot, token)
+        self._deliver(slot, token, self.engine.logprobs[slot][0])
+    for slot, tokens in self.engine.generate().items():
+      for token, logprob in zip(tokens, self.engine.logprobs[slot]):
+        if slot not in self._running:  # ended by an earlier token of this step (stop or length)
+          break
+        self._deliver(slot, token, logprob)
 
-  def _deliver(self, slot: int, token: int) -> None:
+  def _deliver(self, slot: int, token: int, logprob) -> None:
     request = self._running[slot]
     self.generated_tokens += 1
     request.output_ids.append(token)
-    logprob = self.engine.logprobs.get(slot)
     request.output_logprobs.append(logprob)
     params = request.params
     full = self._detokenize(request.output_ids)

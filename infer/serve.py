@@ -3,6 +3,7 @@
   python -m infer.serve --workdir=runs/default [--port=8000] [--slots=8] [--page_size=16] [--num_pages=0]
       [--prefill_chunk=0] [--max_queue=64] [--queue_timeout=300] [--request_timeout=0] [--mode=continuous|static]
       [--attention_impl=xla|pallas] [--head_quant=int8] [--prefix_caching]
+      [--speculate=none|lookup|draft] [--draft_tokens=4] [--ngram=3] [--draft_workdir=DIR]
 
 SIGTERM (or Ctrl-C) drains: new requests get 503 while those in flight finish, then the process exits.
 """
@@ -19,6 +20,7 @@ from aiohttp import web
 
 from configs import base
 from infer import loading
+from infer import speculative
 from infer.engine import Engine
 from infer.scheduler import Scheduler
 from infer.server import Metrics, Server
@@ -33,18 +35,22 @@ def build(workdir: str, *, slots: int = 8, page_size: int = 16, num_pages: int =
           mode: str = "continuous", attention_impl: str | None = None,
           matmul_impl: str | None = None, step: int | None = None, api_key: str | None = None,
           profile_dir: str | None = None, head_quant: str | None = None, adapter: str | None = None,
-          adapters: dict[str, str] | None = None, prefix_caching: bool = False) -> Server:
+          adapters: dict[str, str] | None = None, prefix_caching: bool = False, speculate: str = "none",
+          draft_tokens: int = 4, ngram: int = 3, draft_workdir: str | None = None) -> Server:
   """Loads `workdir` and wires engine, scheduler (started), metrics and server together. `adapter`: a LoRA adapter
   merged into the model; `adapters` {model id: adapter path}: a bank the requests pick from by their `model` field
-  (the workdir's own id is the base model)."""
+  (the workdir's own id is the base model). `speculate`: speculative decoding in the engine (prompt lookup, or a
+  draft model loaded from `draft_workdir`, a run with the same tokenizer)."""
   _, model, tokenizer, _ = loading.load_trained(workdir, step, matmul_impl, attention_impl, head_quant=head_quant,
                                                 adapter=adapter)
   if adapters:
     model = loading.with_adapter_bank(model, list(adapters.values()))
     print(f"LoRA adapters served by request: {', '.join(adapters)} (rank {model.spec.lora_rank})", flush=True)
   print(loading.weights_note(model), flush=True)
+  draft_model = loading.load_trained(draft_workdir)[1] if draft_workdir and speculate == "draft" else None
   engine = Engine(model, slots=slots, page_size=page_size, num_pages=num_pages or None,
-                  prefill_chunk=prefill_chunk or None, prefix_caching=prefix_caching)
+                  prefill_chunk=prefill_chunk or None, prefix_caching=prefix_caching, speculate=speculate,
+                  draft_tokens=draft_tokens, ngram=ngram, draft_model=draft_model)
   scheduler = Scheduler(engine, lambda ids: tokenizer_lib.decode(tokenizer, ids), mode=mode, max_queue=max_queue,
                         queue_timeout=queue_timeout, request_timeout=request_timeout)
   metrics = Metrics(scheduler)
@@ -100,6 +106,7 @@ def main(argv):
                    request_timeout=f.request_timeout, mode=f.mode, attention_impl=f.attention_impl,
                    matmul_impl=f.matmul_impl, step=f.step, api_key=f.api_key or os.environ.get("PEAKLLM_API_KEY"),
                    profile_dir=f.profile_dir or None, head_quant=f.head_quant, prefix_caching=f.prefix_caching,
+                   speculate=f.speculate, draft_tokens=f.draft_tokens, ngram=f.ngram, draft_workdir=f.draft_workdir,
                    **_adapter_flags(f.adapter))
   except (FileNotFoundError, ValueError) as e:
     sys.exit(f"error: cannot serve --workdir={f.workdir}: {e}")
@@ -116,6 +123,11 @@ def _define_flags():
   flags.DEFINE_integer("prefill_chunk", 0, "Most prompt tokens per prefill call (0: whole prompts).")
   flags.DEFINE_bool("prefix_caching", False, "Share the KV pages of equal prompt prefixes between requests "
                     "(content-hashed full pages, reference counts, least recently used evicted first).")
+  flags.DEFINE_enum("speculate", "none", list(speculative.SPECULATE), "Speculative decoding: lookup (drafts copied "
+                    "from n-grams of each request's context) or draft (a draft model, --draft_workdir).")
+  flags.DEFINE_integer("draft_tokens", 4, "--speculate: drafts verified per request and model call.")
+  flags.DEFINE_integer("ngram", 3, "--speculate=lookup: the longest context suffix looked up.")
+  flags.DEFINE_string("draft_workdir", None, "--speculate=draft: a smaller run trained with the same tokenizer.")
   flags.DEFINE_integer("max_queue", 64, "Waiting requests beyond which the server answers 429.")
   flags.DEFINE_float("queue_timeout", 300.0, "Seconds a request may wait for a free slot before it gets 503 "
                      "(0: no limit).")

@@ -130,6 +130,8 @@ class Metrics:
           registry=r).set_function(lambda: engine.cached_pages)
     Gauge("peakllm_prefix_cache_hit_rate", "Share of admitted prompt tokens read from cached prefix pages.",
           registry=r).set_function(lambda: engine.prefix_hit_rate)
+    Gauge("peakllm_speculative_acceptance_rate", "Share of verified draft tokens kept (speculative decoding).",
+          registry=r).set_function(lambda: engine.acceptance_rate)
     self._window: collections.deque[tuple[float, int]] = collections.deque()
     Gauge("peakllm_tokens_per_second", "Output tokens per second over the last 10 s.", registry=r).set_function(
         lambda: self._rate(scheduler.generated_tokens))

@@ -28,6 +28,31 @@ from infer import sampling
 DRAFT_KEY, RESIDUAL_KEY, DRAFT_SAMPLE_KEY = 1, 2, 3
 
 
+SPECULATE = ("none", "lookup", "draft")  # ordinary decoding; prompt lookup; a draft model
+
+
+def check_settings(speculate: str, draft_tokens: int, ngram: int, draft_model=None, model=None) -> None:
+  """ValueError naming the bad setting unless the speculation settings can run (`infer.generate`, the engine)."""
+  if speculate not in SPECULATE:
+    raise ValueError(f"speculate={speculate!r} must be one of {list(SPECULATE)}")
+  if speculate == "none":
+    return
+  if not 1 <= draft_tokens <= 16:
+    raise ValueError(f"draft_tokens={draft_tokens} must be in [1, 16] (tokens verified per model call - 1)")
+  if not 1 <= ngram <= 8:
+    raise ValueError(f"ngram={ngram} must be in [1, 8] (the longest context suffix looked up)")
+  if speculate == "lookup":
+    return
+  if draft_model is None:
+    raise ValueError("speculate='draft' needs a draft model (--draft_workdir: a run with the same tokenizer)")
+  if model is not None and draft_model.spec.vocab_size != model.spec.vocab_size:
+    raise ValueError(f"the draft model's vocabulary ({draft_model.spec.vocab_size} tokens) differs from the model's "
+                     f"({model.spec.vocab_size}): a draft must share the tokenizer")
+  if model is not None and draft_model.spec.max_len < model.spec.max_len:
+    raise ValueError(f"the draft model's max_len={draft_model.spec.max_len} is shorter than the model's "
+                     f"{model.spec.max_len}")
+
+
 def lookup_drafts(history: jax.Array, end: jax.Array, k: int, ngram: int) -> jax.Array:
   """Draft tokens from the context. history [B, T] int32, end [] int32: history[:, end] is each row's newest token.
   Returns [B, k] int32: the k tokens after the most recent earlier occurrence of the row's last n tokens, for the
@@ -52,14 +77,20 @@ def lookup_drafts(history: jax.Array, end: jax.Array, k: int, ngram: int) -> jax
   return jnp.where(matched[:, None], jnp.take_along_axis(history, take, axis=1), newest_token)
 
 
+def lookup_drafts_rows(history: jax.Array, ends: jax.Array, k: int, ngram: int) -> jax.Array:
+  """`lookup_drafts` with each row's own newest position: history [B, T] int32, ends [B] int32 -> [B, k] int32."""
+  return jax.vmap(lambda row, end: lookup_drafts(row[None], end, k, ngram)[0])(history, ends)
+
+
 def verify(logits: jax.Array, drafts: jax.Array, settings: dict, counters: jax.Array,
-           draft_probs: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+           draft_probs: jax.Array | None = None, limit: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
   """The acceptance rule over one round. logits [B, k + 1, V] float32: the model's next-token logits after the last
   emitted token and after each draft; drafts [B, k] int32; settings: `sampling.row_settings` arrays [B]; counters [B]
   int32: the index of the round's first new token in each row's output (token j draws with counter + j);
   draft_probs [B, k, V] float32: the distribution each draft was drawn from (None: one-hot, as prompt lookup's).
   Draft j is kept with probability min(1, p(d) / q(d)); a rejected one is replaced by a draw from max(p - q, 0)
-  renormalized, which with a one-hot q is p without d.
+  renormalized, which with a one-hot q is p without d. limit [B] int32 (default k): the drafts a row may keep (the
+  rest are ignored: its own token at `limit` is drawn from p).
 
   Returns (accepted [B] int32 in 0..k: leading drafts kept, tokens [B, k + 1] int32: token j is draft j where
   j < accepted and the row's own token at j = accepted; entries after it are unspecified)."""
@@ -70,6 +101,8 @@ def verify(logits: jax.Array, drafts: jax.Array, settings: dict, counters: jax.A
   flat = logits.reshape(b * k1, vocab)
   greedy = jnp.argmax(flat, axis=-1).astype(jnp.int32).reshape(b, k1)
   draft_at = jnp.concatenate([drafts, jnp.zeros((b, 1), jnp.int32)], axis=1)  # position k has no draft
+  limit = jnp.full((b,), k, jnp.int32) if limit is None else limit
+  has_draft = (jnp.arange(k1)[None] < limit[:, None]).reshape(-1)  # positions without a draft draw from p itself
 
   def sampled(_):
     masked = sampling.filtered_logits(flat, rep(temperature), rep(settings["top_k"]), rep(settings["top_p"]))
@@ -77,7 +110,6 @@ def verify(logits: jax.Array, drafts: jax.Array, settings: dict, counters: jax.A
     probs = jax.nn.softmax(masked, axis=-1)
     p_draft = jnp.take_along_axis(probs, draft_at.reshape(-1, 1), axis=1)[:, 0]
     u = jax.vmap(lambda key: jax.random.uniform(jax.random.fold_in(key, DRAFT_KEY)))(keys)
-    has_draft = (jnp.arange(k1) < k)[None].repeat(b, 0).reshape(-1)  # position k (no draft) draws from p itself
     if draft_probs is None:
       keep = u < p_draft
       rest = jnp.where(jnp.arange(vocab)[None] == draft_at.reshape(-1, 1), -jnp.inf, masked)  # p without d
@@ -95,11 +127,58 @@ def verify(logits: jax.Array, drafts: jax.Array, settings: dict, counters: jax.A
   greedy_keep = draft_at == greedy
   keep, own = jax.lax.cond(jnp.any(temperature > 0), sampled, lambda _: (greedy_keep, greedy), None)
   is_greedy = (temperature <= 0)[:, None]
-  keep = jnp.where(is_greedy, greedy_keep, keep)[:, :k]
+  keep = jnp.where(is_greedy, greedy_keep, keep) & has_draft.reshape(b, k1)
+  keep = keep[:, :k]
   own = jnp.where(is_greedy, greedy, own)
   accepted = jnp.sum(jnp.cumprod(keep.astype(jnp.int32), axis=1), axis=1)
   j = jnp.arange(k1)[None]
   return accepted, jnp.where(j < accepted[:, None], draft_at, own)
+
+
+def draft_pick(logits: jax.Array, settings: dict, counters: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """A draft model's token and the distribution it came from: logits [B, V] float32, counters [B] int32 (the output
+  index of the token drafted) -> (token [B] int32, q [B, V] float32; zeros when no row samples: greedy drafts)."""
+  greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  temperature = settings["temperature"]
+
+  def sampled(_):
+    masked = sampling.filtered_logits(logits, temperature, settings["top_k"], settings["top_p"])
+    keys = sampling.row_keys(settings["seeds"], counters)
+    drawn = jax.vmap(lambda key, row: jax.random.categorical(jax.random.fold_in(key, DRAFT_SAMPLE_KEY), row))(
+        keys, masked).astype(jnp.int32)
+    return jnp.where(temperature > 0, drawn, greedy), jax.nn.softmax(masked, axis=-1)
+
+  return jax.lax.cond(jnp.any(temperature > 0), sampled, lambda _: (greedy, jnp.zeros_like(logits)), None)
+
+
+def paged_drafts(draft, pages: list, history: jax.Array, last_pos: jax.Array, budget: jax.Array,
+                 page_table: jax.Array, settings: dict, counters: jax.Array, k: int):
+  """k drafts per row from a draft model over its own paged KV pool (the engine's page table). history [B, T] int32
+  (prompt + output, zeros after), last_pos [B] int32: the newest token's position (-1: an idle row), budget [B]: drafts
+  the row may use, counters [B]: the output index of its first draft. As `_draft_round`, one 2-token call re-feeds the
+  token before the newest one (whatever the previous round kept, the draft's pages then match the output) and k - 1
+  one-token calls follow. Returns (drafts [B, k] int32, q [B, k, V] float32, pages)."""
+  active = last_pos >= 0
+  at = jnp.maximum(last_pos - 1, 0)[:, None] + jnp.arange(2)[None]  # [B, 2]
+  two = jnp.take_along_axis(history, at, axis=1)
+  live = jnp.broadcast_to(active[:, None], two.shape).astype(jnp.int32)
+  logits, pages = draft.extend_paged(two, live, at * live, page_table, jnp.where(active, last_pos + 1, 0), pages)
+  first, q_first = draft_pick(logits[:, -1].astype(jnp.float32), settings, counters)
+  max_position = draft.spec.max_len - 1
+
+  def step(carry, j):
+    token, pages = carry
+    write = (active & (j + 1 < budget)).astype(jnp.int32)[:, None]  # drafts past the budget are never verified
+    position = jnp.minimum(last_pos + 1 + j, max_position)[:, None] * write
+    logits, pages = draft.extend_paged(token[:, None], write, position, page_table,
+                                       jnp.where(active, position[:, 0] + 1, 0), pages)
+    nxt, q = draft_pick(logits[:, 0].astype(jnp.float32), settings, counters + j + 1)
+    return (nxt, pages), (nxt, q)
+
+  (_, pages), (rest, q_rest) = jax.lax.scan(step, (first, pages), jnp.arange(k - 1, dtype=jnp.int32))
+  drafts = jnp.concatenate([first[:, None], rest.T], axis=1)
+  q = jnp.concatenate([q_first[:, None], q_rest.transpose(1, 0, 2)], axis=1)
+  return drafts, q, pages
 
 
 def _draft_round(draft, cache, history, lengths, i, p: int, k: int, settings):
@@ -108,20 +187,7 @@ def _draft_round(draft, cache, history, lengths, i, p: int, k: int, settings):
   the cache then matches the output. Returns (drafts [B, k] int32, their distributions q [B, k, V] float32 (zeros
   when no row samples), the draft cache)."""
   b = history.shape[0]
-  temperature = settings["temperature"]
-
-  def pick(logits, j):  # [B, V] -> (token [B], q [B, V])
-    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-
-    def sampled(_):
-      masked = sampling.filtered_logits(logits, temperature, settings["top_k"], settings["top_p"])
-      keys = sampling.row_keys(settings["seeds"], jnp.full((b,), i + j, jnp.int32))
-      drawn = jax.vmap(lambda key, row: jax.random.categorical(jax.random.fold_in(key, DRAFT_SAMPLE_KEY), row))(
-          keys, masked).astype(jnp.int32)
-      return jnp.where(temperature > 0, drawn, greedy), jax.nn.softmax(masked, axis=-1)
-
-    return jax.lax.cond(jnp.any(temperature > 0), sampled, lambda _: (greedy, jnp.zeros_like(logits)), None)
-
+  pick = lambda logits, j: draft_pick(logits, settings, jnp.full((b,), i + j, jnp.int32))  # noqa: E731
   cache = dict(cache, index=p + i - 2)
   two = jax.lax.dynamic_slice_in_dim(history, p + i - 2, 2, axis=1)
   logits, cache = draft.extend(two, (lengths + i - 2)[:, None] + jnp.arange(2)[None], jnp.ones_like(two), cache)

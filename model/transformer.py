@@ -22,6 +22,7 @@ from model import attention as attention_lib
 from model import lora as lora_lib
 from model import mixed_matmul
 from model import moe as moe_lib
+from model import offload as offload_lib
 from model import pipeline
 from model import quant
 from model.activations import ACTIVATIONS
@@ -90,6 +91,7 @@ class ModelSpec:
   lora_dropout: float = 0.0
   lora_targets: tuple[str, ...] = ()
   lora_bank: int = 0  # serving: > 0 holds this many adapters per weight (index 0: none), picked per batch row
+  offload: str = "none"  # inference: "weights", "kv" or "weights,kv" stream from host memory (model/offload.py)
 
   @classmethod
   def from_config(cls, m, lora=None) -> "ModelSpec":
@@ -526,7 +528,10 @@ class Transformer(nnx.Module):
       shape = (s.layers_per_unit, *shape) if s.num_experts else shape  # BlockGroup caches, even of one block
       pair = attention_lib.HeadsMajorKV if heads_major else (lambda k, v: (k, v))
       units = s.num_layers // s.layers_per_unit
-      return {"kv": [pair(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(units)], **meta}
+      kv = [pair(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(units)]
+      if "kv" in offload_lib.parts(s.offload):
+        kv = offload_lib.to_host(kv)
+      return {"kv": kv, **meta}
     shape = (s.num_layers, batch, length, s.num_kv_heads, s.head_dim)
     return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype), **meta}
 
@@ -662,12 +667,36 @@ class Transformer(nnx.Module):
     return x, kv_cache, aux
 
   def _run_unit_list(self, x, positions, visibility, start, caches):
-    """Per-layer blocks one after another; caches: one entry per unit, or None. Returns (x, caches, MoE aux)."""
+    """Per-layer blocks one after another; caches: one entry per unit, or None. Returns (x, caches, MoE aux).
+    With `spec.offload` (model/offload.py) unit i + 1's host-memory weights and cache are copied to the device before
+    unit i runs, and each updated cache is copied back to host memory."""
+    offloaded = offload_lib.parts(self.spec.offload)
+    blocks = list(self.blocks)
+
+    def fetch(i, x):
+      """Unit i on the device. The barrier ties the copies to x, so XLA cannot hoist them out of a decode loop (that
+      would keep every layer on the device for the whole loop)."""
+      block, cache = blocks[i], None if caches is None else caches[i]
+      if "weights" in offloaded:
+        block_graphdef, block_state = nnx.split(block)
+        block_state, x = jax.lax.optimization_barrier((block_state, x))
+        block = nnx.merge(block_graphdef, offload_lib.to_device(block_state))
+      if "kv" in offloaded and cache is not None:
+        cache = offload_lib.to_device(cache)
+      return block, cache, x
+
     aux, new_caches = _zero_aux(), []
-    for i, block in enumerate(self.blocks):
-      x, cache, block_aux = block(x, positions, visibility, start, None if caches is None else caches[i])
+    block, cache, x = fetch(0, x)
+    for i in range(len(blocks)):
+      if i + 1 < len(blocks):  # issued before unit i's compute, so the copy can overlap it
+        next_block, next_cache, x = fetch(i + 1, x)
+      x, cache, block_aux = block(x, positions, visibility, start, cache)
+      if "kv" in offloaded and cache is not None:
+        cache = offload_lib.to_host(cache)
       new_caches.append(cache)
       aux = jax.tree.map(jnp.add, aux, block_aux)
+      if i + 1 < len(blocks):
+        block, cache = next_block, next_cache
     return x, (None if caches is None else new_caches), aux
 
   def scan_units(self, graphdef, params, x, positions, visibility, start=None, kv_cache=None):

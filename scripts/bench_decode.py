@@ -14,6 +14,10 @@ ratio column. Prints a table and writes JSON.
   python -m scripts.bench_decode [--shapes=shape_s,gpt2_124m] [--batches=1,8]
       [--formats=float32,bfloat16,int8,w8a8,gptq4,gptq4_int8head,gptq3] [--matmul_impl=auto] [--nopeer] [--profile=DIR]
 
+With `--offload=weights` (repeatable: `--offload=none --offload=weights --offload=weights,kv`) each case also runs
+with its per-layer weights (and KV cache) in host memory, streamed to the device layer by layer (`model/offload.py`),
+and reports the bytes moved host -> device (and back, for the cache) per generated token.
+
 With `--speculate_workdir=DIR` (a trained run) it measures prompt-lookup speculation instead (`infer/speculative.py`):
 greedy tokens/s at batch 1 with and without it on prompts cut from the run's validation split (code, for the
 default corpus), per draft length, with the model calls per token and whether every output was identical.
@@ -39,7 +43,7 @@ from flax import nnx
 
 from infer import evaluate, generate, loading, speculative
 from infer.compress import gptq, storage
-from model import quant, transformer
+from model import offload, quant, transformer
 from model.transformer import ModelSpec, Transformer
 from scripts import torch_peer
 from scripts.bench_train import cpu_description
@@ -58,6 +62,8 @@ _OUT = flags.DEFINE_string("out", "bench_decode.json", "Where to write the JSON 
 _PROFILE = flags.DEFINE_string("profile", "", "A directory: trace one generate call of each case there "
                                 "(TensorBoard/Perfetto) and print its top operations.")
 _PEER = flags.DEFINE_bool("peer", True, "Also measure HF-PyTorch `generate` (needs the test extra).")
+_OFFLOAD = flags.DEFINE_multi_enum("offload", ["none"], list(offload.OFFLOADS), "Offload settings to measure "
+                                   "(repeatable; none is the resident model).")
 _SPEC_WORKDIR = flags.DEFINE_string("speculate_workdir", "", "A trained run: measure prompt-lookup speculation on "
                                     "prompts from its validation split instead of the format table.")
 _DRAFTS = flags.DEFINE_list("draft_tokens", ["1", "2", "4", "8"], "--speculate_workdir: draft lengths to measure.")
@@ -224,23 +230,32 @@ def main(argv):
       weight_bytes = quant.nbytes(nnx.state(model, nnx.Param))  # every weight is read once per decode step
       s = model.spec
       kv_bytes_per_token = 2 * s.num_layers * s.num_kv_heads * s.head_dim * jnp.dtype(s.compute_dtype).itemsize
-      for batch in map(int, _BATCHES.value):
-        profile_dir = os.path.join(_PROFILE.value, f"{shape}-{fmt}-b{batch}") if _PROFILE.value else ""
-        total = time_generate(model, batch, _PROMPT.value, _NEW.value, _REPEATS.value, profile_dir)
-        ttft = time_generate(model, batch, _PROMPT.value, 1, _REPEATS.value)
-        tokens_per_s = batch * _NEW.value / total
-        avg_context = _PROMPT.value + _NEW.value / 2
-        bytes_per_step = weight_bytes + batch * avg_context * kv_bytes_per_token
-        roofline = batch * bandwidth / bytes_per_step
-        peer = peers.get((shape, batch))
-        row = {"shape": shape, "format": fmt, "batch": batch, "tokens_per_s": tokens_per_s, "ttft_s": ttft,
-               "total_s": total, "weight_bytes": weight_bytes, "roofline_tokens_per_s": roofline,
-               "fraction_of_roofline": tokens_per_s / roofline,
-               "ratio_to_peer": tokens_per_s / peer["tokens_per_s"] if peer else None}
-        rows.append(row)
-        ratio = f"{row['ratio_to_peer']:6.2f}x" if peer else ""
-        print(f"{shape:<10} {fmt:<9} {batch:>5} {tokens_per_s:9,.0f} {ttft * 1e3:8.1f} {roofline:9,.0f} "
-              f"{row['fraction_of_roofline']:7.1%} {weight_bytes / 1e6:10.1f} {ratio:>7}", flush=True)
+      block_bytes = quant.nbytes(nnx.state(model.blocks, nnx.Param))  # what offloading weights streams per step
+      for placement in _OFFLOAD.value:
+        placed = offload.place(model, placement)
+        name = fmt if placement == "none" else f"{fmt}+off({placement})"
+        for batch in map(int, _BATCHES.value):
+          profile_dir = os.path.join(_PROFILE.value, f"{shape}-{fmt}-b{batch}") if _PROFILE.value else ""
+          total = time_generate(placed, batch, _PROMPT.value, _NEW.value, _REPEATS.value, profile_dir)
+          ttft = time_generate(placed, batch, _PROMPT.value, 1, _REPEATS.value)
+          tokens_per_s = batch * _NEW.value / total
+          avg_context = _PROMPT.value + _NEW.value / 2
+          bytes_per_step = weight_bytes + batch * avg_context * kv_bytes_per_token
+          roofline = batch * bandwidth / bytes_per_step
+          moved = offload.parts(placement)
+          moved_per_step = (block_bytes if "weights" in moved else 0) + (
+              2 * batch * avg_context * kv_bytes_per_token if "kv" in moved else 0)  # the cache goes both ways
+          peer = peers.get((shape, batch))
+          row = {"shape": shape, "format": fmt, "offload": placement, "batch": batch, "tokens_per_s": tokens_per_s,
+                 "ttft_s": ttft, "total_s": total, "weight_bytes": weight_bytes, "roofline_tokens_per_s": roofline,
+                 "fraction_of_roofline": tokens_per_s / roofline,
+                 "offload_bytes_per_token": moved_per_step / batch,
+                 "ratio_to_peer": tokens_per_s / peer["tokens_per_s"] if peer else None}
+          rows.append(row)
+          ratio = f"{row['ratio_to_peer']:6.2f}x" if peer else ""
+          print(f"{shape:<10} {name:<9} {batch:>5} {tokens_per_s:9,.0f} {ttft * 1e3:8.1f} {roofline:9,.0f} "
+                f"{row['fraction_of_roofline']:7.1%} {weight_bytes / 1e6:10.1f} {ratio:>7}"
+                + (f"  moved {moved_per_step / batch / 1e6:.1f} MB/token" if moved else ""), flush=True)
   with open(_OUT.value, "w", encoding="utf-8") as f:
     json.dump({"cpu": cpu_description(), "device": device, "copy_bandwidth_bytes_per_s": bandwidth, "rows": rows}, f,
               indent=2)

@@ -11,6 +11,10 @@ Prints a table and writes JSON.
   python -m scripts.bench_serve --workdir=runs/default [--requests=48] [--concurrency=16] [--slots=8]
       [--modes=continuous,static] [--out=bench_serve.json]
 
+Speculative decoding in the engine off and on (prompt lookup, or a draft model with --draft_workdir):
+
+  python -m scripts.bench_serve --modes=continuous --speculate=none,lookup [--draft_tokens=4]
+
 Shared system prompt, prefix caching off and on (every prompt starts with the same 192 tokens):
 
   python -m scripts.bench_serve --modes=continuous --prefix_caching=off,on --shared_prefix=192 \
@@ -24,6 +28,7 @@ import json
 import jax
 from absl import app, flags
 
+from infer.speculative import SPECULATE
 from scripts import serve_load
 from workdir import layout
 
@@ -41,20 +46,24 @@ _ATTENTION = flags.DEFINE_enum("attention_impl", None, ["xla", "pallas"], "Overr
 _SEED = flags.DEFINE_integer("seed", 0, "Request mix seed.")
 _PREFIX_CACHING = flags.DEFINE_list("prefix_caching", ["off"], "Prefix caching settings to compare (off, on).")
 _SHARED_PREFIX = flags.DEFINE_integer("shared_prefix", 0, "Tokens of one common prompt start shared by every request.")
+_SPECULATE = flags.DEFINE_list("speculate", ["none"], "Speculative decoding settings to compare (none, lookup, draft).")
+_DRAFT_TOKENS = flags.DEFINE_integer("draft_tokens", 4, "--speculate: drafts verified per request and step.")
+_DRAFT_WORKDIR = flags.DEFINE_string("draft_workdir", "", "--speculate=draft: the draft model's run.")
 _OUT = flags.DEFINE_string("out", "bench_serve.json", "Where to write the JSON results.")
 _PROFILE = flags.DEFINE_string("profile", "", "A directory: trace the server during each mode's timed load there "
                                "(TensorBoard/Perfetto, one subdirectory per mode) and print its top operations.")
 
 
-def settings(mode: str, prefix_caching: bool = False) -> serve_load.Settings:
-  """The flags as load settings for one batching mode and prefix-caching setting."""
+def settings(mode: str, prefix_caching: bool = False, speculate: str = "none") -> serve_load.Settings:
+  """The flags as load settings for one batching mode, prefix-caching and speculation setting."""
   return serve_load.Settings(workdir=_WORKDIR.value, mode=mode, slots=_SLOTS.value, page_size=_PAGE_SIZE.value,
                              prefill_chunk=_PREFILL_CHUNK.value, requests=_REQUESTS.value,
                              concurrency=_CONCURRENCY.value, max_seconds=_MAX_SECONDS.value,
                              prompt_lengths=tuple(map(int, _PROMPT_LENGTHS.value)),
                              output_lengths=tuple(map(int, _OUTPUT_LENGTHS.value)), attention_impl=_ATTENTION.value,
                              seed=_SEED.value, profile=_PROFILE.value, prefix_caching=prefix_caching,
-                             shared_prefix=_SHARED_PREFIX.value)
+                             shared_prefix=_SHARED_PREFIX.value, speculate=speculate,
+                             draft_tokens=_DRAFT_TOKENS.value, draft_workdir=_DRAFT_WORKDIR.value)
 
 
 def main(argv):
@@ -64,23 +73,37 @@ def main(argv):
   for value in _PREFIX_CACHING.value:
     if value not in ("off", "on"):
       raise app.UsageError(f"--prefix_caching={value!r}: each value must be off or on")
+  for value in _SPECULATE.value:
+    if value not in SPECULATE:
+      raise app.UsageError(f"--speculate={value!r}: each value must be one of {list(SPECULATE)}")
   for mode in _MODES.value:
     for value in _PREFIX_CACHING.value:
-      rows.append(serve_load.bench_mode(settings(mode, value == "on"), model_config.vocab_size,
-                                        model_config.max_len))
-      print(json.dumps(rows[-1]), flush=True)
+      for speculate in _SPECULATE.value:
+        rows.append(serve_load.bench_mode(settings(mode, value == "on", speculate), model_config.vocab_size,
+                                          model_config.max_len))
+        print(json.dumps(rows[-1]), flush=True)
   print(f"\nserving {_WORKDIR.value} on {jax.devices()[0].device_kind} (server in its own process): "
         f"{_REQUESTS.value} requests, {_CONCURRENCY.value} clients, {_SLOTS.value} slots, "
         f"prompts {'-'.join(_PROMPT_LENGTHS.value)} tokens, "
         f"outputs {'-'.join(_OUTPUT_LENGTHS.value)} tokens, shared prefix {_SHARED_PREFIX.value} tokens")
-  print("| mode | prefix caching | requests | req/s | output tok/s | TTFT p50 / p99 (s) | TPOT p50 / p99 (ms) |")
-  print("|---|---|---|---|---|---|---|")
+  print("| mode | prefix caching | speculation (acceptance) | requests | req/s | output tok/s | TTFT p50 / p99 (s) | "
+        "TPOT p50 / p99 (ms) |")
+  print("|---|---|---|---|---|---|---|---|")
   for r in rows:
     tpot = f"{1e3 * r['tpot_p50_s']:.1f} / {1e3 * r['tpot_p99_s']:.1f}"
-    print(f"| {r['mode']} | {'on' if r['prefix_caching'] else 'off'} | {r['requests']} | {r['requests_per_s']:.2f} | "
-          f"{r['output_tokens_per_s']:.1f} | {r['ttft_p50_s']:.2f} / {r['ttft_p99_s']:.2f} | {tpot} |")
-  by_mode = {r["mode"]: r for r in rows if not r["prefix_caching"]}
-  cached = {r["mode"]: r for r in rows if r["prefix_caching"]}
+    spec = r["speculate"] if r["speculate"] == "none" else f"{r['speculate']} k={r['draft_tokens']} ({r['acceptance_rate']:.2f})"
+    print(f"| {r['mode']} | {'on' if r['prefix_caching'] else 'off'} | {spec} | {r['requests']} | "
+          f"{r['requests_per_s']:.2f} | {r['output_tokens_per_s']:.1f} | {r['ttft_p50_s']:.2f} / {r['ttft_p99_s']:.2f} | "
+          f"{tpot} |")
+  plain = [r for r in rows if r["speculate"] == "none"]
+  by_mode = {r["mode"]: r for r in plain if not r["prefix_caching"]}
+  cached = {r["mode"]: r for r in plain if r["prefix_caching"]}
+  for r in rows:
+    base = by_mode.get(r["mode"]) if not r["prefix_caching"] else cached.get(r["mode"])
+    if r["speculate"] != "none" and base is not None:
+      r["throughput_over_no_speculation"] = r["output_tokens_per_s"] / base["output_tokens_per_s"]
+      print(f"{r['mode']}, speculate={r['speculate']}: output throughput {r['throughput_over_no_speculation']:.2f}x "
+            "ordinary decoding")
   result = {"device": jax.devices()[0].device_kind, "workdir": _WORKDIR.value, "slots": _SLOTS.value,
             "concurrency": _CONCURRENCY.value, "modes": rows}
   if {"continuous", "static"} <= set(by_mode):

@@ -23,10 +23,17 @@ one (the step's FLOPs at the chip's peak bf16 rate).
 
   python -m scripts.plan --config=configs/llama_1b.py --topology=v5p:2x2x2 --config.mesh.fsdp=-1 \
       --config.mesh.data=1 --compile
+
+`--decode_batch=B` adds inference on one device: the weights and the KV cache of B sequences at full context
+(`--decode_context`, default model.max_len), resident and with each `model/offload.py` setting (weights and/or KV
+cache in host memory, two layers in flight on the device), device and host bytes per setting.
+
+  python -m scripts.plan --config=configs/llama_1b.py --decode_batch=8 --device_memory_gb=16
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -39,12 +46,17 @@ if _DEVICES_FLAG and "jax" not in sys.modules:  # simulated devices must be requ
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
+from flax import nnx  # noqa: E402
 from jax.experimental import topologies  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from configs import base  # noqa: E402
+from infer import generate  # noqa: E402
 from model import flops as flops_lib  # noqa: E402
+from model import offload as offload_lib  # noqa: E402
+from model import transformer  # noqa: E402
 from model import pipeline as pipeline_lib  # noqa: E402
 from model.transformer import ModelSpec  # noqa: E402
 from train import setup as setup_lib  # noqa: E402
@@ -179,6 +191,55 @@ def plan(config, devices=None, device_memory_gb: float = 0.0) -> dict:
   return out
 
 
+def decode_plan(spec: ModelSpec, batch: int, context: int, device_memory_gb: float = 0.0) -> list[dict]:
+  """Inference bytes on one device for each offload setting (`model/offload.py`): the weights (the per-layer blocks
+  and the rest: embedding, head, final norm) and a KV cache of `batch` sequences of `context` tokens in the compute
+  dtype. Offloaded parts live in host memory with two layers' worth on the device (the one running and the one being
+  copied in). Returns one row per setting: offload, device bytes, host bytes, fits (when device_memory_gb > 0)."""
+  params = jax.eval_shape(lambda: transformer.init_params(spec, 0))
+  nbytes = lambda tree: sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))  # noqa: E731
+  blocks = nbytes(params["blocks"])
+  rest = nbytes(params) - blocks
+  kv = 2 * spec.num_layers * batch * context * spec.num_kv_heads * spec.head_dim * jnp.dtype(spec.compute_dtype).itemsize
+  in_flight = min(2, spec.num_layers) / spec.num_layers
+  rows = []
+  for setting in offload_lib.OFFLOADS:
+    parts = offload_lib.parts(setting)
+    host = (blocks if "weights" in parts else 0) + (kv if "kv" in parts else 0)
+    device = rest + (blocks * in_flight if "weights" in parts else blocks) + (kv * in_flight if "kv" in parts else kv)
+    row = {"offload": setting, "device": device, "host": host, "weights": rest + blocks, "kv_cache": kv}
+    if device_memory_gb:
+      row["fits"] = device <= device_memory_gb * GB
+    rows.append(row)
+  return rows
+
+
+def lower_decode(spec: ModelSpec, device, batch: int, prompt_len: int, new_tokens: int, offload: str):
+  """`infer.generate`'s prefill + decode program lowered for one (TPU) `device` from abstract arguments, with
+  `offload` applied (the blocks' weights as host-memory arguments for "weights")."""
+  spec = dataclasses.replace(spec, offload=offload, matmul_impl="xla")
+  model = nnx.eval_shape(lambda: transformer.Transformer(spec, rngs=nnx.Rngs(params=0)).unstacked())
+  args, kwargs = generate._prepare(model, [[1] * prompt_len] * batch, new_tokens, 0.0, 0, 1.0, 0, None)
+  on_device = jax.sharding.SingleDeviceSharding(device)
+  on_host = jax.sharding.SingleDeviceSharding(device, memory_kind=offload_lib.HOST_KIND)
+
+  def abstract(path, x):
+    host = "weights" in offload_lib.parts(offload) and jax.tree_util.keystr(path).startswith("['blocks']")
+    return jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=on_host if host else on_device)
+
+  state = jax.tree_util.tree_map_with_path(abstract, args[1])
+  rest = jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), np.asarray(a).dtype, sharding=on_device), args[2:])
+  return generate._generate_padded.lower(args[0], state, *rest, **kwargs)
+
+
+def tpu_decode_memory(spec: ModelSpec, device, batch: int, prompt_len: int, new_tokens: int, offload: str) -> dict:
+  """`lower_decode` compiled for a TPU device (`topology_devices`): XLA's memory analysis in bytes, device arguments
+  and temporaries, host arguments and temporaries."""
+  m = lower_decode(spec, device, batch, prompt_len, new_tokens, offload).compile().memory_analysis()
+  return {name: int(getattr(m, f"{name}_size_in_bytes")) for name in
+          ("argument", "temp", "host_argument", "host_temp")}
+
+
 def compiled_memory(config, devices=None) -> dict:
   """XLA's memory analysis of the compiled train step: per-device argument, output, alias and temp bytes, and
   their peak (arguments + outputs - aliased + temporaries)."""
@@ -244,6 +305,21 @@ def main(argv):
       print("  compiled step (XLA memory analysis): " + ", ".join(f"{k} {_fmt(v).strip()}" for k, v in
                                                                   compiled.items()))
       print(f"  estimate / compiled peak: {result['total'] / compiled['peak']:.2f}")
+  if f.decode_batch:
+    spec = ModelSpec.from_config(config.model)
+    context = f.decode_context or spec.max_len
+    result["decode"] = rows = decode_plan(spec, f.decode_batch, context, f.device_memory_gb)
+    print(f"inference on one device, batch {f.decode_batch} x {context} tokens of KV cache "
+          f"(weights {_fmt(rows[0]['weights']).strip()}, KV cache {_fmt(rows[0]['kv_cache']).strip()}):")
+    for row in rows:
+      fits = "" if "fits" not in row else f"  fits in {f.device_memory_gb:g} GB: {'yes' if row['fits'] else 'NO'}"
+      print(f"  offload={row['offload']:<11} device {_fmt(row['device'])}  host {_fmt(row['host'])}{fits}")
+      if f.compile and f.topology:  # XLA's own figures for generate's program on one chip of the slice
+        row["tpu_compiled"] = m = tpu_decode_memory(spec, devices[0], f.decode_batch, context // 4,
+                                                    context - context // 4, row["offload"])
+        print(f"    compiled for {devices[0].device_kind}: device arguments {_fmt(m['argument']).strip()}, temporaries "
+              f"{_fmt(m['temp']).strip()}; host arguments {_fmt(m['host_argument']).strip()}, temporaries "
+              f"{_fmt(m['host_temp']).strip()}")
   with open(f.out, "w", encoding="utf-8") as fh:
     json.dump(result, fh, indent=1, default=float)
 
@@ -255,5 +331,8 @@ if __name__ == "__main__":
   flags.DEFINE_bool("compile", False, "Also compile the step and print XLA's memory analysis.")
   flags.DEFINE_string("topology", "", "Plan (and with --compile, compile) for this Cloud TPU slice, e.g. v5e:2x2 "
                       "or v5p:2x2x2 (needs libtpu: pip install -e '.[tpu]').")
+  flags.DEFINE_integer("decode_batch", 0, "Also plan inference of this many sequences on one device, resident and "
+                       "offloaded (0: no).")
+  flags.DEFINE_integer("decode_context", 0, "--decode_batch: KV-cache tokens per sequence (0: model.max_len).")
   flags.DEFINE_string("out", "plan.json", "Where to write the JSON result.")
   app.run(main)

@@ -41,6 +41,9 @@ class Settings:
   profile: str = ""
   prefix_caching: bool = False
   shared_prefix: int = 0  # tokens of one common "system prompt" that starts every request's prompt
+  speculate: str = "none"  # the engine's speculative decoding: none, lookup or draft
+  draft_tokens: int = 4
+  draft_workdir: str = ""
 
 
 def request_mix(n: int, vocab: int, max_len: int, seed: int, prompt_lengths: tuple[int, int],
@@ -115,6 +118,10 @@ def _start_server(s: Settings, port: int) -> subprocess.Popen:
     cmd.append(f"--attention_impl={s.attention_impl}")
   if s.prefix_caching:
     cmd.append("--prefix_caching")
+  if s.speculate != "none":
+    cmd += [f"--speculate={s.speculate}", f"--draft_tokens={s.draft_tokens}"]
+    if s.draft_workdir:
+      cmd.append(f"--draft_workdir={s.draft_workdir}")
   if s.profile:
     cmd.append(f"--profile_dir={os.path.abspath(os.path.join(s.profile, s.mode))}")
   proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -132,6 +139,15 @@ def _start_server(s: Settings, port: int) -> subprocess.Popen:
   raise RuntimeError("the server did not become healthy within 300 s")
 
 
+def _gauge(url: str, name: str) -> float | None:
+  """One gauge's value from the server's Prometheus /metrics (it includes warm-up requests), or None."""
+  with urllib.request.urlopen(url + "/metrics", timeout=10) as r:
+    for line in r.read().decode().splitlines():
+      if line.startswith(name + " "):
+        return float(line.split()[1])
+  return None
+
+
 def _peak_rss_mib(pid: int) -> float | None:
   """The process's peak resident memory (VmHWM) in MiB, from /proc (Linux), or None."""
   try:
@@ -147,7 +163,7 @@ def bench_mode(s: Settings, vocab: int, max_len: int) -> dict:
   url = f"http://127.0.0.1:{port}"
   start = time.perf_counter()
   proc = _start_server(s, port)
-  server_peak = None
+  server_peak = acceptance = None
   try:
     warm = [{"prompt": [1] * n, "max_tokens": 2, "temperature": 0, "ignore_eos": True, "stream": True}
             for n in (8, 24, 48, 96, 160) if n + 2 <= max_len]
@@ -167,6 +183,7 @@ def bench_mode(s: Settings, vocab: int, max_len: int) -> dict:
                                   timeout=600) as r:
         print(f"{s.mode}:\n" + json.loads(r.read())["table"], flush=True)
     server_peak = _peak_rss_mib(proc.pid)
+    acceptance = _gauge(url, "peakllm_speculative_acceptance_rate")
   finally:
     proc.send_signal(signal.SIGTERM)  # drains, then exits
     try:
@@ -181,4 +198,5 @@ def bench_mode(s: Settings, vocab: int, max_len: int) -> dict:
           "requests_per_s": len(done) / seconds, "output_tokens_per_s": tokens / seconds, "output_tokens": tokens,
           "ttft_p50_s": _pct(ttft, 50), "ttft_p99_s": _pct(ttft, 99), "tpot_p50_s": _pct(tpot, 50),
           "tpot_p99_s": _pct(tpot, 99), "server_exit_code": proc.returncode, "ready_s": ready_s,
-          "server_peak_rss_mib": server_peak}
+          "server_peak_rss_mib": server_peak, "speculate": s.speculate, "draft_tokens": s.draft_tokens,
+          "acceptance_rate": acceptance}

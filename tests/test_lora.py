@@ -378,8 +378,8 @@ def test_one_engine_serves_several_adapters_picked_per_request(tiny_run, tmp_pat
   slots = {engine.insert(p, SamplingParams(max_tokens=6, adapter=a)): i for i, (p, a) in enumerate(zip(prompts, which))}
   out = {i: [engine.prefill(slot)] for slot, i in slots.items()}
   for _ in range(5):
-    for slot, token in engine.generate().items():
-      out[slots[slot]].append(token)
+    for slot, tokens in engine.generate().items():
+      out[slots[slot]].extend(tokens)
   references = [base_model, *merged]
   for i, (p, a) in enumerate(zip(prompts, which)):
     assert out[i] == generate.generate(references[a], [p], max_new_tokens=6)[0], (i, a)

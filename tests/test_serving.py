@@ -71,8 +71,8 @@ def _drive(engine, prompts, params_list):
       token = engine.prefill(slot)
       if token is not None:
         outputs[owner[slot]].append(token)
-    for slot, token in engine.generate().items():
-      outputs[owner[slot]].append(token)
+    for slot, tokens in engine.generate().items():
+      outputs[owner[slot]].extend(tokens)
     for slot in list(owner):
       if len(outputs[owner[slot]]) >= params_list[owner[slot]].max_tokens:
         engine.release(slot)

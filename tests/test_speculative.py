@@ -13,6 +13,8 @@ from flax import nnx
 from conftest import random_model
 from infer import generate as G
 from infer import speculative
+from infer.engine import Engine
+from infer.sampling import SamplingParams
 
 
 def small_model(family="gpt", vocab=97, max_len=48, seed=1, layers=2):
@@ -143,7 +145,69 @@ def test_the_benchmark_measures_lookup_on_the_validation_split_and_the_cli_specu
   assert all(r["identical_to_greedy"] and r["tokens_per_s"] > 0 for r in rows)
   assert rows[0]["model_calls_per_token"] == 1.0 and rows[1]["model_calls_per_token"] < 1.0  # drafts were kept
   out = subprocess.run([sys.executable, "-m", "infer.generate", f"--workdir={workdir}", "--prompt=def f(x):",
-                        "--max_new_tokens=8", "--speculate=lookup", "--draft_tokens=3"],
+                        "--max_new_tokens=8", "--speculate=lookup", "--draft_tokens=3", "--offload=weights,kv"],
                        capture_output=True, text=True, timeout=300)
   assert out.returncode == 0, out.stderr[-2000:]
   assert "model calls incl. prefill" in out.stdout  # (bad settings: test_bad_speculation_settings_are_named)
+  assert "offloaded (weights,kv): {'pinned_host': " in out.stdout  # (outputs: tests/test_offload.py)
+
+
+# -- the serving engine ------------------------------------------------------------------------------------------------
+
+
+def _drive(engine, prompts, params):
+  """Every request through the engine, two admitted at a time as room allows; returns outputs and decode steps."""
+  outputs, owner, waiting, steps = {i: [] for i in range(len(prompts))}, {}, list(range(len(prompts))), 0
+  while waiting or owner:
+    while waiting and engine.can_insert(len(prompts[waiting[0]]), params[waiting[0]].max_tokens):
+      i = waiting.pop(0)
+      owner[engine.insert(prompts[i], params[i])] = i
+    for slot in [s for s in owner if engine.is_prefilling(s)]:
+      token = engine.prefill(slot)
+      if token is not None:
+        outputs[owner[slot]].append(token)
+    produced = engine.generate()
+    steps += bool(produced)
+    for slot, tokens in produced.items():
+      assert len(engine.logprobs[slot]) == len(tokens)
+      outputs[owner[slot]].extend(tokens)
+    for slot in list(owner):
+      assert len(outputs[owner[slot]]) <= params[owner[slot]].max_tokens
+      if len(outputs[owner[slot]]) == params[owner[slot]].max_tokens:
+        engine.release(slot)
+        del owner[slot]
+  return outputs, steps
+
+
+def test_the_engine_speculates_with_ordinary_outputs_and_returns_every_page():
+  model = small_model("llama", max_len=64)
+  draft = small_model("gpt", seed=7, layers=1, max_len=64)
+  prompts = [[5, 6, 7, 8] * 3, [1, 2, 3, 4] * 3, [40, 41, 42, 43, 40, 41, 42, 43, 40, 41, 42, 43]]  # one length
+  new = [20, 13, 30]
+  want = G.generate(model, prompts, max_new_tokens=max(new))
+  for speculate, kw in (("lookup", {}), ("draft", {"draft_model": draft}), ("draft", {"draft_model": model})):
+    # 3 slots, but 6 usable pages hold 2 requests: admission waits, pages are reused
+    engine = Engine(model, slots=3, page_size=16, num_pages=7, prefill_chunk=16, speculate=speculate,
+                    draft_tokens=3, **kw)
+    outputs, steps = _drive(engine, prompts, [SamplingParams(max_tokens=n) for n in new])
+    for i, n in enumerate(new):
+      assert outputs[i] == want[i][:n], (speculate, i)
+    assert engine.free_pages == engine.num_pages - 1 and engine.active_slots == 0
+    # every decoded token is a kept draft or a round's own token
+    assert engine.speculative_rounds + engine.drafts_accepted == sum(n - 1 for n in new)
+    if speculate == "lookup":  # repetitive prompts: some drafts kept
+      assert engine.drafts_accepted > 0 and steps < sum(new), steps
+    if kw.get("draft_model") is model:  # its own draft (its pages in step with the model's): every draft kept
+      assert engine.acceptance_rate == 1.0
+
+  # sampled: each request draws what batch-1 speculative `generate` draws with its seed, whatever else runs
+  params = [SamplingParams(max_tokens=12, temperature=1.0, seed=11 + i) for i in range(3)]
+  engine = Engine(model, slots=3, page_size=16, speculate="draft", draft_tokens=3, draft_model=draft)
+  outputs, _ = _drive(engine, prompts, params)  # (lookup differs only in its drafts, checked greedy above)
+  for i, prompt in enumerate(prompts):
+    alone = G.generate(model, [prompt], max_new_tokens=12, temperature=1.0, seed=11 + i, speculate="draft",
+                       draft_tokens=3, draft_model=draft)[0]
+    assert outputs[i] == alone, i
+  assert len({tuple(o) for o in outputs.values()}) == 3
+  with pytest.raises(ValueError, match="draft_tokens=17 must be in"):
+    Engine(model, speculate="lookup", draft_tokens=17)

@@ -1,0 +1,96 @@
+"""Offloaded inference (model/offload.py): weights and KV cache in host memory, streamed layer by layer; outputs equal
+the resident run's, the program moves each layer in, and the planner counts device bytes with and without it."""
+
+import importlib.util
+import types
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from conftest import random_model
+from configs import base, tiny
+from infer import generate as G
+from model import offload
+from model import transformer
+from model.transformer import ModelSpec
+from scripts import plan
+
+PROMPTS = [[5, 6, 7, 8, 5, 6, 7], [1, 2, 3]]
+
+
+def test_offloaded_decoding_equals_resident_decoding_and_keeps_the_layers_in_host_memory():
+  model = random_model("llama", max_len=48, seed=2)
+  want = G.generate(model, PROMPTS, max_new_tokens=12)
+  for setting in ("weights", "kv", "weights,kv"):
+    placed = offload.place(model, setting)
+    assert placed.spec.offload == setting and model.spec.offload == "none"
+    got = G.generate(placed, PROMPTS, max_new_tokens=12)
+    assert got == want, setting
+    kinds = {leaf.sharding.memory_kind for leaf in jax.tree.leaves(nnx.state(placed.blocks))}
+    assert kinds == ({"pinned_host"} if "weights" in setting else {"device"}), (setting, kinds)
+    # the embedding and head stay resident; the caller's model is untouched
+    assert placed.embed[...].sharding.memory_kind == "device"
+    assert offload.resident_bytes(model) == {"device": sum(x.nbytes for x in jax.tree.leaves(nnx.state(model)))}
+  placed = offload.place(model, "weights,kv")
+  assert G.generate(placed, PROMPTS, max_new_tokens=12, speculate="lookup") == want
+  tokens = jax.numpy.asarray([PROMPTS[0]])  # the offloaded forward equals the stacked (scanned) one
+  np.testing.assert_allclose(placed(tokens), model(tokens), rtol=1e-5, atol=1e-5)
+  bytes_by_kind = offload.resident_bytes(placed)
+  assert bytes_by_kind["pinned_host"] == sum(x.nbytes for x in jax.tree.leaves(nnx.state(model.unstacked().blocks)))
+
+
+def test_bad_offload_settings_and_backends_without_host_memory_are_refused():
+  model = random_model(max_len=16)
+  with pytest.raises(ValueError, match=r"offload='disk' must be one of \['none', 'weights', 'kv', 'weights,kv'\]"):
+    offload.place(model, "disk")
+  no_host = types.SimpleNamespace(platform="metal", addressable_memories=lambda: [types.SimpleNamespace(kind="device")])
+  with pytest.raises(ValueError, match="needs the 'pinned_host' memory kind, but metal device .* has only \\['device'\\]"):
+    offload.check("weights", no_host)
+  offload.check("none", no_host)  # nothing to offload: nothing to check
+
+
+def test_the_planner_counts_device_bytes_with_and_without_offload():
+  c = tiny.get_config()
+  c.model.num_layers = 6  # two in flight of six
+  base.validate(c)
+  spec = ModelSpec.from_config(c.model)
+  rows = {r["offload"]: r for r in plan.decode_plan(spec, batch=4, context=spec.max_len, device_memory_gb=1.0)}
+  params = jax.eval_shape(lambda: transformer.init_params(spec, 0))
+  blocks = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params["blocks"]))
+  total = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
+  kv = 2 * spec.num_layers * 4 * spec.max_len * spec.num_kv_heads * spec.head_dim * 4
+  two = 2 / spec.num_layers
+  assert rows["none"]["device"] == total + kv and rows["none"]["host"] == 0
+  assert rows["weights"]["device"] == pytest.approx(total - blocks + two * blocks + kv)
+  assert rows["kv"]["device"] == pytest.approx(total + two * kv) and rows["kv"]["host"] == kv
+  assert rows["weights,kv"]["host"] == blocks + kv
+  assert rows["weights,kv"]["device"] < rows["weights"]["device"] < rows["none"]["device"]
+  assert all(r["fits"] for r in rows.values())
+  assert np.isclose(rows["weights,kv"]["device"] + rows["weights,kv"]["host"],
+                    rows["none"]["device"] + two * (blocks + kv))
+
+
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
+                    reason="libtpu is not installed (pip install -e '.[tpu]'), so nothing can be compiled for a TPU here")
+def test_on_a_tpu_the_offloaded_weights_are_host_arguments_of_the_compiled_decode_program():
+  c = tiny.get_config()
+  base.validate(c)
+  spec = ModelSpec.from_config(c.model)
+  device = plan.topology_devices("v5e:2x2")[0]
+  resident = plan.tpu_decode_memory(spec, device, batch=2, prompt_len=8, new_tokens=8, offload="none")
+  offloaded = plan.tpu_decode_memory(spec, device, batch=2, prompt_len=8, new_tokens=8, offload="weights")
+  params = jax.eval_shape(lambda: transformer.init_params(spec, 0))
+  blocks = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params["blocks"]))
+  assert resident["host_argument"] == 0
+  assert offloaded["host_argument"] >= blocks  # (TPU layouts may pad small arrays)
+  assert offloaded["argument"] <= resident["argument"] - blocks
+  # the program moves each layer's weights and cache to the device and each updated cache back, in the prefill and
+  # in the decode loop; resident, it moves nothing
+  text = plan.lower_decode(spec, device, batch=2, prompt_len=8, new_tokens=8, offload="weights,kv").as_text()
+  to_device = text.count('_xla_buffer_placement = "device"')
+  to_host = text.count('_xla_buffer_placement = "pinned_host"')
+  per_layer_weights = len(jax.tree.leaves(params["blocks"]))  # stacked leaves: one array per layer each
+  assert to_device >= spec.num_layers * (per_layer_weights + 2) and to_host >= spec.num_layers * 2, (to_device, to_host)
+  assert "annotate_device_placement" not in plan.lower_decode(spec, device, 2, 8, 8, "none").as_text()
