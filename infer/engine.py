@@ -1,8 +1,12 @@
 """Serving engine: a fixed set of decode slots over a paged KV cache, with jitted static-shape steps.
 
 The JetStream-style cycle, driven by `infer/scheduler.py`:
-  * `insert(prompt, params)` takes a free slot and reserves the pages the request can ever need
-    (ceil((prompt + max_tokens) / page_size)); it returns None when no slot or not enough free pages are left.
+  * `insert(prompt, params)` takes a free slot and pages: with `page_allocation="reserve"` every page the request can
+    ever need (ceil((prompt + max_tokens) / page_size)); with "on_demand" only those its prompt fills, and each decode
+    step takes a page when a sequence crosses into a new one. When the pool runs out, the newest request is
+    preempted: its pages are freed, it is listed in `preempted`, and the scheduler inserts it again later with
+    `resume=` its output so far, which is prefilled after its prompt (recomputed), so its output is unchanged.
+    `insert` returns None when no slot or not enough free pages are left.
   * `prefill(slot)` runs the next chunk of the slot's prompt (at most `prefill_chunk` tokens, padded to a power-of-two
     bucket so that only a few shapes compile) and writes its keys and values into the slot's pages. After the last
     chunk it samples the first new token and the slot starts decoding; earlier chunks return None. Chunking keeps a
@@ -55,6 +59,7 @@ from model import lora
 from infer.sampling import SamplingParams
 
 
+PAGE_ALLOCATIONS = ("reserve", "on_demand")  # pages for prompt + max_tokens at admission, or as sequences grow
 TOP_LOGPROBS = 5  # alternatives reported per generated token (OpenAI's completions allow up to 5)
 Logprob = tuple[float, tuple[tuple[int, float], ...]]  # (the token's log-probability, the top alternatives)
 
@@ -122,8 +127,10 @@ class _Slot:
   prompt: list[int]
   params: SamplingParams
   pages: list[int]
-  prefilled: int = 0  # prompt tokens already written
+  prefilled: int = 0  # context tokens already written (the prompt, then a resumed request's earlier output)
   output: list[int] = dataclasses.field(default_factory=list)  # new tokens sampled so far
+  order: int = 0  # admission order: preemption takes the newest request first
+  context: int = 0  # tokens the prefill writes: the prompt plus, for a resumed request, its earlier output
 
   @property
   def generated(self) -> int:
@@ -147,8 +154,11 @@ class Engine:
 
   def __init__(self, model, *, slots: int = 8, page_size: int = 16, num_pages: int | None = None,
                prefill_chunk: int | None = None, prefix_caching: bool = False, speculate: str = "none",
-               draft_tokens: int = 4, ngram: int = 3, draft_model=None):
+               draft_tokens: int = 4, ngram: int = 3, draft_model=None, page_allocation: str = "reserve"):
     speculative.check_settings(speculate, draft_tokens, ngram, draft_model, model)
+    if page_allocation not in PAGE_ALLOCATIONS:
+      raise ValueError(f"page_allocation={page_allocation!r} must be one of {list(PAGE_ALLOCATIONS)}")
+    self.page_allocation = page_allocation
     self.model = model
     self.speculate, self.draft_tokens, self.ngram = speculate, draft_tokens, ngram
     self.draft_model = draft_model if speculate == "draft" else None
@@ -190,6 +200,9 @@ class Engine:
     self._row_logprobs: list[Logprob] = []
     self.logprobs: dict[int, list[Logprob]] = {}  # slot -> its last step's tokens' log-probabilities and top ones
     self.speculative_rounds = self.drafts_proposed = self.drafts_accepted = 0  # over decoding rows
+    self.preemptions = 0
+    self.preempted: list[int] = []  # slots the last `generate` preempted (their requests go back to the queue)
+    self._admitted = 0
 
   @property
   def acceptance_rate(self) -> float:
@@ -215,8 +228,20 @@ class Engine:
   def active_slots(self) -> int:
     return len(self._active)
 
+  @property
+  def used_pages(self) -> int:
+    """Pages held by running requests (the pool's occupancy; cached pages nobody uses count as free)."""
+    return self.num_pages - 1 - self.free_pages
+
   def pages_needed(self, prompt_len: int, max_tokens: int) -> int:
     return math.ceil((prompt_len + max_tokens) / self.page_size)
+
+  def admission_pages(self, prompt_len: int, max_tokens: int, resumed: int = 0) -> int:
+    """Pages a request takes when admitted: every page it could need (reserve), or those its prefill writes
+    (on_demand: the prompt and a resumed request's earlier output; decode steps take the rest as they go)."""
+    if self.page_allocation == "reserve":
+      return self.pages_needed(prompt_len, max_tokens)
+    return math.ceil((prompt_len + resumed) / self.page_size)
 
   def check_fits(self, prompt: Sequence[int], params: SamplingParams) -> None:
     """ValueError unless the request could ever run here (context length and pool size)."""
@@ -229,8 +254,9 @@ class Engine:
       raise ValueError(f"the request needs {self.pages_needed(len(prompt), params.max_tokens)} pages but the pool "
                        f"has {self.num_pages - 1}")
 
-  def can_insert(self, prompt_len: int, max_tokens: int) -> bool:
-    return len(self._active) < self.slots and self.pages_needed(prompt_len, max_tokens) <= self.free_pages
+  def can_insert(self, prompt_len: int, max_tokens: int, resumed: int = 0) -> bool:
+    return (len(self._active) < self.slots
+            and self.admission_pages(prompt_len, max_tokens, resumed) <= self.free_pages)
 
   def _prefix_hashes(self, prompt: Sequence[int], adapter: int) -> list[bytes]:
     """One hash per page the prompt fills completely: of the adapter and every prompt token up to the page's end."""
@@ -254,14 +280,18 @@ class Engine:
 
   # -- the cycle --------------------------------------------------------------------------------------------------
 
-  def insert(self, prompt: Sequence[int], params: SamplingParams) -> int | None:
-    """Reserves a free slot and the request's pages. Returns the slot, or None when they are not free now."""
+  def insert(self, prompt: Sequence[int], params: SamplingParams, resume: Sequence[int] = ()) -> int | None:
+    """Takes a free slot and the request's admission pages. Returns the slot, or None when they are not free now.
+    resume: the tokens a preempted request had already generated; they are prefilled after the prompt and count
+    toward max_tokens, and sampling continues from the next one (the same keys as if never preempted)."""
     params.validate()
     if params.adapter and not 0 < params.adapter < self.model.spec.lora_bank:
       raise ValueError(f"adapter={params.adapter}: this engine's model holds {max(self.model.spec.lora_bank - 1, 0)} "
                        "LoRA adapters (1-based; 0 is the base model)")
     self.check_fits(prompt, params)
-    if not self.can_insert(len(prompt), params.max_tokens):
+    if len(resume) >= params.max_tokens:
+      raise ValueError(f"resume has {len(resume)} tokens: nothing left of max_tokens={params.max_tokens}")
+    if not self.can_insert(len(prompt), params.max_tokens, len(resume)):
       return None
     slot = next(s for s in range(self.slots) if s not in self._active)
     hits = []
@@ -272,10 +302,13 @@ class Engine:
         hits.append(self._cached[h])
       for page in hits:
         self._share(page)
-    pages = hits + [self._take_page() for _ in range(self.pages_needed(len(prompt), params.max_tokens) - len(hits))]
+    needed = self.admission_pages(len(prompt), params.max_tokens, len(resume))
+    pages = hits + [self._take_page() for _ in range(needed - len(hits))]
     self._table[slot] = 0
     self._table[slot, :len(pages)] = pages
-    self._active[slot] = _Slot(list(prompt), params, pages, prefilled=len(hits) * self.page_size)
+    self._admitted += 1
+    self._active[slot] = _Slot(list(prompt), params, pages, prefilled=len(hits) * self.page_size,
+                               output=list(resume), order=self._admitted, context=len(prompt) + len(resume))
     self.prompt_tokens += len(prompt)
     self.prefix_hit_tokens += len(hits) * self.page_size
     return slot
@@ -290,17 +323,18 @@ class Engine:
 
   def is_prefilling(self, slot: int) -> bool:
     s = self._active[slot]
-    return s.prefilled < len(s.prompt)
+    return s.prefilled < s.context
 
   def prefill(self, slot: int) -> int | None:
     """Writes the slot's next prompt chunk. Returns the first new token after the last chunk, else None."""
     s = self._active[slot]
-    n = min(self.prefill_chunk, len(s.prompt) - s.prefilled)
+    context = s.prompt + s.output  # a resumed request's earlier output follows its prompt
+    n = min(self.prefill_chunk, s.context - s.prefilled)
     bucket = max(n, min(max(16, 1 << (n - 1).bit_length()), max(16, self.prefill_chunk)))  # a power of two or the chunk
     tokens = np.zeros((1, bucket), np.int32)
     live = np.zeros((1, bucket), np.int32)
     positions = np.zeros((1, bucket), np.int32)
-    tokens[0, :n] = s.prompt[s.prefilled:s.prefilled + n]
+    tokens[0, :n] = context[s.prefilled:s.prefilled + n]
     live[0, :n] = 1
     positions[0, :n] = np.arange(s.prefilled, s.prefilled + n)
     s.prefilled += n
@@ -310,18 +344,22 @@ class Engine:
     if self.draft_model is not None:
       self._draft_pages = _draft_prefill(self._draft_graphdef, self._draft_state, self._draft_pages, tokens, live,
                                          positions, table, lengths)
-    if s.prefilled < len(s.prompt):
+    if s.prefilled < s.context:
       return None
     if self.prefix_caching:
       self._register_prompt_pages(s)
-    s.output = [int(token)]
+    s.output.append(int(token))
     self.logprobs[slot] = [self._row_logprobs[0]]
     return int(token)
 
   def generate(self) -> dict[int, list[int]]:
     """One decode step for every slot whose prompt is fully prefilled. Returns {slot: its new tokens} (one token,
     or with speculation 1 to draft_tokens + 1); `logprobs[slot]` has one entry per new token."""
-    decoding = [slot for slot, s in self._active.items() if s.prefilled == len(s.prompt)]
+    self.preempted = []
+    decoding = [slot for slot, s in self._active.items() if s.prefilled == s.context]
+    if not decoding:
+      return {}
+    decoding = self._grow(decoding)
     if not decoding:
       return {}
     if self.speculate != "none":
@@ -379,6 +417,32 @@ class Engine:
       self.drafts_proposed += int(budget[slot])
       self.drafts_accepted += n - 1
     return result
+
+  def _grow(self, decoding: list[int]) -> list[int]:
+    """Gives each decoding slot the pages its next step writes (oldest request first); when the pool runs out,
+    preempts the newest running request (its pages freed; the scheduler queues it again to be recomputed) until the
+    older ones fit. Returns the decoding slots still running."""
+    for slot in sorted(decoding, key=lambda x: self._active[x].order):
+      if slot not in self._active:  # preempted for an older request
+        continue
+      s = self._active[slot]
+      last = len(s.prompt) + s.generated - 1  # the newest token's position, written by this step
+      if self.speculate != "none":
+        last += min(self.draft_tokens, s.params.max_tokens - s.generated - 1)
+      needed = last // self.page_size + 1
+      while len(s.pages) < needed and slot in self._active:
+        if self.free_pages == 0:
+          self._preempt(max(self._active, key=lambda x: self._active[x].order))
+          continue
+        page = self._take_page()
+        self._table[slot, len(s.pages)] = page
+        s.pages.append(page)
+    return [slot for slot in decoding if slot in self._active]
+
+  def _preempt(self, slot: int) -> None:
+    self.release(slot)
+    self.preempted.append(slot)
+    self.preemptions += 1
 
   def release(self, slot: int) -> None:
     """Frees the slot and returns its pages (finished or cancelled request)."""

@@ -5,7 +5,8 @@ A `Scheduler` owns one engine and a background thread. Each iteration it
   2. admits waiting requests in arrival order while a slot and the request's pages are free (`continuous` mode), or
      only when the batch has emptied (`static` mode: the classic fixed batch, for comparison),
   3. runs one prefill chunk for each slot still prefilling, then
-  4. one decode step for all decoding slots, and hands each new token to its request.
+  4. one decode step for all decoding slots, and hands each new token to its request; requests the engine preempted
+     for pages (on-demand allocation) go back to the front of the queue and resume from their output so far.
 The waiting queue is bounded: `submit` raises `QueueFull` instead of growing without bound, and `Draining` once
 `drain()` was called. Requests report through their `on_event` callback (called on the scheduler thread), so the
 HTTP server can forward them to its event loop.
@@ -260,7 +261,7 @@ class Scheduler:
       return
     while self._waiting:
       request = self._waiting[0]
-      slot = self.engine.insert(request.prompt, request.params)
+      slot = self.engine.insert(request.prompt, request.params, resume=request.output_ids)
       if slot is None:
         return
       self._waiting.popleft()
@@ -273,7 +274,12 @@ class Scheduler:
       if token is not None:
         self._running[slot].first_token_time = time.perf_counter()
         self._deliver(slot, token, self.engine.logprobs[slot][0])
-    for slot, tokens in self.engine.generate().items():
+    produced = self.engine.generate()
+    if self.engine.preempted:  # out of pages: back to the front of the queue, recomputed when re-admitted
+      with self._lock:
+        for slot in reversed(self.engine.preempted):
+          self._waiting.appendleft(self._running.pop(slot))
+    for slot, tokens in produced.items():
       for token, logprob in zip(tokens, self.engine.logprobs[slot]):
         if slot not in self._running:  # ended by an earlier token of this step (stop or length)
           break

@@ -3,7 +3,7 @@
   python -m infer.serve --workdir=runs/default [--port=8000] [--slots=8] [--page_size=16] [--num_pages=0]
       [--prefill_chunk=0] [--max_queue=64] [--queue_timeout=300] [--request_timeout=0] [--mode=continuous|static]
       [--attention_impl=xla|pallas] [--head_quant=int8] [--prefix_caching]
-      [--speculate=none|lookup|draft] [--draft_tokens=4] [--ngram=3] [--draft_workdir=DIR]
+      [--page_allocation=on_demand|reserve] [--speculate=none|lookup|draft] [--draft_tokens=4] [--ngram=3] [--draft_workdir=DIR]
 
 SIGTERM (or Ctrl-C) drains: new requests get 503 while those in flight finish, then the process exits.
 """
@@ -21,7 +21,7 @@ from aiohttp import web
 from configs import base
 from infer import loading
 from infer import speculative
-from infer.engine import Engine
+from infer.engine import PAGE_ALLOCATIONS, Engine
 from infer.scheduler import Scheduler
 from infer.server import Metrics, Server
 from workdir import tokenizer as tokenizer_lib
@@ -36,7 +36,8 @@ def build(workdir: str, *, slots: int = 8, page_size: int = 16, num_pages: int =
           matmul_impl: str | None = None, step: int | None = None, api_key: str | None = None,
           profile_dir: str | None = None, head_quant: str | None = None, adapter: str | None = None,
           adapters: dict[str, str] | None = None, prefix_caching: bool = False, speculate: str = "none",
-          draft_tokens: int = 4, ngram: int = 3, draft_workdir: str | None = None) -> Server:
+          draft_tokens: int = 4, ngram: int = 3, draft_workdir: str | None = None,
+          page_allocation: str = "on_demand") -> Server:
   """Loads `workdir` and wires engine, scheduler (started), metrics and server together. `adapter`: a LoRA adapter
   merged into the model; `adapters` {model id: adapter path}: a bank the requests pick from by their `model` field
   (the workdir's own id is the base model). `speculate`: speculative decoding in the engine (prompt lookup, or a
@@ -50,7 +51,7 @@ def build(workdir: str, *, slots: int = 8, page_size: int = 16, num_pages: int =
   draft_model = loading.load_trained(draft_workdir)[1] if draft_workdir and speculate == "draft" else None
   engine = Engine(model, slots=slots, page_size=page_size, num_pages=num_pages or None,
                   prefill_chunk=prefill_chunk or None, prefix_caching=prefix_caching, speculate=speculate,
-                  draft_tokens=draft_tokens, ngram=ngram, draft_model=draft_model)
+                  draft_tokens=draft_tokens, ngram=ngram, draft_model=draft_model, page_allocation=page_allocation)
   scheduler = Scheduler(engine, lambda ids: tokenizer_lib.decode(tokenizer, ids), mode=mode, max_queue=max_queue,
                         queue_timeout=queue_timeout, request_timeout=request_timeout)
   metrics = Metrics(scheduler)
@@ -107,6 +108,7 @@ def main(argv):
                    matmul_impl=f.matmul_impl, step=f.step, api_key=f.api_key or os.environ.get("PEAKLLM_API_KEY"),
                    profile_dir=f.profile_dir or None, head_quant=f.head_quant, prefix_caching=f.prefix_caching,
                    speculate=f.speculate, draft_tokens=f.draft_tokens, ngram=f.ngram, draft_workdir=f.draft_workdir,
+                   page_allocation=f.page_allocation,
                    **_adapter_flags(f.adapter))
   except (FileNotFoundError, ValueError) as e:
     sys.exit(f"error: cannot serve --workdir={f.workdir}: {e}")
@@ -121,6 +123,9 @@ def _define_flags():
   flags.DEFINE_integer("page_size", 16, "KV-cache slots per page (a power of two >= 16).")
   flags.DEFINE_integer("num_pages", 0, "KV pages in the pool (0: enough for every slot at full context).")
   flags.DEFINE_integer("prefill_chunk", 0, "Most prompt tokens per prefill call (0: whole prompts).")
+  flags.DEFINE_enum("page_allocation", "on_demand", list(PAGE_ALLOCATIONS), "on_demand: requests take KV pages as "
+                    "they grow, and the newest is preempted (recomputed later) when the pool runs out; reserve: every "
+                    "page a request could need is taken when it is admitted.")
   flags.DEFINE_bool("prefix_caching", False, "Share the KV pages of equal prompt prefixes between requests "
                     "(content-hashed full pages, reference counts, least recently used evicted first).")
   flags.DEFINE_enum("speculate", "none", list(speculative.SPECULATE), "Speculative decoding: lookup (drafts copied "

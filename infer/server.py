@@ -130,6 +130,10 @@ class Metrics:
           registry=r).set_function(lambda: engine.cached_pages)
     Gauge("peakllm_prefix_cache_hit_rate", "Share of admitted prompt tokens read from cached prefix pages.",
           registry=r).set_function(lambda: engine.prefix_hit_rate)
+    Gauge("peakllm_used_pages", "KV-cache pages held by running requests (the pool's occupancy).",
+          registry=r).set_function(lambda: engine.used_pages)
+    Gauge("peakllm_preemptions", "Requests preempted for KV pages so far (recomputed when re-admitted).",
+          registry=r).set_function(lambda: engine.preemptions)
     Gauge("peakllm_speculative_acceptance_rate", "Share of verified draft tokens kept (speculative decoding).",
           registry=r).set_function(lambda: engine.acceptance_rate)
     self._window: collections.deque[tuple[float, int]] = collections.deque()

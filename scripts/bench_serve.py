@@ -15,6 +15,13 @@ Speculative decoding in the engine off and on (prompt lookup, or a draft model w
 
   python -m scripts.bench_serve --modes=continuous --speculate=none,lookup [--draft_tokens=4]
 
+On-demand pages against reserving every page at admission, from the same small pool (mixed lengths), and under
+bursty arrivals (16 requests at once every 2 s); the table adds the running requests and used pages (mean / max,
+polled from /metrics) and the preemptions:
+
+  python -m scripts.bench_serve --modes=continuous --page_allocation=reserve,on_demand --slots=16 --num_pages=49
+  python -m scripts.bench_serve --modes=continuous --burst=16 --burst_interval=2 --prefill_chunk=32
+
 Shared system prompt, prefix caching off and on (every prompt starts with the same 192 tokens):
 
   python -m scripts.bench_serve --modes=continuous --prefix_caching=off,on --shared_prefix=192 \
@@ -23,11 +30,13 @@ Shared system prompt, prefix caching off and on (every prompt starts with the sa
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import jax
 from absl import app, flags
 
+from infer.engine import PAGE_ALLOCATIONS
 from infer.speculative import SPECULATE
 from scripts import serve_load
 from workdir import layout
@@ -46,6 +55,10 @@ _ATTENTION = flags.DEFINE_enum("attention_impl", None, ["xla", "pallas"], "Overr
 _SEED = flags.DEFINE_integer("seed", 0, "Request mix seed.")
 _PREFIX_CACHING = flags.DEFINE_list("prefix_caching", ["off"], "Prefix caching settings to compare (off, on).")
 _SHARED_PREFIX = flags.DEFINE_integer("shared_prefix", 0, "Tokens of one common prompt start shared by every request.")
+_NUM_PAGES = flags.DEFINE_integer("num_pages", 0, "KV pages in the pool (0: enough for every slot at full context).")
+_ALLOCATION = flags.DEFINE_list("page_allocation", ["on_demand"], "Page allocations to compare (on_demand, reserve).")
+_BURST = flags.DEFINE_integer("burst", 0, "> 0: open-loop bursts of this many requests (instead of closed-loop clients).")
+_BURST_INTERVAL = flags.DEFINE_float("burst_interval", 2.0, "--burst: seconds between bursts.")
 _SPECULATE = flags.DEFINE_list("speculate", ["none"], "Speculative decoding settings to compare (none, lookup, draft).")
 _DRAFT_TOKENS = flags.DEFINE_integer("draft_tokens", 4, "--speculate: drafts verified per request and step.")
 _DRAFT_WORKDIR = flags.DEFINE_string("draft_workdir", "", "--speculate=draft: the draft model's run.")
@@ -54,8 +67,9 @@ _PROFILE = flags.DEFINE_string("profile", "", "A directory: trace the server dur
                                "(TensorBoard/Perfetto, one subdirectory per mode) and print its top operations.")
 
 
-def settings(mode: str, prefix_caching: bool = False, speculate: str = "none") -> serve_load.Settings:
-  """The flags as load settings for one batching mode, prefix-caching and speculation setting."""
+def settings(mode: str, prefix_caching: bool = False, speculate: str = "none",
+             page_allocation: str = "on_demand") -> serve_load.Settings:
+  """The flags as load settings for one batching mode, prefix-caching, speculation and page-allocation setting."""
   return serve_load.Settings(workdir=_WORKDIR.value, mode=mode, slots=_SLOTS.value, page_size=_PAGE_SIZE.value,
                              prefill_chunk=_PREFILL_CHUNK.value, requests=_REQUESTS.value,
                              concurrency=_CONCURRENCY.value, max_seconds=_MAX_SECONDS.value,
@@ -63,7 +77,9 @@ def settings(mode: str, prefix_caching: bool = False, speculate: str = "none") -
                              output_lengths=tuple(map(int, _OUTPUT_LENGTHS.value)), attention_impl=_ATTENTION.value,
                              seed=_SEED.value, profile=_PROFILE.value, prefix_caching=prefix_caching,
                              shared_prefix=_SHARED_PREFIX.value, speculate=speculate,
-                             draft_tokens=_DRAFT_TOKENS.value, draft_workdir=_DRAFT_WORKDIR.value)
+                             draft_tokens=_DRAFT_TOKENS.value, draft_workdir=_DRAFT_WORKDIR.value,
+                             num_pages=_NUM_PAGES.value, page_allocation=page_allocation, burst=_BURST.value,
+                             burst_interval=_BURST_INTERVAL.value)
 
 
 def main(argv):
@@ -76,26 +92,40 @@ def main(argv):
   for value in _SPECULATE.value:
     if value not in SPECULATE:
       raise app.UsageError(f"--speculate={value!r}: each value must be one of {list(SPECULATE)}")
-  for mode in _MODES.value:
-    for value in _PREFIX_CACHING.value:
-      for speculate in _SPECULATE.value:
-        rows.append(serve_load.bench_mode(settings(mode, value == "on", speculate), model_config.vocab_size,
-                                          model_config.max_len))
-        print(json.dumps(rows[-1]), flush=True)
+  for value in _ALLOCATION.value:
+    if value not in PAGE_ALLOCATIONS:
+      raise app.UsageError(f"--page_allocation={value!r}: each value must be one of {list(PAGE_ALLOCATIONS)}")
+  for mode, caching, speculate, allocation in itertools.product(_MODES.value, _PREFIX_CACHING.value, _SPECULATE.value,
+                                                                _ALLOCATION.value):
+    rows.append(serve_load.bench_mode(settings(mode, caching == "on", speculate, allocation),
+                                      model_config.vocab_size, model_config.max_len))
+    print(json.dumps(rows[-1]), flush=True)
   print(f"\nserving {_WORKDIR.value} on {jax.devices()[0].device_kind} (server in its own process): "
         f"{_REQUESTS.value} requests, {_CONCURRENCY.value} clients, {_SLOTS.value} slots, "
         f"prompts {'-'.join(_PROMPT_LENGTHS.value)} tokens, "
-        f"outputs {'-'.join(_OUTPUT_LENGTHS.value)} tokens, shared prefix {_SHARED_PREFIX.value} tokens")
-  print("| mode | prefix caching | speculation (acceptance) | requests | req/s | output tok/s | TTFT p50 / p99 (s) | "
-        "TPOT p50 / p99 (ms) |")
-  print("|---|---|---|---|---|---|---|---|")
+        f"outputs {'-'.join(_OUTPUT_LENGTHS.value)} tokens, shared prefix {_SHARED_PREFIX.value} tokens, "
+        + (f"bursts of {_BURST.value} every {_BURST_INTERVAL.value:g} s" if _BURST.value else "closed loop")
+        + f", pool {_NUM_PAGES.value or 'full'} pages")
+  print("| mode | pages | prefix caching | speculation (acceptance) | requests | req/s | output tok/s | "
+        "TTFT p50 / p99 (s) | TPOT p50 / p99 (ms) | running mean / max | used pages mean / max | preemptions |")
+  print("|---|---|---|---|---|---|---|---|---|---|---|---|")
   for r in rows:
     tpot = f"{1e3 * r['tpot_p50_s']:.1f} / {1e3 * r['tpot_p99_s']:.1f}"
     spec = r["speculate"] if r["speculate"] == "none" else f"{r['speculate']} k={r['draft_tokens']} ({r['acceptance_rate']:.2f})"
-    print(f"| {r['mode']} | {'on' if r['prefix_caching'] else 'off'} | {spec} | {r['requests']} | "
-          f"{r['requests_per_s']:.2f} | {r['output_tokens_per_s']:.1f} | {r['ttft_p50_s']:.2f} / {r['ttft_p99_s']:.2f} | "
-          f"{tpot} |")
-  plain = [r for r in rows if r["speculate"] == "none"]
+    print(f"| {r['mode']} | {r['page_allocation']} | {'on' if r['prefix_caching'] else 'off'} | {spec} | "
+          f"{r['requests']} | {r['requests_per_s']:.2f} | {r['output_tokens_per_s']:.1f} | "
+          f"{r['ttft_p50_s']:.2f} / {r['ttft_p99_s']:.2f} | {tpot} | {r['running_requests_mean']:.1f} / "
+          f"{r['running_requests_max']:.0f} | {r['used_pages_mean']:.1f} / {r['used_pages_max']:.0f} | "
+          f"{r['preemptions']:.0f} |")
+  reserved = {r["mode"]: r for r in rows if r["page_allocation"] == "reserve"}
+  for r in rows:
+    if r["page_allocation"] == "on_demand" and r["mode"] in reserved:
+      base = reserved[r["mode"]]
+      r["running_over_reserve"] = r["running_requests_mean"] / base["running_requests_mean"]
+      print(f"{r['mode']}: running requests on demand / reserved: {r['running_over_reserve']:.2f}x (mean), TPOT p99 "
+            f"{r['tpot_p99_s'] / base['tpot_p99_s']:.2f}x, throughput "
+            f"{r['output_tokens_per_s'] / base['output_tokens_per_s']:.2f}x")
+  plain = [r for r in rows if r["speculate"] == "none" and r["page_allocation"] == _ALLOCATION.value[0]]
   by_mode = {r["mode"]: r for r in plain if not r["prefix_caching"]}
   cached = {r["mode"]: r for r in plain if r["prefix_caching"]}
   for r in rows:

@@ -41,6 +41,10 @@ class Settings:
   profile: str = ""
   prefix_caching: bool = False
   shared_prefix: int = 0  # tokens of one common "system prompt" that starts every request's prompt
+  num_pages: int = 0  # the engine's KV pool (0: enough for every slot at full context)
+  page_allocation: str = "on_demand"  # the engine's KV pages: on_demand (preempting) or reserve
+  burst: int = 0  # > 0: open-loop arrivals, this many requests at once every `burst_interval` s (not closed-loop)
+  burst_interval: float = 1.0
   speculate: str = "none"  # the engine's speculative decoding: none, lookup or draft
   draft_tokens: int = 4
   draft_workdir: str = ""
@@ -84,7 +88,27 @@ async def _one(session: aiohttp.ClientSession, url: str, body: dict) -> dict:
           "latency": end - start}
 
 
-async def run_load(url: str, mix: list[dict], concurrency: int, max_seconds: float) -> tuple[list[dict], float]:
+POLLED = ("peakllm_active_slots", "peakllm_used_pages")  # sampled from /metrics while the load runs
+
+
+async def _poll(session: aiohttp.ClientSession, url: str, done: asyncio.Event, samples: dict) -> None:
+  """Samples the POLLED gauges every 50 ms until `done`."""
+  while not done.is_set():
+    async with session.get(url + "/metrics") as response:
+      for line in (await response.text()).splitlines():
+        name, _, value = line.partition(" ")
+        if name in POLLED:
+          samples.setdefault(name, []).append(float(value))
+    try:
+      await asyncio.wait_for(done.wait(), 0.05)
+    except asyncio.TimeoutError:
+      pass
+
+
+async def run_load(url: str, mix: list[dict], concurrency: int, max_seconds: float, burst: int = 0,
+                   burst_interval: float = 1.0, samples: dict | None = None) -> tuple[list[dict], float]:
+  """Sends `mix`: closed-loop from `concurrency` clients, or with `burst` > 0 open-loop, `burst` requests at once
+  every `burst_interval` seconds. `samples`: filled with the POLLED gauges over the load."""
   queue = list(reversed(mix))
   results: list[dict] = []
   start = time.perf_counter()
@@ -93,9 +117,24 @@ async def run_load(url: str, mix: list[dict], concurrency: int, max_seconds: flo
     while queue and time.perf_counter() - start < max_seconds:
       results.append(await _one(session, url, queue.pop()))
 
+  async def bursts(session):
+    tasks = []
+    while queue and time.perf_counter() - start < max_seconds:
+      tasks += [asyncio.create_task(_one(session, url, queue.pop())) for _ in range(min(burst, len(queue)))]
+      await asyncio.sleep(burst_interval)
+    results.extend(await asyncio.gather(*tasks))
+
   async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0),
                                    timeout=aiohttp.ClientTimeout(total=None)) as session:
-    await asyncio.gather(*(client(session) for _ in range(concurrency)))
+    done = asyncio.Event()
+    poller = asyncio.create_task(_poll(session, url, done, samples)) if samples is not None else None
+    if burst:
+      await bursts(session)
+    else:
+      await asyncio.gather(*(client(session) for _ in range(concurrency)))
+    done.set()
+    if poller is not None:
+      await poller
   return results, time.perf_counter() - start
 
 
@@ -118,6 +157,7 @@ def _start_server(s: Settings, port: int) -> subprocess.Popen:
     cmd.append(f"--attention_impl={s.attention_impl}")
   if s.prefix_caching:
     cmd.append("--prefix_caching")
+  cmd += [f"--page_allocation={s.page_allocation}", f"--num_pages={s.num_pages}"]
   if s.speculate != "none":
     cmd += [f"--speculate={s.speculate}", f"--draft_tokens={s.draft_tokens}"]
     if s.draft_workdir:
@@ -163,7 +203,8 @@ def bench_mode(s: Settings, vocab: int, max_len: int) -> dict:
   url = f"http://127.0.0.1:{port}"
   start = time.perf_counter()
   proc = _start_server(s, port)
-  server_peak = acceptance = None
+  server_peak = acceptance = preemptions = None
+  samples = {}
   try:
     warm = [{"prompt": [1] * n, "max_tokens": 2, "temperature": 0, "ignore_eos": True, "stream": True}
             for n in (8, 24, 48, 96, 160) if n + 2 <= max_len]
@@ -177,13 +218,16 @@ def bench_mode(s: Settings, vocab: int, max_len: int) -> dict:
     mix = request_mix(s.requests, vocab, max_len, s.seed, s.prompt_lengths, s.output_lengths, s.shared_prefix)
     if s.profile:
       urllib.request.urlopen(urllib.request.Request(url + "/debug/profile/start", method="POST"), timeout=60)
-    results, seconds = asyncio.run(run_load(url, mix, s.concurrency, s.max_seconds))
+    samples: dict = {}
+    results, seconds = asyncio.run(run_load(url, mix, s.concurrency, s.max_seconds, s.burst, s.burst_interval,
+                                            samples))
     if s.profile:
       with urllib.request.urlopen(urllib.request.Request(url + "/debug/profile/stop", method="POST"),
                                   timeout=600) as r:
         print(f"{s.mode}:\n" + json.loads(r.read())["table"], flush=True)
     server_peak = _peak_rss_mib(proc.pid)
     acceptance = _gauge(url, "peakllm_speculative_acceptance_rate")
+    preemptions = _gauge(url, "peakllm_preemptions")
   finally:
     proc.send_signal(signal.SIGTERM)  # drains, then exits
     try:
@@ -199,4 +243,14 @@ def bench_mode(s: Settings, vocab: int, max_len: int) -> dict:
           "ttft_p50_s": _pct(ttft, 50), "ttft_p99_s": _pct(ttft, 99), "tpot_p50_s": _pct(tpot, 50),
           "tpot_p99_s": _pct(tpot, 99), "server_exit_code": proc.returncode, "ready_s": ready_s,
           "server_peak_rss_mib": server_peak, "speculate": s.speculate, "draft_tokens": s.draft_tokens,
-          "acceptance_rate": acceptance}
+          "acceptance_rate": acceptance, "page_allocation": s.page_allocation, "burst": s.burst,
+          "preemptions": preemptions, **_occupancy(samples)}
+
+
+def _occupancy(samples: dict) -> dict:
+  """Mean and max of the polled running requests and used pages during the load."""
+  out = {}
+  for name, key in (("peakllm_active_slots", "running_requests"), ("peakllm_used_pages", "used_pages")):
+    values = samples.get(name) or [float("nan")]
+    out[f"{key}_mean"], out[f"{key}_max"] = statistics.fmean(values), max(values)
+  return out

@@ -17,6 +17,7 @@ from infer.sampling import SamplingParams
 from infer.scheduler import QueueFull, Scheduler
 from infer.server import BackgroundServer, Server
 from model.kernels import paged_attention as pa
+from scripts import serve_load
 from workdir import tokenizer as tokenizer_lib
 
 
@@ -123,6 +124,62 @@ def test_prefix_caching_shares_pages_exactly_evicts_the_least_recently_used_and_
   assert more[1] == want[1][:4]
   assert engine.prefix_hit_tokens == hits + 16
   assert engine.free_pages == engine.num_pages - 1
+
+
+def _drive_preempting(engine, prompts, params_list):
+  """`_drive`, plus what the scheduler does with preempted requests: back to the front of the queue, re-inserted
+  with their output so far."""
+  outputs, owner, waiting = {i: [] for i in range(len(prompts))}, {}, list(range(len(prompts)))
+  max_active = 0
+  while waiting or owner:
+    while waiting and engine.can_insert(len(prompts[waiting[0]]), params_list[waiting[0]].max_tokens,
+                                        len(outputs[waiting[0]])):
+      i = waiting.pop(0)
+      owner[engine.insert(prompts[i], params_list[i], resume=outputs[i])] = i
+    max_active = max(max_active, engine.active_slots)
+    for slot in [s for s in owner if engine.is_prefilling(s)]:
+      token = engine.prefill(slot)
+      if token is not None:
+        outputs[owner[slot]].append(token)
+    produced = engine.generate()
+    for slot in reversed(engine.preempted):
+      waiting.insert(0, owner.pop(slot))
+    for slot, tokens in produced.items():
+      outputs[owner[slot]].extend(tokens)
+    for slot in list(owner):
+      if len(outputs[owner[slot]]) >= params_list[owner[slot]].max_tokens:
+        engine.release(slot)
+        del owner[slot]
+  return outputs, max_active
+
+
+def test_on_demand_pages_admit_more_requests_and_preemption_changes_no_output(tiny_run):
+  _, model, _, _ = loading.load_trained(tiny_run[0])
+  prompts = _prompts(model.spec.vocab_size, [5, 33, 12, 20, 1, 20, 9, 17])
+  new = [8, 28, 5, 20, 30, 3, 30, 12]
+  want = generate.generate(model, prompts, max_new_tokens=max(new))
+  greedy = [SamplingParams(max_tokens=n) for n in new]
+  sampled = [SamplingParams(max_tokens=n, temperature=1.0, seed=i) for i, n in enumerate(new)]
+  runs = {}
+  for allocation, speculate in (("reserve", "none"), ("on_demand", "none"), ("on_demand", "lookup")):
+    for name, params in (("greedy", greedy), ("sampled", sampled)):
+      if speculate != "none" and name == "sampled":
+        continue
+      # 4 slots over 8 usable pages: reserving admits 1-2 requests at a time, on demand admits more and preempts
+      engine = Engine(model, slots=4, page_size=16, num_pages=9, prefill_chunk=16, page_allocation=allocation,
+                      speculate=speculate, draft_tokens=3)
+      outputs, max_active = _drive_preempting(engine, prompts, params)
+      assert engine.active_slots == 0 and engine.free_pages == engine.num_pages - 1 and engine.used_pages == 0
+      runs[allocation, speculate, name] = outputs, max_active, engine.preemptions
+  for key, (outputs, _, _) in runs.items():
+    if key[2] == "greedy":
+      assert [outputs[i] == want[i][:n] for i, n in enumerate(new)] == [True] * len(new), key
+  assert runs["on_demand", "none", "sampled"][0] == runs["reserve", "none", "sampled"][0]  # same keys, same tokens
+  assert runs["reserve", "none", "greedy"][2] == 0  # reserving never preempts
+  assert runs["on_demand", "none", "greedy"][2] > 0 and runs["on_demand", "lookup", "greedy"][2] > 0
+  assert runs["on_demand", "none", "greedy"][1] > runs["reserve", "none", "greedy"][1]
+  with pytest.raises(ValueError, match="page_allocation='lazy' must be one of"):
+    Engine(model, page_allocation="lazy")
 
 
 @pytest.mark.parametrize("kind", ["int8_weight", "moe", "gptq4"])
@@ -575,6 +632,19 @@ def test_a_client_that_disconnects_is_cancelled_and_its_pages_freed(server, monk
   assert [r.finish_reason for r in finished] == ["cancelled"]
   assert len(finished[0].output_ids) < 48
   assert engine.active_slots == 0 and engine.free_pages == engine.num_pages - 1
+
+
+def test_the_load_generator_sends_bursts_and_polls_the_pool_occupancy(server):
+  srv, bg = server
+  mix = serve_load.request_mix(6, srv.scheduler.engine.model.spec.vocab_size, 64, seed=1, prompt_lengths=(20, 40),
+                               output_lengths=(16, 24))
+  samples = {}
+  results, seconds = asyncio.run(serve_load.run_load(bg.url, mix, concurrency=1, max_seconds=60, burst=3,
+                                                     burst_interval=0.2, samples=samples))
+  assert [r["status"] for r in results] == [200] * 6 and all(r["tokens"] >= 16 for r in results)
+  assert seconds >= 0.2 and set(samples) == set(serve_load.POLLED)
+  assert max(samples["peakllm_active_slots"]) >= 2 and max(samples["peakllm_used_pages"]) >= 2  # bursts overlap
+  assert srv.scheduler.engine.used_pages == 0
 
 
 def test_metrics_and_health(server):
