@@ -255,8 +255,11 @@ class Engine:
                        f"has {self.num_pages - 1}")
 
   def can_insert(self, prompt_len: int, max_tokens: int, resumed: int = 0) -> bool:
+    """A slot is free and so are the request's admission pages; on demand, also one page of headroom per running
+    request (the page each may take next), so that admitting does not force a preemption at once."""
+    headroom = len(self._active) if self.page_allocation == "on_demand" else 0
     return (len(self._active) < self.slots
-            and self.admission_pages(prompt_len, max_tokens, resumed) <= self.free_pages)
+            and self.admission_pages(prompt_len, max_tokens, resumed) + headroom <= self.free_pages)
 
   def _prefix_hashes(self, prompt: Sequence[int], adapter: int) -> list[bytes]:
     """One hash per page the prompt fills completely: of the adapter and every prompt token up to the page's end."""

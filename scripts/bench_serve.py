@@ -19,7 +19,8 @@ On-demand pages against reserving every page at admission, from the same small p
 bursty arrivals (16 requests at once every 2 s); the table adds the running requests and used pages (mean / max,
 polled from /metrics) and the preemptions:
 
-  python -m scripts.bench_serve --modes=continuous --page_allocation=reserve,on_demand --slots=16 --num_pages=49
+  python -m scripts.bench_serve --modes=continuous --page_allocation=reserve,on_demand --slots=16 --num_pages=49 \
+      --declared_max_tokens=160
   python -m scripts.bench_serve --modes=continuous --burst=16 --burst_interval=2 --prefill_chunk=32
 
 Shared system prompt, prefix caching off and on (every prompt starts with the same 192 tokens):
@@ -57,6 +58,9 @@ _PREFIX_CACHING = flags.DEFINE_list("prefix_caching", ["off"], "Prefix caching s
 _SHARED_PREFIX = flags.DEFINE_integer("shared_prefix", 0, "Tokens of one common prompt start shared by every request.")
 _NUM_PAGES = flags.DEFINE_integer("num_pages", 0, "KV pages in the pool (0: enough for every slot at full context).")
 _ALLOCATION = flags.DEFINE_list("page_allocation", ["on_demand"], "Page allocations to compare (on_demand, reserve).")
+_DECLARED = flags.DEFINE_integer("declared_max_tokens", 0, "> 0: every request asks for this many tokens and its client "
+                                 "disconnects after its own output length (requests that end early, lengths unknown "
+                                 "to the server).")
 _BURST = flags.DEFINE_integer("burst", 0, "> 0: open-loop bursts of this many requests (instead of closed-loop clients).")
 _BURST_INTERVAL = flags.DEFINE_float("burst_interval", 2.0, "--burst: seconds between bursts.")
 _SPECULATE = flags.DEFINE_list("speculate", ["none"], "Speculative decoding settings to compare (none, lookup, draft).")
@@ -79,7 +83,7 @@ def settings(mode: str, prefix_caching: bool = False, speculate: str = "none",
                              shared_prefix=_SHARED_PREFIX.value, speculate=speculate,
                              draft_tokens=_DRAFT_TOKENS.value, draft_workdir=_DRAFT_WORKDIR.value,
                              num_pages=_NUM_PAGES.value, page_allocation=page_allocation, burst=_BURST.value,
-                             burst_interval=_BURST_INTERVAL.value)
+                             burst_interval=_BURST_INTERVAL.value, declared_max_tokens=_DECLARED.value)
 
 
 def main(argv):

@@ -43,6 +43,8 @@ class Settings:
   shared_prefix: int = 0  # tokens of one common "system prompt" that starts every request's prompt
   num_pages: int = 0  # the engine's KV pool (0: enough for every slot at full context)
   page_allocation: str = "on_demand"  # the engine's KV pages: on_demand (preempting) or reserve
+  declared_max_tokens: int = 0  # > 0: every request asks for this many tokens, and its client disconnects after its
+  # own output length (as requests that end early on a stop string or EOS): the server cannot know lengths in advance
   burst: int = 0  # > 0: open-loop arrivals, this many requests at once every `burst_interval` s (not closed-loop)
   burst_interval: float = 1.0
   speculate: str = "none"  # the engine's speculative decoding: none, lookup or draft
@@ -51,9 +53,10 @@ class Settings:
 
 
 def request_mix(n: int, vocab: int, max_len: int, seed: int, prompt_lengths: tuple[int, int],
-                output_lengths: tuple[int, int], shared_prefix: int = 0) -> list[dict]:
+                output_lengths: tuple[int, int], shared_prefix: int = 0, declared_max_tokens: int = 0) -> list[dict]:
   """n requests of random token ids: prompt lengths (after a common `shared_prefix`-token start) and output lengths
-  drawn uniformly from the ranges, outputs cut to the context."""
+  drawn uniformly from the ranges, outputs cut to the context. With `declared_max_tokens` each asks for that many
+  (cut to the context) and carries its own length as "stop_after" (the client disconnects there)."""
   rng = random.Random(seed)
   (p_lo, p_hi), (o_lo, o_hi) = prompt_lengths, output_lengths
   prefix = [rng.randrange(1, vocab) for _ in range(shared_prefix)]
@@ -62,12 +65,18 @@ def request_mix(n: int, vocab: int, max_len: int, seed: int, prompt_lengths: tup
     prompt_len = shared_prefix + rng.randint(p_lo, p_hi)
     out_len = min(rng.randint(o_lo, o_hi), max_len - prompt_len)
     prompt = prefix + [rng.randrange(1, vocab) for _ in range(prompt_len - shared_prefix)]
-    mix.append({"prompt": prompt, "max_tokens": out_len,
-                "temperature": 0, "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}})
+    body = {"prompt": prompt, "max_tokens": out_len,
+            "temperature": 0, "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+    if declared_max_tokens:
+      body.update(max_tokens=max(out_len, min(declared_max_tokens, max_len - prompt_len)), stop_after=out_len)
+    mix.append(body)
   return mix
 
 
 async def _one(session: aiohttp.ClientSession, url: str, body: dict) -> dict:
+  """One streamed request; a body's "stop_after" (not sent) ends it there by disconnecting."""
+  body = dict(body)
+  stop_after = body.pop("stop_after", 0)
   start = time.perf_counter()
   first = None
   tokens = 0
@@ -81,8 +90,12 @@ async def _one(session: aiohttp.ClientSession, url: str, body: dict) -> dict:
       event = json.loads(line[6:])
       if event["choices"] and first is None:
         first = time.perf_counter()
+      if event["choices"]:
+        tokens += 1  # one event per token (no stop strings here)
       if event.get("usage"):
         tokens = event["usage"]["completion_tokens"]
+      if stop_after and tokens >= stop_after:
+        break  # leaving the block closes the connection: the server cancels the request
   end = time.perf_counter()
   return {"status": 200, "ttft": first - start, "tpot": (end - first) / max(tokens - 1, 1), "tokens": tokens,
           "latency": end - start}
@@ -215,7 +228,8 @@ def bench_mode(s: Settings, vocab: int, max_len: int) -> dict:
                                       (s.prompt_lengths[0] + s.prompt_lengths[1]) // 2))]
     asyncio.run(run_load(url, warm, 1, 600))  # compiles the prefill buckets and the decode step
     ready_s = time.perf_counter() - start
-    mix = request_mix(s.requests, vocab, max_len, s.seed, s.prompt_lengths, s.output_lengths, s.shared_prefix)
+    mix = request_mix(s.requests, vocab, max_len, s.seed, s.prompt_lengths, s.output_lengths, s.shared_prefix,
+                      s.declared_max_tokens)
     if s.profile:
       urllib.request.urlopen(urllib.request.Request(url + "/debug/profile/start", method="POST"), timeout=60)
     samples: dict = {}
@@ -244,6 +258,7 @@ def bench_mode(s: Settings, vocab: int, max_len: int) -> dict:
           "tpot_p99_s": _pct(tpot, 99), "server_exit_code": proc.returncode, "ready_s": ready_s,
           "server_peak_rss_mib": server_peak, "speculate": s.speculate, "draft_tokens": s.draft_tokens,
           "acceptance_rate": acceptance, "page_allocation": s.page_allocation, "burst": s.burst,
+          "declared_max_tokens": s.declared_max_tokens,
           "preemptions": preemptions, **_occupancy(samples)}
 
 
