@@ -359,7 +359,8 @@ class Engine:
     """One decode step for every slot whose prompt is fully prefilled. Returns {slot: its new tokens} (one token,
     or with speculation 1 to draft_tokens + 1); `logprobs[slot]` has one entry per new token."""
     self.preempted = []
-    decoding = [slot for slot, s in self._active.items() if s.prefilled == s.context]
+    decoding = [slot for slot, s in self._active.items()  # prefilled, and not done (a request may end at its prefill)
+                if s.prefilled == s.context and s.generated < s.params.max_tokens]
     if not decoding:
       return {}
     decoding = self._grow(decoding)

@@ -60,19 +60,24 @@ def _prompts(vocab, lengths, seed=0):
 
 
 def _drive(engine, prompts, params_list):
-  """Runs requests through the engine as the scheduler does (admission while room, chunked prefill, decode)."""
+  """Runs requests through the engine as the scheduler does: admission in order while room, chunked prefill, decode;
+  requests the engine preempts go back to the front of the queue and are re-inserted with their output so far."""
   outputs, owner, waiting = {i: [] for i in range(len(prompts))}, {}, list(range(len(prompts)))
   max_active = 0
   while waiting or owner:
-    while waiting and engine.can_insert(len(prompts[waiting[0]]), params_list[waiting[0]].max_tokens):
+    while waiting and engine.can_insert(len(prompts[waiting[0]]), params_list[waiting[0]].max_tokens,
+                                        len(outputs[waiting[0]])):
       i = waiting.pop(0)
-      owner[engine.insert(prompts[i], params_list[i])] = i
+      owner[engine.insert(prompts[i], params_list[i], resume=outputs[i])] = i
     max_active = max(max_active, engine.active_slots)
     for slot in [s for s in owner if engine.is_prefilling(s)]:
       token = engine.prefill(slot)
       if token is not None:
         outputs[owner[slot]].append(token)
-    for slot, tokens in engine.generate().items():
+    produced = engine.generate()
+    for slot in reversed(engine.preempted):
+      waiting.insert(0, owner.pop(slot))
+    for slot, tokens in produced.items():
       outputs[owner[slot]].extend(tokens)
     for slot in list(owner):
       if len(outputs[owner[slot]]) >= params_list[owner[slot]].max_tokens:
@@ -126,37 +131,10 @@ def test_prefix_caching_shares_pages_exactly_evicts_the_least_recently_used_and_
   assert engine.free_pages == engine.num_pages - 1
 
 
-def _drive_preempting(engine, prompts, params_list):
-  """`_drive`, plus what the scheduler does with preempted requests: back to the front of the queue, re-inserted
-  with their output so far."""
-  outputs, owner, waiting = {i: [] for i in range(len(prompts))}, {}, list(range(len(prompts)))
-  max_active = 0
-  while waiting or owner:
-    while waiting and engine.can_insert(len(prompts[waiting[0]]), params_list[waiting[0]].max_tokens,
-                                        len(outputs[waiting[0]])):
-      i = waiting.pop(0)
-      owner[engine.insert(prompts[i], params_list[i], resume=outputs[i])] = i
-    max_active = max(max_active, engine.active_slots)
-    for slot in [s for s in owner if engine.is_prefilling(s)]:
-      token = engine.prefill(slot)
-      if token is not None:
-        outputs[owner[slot]].append(token)
-    produced = engine.generate()
-    for slot in reversed(engine.preempted):
-      waiting.insert(0, owner.pop(slot))
-    for slot, tokens in produced.items():
-      outputs[owner[slot]].extend(tokens)
-    for slot in list(owner):
-      if len(outputs[owner[slot]]) >= params_list[owner[slot]].max_tokens:
-        engine.release(slot)
-        del owner[slot]
-  return outputs, max_active
-
-
 def test_on_demand_pages_admit_more_requests_and_preemption_changes_no_output(tiny_run):
   _, model, _, _ = loading.load_trained(tiny_run[0])
-  prompts = _prompts(model.spec.vocab_size, [5, 33, 12, 20, 1, 20, 9, 17])
-  new = [8, 28, 5, 20, 30, 3, 30, 12]
+  prompts = _prompts(model.spec.vocab_size, [5, 12, 3, 9, 1, 7, 14, 6])  # short prompts, long outputs
+  new = [40, 30, 45, 20, 50, 35, 25, 40]
   want = generate.generate(model, prompts, max_new_tokens=max(new))
   greedy = [SamplingParams(max_tokens=n) for n in new]
   sampled = [SamplingParams(max_tokens=n, temperature=1.0, seed=i) for i, n in enumerate(new)]
@@ -165,10 +143,11 @@ def test_on_demand_pages_admit_more_requests_and_preemption_changes_no_output(ti
     for name, params in (("greedy", greedy), ("sampled", sampled)):
       if speculate != "none" and name == "sampled":
         continue
-      # 4 slots over 8 usable pages: reserving admits 1-2 requests at a time, on demand admits more and preempts
+      # 4 slots over 8 usable pages: reserving admits 2 requests at a time (3-4 pages each), on demand 4 (one page
+      # each, plus headroom), which preempt each other as they grow
       engine = Engine(model, slots=4, page_size=16, num_pages=9, prefill_chunk=16, page_allocation=allocation,
                       speculate=speculate, draft_tokens=3)
-      outputs, max_active = _drive_preempting(engine, prompts, params)
+      outputs, max_active = _drive(engine, prompts, params)
       assert engine.active_slots == 0 and engine.free_pages == engine.num_pages - 1 and engine.used_pages == 0
       runs[allocation, speculate, name] = outputs, max_active, engine.preemptions
   for key, (outputs, _, _) in runs.items():
