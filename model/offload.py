@@ -1,12 +1,13 @@
 """Offloaded inference (FlexGen's idea): per-layer weights and/or the KV cache kept in host memory and streamed to the
 device layer by layer, each layer's copy issued before the previous layer's compute so the two overlap.
 
-`place(model, "weights" | "kv" | "weights,kv")` returns the model with its per-layer blocks (unstacked) in the host
-memory kind (`pinned_host`, JAX memory kinds) and `spec.offload` set; the forward pass (`Transformer._run_unit_list`)
-then moves layer i + 1's weights (and cache) to device memory while layer i runs, and writes each layer's updated
-cache back to host memory. The embedding, the head and the final norm stay resident: they are used once per step,
-at either end. The aim is two layers in flight on the device instead of all of them; XLA's TPU compiler keeps
-about half of GPT-2's layers live (README, "Offloaded inference"). On a CPU, host and device
+`place(model, "weights" | "kv" | "weights,kv")` returns the model with its stacked blocks [layers, ...] in the host
+memory kind (`pinned_host`, JAX memory kinds) and `spec.offload` set. Offloaded models stay stacked and scanned
+(`unstacked()` returns them as they are, `init_cache` builds a stacked cache, on the host for "kv"): each iteration
+of the layer scan (`Transformer.scan_units`) copies its layer's slice to the device, so one layer is in flight by
+construction (an unrolled list of per-layer copies let XLA's TPU compiler schedule about half of them at once).
+The embedding, the head and the final norm stay resident: they are used once per step, at either end. With "kv"
+the updated stacked cache is copied back to host memory after each scan. On a CPU, host and device
 memory are the same RAM: the copies compile to nothing, so outputs equal the resident run's and only accelerators
 (GPU, TPU) move bytes."""
 
@@ -50,22 +51,21 @@ def to_host(tree):
 
 
 def place(model, offload: str):
-  """The model with `offload` applied (see the module docstring): an `unstacked()` copy whose blocks' arrays are in
+  """The model with `offload` applied (see the module docstring): a stacked, scanned copy whose blocks' arrays are in
   host memory when weights are offloaded, and `spec.offload` set (the KV cache goes to host memory when
-  `init_cache(per_layer=True)` builds it)."""
+  `init_cache` builds it). ValueError for an unstacked model (load it stacked: every loader does)."""
   check(offload)
   if offload == "none":
     return model
-  model = model.unstacked()
+  if isinstance(model.blocks, nnx.List):
+    raise ValueError("offload needs the model's stacked blocks (as loaded), not an unstacked() copy")
   graphdef, state = nnx.split(model)
-  model = nnx.merge(graphdef, state)  # a copy: the caller's model keeps its placement
-  model.spec = dataclasses.replace(model.spec, offload=offload)
   if "weights" in parts(offload):
-    device = jax.devices()[0]
-    host = jax.sharding.SingleDeviceSharding(device, memory_kind=HOST_KIND)
-    for block in model.blocks:
-      block_graphdef, block_state = nnx.split(block)
-      nnx.update(block, jax.device_put(block_state, host))
+    host = jax.sharding.SingleDeviceSharding(jax.devices()[0], memory_kind=HOST_KIND)
+    state = jax.tree_util.tree_map_with_path(
+        lambda path, x: jax.device_put(x, host) if jax.tree_util.keystr(path).startswith("['blocks']") else x, state)
+  model = nnx.merge(graphdef, state)  # new arrays where placed: the caller's model keeps its placement
+  model.spec = dataclasses.replace(model.spec, offload=offload, scan_layers=True)
   return model
 
 

@@ -520,6 +520,10 @@ class Transformer(nnx.Module):
     s = self.spec
     dtype = dtype or s.compute_dtype
     meta = {"segment_ids": jnp.zeros((batch, length), jnp.int32), "index": jnp.zeros((), jnp.int32)}
+    if s.offload != "none":  # offloaded models stay stacked (see `unstacked`): a stacked cache, on the host for kv
+      shape = (s.num_layers, batch, length, s.num_kv_heads, s.head_dim)
+      kv = {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+      return {**(offload_lib.to_host(kv) if "kv" in offload_lib.parts(s.offload) else kv), **meta}
     if per_layer:
       # float32 only: XLA's CPU dot thunk rejects bf16 x bf16 -> f32 for these batched dots (bench_decode, batch 8)
       heads_major = s.attention_impl == "xla" and jnp.dtype(dtype) == jnp.float32
@@ -528,10 +532,7 @@ class Transformer(nnx.Module):
       shape = (s.layers_per_unit, *shape) if s.num_experts else shape  # BlockGroup caches, even of one block
       pair = attention_lib.HeadsMajorKV if heads_major else (lambda k, v: (k, v))
       units = s.num_layers // s.layers_per_unit
-      kv = [pair(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(units)]
-      if "kv" in offload_lib.parts(s.offload):
-        kv = offload_lib.to_host(kv)
-      return {"kv": kv, **meta}
+      return {"kv": [pair(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(units)], **meta}
     shape = (s.num_layers, batch, length, s.num_kv_heads, s.head_dim)
     return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype), **meta}
 
@@ -635,8 +636,9 @@ class Transformer(nnx.Module):
 
     Decode loops call this outside their loop: slicing stacked weights inside the loop would copy every layer's
     weights at every step (XLA on CPU does not alias the slices), which costs more than the decode matmuls.
-    Already unstacked models are returned as they are."""
-    if isinstance(self.blocks, nnx.List):
+    Already unstacked models, and offloaded ones (`model/offload.py`: their scan streams one layer per
+    iteration from host memory), are returned as they are."""
+    if isinstance(self.blocks, nnx.List) or self.spec.offload != "none":
       return self
     model = nnx.merge(*nnx.split(self))
     graphdef, params = nnx.split(model.blocks)
@@ -667,36 +669,12 @@ class Transformer(nnx.Module):
     return x, kv_cache, aux
 
   def _run_unit_list(self, x, positions, visibility, start, caches):
-    """Per-layer blocks one after another; caches: one entry per unit, or None. Returns (x, caches, MoE aux).
-    With `spec.offload` (model/offload.py) unit i + 1's host-memory weights and cache are copied to the device before
-    unit i runs, and each updated cache is copied back to host memory."""
-    offloaded = offload_lib.parts(self.spec.offload)
-    blocks = list(self.blocks)
-
-    def fetch(i, x):
-      """Unit i on the device. The barrier ties the copies to x so that XLA does not issue them all at the start
-      (GPT-2 on a TPU v5e: 474 MB of device temporaries with it, 486 MB without; docs/performance.md)."""
-      block, cache = blocks[i], None if caches is None else caches[i]
-      if "weights" in offloaded:
-        block_graphdef, block_state = nnx.split(block)
-        block_state, x = jax.lax.optimization_barrier((block_state, x))
-        block = nnx.merge(block_graphdef, offload_lib.to_device(block_state))
-      if "kv" in offloaded and cache is not None:
-        cache = offload_lib.to_device(cache)
-      return block, cache, x
-
+    """Per-layer blocks one after another; caches: one entry per unit, or None. Returns (x, caches, MoE aux)."""
     aux, new_caches = _zero_aux(), []
-    block, cache, x = fetch(0, x)
-    for i in range(len(blocks)):
-      if i + 1 < len(blocks):  # issued before unit i's compute, so the copy can overlap it
-        next_block, next_cache, x = fetch(i + 1, x)
-      x, cache, block_aux = block(x, positions, visibility, start, cache)
-      if "kv" in offloaded and cache is not None:
-        cache = offload_lib.to_host(cache)
+    for i, block in enumerate(self.blocks):
+      x, cache, block_aux = block(x, positions, visibility, start, None if caches is None else caches[i])
       new_caches.append(cache)
       aux = jax.tree.map(jnp.add, aux, block_aux)
-      if i + 1 < len(blocks):
-        block, cache = next_block, next_cache
     return x, (None if caches is None else new_caches), aux
 
   def scan_units(self, graphdef, params, x, positions, visibility, start=None, kv_cache=None):
@@ -706,9 +684,15 @@ class Transformer(nnx.Module):
     aux = _zero_aux()
     units = jax.tree.leaves(params)[0].shape[0]
 
+    offloaded = offload_lib.parts(spec.offload)
+
     def body(carry, layer):
       x, aux = carry
       block_params, layer_cache, index = layer
+      if "weights" in offloaded:  # this unit's slice of the host stack, copied in by this iteration (one in flight)
+        block_params = offload_lib.to_device(block_params)
+      if "kv" in offloaded and layer_cache is not None:
+        layer_cache = offload_lib.to_device(layer_cache)
       block = nnx.merge(graphdef, block_params)
       with lora_lib.layer_scope(index):  # each layer's adapters draw their own dropout masks
         y, layer_cache, block_aux = block(x, positions, visibility, start, layer_cache)
@@ -718,6 +702,8 @@ class Transformer(nnx.Module):
       body = jax.checkpoint(body, policy=REMAT_POLICIES[spec.remat], prevent_cse=not spec.scan_layers)
     if spec.scan_layers:
       (x, aux), kv_cache = jax.lax.scan(body, (x, aux), (params, kv_cache, jnp.arange(units)))
+      if "kv" in offloaded and kv_cache is not None:
+        kv_cache = offload_lib.to_host(kv_cache)
       return x, kv_cache, aux
     outputs = []
     for i in range(units):

@@ -225,14 +225,15 @@ def main(argv):
         print(f"{shape:<10} {'HF f32':<9} {batch:>5} {peer['tokens_per_s']:9,.0f} {peer['ttft_s'] * 1e3:8.1f}",
               flush=True)
     for fmt in _FORMATS.value:
-      model = build_model(shape, fmt, _IMPL.value).unstacked()  # per-layer weights once, as a server holds them (else every
+      stacked = build_model(shape, fmt, _IMPL.value)
+      model = stacked.unstacked()  # per-layer weights once, as a server holds them (else every
       # generate call would slice the stacked weights again: 0.1-0.4 s of copies counted in its first token)
       weight_bytes = quant.nbytes(nnx.state(model, nnx.Param))  # every weight is read once per decode step
       s = model.spec
       kv_bytes_per_token = 2 * s.num_layers * s.num_kv_heads * s.head_dim * jnp.dtype(s.compute_dtype).itemsize
       block_bytes = quant.nbytes(nnx.state(model.blocks, nnx.Param))  # what offloading weights streams per step
       for placement in _OFFLOAD.value:
-        placed = offload.place(model, placement)
+        placed = model if placement == "none" else offload.place(stacked, placement)  # offloaded: stacked, scanned
         name = fmt if placement == "none" else f"{fmt}+off({placement})"
         for batch in map(int, _BATCHES.value):
           profile_dir = os.path.join(_PROFILE.value, f"{shape}-{fmt}-b{batch}") if _PROFILE.value else ""
