@@ -1,5 +1,6 @@
 """Offloaded inference (FlexGen's idea): per-layer weights and/or the KV cache kept in host memory and streamed to the
-device layer by layer, each layer's copy issued before the previous layer's compute so the two overlap.
+device one layer per scan iteration (the compiler schedules each copy; overlap with compute is not yet measured on
+an accelerator).
 
 `place(model, "weights" | "kv" | "weights,kv")` returns the model with its stacked blocks [layers, ...] in the host
 memory kind (`pinned_host`, JAX memory kinds) and `spec.offload` set. Offloaded models stay stacked and scanned
