@@ -361,8 +361,6 @@ class Engine:
     self.preempted = []
     decoding = [slot for slot, s in self._active.items()  # prefilled, and not done (a request may end at its prefill)
                 if s.prefilled == s.context and s.generated < s.params.max_tokens]
-    if not decoding:
-      return {}
     decoding = self._grow(decoding)
     if not decoding:
       return {}
@@ -400,7 +398,7 @@ class Engine:
       context = s.prompt + s.output
       history[slot, :len(context)] = context
       last_pos[slot] = len(context) - 1
-      budget[slot] = min(k, s.params.max_tokens - s.generated - 1)  # never past the pages reserved at insert
+      budget[slot] = self._budget(s)
       counters[slot] = s.generated
       rows[slot] = s
     params = [r.params if r is not None else SamplingParams() for r in rows]
@@ -430,9 +428,7 @@ class Engine:
       if slot not in self._active:  # preempted for an older request
         continue
       s = self._active[slot]
-      last = len(s.prompt) + s.generated - 1  # the newest token's position, written by this step
-      if self.speculate != "none":
-        last += min(self.draft_tokens, s.params.max_tokens - s.generated - 1)
+      last = len(s.prompt) + s.generated - 1 + self._budget(s)  # the last position this step writes
       needed = last // self.page_size + 1
       while len(s.pages) < needed and slot in self._active:
         if self.free_pages == 0:
@@ -442,6 +438,10 @@ class Engine:
         self._table[slot, len(s.pages)] = page
         s.pages.append(page)
     return [slot for slot in decoding if slot in self._active]
+
+  def _budget(self, s: _Slot) -> int:
+    """Drafts the request may verify this step: k with speculation, fewer near max_tokens (never past its pages)."""
+    return 0 if self.speculate == "none" else min(self.draft_tokens, s.params.max_tokens - s.generated - 1)
 
   def _preempt(self, slot: int) -> None:
     self.release(slot)
