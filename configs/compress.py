@@ -8,14 +8,20 @@ from __future__ import annotations
 
 import ml_collections
 
-METHODS = ("magnitude", "sparsegpt", "gptq", "rtn")  # pruning: magnitude, sparsegpt; quantization: gptq, rtn
-HESSIAN_METHODS = ("sparsegpt", "gptq")  # the ones that run calibration data through the model
+METHODS = ("magnitude", "wanda", "sparsegpt", "gptq", "rtn")  # pruning: magnitude, wanda, sparsegpt; quantization: gptq, rtn
+PRUNING_METHODS = ("magnitude", "wanda", "sparsegpt")
+HESSIAN_METHODS = ("wanda", "sparsegpt", "gptq")  # the ones that run calibration data through the model
+LAYER_SPARSITIES = ("uniform", "owl")  # every block at `sparsity`, or outlier-weighted per block (OWL)
 
 
 def get_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.method = "sparsegpt"  # one of METHODS
-  c.sparsity = 0.5  # unstructured sparsity of every block linear layer (magnitude, sparsegpt); ignored for n:m
+  c.sparsity = 0.5  # unstructured sparsity of the block linear layers (pruning methods); ignored for n:m
+  c.layer_sparsity = "uniform"  # one of LAYER_SPARSITIES; owl: each block's sparsity from its activation outliers,
+  # spread over [sparsity - owl_lambda, sparsity + owl_lambda] with `sparsity` on average (Yin et al., 2024)
+  c.owl_threshold = 5.0  # OWL's M: a weight is an outlier when |w| * ||x|| exceeds M times its layer's mean
+  c.owl_lambda = 0.08  # OWL's largest deviation of a block's sparsity from `sparsity`
   c.prune_n = 0  # n:m pruning: zero prune_n of every prune_m consecutive inputs (e.g. 2:4); 0 = unstructured
   c.prune_m = 0
   c.bits = 0  # weight bits for gptq/rtn (2..8); with sparsegpt, joint quantization of the kept weights; 0 = none
@@ -40,10 +46,10 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """Checks every key before any work; raises ValueError naming the key, its value and what is allowed."""
   if c.method not in METHODS:
     _fail("method", c.method, f"allowed values are {', '.join(METHODS)}")
-  pruning = c.method in ("magnitude", "sparsegpt")
+  pruning = c.method in PRUNING_METHODS
   if c.prune_n or c.prune_m:
     if not pruning:
-      _fail("prune_n", c.prune_n, f"n:m pruning needs method magnitude or sparsegpt, not {c.method}")
+      _fail("prune_n", c.prune_n, f"n:m pruning needs a pruning method ({', '.join(PRUNING_METHODS)}), not {c.method}")
     if not 0 < c.prune_n < c.prune_m:
       _fail("prune_n", (c.prune_n, c.prune_m), "n:m pruning needs 0 < prune_n < prune_m (e.g. 2 and 4)")
   elif pruning and not 0.0 <= c.sparsity < 1.0:
@@ -52,8 +58,19 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _fail("bits", c.bits, f"{c.method} needs 2 to 8 bits")
   if c.method == "sparsegpt" and c.bits and not 2 <= c.bits <= 8:
     _fail("bits", c.bits, "joint quantization needs 2 to 8 bits (0 turns it off)")
-  if c.method == "magnitude" and c.bits:
-    _fail("bits", c.bits, "magnitude pruning has no quantization; use sparsegpt with bits, or gptq/rtn")
+  if c.method in ("magnitude", "wanda") and c.bits:
+    _fail("bits", c.bits, f"{c.method} pruning has no quantization; use sparsegpt with bits, or gptq/rtn")
+  if c.layer_sparsity not in LAYER_SPARSITIES:
+    _fail("layer_sparsity", c.layer_sparsity, f"allowed values are {', '.join(LAYER_SPARSITIES)}")
+  if c.layer_sparsity == "owl":
+    if not pruning or c.prune_n:
+      _fail("layer_sparsity", c.layer_sparsity, "owl sets unstructured sparsities per block: it needs method "
+            f"{', '.join(PRUNING_METHODS)} without n:m (got method={c.method}, prune_n={c.prune_n})")
+    if not 0.0 <= c.owl_lambda <= min(c.sparsity, 1.0 - c.sparsity):
+      _fail("owl_lambda", c.owl_lambda, f"must be in [0, min(sparsity, 1 - sparsity)] = "
+            f"[0, {min(c.sparsity, 1.0 - c.sparsity):g}] so every block's sparsity stays in [0, 1]")
+    if not c.owl_threshold > 0:
+      _fail("owl_threshold", c.owl_threshold, "must be > 0 (the paper uses 3 to 10)")
   if c.method == "sparsegpt" and c.bits and c.group_size:
     _fail("group_size", c.group_size, "joint sparsegpt quantization uses per-channel grids (group_size 0)")
   for key in ("group_size", "calibration_len"):
@@ -72,8 +89,11 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 def describe(c: ml_collections.ConfigDict) -> str:
   """A short row label, e.g. 'sparsegpt 50%', 'sparsegpt 2:4 + 4-bit', 'gptq 4-bit g128'."""
   parts = [c.method]
-  if c.method in ("magnitude", "sparsegpt"):
+  if c.method in PRUNING_METHODS:
     parts.append(f"{c.prune_n}:{c.prune_m}" if c.prune_n else f"{c.sparsity:.0%}")
+    if c.layer_sparsity == "owl":
+      parts.append("owl")
   if c.bits:
-    parts.append(("+ " if c.method == "sparsegpt" else "") + f"{c.bits}-bit" + (f" g{c.group_size}" if c.group_size else ""))
+    parts.append(("+ " if c.method == "sparsegpt" else "") + f"{c.bits}-bit" + (f" g{c.group_size}" if c.group_size else "")
+                 + (" act-order" if c.act_order and c.method == "gptq" else ""))
   return " ".join(parts)

@@ -75,9 +75,10 @@ def ternary_grid(w: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
   return jnp.minimum(w.min(axis=1), 0.0), jnp.maximum(w.max(axis=1), 0.0)
 
 
-def ternary_codes(w: jnp.ndarray, lo: jnp.ndarray, hi: jnp.ndarray) -> jnp.ndarray:
-  """The nearest of {0, lo, hi} for every w (grids broadcastable to w), as int32 codes 0/1/2."""
-  return jnp.where(w < lo / 2, 1, jnp.where(w > hi / 2, 2, 0)).astype(jnp.int32)
+def ternary_codes(w: jnp.ndarray, lo: jnp.ndarray, hi: jnp.ndarray, dead_zone: float = 0.5) -> jnp.ndarray:
+  """int32 codes 0/1/2 (0, lo, hi) for every w (grids broadcastable to w): lo below dead_zone * lo, hi above
+  dead_zone * hi, else 0. dead_zone 0.5 rounds to the nearest point; larger values (< 1) round more weights to 0."""
+  return jnp.where(w < lo * dead_zone, 1, jnp.where(w > hi * dead_zone, 2, 0)).astype(jnp.int32)
 
 
 def ternary_dequantize(c: jnp.ndarray, lo: jnp.ndarray, hi: jnp.ndarray) -> jnp.ndarray:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from configs import compress as compress_config
-from infer.compress import calibrate, gptq, sparsegpt, storage
+from infer.compress import calibrate, gptq, sparsegpt, storage, wanda
 from model import quantizer
 
 
@@ -110,12 +110,18 @@ def test_joint_sparsegpt_quantization_keeps_mask_and_grid():
   assert _err(x, w, out.weight) < _err(x, w, sparsegpt.magnitude_prune(w, prune_n=2, prune_m=4).weight)
 
 
-@pytest.mark.parametrize("bits", range(2, 9))
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 7, 8, 11, 13, 16])
 def test_bit_packing_round_trips(bits):
-  codes = np.random.default_rng(bits).integers(0, 2 ** bits, size=(3, 17, 5)).astype(np.uint8)
+  dtype = np.uint8 if bits <= 8 else np.uint16
+  codes = np.random.default_rng(bits).integers(0, 2 ** bits, size=(3, 17, 5)).astype(dtype)
   packed = storage.pack_codes(codes, bits)
   assert packed.size == -(-codes.size * bits // 8)
-  np.testing.assert_array_equal(storage.unpack_codes(packed, bits, codes.shape), codes)
+  got = storage.unpack_codes(packed, bits, codes.shape)
+  assert got.dtype == dtype
+  np.testing.assert_array_equal(got, codes)
+  if bits <= 8:  # the layout of the first release: codes of 8 bits or fewer, `bits` per code, most significant first
+    legacy = np.packbits(np.unpackbits(codes.reshape(-1, 1), axis=1)[:, 8 - bits:].reshape(-1))
+    np.testing.assert_array_equal(packed, legacy)
 
 
 def test_dead_inputs_are_zeroed_and_hessian_stays_invertible():
@@ -124,6 +130,36 @@ def test_dead_inputs_are_zeroed_and_hessian_stays_invertible():
   out = gptq.quantize_layer(w, h, bits=4, block_size=32)
   assert bool(jnp.all(jnp.isfinite(out.weight)))
   np.testing.assert_array_equal(np.asarray(out.weight[5]), 0)
+
+
+@pytest.mark.parametrize("kw", [dict(sparsity=0.5), dict(prune_n=2, prune_m=4)])
+def test_wanda_keeps_the_weights_on_outlier_features_and_beats_magnitude(kw):
+  """_problem's first 4 inputs are 6x larger: Wanda keeps more of their weights than magnitude does, prunes exactly
+  round(s * in) inputs of every output (or n of every m), and reconstructs the layer output better."""
+  x, w, h = _problem(3)
+  out = wanda.prune_layer(w, h, **kw)
+  base = sparsegpt.magnitude_prune(w, **kw)
+  zeros = np.asarray(out.weight == 0)  # [in, out]
+  if "prune_n" in kw:  # (the four large inputs share one group: two of them are kept either way)
+    np.testing.assert_array_equal(zeros.T.reshape(64, 32, 4).sum(-1), 2)
+  else:
+    np.testing.assert_array_equal(zeros.sum(0), 64)  # every output: 64 of its 128 inputs
+    kept = np.asarray(w != 0) & ~zeros
+    assert kept[:4].mean() > np.asarray(base.weight != 0)[:4].mean() + 0.2
+  np.testing.assert_array_equal(np.asarray(out.weight)[~zeros], w[~zeros])  # kept weights are not updated
+  assert _err(x, w, out.weight) < (1.0 if "prune_n" in kw else 0.8) * _err(x, w, base.weight)
+
+
+def test_owl_sparsities_average_the_target_and_favour_outlier_blocks():
+  got = wanda.owl_sparsities([0.01, 0.03, 0.02, 0.05], sparsity=0.7, lam=0.08)
+  assert np.mean(got) == pytest.approx(0.7)
+  assert np.argsort(got).tolist() == [3, 1, 2, 0]  # more outliers, fewer pruned weights
+  assert max(got) - min(got) == pytest.approx(0.16)
+  assert wanda.owl_sparsities([0.02, 0.02], sparsity=0.5, lam=0.1) == [0.5, 0.5]
+  x, w, h = _problem(4)
+  n, total = wanda.outliers(w, h, threshold=3.0)
+  s = np.abs(w) * np.sqrt(np.diag(np.asarray(h)))[:, None]
+  assert (n, total) == (int((s > 3.0 * s.mean()).sum()), w.size)
 
 
 def test_compress_config_errors_name_the_key():
@@ -139,6 +175,14 @@ def test_compress_config_errors_name_the_key():
   c.update(prune_n=4, prune_m=4)
   with pytest.raises(ValueError, match="prune_n"):
     compress_config.validate(c)
+  for bad, key in ((dict(method="gptq", bits=4, layer_sparsity="owl"), "layer_sparsity"),
+                   (dict(layer_sparsity="owl", prune_n=2, prune_m=4), "layer_sparsity"),
+                   (dict(layer_sparsity="owl", sparsity=0.9, owl_lambda=0.2), "owl_lambda"),
+                   (dict(layer_sparsity="layerwise"), "layer_sparsity"), (dict(method="wanda", bits=4), "bits")):
+    c = compress_config.get_config()
+    c.update(bad)
+    with pytest.raises(ValueError, match=f"compress.{key}="):
+      compress_config.validate(c)
   with pytest.raises(ValueError, match="group_size=48"):
     gptq.quantize_layer(jnp.ones((64, 4)), jnp.eye(64), bits=4, group_size=48)
 
@@ -221,6 +265,24 @@ def test_compressed_workdir_round_trips(tiny_run, tmp_path, overrides):
   assert generate.generate(packed, prompts, max_new_tokens=8) == generate.generate(loaded, prompts, max_new_tokens=8)
 
 
+def test_owl_prunes_each_block_to_its_outlier_weighted_sparsity(tiny_run):
+  from infer import loading
+  from infer.compress import pipeline as compress
+
+  config, model, tokenizer, _ = loading.load_trained(tiny_run[0])
+  samples = np.random.default_rng(0).integers(0, config.model.vocab_size, size=(8, 32)).astype(np.int32)
+  ratios = compress.block_outlier_ratios(model, samples, threshold=3.0)
+  assert len(ratios) == config.model.num_layers and all(0 < r < 0.2 for r in ratios) and ratios[0] != ratios[1]
+  c = compress_config.get_config()
+  c.update(method="wanda", sparsity=0.6, layer_sparsity="owl", owl_threshold=3.0, owl_lambda=0.1)
+  _, layers, _, targets = compress.compress_model(model, c, samples)
+  assert targets == pytest.approx(wanda.owl_sparsities(ratios, 0.6, 0.1))
+  assert np.mean(targets) == pytest.approx(0.6) and max(targets) - min(targets) == pytest.approx(0.2)
+  for results in layers.values():  # Wanda prunes round(s * in) inputs per output: the block's target, to rounding
+    for target, r in zip(targets, results):
+      assert r.sparsity == pytest.approx(target, abs=1.0 / r.weight.shape[0])
+
+
 def test_stream_perplexity_is_independent_of_batching(tiny_run):
   from infer import evaluate, loading
 
@@ -240,25 +302,34 @@ def test_stream_perplexity_is_independent_of_batching(tiny_run):
     evaluate.stream_perplexity(model, tokens, 1000)
 
 
-def test_case_study_script_writes_table_json_and_plot(tiny_run, tmp_path):
+def test_case_study_orders_the_methods_and_writes_table_json_and_plot(tiny_run, tmp_path):
+  """On the tiny trained model: SparseGPT and Wanda beat magnitude at 50%, GPTQ beats round-to-nearest at 3 bits,
+  and the tables, JSON and plot are written."""
   import json
 
   from scripts import case_study_sparsegpt as case
 
   out = str(tmp_path / "case")
-  report = case.run(tiny_run[0], out, calibration_samples=8, eval_tokens=3000,
-                    only=["dense", "magnitude 50%", "sparsegpt 50%", "gptq 4-bit", "rtn 4-bit"], curve=[0.3, 0.7])
-  labels = [r["label"] for r in report["rows"]]
-  assert labels == ["dense", "magnitude 50%", "sparsegpt 50%", "gptq 4-bit", "rtn 4-bit"]
-  rows = {r["label"]: r for r in report["rows"]}
+  only = ["dense", "magnitude 50%", "wanda 50%", "sparsegpt 50%", "rtn 3-bit", "gptq 3-bit", "sparsegpt 70%",
+          "sparsegpt 70% owl"]
+  report = case.run(tiny_run[0], out, calibration_samples=16, eval_tokens=3000, only=only, curve=[0.7],
+                    owl_sparsities=[0.7], owl_threshold=3.0, owl_lambda=0.1)
+  rows = {r["label"]: r for r in report["rows"] + report["owl"]}
+  assert list(rows) == ["dense", "magnitude 50%", "wanda 50%", "sparsegpt 50%", "rtn 3-bit", "gptq 3-bit",
+                        "sparsegpt 70%", "sparsegpt 70% owl"]
+  ppl = {label: r["ppl"] for label, r in rows.items()}
+  assert ppl["dense"] < ppl["sparsegpt 50%"] < ppl["wanda 50%"] < ppl["magnitude 50%"], ppl
+  assert ppl["dense"] < ppl["gptq 3-bit"] < ppl["rtn 3-bit"], ppl
   assert rows["sparsegpt 50%"]["sparsity"] == pytest.approx(0.5, abs=1e-3)
-  assert rows["gptq 4-bit"]["bits_per_weight"] > 4
+  assert rows["sparsegpt 70% owl"]["sparsity"] == pytest.approx(0.7, abs=2e-3)
+  assert 3 < rows["gptq 3-bit"]["bits_per_weight"] < 4
   assert rows["dense"]["paper_opt125m"] == 27.66
-  assert [p["sparsity"] for p in report["curve"]["sparsegpt"]] == [0.3, 0.7]
+  assert [p["sparsity"] for p in report["curve"]["wanda"]] == [0.7]
   with open(f"{out}/results.json") as f:
     assert json.load(f)["rows"][0]["label"] == "dense"
   with open(f"{out}/results.md") as f:
-    assert "| sparsegpt 50% |" in f.read()
+    text = f.read()
+  assert "| sparsegpt 50% |" in text and "| sparsegpt | 70.0% |" in text
   with open(f"{out}/sparsity_curve.png", "rb") as f:
     assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 

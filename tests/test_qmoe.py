@@ -118,7 +118,14 @@ def test_qmoe_model_compresses_codes_and_reloads_bit_exact(tiny_moe_run, tmp_pat
 
   with pytest.raises(ValueError, match="QMoE"):  # the dense-model methods refuse MoE models
     compress.compress_workdir(config, model, tokenizer, step, compress_config.get_config(), source_workdir=workdir)
-  params, results, stats = qmoe.compress_model(model, samples, batch_size=4)
+  with pytest.raises(ValueError, match="dead_zone=1.0"):
+    qmoe.compress_model(model, samples, batch_size=4, dead_zone=1.0)
+  nearest_params, nearest, _ = qmoe.compress_model(model, samples, batch_size=4)
+  params, results, stats = qmoe.compress_model(model, samples, batch_size=4, dead_zone=0.7)
+  zeros = lambda rs: np.mean([float(jnp.mean(r.codes == 0)) for r in rs.values()])  # noqa: E731
+  assert zeros(results) > zeros(nearest) + 0.05  # a wider dead zone rounds more weights to 0
+  for r in results.values():  # grids are float16 values, as stored
+    assert np.array_equal(np.asarray(r.grid[1]), np.asarray(r.grid[1]).astype(np.float16).astype(np.float32))
   assert set(results) == {(u, 1, n) for u in range(config.model.num_layers // 2) for n in ("w_in", "w_out")}
   assert np.asarray(stats["tokens_per_expert"]).sum(1).max() <= 8 * 32 * 2
   # non-expert parameters are untouched; expert weights hold at most 3 values per output row
@@ -141,12 +148,24 @@ def test_qmoe_model_compresses_codes_and_reloads_bit_exact(tiny_moe_run, tmp_pat
                                                         "compressed_params": enc["symbols"], "scope": "expert weights"}})
   _, reloaded, _, reloaded_step = loading.load_trained(out)
   assert reloaded_step == step
+  # every stored byte counted: the arrays read back from the checkpoint are what encode_model sized
+  coded, d, sizes, dictionary_bytes, _, _ = storage.read_qmoe(out)
+  stored = 8 * (sum(sum(v.values()) for v in sizes.values()) + dictionary_bytes)
+  padding = 8 * (len(sizes) * 4 + 2)  # each array rounds up to whole bytes
+  assert enc["bits_per_weight"] * enc["symbols"] <= stored <= enc["bits_per_weight"] * enc["symbols"] + padding
+  assert sum(enc["parts"].values()) == pytest.approx(enc["bits_per_weight"])
+  assert {a for v in sizes.values() for a in v} == {"codes", "counts", "lo", "hi"}
   for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(nnx.to_pure_dict(nnx.state(reloaded, nnx.Param)))):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   assert "expert weights" in loading.compression_note(out)
   tokens = evaluate.validation_stream(config, tokenizer, 2048)
   dense = evaluate.stream_perplexity(model, tokens, 32)["loss"]
   assert np.isfinite(evaluate.stream_perplexity(reloaded, tokens, 32)["loss"]) and dense > 0
+  from model import transformer  # ternary GPTQ beats ternary RTN on the validation loss
+
+  rtn_params = qmoe.compress_model(model, samples, mode="ternary_rtn")[0]
+  loss = lambda p: evaluate.stream_perplexity(transformer.from_params(model.spec, p), tokens, 32)["loss"]  # noqa: E731
+  assert dense < loss(nearest_params) < loss(rtn_params)
   # matmul_impl=pallas: decode steps run the experts straight from the coded streams through the fused kernel
   from infer import generate
 

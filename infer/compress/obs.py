@@ -69,8 +69,10 @@ def _n_smallest(score: jax.Array, n: int) -> jax.Array:
   return ranks < n
 
 
-@functools.partial(jax.jit, static_argnames=("prune_n", "prune_m", "bits", "symmetric", "group_size", "ternary"))
-def _sweep_block(w1, u1, mask1, scale_cols, zero_cols, *, prune_n, prune_m, bits, symmetric, group_size, ternary):
+@functools.partial(jax.jit, static_argnames=("prune_n", "prune_m", "bits", "symmetric", "group_size", "ternary",
+                                             "dead_zone"))
+def _sweep_block(w1, u1, mask1, scale_cols, zero_cols, *, prune_n, prune_m, bits, symmetric, group_size, ternary,
+                 dead_zone=0.5):
   """One block: w1 [rows, c], u1 [c, c], mask1 [rows, c] (preset unstructured mask), scale/zero_cols [rows, c]
   (static grids, or the ternary lo/hi; ignored when group_size > 0, whose grids are found on the updated weights at
   each group start)."""
@@ -92,7 +94,7 @@ def _sweep_block(w1, u1, mask1, scale_cols, zero_cols, *, prune_n, prune_m, bits
     if ternary:
       lo = jax.lax.dynamic_index_in_dim(scale_cols, i, axis=1, keepdims=False)
       hi = jax.lax.dynamic_index_in_dim(zero_cols, i, axis=1, keepdims=False)
-      q = quantizer.ternary_dequantize(quantizer.ternary_codes(q, lo, hi), lo, hi)
+      q = quantizer.ternary_dequantize(quantizer.ternary_codes(q, lo, hi, dead_zone), lo, hi)
     elif bits:
       if group_size:
         def new_grid(args):
@@ -123,14 +125,15 @@ def _sweep_block(w1, u1, mask1, scale_cols, zero_cols, *, prune_n, prune_m, bits
 def sweep(w: jax.Array, u: jax.Array, *, block_size: int = 128, sparsity: float = 0.0, prune_n: int = 0,
           prune_m: int = 0, bits: int = 0, symmetric: bool = False, group_size: int = 0,
           static_scale: jax.Array | None = None, static_zero: jax.Array | None = None,
-          ternary: bool = False) -> SweepResult:
+          ternary: bool = False, dead_zone: float = 0.5) -> SweepResult:
   """Prunes and/or quantizes w [rows, cols] column by column with OBS error compensation (see the module docstring).
 
   Pruning: unstructured `sparsity` (mask chosen per block of columns by w^2 / U_jj^2, the adaptive mask selection of
   SparseGPT) or `prune_n` of every `prune_m` consecutive columns per row (chosen when the group's first column is
   reached). Quantization (bits > 0): with static grids `static_scale`/`static_zero` [rows, cols] (one per column),
   or, with group_size > 0, a min-max grid per group found on the error-updated weights when the group starts.
-  `ternary`: quantize to {lo, 0, hi} per row with lo = static_scale, hi = static_zero (QMoE)."""
+  `ternary`: quantize to {lo, 0, hi} per row with lo = static_scale, hi = static_zero (QMoE), a weight becoming 0
+  unless it lies beyond dead_zone times lo or hi (`quantizer.ternary_codes`)."""
   rows, cols = w.shape
   if prune_n and (prune_m <= prune_n or block_size % prune_m or cols % prune_m):
     raise ValueError(f"n:m pruning {prune_n}:{prune_m} needs n < m and m dividing block_size={block_size} and the "
@@ -152,7 +155,7 @@ def sweep(w: jax.Array, u: jax.Array, *, block_size: int = 128, sparsity: float 
     q1, err1, loss1, mask1, g_scale, g_zero = _sweep_block(
         w1, u1, mask1, static_scale[:, i1:i2] if static else dummy, static_zero[:, i1:i2] if static else dummy,
         prune_n=prune_n, prune_m=prune_m, bits=bits, symmetric=symmetric, group_size=group_size if bits else 0,
-        ternary=ternary)
+        ternary=ternary, dead_zone=dead_zone)
     qs.append(q1)
     masks.append(mask1)
     scales.append(g_scale)

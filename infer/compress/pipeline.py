@@ -11,45 +11,73 @@ import ml_collections
 import numpy as np
 
 from configs import compress as compress_config
-from infer.compress import calibrate, gptq, sparsegpt, storage
+from infer.compress import calibrate, gptq, sparsegpt, storage, wanda
 from infer.compress.result import Compressed
 from model import transformer
 
 
-def layer_compressor(c: ml_collections.ConfigDict):
-  """fn(w [in, out] float32, H [in, in] or None) -> Compressed, for the method of config `c`."""
+def layer_compressor(c: ml_collections.ConfigDict, sparsities: list[float] | None = None):
+  """fn(block index, w [in, out] float32, H [in, in] or None) -> Compressed, for the method of config `c`;
+  `sparsities` (one per block, OWL) replaces c.sparsity block by block."""
+  sparsity = lambda i: c.sparsity if sparsities is None else sparsities[i]  # noqa: E731
   if c.method == "magnitude":
-    return lambda w, h: sparsegpt.magnitude_prune(w, sparsity=c.sparsity, prune_n=c.prune_n, prune_m=c.prune_m)
+    return lambda i, w, h: sparsegpt.magnitude_prune(w, sparsity=sparsity(i), prune_n=c.prune_n, prune_m=c.prune_m)
+  if c.method == "wanda":
+    return lambda i, w, h: wanda.prune_layer(w, h, sparsity=sparsity(i), prune_n=c.prune_n, prune_m=c.prune_m)
   if c.method == "sparsegpt":
-    return lambda w, h: sparsegpt.prune_layer(w, h, sparsity=c.sparsity, prune_n=c.prune_n, prune_m=c.prune_m,
-                                              block_size=c.block_size, damp=c.damp, quant_bits=c.bits or None,
-                                              symmetric=c.symmetric)
+    return lambda i, w, h: sparsegpt.prune_layer(w, h, sparsity=sparsity(i), prune_n=c.prune_n, prune_m=c.prune_m,
+                                                 block_size=c.block_size, damp=c.damp, quant_bits=c.bits or None,
+                                                 symmetric=c.symmetric)
   if c.method == "gptq":
-    return lambda w, h: gptq.quantize_layer(w, h, bits=c.bits, group_size=c.group_size, symmetric=c.symmetric,
-                                            act_order=c.act_order, block_size=c.block_size, damp=c.damp)
-  return lambda w, h: gptq.rtn_layer(w, bits=c.bits, group_size=c.group_size, symmetric=c.symmetric)
+    return lambda i, w, h: gptq.quantize_layer(w, h, bits=c.bits, group_size=c.group_size, symmetric=c.symmetric,
+                                               act_order=c.act_order, block_size=c.block_size, damp=c.damp)
+  return lambda i, w, h: gptq.rtn_layer(w, bits=c.bits, group_size=c.group_size, symmetric=c.symmetric)
+
+
+def needs_calibration(c: ml_collections.ConfigDict) -> bool:
+  """Whether config `c` runs calibration data through the model (Hessian methods, and OWL's outlier count)."""
+  return c.method in compress_config.HESSIAN_METHODS or c.layer_sparsity == "owl"
+
+
+def block_outlier_ratios(model, samples: np.ndarray, threshold: float, batch_size: int = 8) -> list[float]:
+  """OWL's layerwise outlier distribution: per block, the share of its linear weights whose Wanda score exceeds
+  `threshold` times their layer's mean, on calibration activations of the dense model."""
+  counts: dict[int, list[int]] = {}
+
+  def record(i, path, w, h):
+    n, total = wanda.outliers(w, h, threshold)
+    c = counts.setdefault(i, [0, 0])
+    c[0], c[1] = c[0] + n, c[1] + total
+    return w
+
+  calibrate.sequential(model, samples, record, batch_size=batch_size, true_sequential=False)
+  return [counts[i][0] / counts[i][1] for i in sorted(counts)]
 
 
 def compress_model(model, c: ml_collections.ConfigDict, samples: np.ndarray | None):
   """Compresses every block linear layer of `model` (embeddings, head, norms and biases stay float).
 
   Returns (params: the float parameter dict with compressed weights, layers: {"attn/wq": [Compressed per layer]},
-  seconds spent)."""
+  seconds spent, per-block sparsity targets or None)."""
   compress_config.validate(c)
-  fn = layer_compressor(c)
+  start = time.perf_counter()
+  sparsities = None
+  if c.layer_sparsity == "owl":
+    ratios = block_outlier_ratios(model, samples, c.owl_threshold, c.batch_size)
+    sparsities = wanda.owl_sparsities(ratios, c.sparsity, c.owl_lambda)
+  fn = layer_compressor(c, sparsities)
   layers: dict[str, list[Compressed]] = {}
 
   def compress_fn(i, path, w, h):
-    out = fn(w, h)
+    out = fn(i, w, h)
     layers.setdefault(path, []).append(out)
     return out.weight
 
-  start = time.perf_counter()
   params = calibrate.sequential(model, samples, compress_fn, batch_size=c.batch_size,
                                 true_sequential=c.true_sequential,
                                 needs_hessian=c.method in compress_config.HESSIAN_METHODS)
   jax.block_until_ready(params)
-  return params, layers, time.perf_counter() - start
+  return params, layers, time.perf_counter() - start, sparsities
 
 
 def summary(layers: dict[str, list[Compressed]]) -> dict:
@@ -84,13 +112,13 @@ def compress_workdir(config, model, tokenizer, step: int, c, *, source_workdir: 
                      "(python -m scripts.case_study_qmoe, infer/compress/qmoe.py)")
   if model.spec.quant != "none":
     raise ValueError(f"the model is already int8-quantized (model.quant={model.spec.quant!r}); compress a float one")
-  if samples is None and c.method in compress_config.HESSIAN_METHODS:
+  if samples is None and needs_calibration(c):
     samples = calibrate.calibration_samples(config, tokenizer, num_samples=c.calibration_samples,
                                             seq_len=c.calibration_len or config.data.seq_len,
                                             seed=c.calibration_seed)
-  params, layers, seconds = compress_model(model, c, samples)
+  params, layers, seconds, sparsities = compress_model(model, c, samples)
   metadata = {"label": compress_config.describe(c), "method": c.to_dict(), "time_s": seconds,
-              "summary": summary(layers)}
+              "summary": summary(layers), "block_sparsity_targets": sparsities}
   if out is not None:
     metadata = storage.save(out, config=config, source_workdir=source_workdir, step=step, params=params,
                             layers=layers, metadata=metadata)

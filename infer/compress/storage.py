@@ -27,18 +27,22 @@ from workdir import layout
 
 
 def pack_codes(codes: np.ndarray, bits: int) -> np.ndarray:
-  """Integer codes in [0, 2^bits) (any shape) -> uint8 [ceil(size * bits / 8)], `bits` bits per code, big-endian."""
-  c = np.asarray(codes, np.uint8).reshape(-1)
-  if c.size and int(c.max()) >= 2 ** bits:
+  """Integer codes in [0, 2^bits), bits <= 16 (any shape) -> uint8 [ceil(size * bits / 8)], `bits` bits per code,
+  big-endian."""
+  c = np.asarray(codes).reshape(-1)
+  if c.size and (int(c.max()) >= 2 ** bits or int(c.min()) < 0):
     raise ValueError(f"a code {int(c.max())} does not fit in {bits} bits")
-  return np.packbits(np.unpackbits(c[:, None], axis=1)[:, 8 - bits:].reshape(-1))
+  as_bytes = c.astype(">u2").view(np.uint8).reshape(-1, 2)
+  return np.packbits(np.unpackbits(as_bytes, axis=1)[:, 16 - bits:].reshape(-1))
 
 
 def unpack_codes(packed: np.ndarray, bits: int, shape) -> np.ndarray:
-  """Inverse of `pack_codes`: uint8 codes of `shape`."""
+  """Inverse of `pack_codes`: codes of `shape`, uint8 for bits <= 8, else uint16."""
   n = int(np.prod(shape))
   b = np.unpackbits(np.asarray(packed, np.uint8))[:n * bits].reshape(n, bits)
-  return np.packbits(np.concatenate([np.zeros((n, 8 - bits), np.uint8), b], axis=1), axis=1).reshape(shape)
+  wide = np.packbits(np.concatenate([np.zeros((n, 16 - bits), np.uint8), b], axis=1), axis=1)
+  out = wide.view(">u2").reshape(shape).astype(np.uint16)
+  return out.astype(np.uint8) if bits <= 8 else out
 
 
 def _packed_abstract(meta: dict) -> dict:
@@ -165,51 +169,98 @@ def _qmoe_key(unit: int, layer: int, name: str) -> str:
 
 def save_qmoe(out: str, *, config, source_workdir: str, step: int, params: dict, results: dict, encoding: dict,
               metadata: dict) -> dict:
-  """Writes a QMoE workdir: every expert weight coded (codewords, row offsets, per-row lo/hi), one shared dictionary,
-  and the other parameters as they are. `results`/`encoding` come from `qmoe.compress_model`/`qmoe.encode_model`."""
+  """Writes a QMoE workdir: every expert weight coded (codewords bit-packed at the dictionary's width, codewords per
+  row, float16 lo/hi per row), one shared dictionary (2-bit symbols, uint8 lengths), and the other parameters as
+  they are (see `qmoe.stored_bits`). `results`/`encoding` come from `qmoe.compress_model`/`qmoe.encode_model`."""
   layout.new_derived(out, source_workdir, config)
   params = jax.tree.map(lambda x: x, params)
+  d = encoding["dictionary"]
   coded, coded_meta = {}, {}
   for (u, j, name), r in results.items():
     params["blocks"]["layers"][j]["moe"].pop(name, None)
     enc = encoding["encoded"][(u, j, name)]
     key = _qmoe_key(u, j, name)
-    coded[key] = {"codes": enc.codes, "offsets": enc.offsets, "lo": np.asarray(r.grid[0], np.float32),
-                  "hi": np.asarray(r.grid[1], np.float32)}
+    counts = np.diff(enc.offsets)
+    count_bits = qmoe.count_bits(int(counts.max(initial=0)))
+    coded[key] = {"codes": pack_codes(enc.codes, d.code_bits),
+                  "counts": counts.astype(np.uint8 if count_bits == 8 else np.uint16),
+                  "lo": np.asarray(r.grid[0]).astype(qmoe.GRID_DTYPE), "hi": np.asarray(r.grid[1]).astype(qmoe.GRID_DTYPE)}
     coded_meta[key] = {"unit": u, "layer": j, "name": name, "codes": int(enc.codes.size), "rows": enc.rows,
-                       "cols": enc.cols, "experts": int(r.weight.shape[0]), "out": int(r.weight.shape[2])}
-  d = encoding["dictionary"]
+                       "cols": enc.cols, "experts": int(r.weight.shape[0]), "out": int(r.weight.shape[2]),
+                       "count_bits": count_bits}
   meta = dict(metadata, source_workdir=os.path.abspath(source_workdir), step=step, packed={},
-              qmoe={"weights": coded_meta, "entries": list(d.entries.shape), "code_bits": d.code_bits})
+              qmoe={"format": 2, "weights": coded_meta, "entries": list(d.entries.shape), "code_bits": d.code_bits})
   checkpoint_lib.save_tree(out, step, {"step": jnp.asarray(step, jnp.int32), "params": params, "qmoe": coded,
-                                       "dictionary": {"entries": d.entries, "lengths": d.lengths}})
+                                       "dictionary": {"entries": pack_codes(d.entries, 2),
+                                                      "lengths": d.lengths.astype(np.uint8)}})
   layout.write_json(layout.path(out, layout.COMPRESSION), meta, indent=2)  # last: it marks a complete save
   return meta
 
 
-def _load_qmoe(workdir: str, meta: dict, abstract_params: dict, step: int | None):
-  q = meta["qmoe"]
-  abstract = jax.tree.map(lambda x: x, abstract_params)
-  for w in q["weights"].values():
-    abstract["blocks"]["layers"][w["layer"]]["moe"].pop(w["name"], None)
+def _coded_abstract(q: dict) -> dict:
+  """The stored arrays of a QMoE checkpoint, as ShapeDtypeStructs (format 1: the first release, int32 offsets,
+  uint16 codes, float32 grids, unpacked dictionary)."""
   sds = jax.ShapeDtypeStruct
-  coded = {k: {"codes": sds((w["codes"],), jnp.uint16), "offsets": sds((w["rows"] + 1,), jnp.int32),
-               "lo": sds((w["experts"], w["out"]), jnp.float32), "hi": sds((w["experts"], w["out"]), jnp.float32)}
-           for k, w in q["weights"].items()}
-  target = {"step": sds((), jnp.int32), "params": abstract, "qmoe": coded,
-            "dictionary": {"entries": sds(tuple(q["entries"]), jnp.uint8), "lengths": sds((q["entries"][0],), jnp.int32)}}
+  legacy = q.get("format", 1) == 1
+  out = {}
+  for k, w in q["weights"].items():
+    grid = sds((w["experts"], w["out"]), jnp.float32 if legacy else qmoe.GRID_DTYPE)
+    if legacy:
+      out[k] = {"codes": sds((w["codes"],), jnp.uint16), "offsets": sds((w["rows"] + 1,), jnp.int32), "lo": grid,
+                "hi": grid}
+    else:
+      out[k] = {"codes": sds((-(-w["codes"] * q["code_bits"] // 8),), jnp.uint8),
+                "counts": sds((w["rows"],), jnp.uint8 if w["count_bits"] == 8 else jnp.uint16), "lo": grid, "hi": grid}
+  entries, max_len = q["entries"]
+  dictionary = ({"entries": sds((entries, max_len), jnp.uint8), "lengths": sds((entries,), jnp.int32)} if legacy else
+                {"entries": sds((-(-entries * max_len * 2 // 8),), jnp.uint8), "lengths": sds((entries,), jnp.uint8)})
+  return {"qmoe": out, "dictionary": dictionary}
+
+
+def read_qmoe(workdir: str, step: int | None = None, abstract_params: dict | None = None):
+  """The coded experts of a QMoE workdir as the kernels take them: ({key: {"codes" uint16 [n], "offsets" int32
+  [rows + 1], "lo"/"hi" float32 [experts, out]}}, Dictionary, stored {key: {array: bytes}} and dictionary bytes,
+  the rest of the state, step). `abstract_params`: the float model's parameter tree (None: parameters not read)."""
+  meta = layout.read_json(layout.path(workdir, layout.COMPRESSION))
+  q = meta["qmoe"]
+  target = {"step": jax.ShapeDtypeStruct((), jnp.int32), **_coded_abstract(q)}
+  if abstract_params is not None:
+    abstract = jax.tree.map(lambda x: x, abstract_params)
+    for w in q["weights"].values():
+      abstract["blocks"]["layers"][w["layer"]]["moe"].pop(w["name"], None)
+    target["params"] = abstract
   state, step = checkpoint_lib.restore_state(workdir, target, step)
-  d = ternary_code.Dictionary(np.asarray(state["dictionary"]["entries"]), np.asarray(state["dictionary"]["lengths"]),
-                              None, None, q["code_bits"])
-  params = state["params"]
-  meta = dict(meta, coded_arrays={k: state["qmoe"][k] for k in q["weights"]},
-              dictionary_arrays=(state["dictionary"]["entries"], state["dictionary"]["lengths"]))
-  stacks: dict[tuple[int, str], dict[int, np.ndarray]] = {}
+  legacy = q.get("format", 1) == 1
+  entries, max_len = q["entries"]
+  stored = state["dictionary"]
+  d = ternary_code.Dictionary(
+      np.asarray(stored["entries"]) if legacy else unpack_codes(stored["entries"], 2, (entries, max_len)),
+      np.asarray(stored["lengths"]).astype(np.int32), None, None, q["code_bits"])
+  coded, sizes = {}, {}
   for key, w in q["weights"].items():
     c = state["qmoe"][key]
-    enc = ternary_code.Encoded(np.asarray(c["codes"]), np.asarray(c["offsets"]), w["rows"], w["cols"])
-    stacks.setdefault((w["layer"], w["name"]), {})[w["unit"]] = qmoe.decode_weight(
-        enc, d, np.asarray(c["lo"]), np.asarray(c["hi"]), w["experts"])
+    sizes[key] = {name: int(np.asarray(a).nbytes) for name, a in c.items()}
+    offsets = (np.asarray(c["offsets"]) if legacy else
+               np.concatenate([[0], np.cumsum(np.asarray(c["counts"], np.int64))]).astype(np.int32))
+    codes = (np.asarray(c["codes"]) if legacy else
+             unpack_codes(np.asarray(c["codes"]), q["code_bits"], (w["codes"],)).astype(np.uint16))
+    coded[key] = {"codes": codes, "offsets": offsets, "lo": np.asarray(c["lo"], np.float32),
+                  "hi": np.asarray(c["hi"], np.float32)}
+  dictionary_bytes = sum(int(np.asarray(a).nbytes) for a in stored.values())
+  return coded, d, sizes, dictionary_bytes, state, step
+
+
+def _load_qmoe(workdir: str, meta: dict, abstract_params: dict, step: int | None):
+  q = meta["qmoe"]
+  coded, d, _, _, state, step = read_qmoe(workdir, step, abstract_params)
+  params = state["params"]
+  meta = dict(meta, coded_arrays=coded, dictionary_arrays=(d.entries, d.lengths))
+  stacks: dict[tuple[int, str], dict[int, np.ndarray]] = {}
+  for key, w in q["weights"].items():
+    c = coded[key]
+    enc = ternary_code.Encoded(c["codes"], c["offsets"], w["rows"], w["cols"])
+    stacks.setdefault((w["layer"], w["name"]), {})[w["unit"]] = qmoe.decode_weight(enc, d, c["lo"], c["hi"],
+                                                                                   w["experts"])
   for (layer, name), units in stacks.items():
     dtype = abstract_params["blocks"]["layers"][layer]["moe"][name].dtype
     params["blocks"]["layers"][layer]["moe"][name] = jnp.asarray(np.stack([units[u] for u in sorted(units)])).astype(dtype)

@@ -31,7 +31,8 @@ class Dictionary:
 
   @property
   def nbytes(self) -> int:
-    return int(self.entries.nbytes + self.lengths.nbytes)
+    """Bytes as stored: 2 bits per entry symbol, one byte per length."""
+    return int(-(-self.entries.size * 2 // 8) + self.lengths.size)
 
 
 def entropy_bits(symbols: np.ndarray) -> float:
