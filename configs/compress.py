@@ -11,17 +11,19 @@ import ml_collections
 METHODS = ("magnitude", "wanda", "sparsegpt", "gptq", "rtn")  # pruning: magnitude, wanda, sparsegpt; quantization: gptq, rtn
 PRUNING_METHODS = ("magnitude", "wanda", "sparsegpt")
 HESSIAN_METHODS = ("wanda", "sparsegpt", "gptq")  # the ones that run calibration data through the model
-LAYER_SPARSITIES = ("uniform", "owl")  # every block at `sparsity`, or outlier-weighted per block (OWL)
+LAYER_SPARSITIES = ("uniform", "owl", "sensitivity")  # every block at `sparsity`; outlier-weighted per block (OWL);
+# per block from the calibration-loss cost of pruning that block alone
 
 
 def get_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.method = "sparsegpt"  # one of METHODS
   c.sparsity = 0.5  # unstructured sparsity of the block linear layers (pruning methods); ignored for n:m
-  c.layer_sparsity = "uniform"  # one of LAYER_SPARSITIES; owl: each block's sparsity from its activation outliers,
-  # spread over [sparsity - owl_lambda, sparsity + owl_lambda] with `sparsity` on average (Yin et al., 2024)
+  c.layer_sparsity = "uniform"  # one of LAYER_SPARSITIES; owl: each block's sparsity from its activation outliers
+  # (Yin et al., 2024); sensitivity: from the calibration loss lost when that block alone is magnitude-pruned; either
+  # way blocks that matter more keep more weights, `sparsity` on average
   c.owl_threshold = 5.0  # OWL's M: a weight is an outlier when |w| * ||x|| exceeds M times its layer's mean
-  c.owl_lambda = 0.08  # OWL's largest deviation of a block's sparsity from `sparsity`
+  c.sparsity_spread = 0.08  # OWL's lambda: block sparsities span up to sparsity +- 2 * spread (owl, sensitivity)
   c.prune_n = 0  # n:m pruning: zero prune_n of every prune_m consecutive inputs (e.g. 2:4); 0 = unstructured
   c.prune_m = 0
   c.bits = 0  # weight bits for gptq/rtn (2..8); with sparsegpt, joint quantization of the kept weights; 0 = none
@@ -62,12 +64,12 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _fail("bits", c.bits, f"{c.method} pruning has no quantization; use sparsegpt with bits, or gptq/rtn")
   if c.layer_sparsity not in LAYER_SPARSITIES:
     _fail("layer_sparsity", c.layer_sparsity, f"allowed values are {', '.join(LAYER_SPARSITIES)}")
-  if c.layer_sparsity == "owl":
+  if c.layer_sparsity != "uniform":
     if not pruning or c.prune_n:
-      _fail("layer_sparsity", c.layer_sparsity, "owl sets unstructured sparsities per block: it needs method "
+      _fail("layer_sparsity", c.layer_sparsity, f"{c.layer_sparsity} sets unstructured sparsities per block: it needs method "
             f"{', '.join(PRUNING_METHODS)} without n:m (got method={c.method}, prune_n={c.prune_n})")
-    if not 0.0 <= c.owl_lambda <= min(c.sparsity, 1.0 - c.sparsity):
-      _fail("owl_lambda", c.owl_lambda, f"must be in [0, min(sparsity, 1 - sparsity)] = "
+    if not 0.0 <= c.sparsity_spread <= min(c.sparsity, 1.0 - c.sparsity):
+      _fail("sparsity_spread", c.sparsity_spread, f"must be in [0, min(sparsity, 1 - sparsity)] = "
             f"[0, {min(c.sparsity, 1.0 - c.sparsity):g}] so every block's sparsity stays in [0, 1]")
     if not c.owl_threshold > 0:
       _fail("owl_threshold", c.owl_threshold, "must be > 0 (the paper uses 3 to 10)")
@@ -91,8 +93,8 @@ def describe(c: ml_collections.ConfigDict) -> str:
   parts = [c.method]
   if c.method in PRUNING_METHODS:
     parts.append(f"{c.prune_n}:{c.prune_m}" if c.prune_n else f"{c.sparsity:.0%}")
-    if c.layer_sparsity == "owl":
-      parts.append("owl")
+    if c.layer_sparsity != "uniform":
+      parts.append(c.layer_sparsity)
   if c.bits:
     parts.append(("+ " if c.method == "sparsegpt" else "") + f"{c.bits}-bit" + (f" g{c.group_size}" if c.group_size else "")
                  + (" act-order" if c.act_order and c.method == "gptq" else ""))

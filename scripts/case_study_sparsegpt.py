@@ -6,8 +6,8 @@
 On the float model of WORKDIR (trained by `python -m train`, or imported first from the Hugging Face directory
 --from_hf), runs the rows of the SparseGPT / GPTQ / Wanda papers' tables: dense; magnitude, Wanda and SparseGPT at 50%,
 4:8 and 2:4; SparseGPT 50% + 4-bit; GPTQ (plain, and grouped with act-order) against round-to-nearest (plain and
-grouped) at 4, 3 and 2 bits; then uniform against outlier-weighted (OWL) layer sparsities for the three pruning
-methods at 60% and 70%; then perplexity against unstructured sparsity from 10% to 80% per pruning method.
+grouped) at 4, 3 and 2 bits; then uniform against outlier-weighted (OWL) and sensitivity-weighted layer sparsities
+for the three pruning methods at 60% and 70%; then perplexity against unstructured sparsity from 10% to 80% per pruning method.
 Perplexity uses `infer.evaluate`'s protocol (validation stream, non-overlapping windows of data.seq_len); every row
 shares one set of calibration windows. Writes OUT/results.md, OUT/results.json and OUT/sparsity_curve.png (OUT
 defaults to WORKDIR/case_study_sparsegpt) and prints the tables.
@@ -57,10 +57,10 @@ def rows(group_size: int = 64) -> list[dict | None]:
   return table
 
 
-def owl_rows(sparsities, threshold: float, lam: float) -> list[dict]:
-  """Uniform against OWL layer sparsities, for every pruning method at each sparsity."""
-  return [dict(method=method, sparsity=float(s), layer_sparsity=layer, owl_threshold=threshold, owl_lambda=lam)
-          for s in sparsities for method in PRUNING for layer in ("uniform", "owl")]
+def layer_rows(sparsities, threshold: float, spread: float) -> list[dict]:
+  """Uniform against OWL and sensitivity layer sparsities, for every pruning method at each sparsity."""
+  return [dict(method=method, sparsity=float(s), layer_sparsity=layer, owl_threshold=threshold, sparsity_spread=spread)
+          for s in sparsities for method in PRUNING for layer in compress_config.LAYER_SPARSITIES]
 
 
 def _config(overrides: dict):
@@ -71,8 +71,8 @@ def _config(overrides: dict):
 
 def run(workdir: str, out: str, *, calibration_samples: int = 128, eval_tokens: int = 0,
         only: list[str] | None = None, curve: list[float] = (), data: str = "", group_size: int = 64,
-        owl_sparsities: list[float] = (0.6, 0.7), owl_threshold: float = 5.0, owl_lambda: float = 0.08) -> dict:
-  """Runs the case study; returns {"rows", "owl", "curve", ...} as also written to out/results.json. `only` keeps
+        layer_sparsities: list[float] = (0.6, 0.7), owl_threshold: float = 5.0, sparsity_spread: float = 0.08) -> dict:
+  """Runs the case study; returns {"rows", "layer_sparsity", "curve", ...} as also written to out/results.json. `only` keeps
   the rows of the two tables with these labels (the curve has every method at each of `curve`'s sparsities)."""
   config, model, tokenizer, step = loading.load_trained(workdir)
   if model.spec.quant != "none":
@@ -109,7 +109,7 @@ def run(workdir: str, out: str, *, calibration_samples: int = 128, eval_tokens: 
     return r
 
   results = [r for r in map(row, rows(group_size)) if r]
-  owl = [r for r in map(row, owl_rows(owl_sparsities, owl_threshold, owl_lambda)) if r]
+  layered = [r for r in map(row, layer_rows(layer_sparsities, owl_threshold, sparsity_spread)) if r]
   curve_points = {method: [] for method in PRUNING}
   for sparsity in curve:
     for method in PRUNING:
@@ -118,9 +118,9 @@ def run(workdir: str, out: str, *, calibration_samples: int = 128, eval_tokens: 
   report = {"workdir": os.path.abspath(workdir), "step": step, "data": config.data.source, "dense_ppl": dense_ppl,
             "eval_tokens": len(tokens), "seq_len": seq_len, "calibration_samples": calibration_samples,
             "calibration_sampling_s": sampling_s, "group_size": group_size,
-            "owl_threshold": owl_threshold, "owl_lambda": owl_lambda,
+            "owl_threshold": owl_threshold, "sparsity_spread": sparsity_spread,
             "params": int(sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))),
-            "rows": results, "owl": owl, "curve": curve_points if curve else None}
+            "rows": results, "layer_sparsity": layered, "curve": curve_points if curve else None}
   os.makedirs(out, exist_ok=True)
   with open(os.path.join(out, "results.json"), "w", encoding="utf-8") as f:
     json.dump(report, f, indent=2)
@@ -142,17 +142,23 @@ def markdown(report: dict) -> str:
     paper = f"{r['paper_opt125m']:.2f}" if r["paper_opt125m"] else "-"
     lines.append(f"| {r['label']} | {r['sparsity']:.1%} | {r['bits_per_weight']:.2f} | {r['ppl']:.2f} | "
                  f"{r['ppl_vs_dense']:.3f}x | {r['time_s']:.1f} | {paper} |")
-  if report.get("owl"):
-    by_label = {r["label"]: r for r in report["owl"]}
-    lines += ["", f"Uniform against outlier-weighted layer sparsity (OWL, M = {report['owl_threshold']:g}, "
-              f"lambda = {report['owl_lambda']:g}): perplexity (vs dense).", "",
-              "| method | sparsity | uniform | OWL | OWL block sparsities |", "|---|---|---|---|---|"]
-    for r in report["owl"]:
-      if r["label"].endswith(" owl") and r["label"][:-4] in by_label:
-        u = by_label[r["label"][:-4]]
-        targets = ", ".join(f"{x:.2f}" for x in r["block_sparsity_targets"] or [])
-        lines.append(f"| {r['method']} | {r['sparsity']:.1%} | {u['ppl']:.2f} ({u['ppl_vs_dense']:.2f}x) | "
-                     f"{r['ppl']:.2f} ({r['ppl_vs_dense']:.2f}x) | {targets} |")
+  if report.get("layer_sparsity"):
+    by_label = {r["label"]: r for r in report["layer_sparsity"]}
+    lines += ["", "Layer sparsities: uniform, outlier-weighted (OWL, M = "
+              f"{report['owl_threshold']:g}) and sensitivity-weighted, spread {report['sparsity_spread']:g}: "
+              "perplexity (vs dense), and the block sparsities each chose.", "",
+              "| method | sparsity | uniform | OWL | sensitivity | OWL blocks | sensitivity blocks |",
+              "|---|---|---|---|---|---|---|"]
+    for r in report["layer_sparsity"]:
+      if r["block_sparsity_targets"] is not None:  # one line per uniform row
+        continue
+      cells, blocks = [], []
+      for layer in ("", " owl", " sensitivity"):
+        x = by_label.get(r["label"] + layer)
+        cells.append(f"{x['ppl']:.2f} ({x['ppl_vs_dense']:.2f}x)" if x else "-")
+        if layer:
+          blocks.append(", ".join(f"{v:.2f}" for v in (x or {}).get("block_sparsity_targets") or []) or "-")
+      lines.append(f"| {r['method']} | {r['sparsity']:.1%} | " + " | ".join(cells + blocks) + " |")
   if report["curve"]:
     methods = list(report["curve"])
     lines += ["", "| sparsity | " + " | ".join(methods) + " |", "|---" * (len(methods) + 1) + "|"]
@@ -188,9 +194,10 @@ def _define_flags():
                       "default: the run's data.source, e.g. files:/data/wikitext2/*.txt.")
   flags.DEFINE_list("rows", [], "Only these row labels (default: all), e.g. 'dense,sparsegpt 50%'.")
   flags.DEFINE_integer("group_size", 64, "Inputs per quantization group of the grouped GPTQ/RTN rows (0: none).")
-  flags.DEFINE_list("owl_sparsities", ["0.6", "0.7"], "Sparsities of the uniform vs OWL table (empty: none).")
+  flags.DEFINE_list("layer_sparsities", ["0.6", "0.7"], "Sparsities of the uniform / OWL / sensitivity table "
+                    "(empty: none).")
   flags.DEFINE_float("owl_threshold", 5.0, "OWL's outlier threshold M.")
-  flags.DEFINE_float("owl_lambda", 0.08, "OWL's largest block sparsity deviation.")
+  flags.DEFINE_float("sparsity_spread", 0.08, "OWL's lambda: how far block sparsities spread (owl, sensitivity).")
   flags.DEFINE_list("curve", ["0.1", "0.2", "0.3", "0.4", "0.5", "0.6", "0.7", "0.8"],
                     "Sparsities of the magnitude / Wanda / SparseGPT curve (empty: no curve).")
 
@@ -204,8 +211,8 @@ def main(argv):
       convert.import_hf(f.from_hf, f.workdir)
     report = run(f.workdir, out, calibration_samples=f.calibration_samples, eval_tokens=f.eval_tokens, only=f.rows,
                  curve=[float(s) for s in f.curve], data=f.data, group_size=f.group_size,
-                 owl_sparsities=[float(s) for s in f.owl_sparsities], owl_threshold=f.owl_threshold,
-                 owl_lambda=f.owl_lambda)
+                 layer_sparsities=[float(s) for s in f.layer_sparsities], owl_threshold=f.owl_threshold,
+                 sparsity_spread=f.sparsity_spread)
   except (FileNotFoundError, FileExistsError, ValueError) as e:
     sys.exit(f"error: {e}")
   print(markdown(report))

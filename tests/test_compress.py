@@ -177,7 +177,7 @@ def test_compress_config_errors_name_the_key():
     compress_config.validate(c)
   for bad, key in ((dict(method="gptq", bits=4, layer_sparsity="owl"), "layer_sparsity"),
                    (dict(layer_sparsity="owl", prune_n=2, prune_m=4), "layer_sparsity"),
-                   (dict(layer_sparsity="owl", sparsity=0.9, owl_lambda=0.2), "owl_lambda"),
+                   (dict(layer_sparsity="owl", sparsity=0.9, sparsity_spread=0.2), "sparsity_spread"),
                    (dict(layer_sparsity="layerwise"), "layer_sparsity"), (dict(method="wanda", bits=4), "bits")):
     c = compress_config.get_config()
     c.update(bad)
@@ -274,13 +274,17 @@ def test_owl_prunes_each_block_to_its_outlier_weighted_sparsity(tiny_run):
   ratios = compress.block_outlier_ratios(model, samples, threshold=3.0)
   assert len(ratios) == config.model.num_layers and all(0 < r < 0.2 for r in ratios) and ratios[0] != ratios[1]
   c = compress_config.get_config()
-  c.update(method="wanda", sparsity=0.6, layer_sparsity="owl", owl_threshold=3.0, owl_lambda=0.1)
+  c.update(method="wanda", sparsity=0.6, layer_sparsity="owl", owl_threshold=3.0, sparsity_spread=0.1)
   _, layers, _, targets = compress.compress_model(model, c, samples)
   assert targets == pytest.approx(wanda.owl_sparsities(ratios, 0.6, 0.1))
   assert np.mean(targets) == pytest.approx(0.6) and max(targets) - min(targets) == pytest.approx(0.2)
   for results in layers.values():  # Wanda prunes round(s * in) inputs per output: the block's target, to rounding
     for target, r in zip(targets, results):
       assert r.sparsity == pytest.approx(target, abs=1.0 / r.weight.shape[0])
+  costs = compress.block_sensitivities(model, samples, 0.6)  # the sensitivity probe: the loss each block's pruning costs
+  assert len(costs) == config.model.num_layers and all(np.isfinite(costs)) and max(costs) > 0
+  c.layer_sparsity = "sensitivity"
+  assert compress.compress_model(model, c, samples)[3] == pytest.approx(wanda.owl_sparsities(costs, 0.6, 0.1))
 
 
 def test_stream_perplexity_is_independent_of_batching(tiny_run):
@@ -313,8 +317,8 @@ def test_case_study_orders_the_methods_and_writes_table_json_and_plot(tiny_run, 
   only = ["dense", "magnitude 50%", "wanda 50%", "sparsegpt 50%", "rtn 3-bit", "gptq 3-bit", "sparsegpt 70%",
           "sparsegpt 70% owl"]
   report = case.run(tiny_run[0], out, calibration_samples=16, eval_tokens=3000, only=only, curve=[0.7],
-                    owl_sparsities=[0.7], owl_threshold=3.0, owl_lambda=0.1)
-  rows = {r["label"]: r for r in report["rows"] + report["owl"]}
+                    layer_sparsities=[0.7], owl_threshold=3.0, sparsity_spread=0.1)
+  rows = {r["label"]: r for r in report["rows"] + report["layer_sparsity"]}
   assert list(rows) == ["dense", "magnitude 50%", "wanda 50%", "sparsegpt 50%", "rtn 3-bit", "gptq 3-bit",
                         "sparsegpt 70%", "sparsegpt 70% owl"]
   ppl = {label: r["ppl"] for label, r in rows.items()}

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from configs import base, gpt2_124m, llama_1b, tiny
+from configs import base, case_study, gpt2_124m, llama_1b, tiny
 from model import flops
 from model import transformer as T
 
@@ -147,9 +147,10 @@ def test_parameter_and_flop_counts_match_the_parameter_tree(kw):
   assert flops.flops_per_token(spec, 16) == 3 * fwd
 
 
-@pytest.mark.parametrize("preset,expected", [(gpt2_124m, 124_439_808), (llama_1b, 1_235_814_400)])
-def test_accelerator_presets_build_abstractly_with_published_parameter_counts(preset, expected):
-  cfg = preset.get_config()
+@pytest.mark.parametrize("preset,expected", [(gpt2_124m, 124_439_808), (llama_1b, 1_235_814_400),
+                                             (case_study, 1_334_016)])
+def test_presets_build_abstractly_with_their_parameter_counts(preset, expected):
+  cfg = base.validate(preset.get_config())
   abstract = T.abstract_model(T.ModelSpec.from_config(cfg.model))
   assert flops.tree_param_count(abstract) == expected
   assert flops.param_count(T.ModelSpec.from_config(cfg.model)) == expected

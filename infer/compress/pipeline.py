@@ -9,8 +9,10 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from flax import nnx
 
 from configs import compress as compress_config
+from infer import evaluate
 from infer.compress import calibrate, gptq, sparsegpt, storage, wanda
 from infer.compress.result import Compressed
 from model import transformer
@@ -36,7 +38,7 @@ def layer_compressor(c: ml_collections.ConfigDict, sparsities: list[float] | Non
 
 def needs_calibration(c: ml_collections.ConfigDict) -> bool:
   """Whether config `c` runs calibration data through the model (Hessian methods, and OWL's outlier count)."""
-  return c.method in compress_config.HESSIAN_METHODS or c.layer_sparsity == "owl"
+  return c.method in compress_config.HESSIAN_METHODS or c.layer_sparsity != "uniform"
 
 
 def block_outlier_ratios(model, samples: np.ndarray, threshold: float, batch_size: int = 8) -> list[float]:
@@ -54,6 +56,32 @@ def block_outlier_ratios(model, samples: np.ndarray, threshold: float, batch_siz
   return [counts[i][0] / counts[i][1] for i in sorted(counts)]
 
 
+def block_sensitivities(model, samples: np.ndarray, sparsity: float, batch_size: int = 8) -> list[float]:
+  """Per block, the mean next-token loss on the calibration windows `samples` [n, L] gained when only that block's
+  linear weights are magnitude-pruned to `sparsity` (a cheap probe: forward passes only)."""
+  params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  window_nll = evaluate.make_window_nll(model)
+  stream, length = np.asarray(samples).reshape(-1), samples.shape[1]
+
+  def loss(p):
+    return evaluate.stream_perplexity(transformer.from_params(model.spec, p), stream, length, batch_size,
+                                      window_nll)["loss"]
+
+  base, out = loss(params), []
+  for b in range(model.spec.num_layers):
+    probe = jax.tree.map(lambda x: x, params)
+    for weights in calibrate.LINEAR_INPUTS.values():
+      for parent, name in weights:
+        w = probe["blocks"][parent].get(name)
+        if w is None:
+          continue
+        k = int(np.prod(w.shape[1:1 + calibrate.N_IN.get(name, 1)]))
+        pruned = sparsegpt.magnitude_prune(w[b].reshape(k, -1), sparsity=sparsity).weight
+        probe["blocks"][parent][name] = w.at[b].set(pruned.reshape(w.shape[1:]).astype(w.dtype))
+    out.append(loss(probe) - base)
+  return out
+
+
 def compress_model(model, c: ml_collections.ConfigDict, samples: np.ndarray | None):
   """Compresses every block linear layer of `model` (embeddings, head, norms and biases stay float).
 
@@ -64,7 +92,10 @@ def compress_model(model, c: ml_collections.ConfigDict, samples: np.ndarray | No
   sparsities = None
   if c.layer_sparsity == "owl":
     ratios = block_outlier_ratios(model, samples, c.owl_threshold, c.batch_size)
-    sparsities = wanda.owl_sparsities(ratios, c.sparsity, c.owl_lambda)
+    sparsities = wanda.owl_sparsities(ratios, c.sparsity, c.sparsity_spread)
+  elif c.layer_sparsity == "sensitivity":
+    costs = block_sensitivities(model, samples, c.sparsity, c.batch_size)
+    sparsities = wanda.owl_sparsities(costs, c.sparsity, c.sparsity_spread)
   fn = layer_compressor(c, sparsities)
   layers: dict[str, list[Compressed]] = {}
 
