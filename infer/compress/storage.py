@@ -21,6 +21,7 @@ import numpy as np
 from infer.compress import qmoe, ternary_code
 from infer.compress.result import Compressed
 from model import quant
+from model import transformer
 from model.kernels import cpu_native
 from workdir import checkpoint as checkpoint_lib
 from workdir import layout
@@ -220,15 +221,17 @@ def _coded_abstract(q: dict) -> dict:
 def read_qmoe(workdir: str, step: int | None = None, abstract_params: dict | None = None):
   """The coded experts of a QMoE workdir as the kernels take them: ({key: {"codes" uint16 [n], "offsets" int32
   [rows + 1], "lo"/"hi" float32 [experts, out]}}, Dictionary, stored {key: {array: bytes}} and dictionary bytes,
-  the rest of the state, step). `abstract_params`: the float model's parameter tree (None: parameters not read)."""
+  the rest of the state, step). `abstract_params`: the float model's parameter tree (None: from the workdir's
+  config)."""
   meta = layout.read_json(layout.path(workdir, layout.COMPRESSION))
   q = meta["qmoe"]
-  target = {"step": jax.ShapeDtypeStruct((), jnp.int32), **_coded_abstract(q)}
-  if abstract_params is not None:
-    abstract = jax.tree.map(lambda x: x, abstract_params)
-    for w in q["weights"].values():
-      abstract["blocks"]["layers"][w["layer"]]["moe"].pop(w["name"], None)
-    target["params"] = abstract
+  if abstract_params is None:
+    spec = transformer.ModelSpec.from_config(layout.load_config(workdir).model)
+    abstract_params = jax.eval_shape(lambda: transformer.init_params(spec, 0))
+  abstract = jax.tree.map(lambda x: x, abstract_params)
+  for w in q["weights"].values():
+    abstract["blocks"]["layers"][w["layer"]]["moe"].pop(w["name"], None)
+  target = {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": abstract, **_coded_abstract(q)}
   state, step = checkpoint_lib.restore_state(workdir, target, step)
   legacy = q.get("format", 1) == 1
   entries, max_len = q["entries"]
