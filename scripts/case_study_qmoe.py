@@ -88,7 +88,7 @@ def tune_dead_zone(model, samples, tuning_tokens, seq_len: int, dead_zones, max_
 
 
 def run(workdir: str, out: str, *, calibration_samples: int = 128, eval_tokens: int = 65536,
-        gen_tokens: int = 32, batch_size: int = 8, dead_zones=(0.5, 0.6, 0.65, 0.7, 0.75, 0.8),
+        gen_tokens: int = 32, batch_size: int = 8, dead_zones=(0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95),
         max_loss_increase: float = 0.005, tuning_tokens: int = 32768) -> dict:
   config, model, tokenizer, step = loading.load_trained(workdir)
   if not model.spec.num_experts:
@@ -263,7 +263,7 @@ def _define_flags():
   flags.DEFINE_integer("calibration_samples", 128, "Calibration windows.")
   flags.DEFINE_integer("eval_tokens", 65536, "Validation tokens scored per format (0: all).")
   flags.DEFINE_integer("gen_tokens", 32, "Tokens generated for the speed comparison (0 skips).")
-  flags.DEFINE_list("dead_zones", ["0.5", "0.6", "0.65", "0.7", "0.75", "0.8"],
+  flags.DEFINE_list("dead_zones", ["0.5", "0.6", "0.7", "0.8", "0.85", "0.9", "0.95"],
                     "Dead-zone candidates, each in [0.5, 1) (0.5: nearest grid point; one value: no tuning).")
   flags.DEFINE_float("max_loss_increase", 0.005, "Relative tuning-loss budget of the dead zone.")
   flags.DEFINE_integer("tuning_tokens", 32768, "Training-split tokens (apart from the calibration windows) the dead "

@@ -1,7 +1,7 @@
 """Case study 1 of the survey: SparseGPT one-shot pruning and GPTQ quantization, reproduced on our model.
 
   python -m scripts.case_study_sparsegpt --workdir=runs/case_study [--out=DIR] [--calibration_samples=128]
-  python -m scripts.case_study_sparsegpt --from_hf=opt-125m --workdir=runs/opt125m --data="files:wikitext2/*.txt"
+  python -m scripts.case_study_sparsegpt --from_hf=opt-125m --workdir=runs/opt125m --data=files:wikitext2 --seq_len=2048
 
 On the float model of WORKDIR (trained by `python -m train`, or imported first from the Hugging Face directory
 --from_hf), runs the rows of the SparseGPT / GPTQ / Wanda papers' tables: dense; magnitude, Wanda and SparseGPT at 50%,
@@ -70,7 +70,7 @@ def _config(overrides: dict):
 
 
 def run(workdir: str, out: str, *, calibration_samples: int = 128, eval_tokens: int = 0,
-        only: list[str] | None = None, curve: list[float] = (), data: str = "", group_size: int = 64,
+        only: list[str] | None = None, curve: list[float] = (), data: str = "", seq_len: int = 0, group_size: int = 64,
         layer_sparsities: list[float] = (0.6, 0.7), owl_threshold: float = 5.0, sparsity_spread: float = 0.08) -> dict:
   """Runs the case study; returns {"rows", "layer_sparsity", "curve", ...} as also written to out/results.json. `only` keeps
   the rows of the two tables with these labels (the curve has every method at each of `curve`'s sparsities)."""
@@ -79,6 +79,10 @@ def run(workdir: str, out: str, *, calibration_samples: int = 128, eval_tokens: 
     raise ValueError(f"{workdir} holds an int8 model (quant={model.spec.quant}); use the float workdir")
   if data:
     config.data.source = data
+  if seq_len:
+    if not 1 < seq_len <= model.spec.max_len:
+      raise ValueError(f"--seq_len={seq_len} must be in [2, model.max_len={model.spec.max_len}]")
+    config.data.seq_len = seq_len
   seq_len = config.data.seq_len
   tokens = evaluate.validation_stream(config, tokenizer, eval_tokens or None)
   window_nll = evaluate.make_window_nll(model)
@@ -191,7 +195,9 @@ def _define_flags():
   flags.DEFINE_integer("calibration_samples", 128, "Calibration windows (the papers use 128).")
   flags.DEFINE_integer("eval_tokens", 0, "Validation tokens scored per row (0: the whole split).")
   flags.DEFINE_string("data", "", "Data source for calibration (train split) and scoring (validation split); "
-                      "default: the run's data.source, e.g. files:/data/wikitext2/*.txt.")
+                      "default: the run's data.source, e.g. files:wikitext2 (its train/ and test/ folders are the splits).")
+  flags.DEFINE_integer("seq_len", 0, "Tokens per calibration and scoring window (0: the run's data.seq_len; the "
+                       "papers use 2048 for OPT).")
   flags.DEFINE_list("rows", [], "Only these row labels (default: all), e.g. 'dense,sparsegpt 50%'.")
   flags.DEFINE_integer("group_size", 64, "Inputs per quantization group of the grouped GPTQ/RTN rows (0: none).")
   flags.DEFINE_list("layer_sparsities", ["0.6", "0.7"], "Sparsities of the uniform / OWL / sensitivity table "
@@ -210,7 +216,7 @@ def main(argv):
     if f.from_hf and not os.path.isdir(layout.checkpoint_dir(f.workdir)):
       convert.import_hf(f.from_hf, f.workdir)
     report = run(f.workdir, out, calibration_samples=f.calibration_samples, eval_tokens=f.eval_tokens, only=f.rows,
-                 curve=[float(s) for s in f.curve], data=f.data, group_size=f.group_size,
+                 curve=[float(s) for s in f.curve], data=f.data, seq_len=f.seq_len, group_size=f.group_size,
                  layer_sparsities=[float(s) for s in f.layer_sparsities], owl_threshold=f.owl_threshold,
                  sparsity_spread=f.sparsity_spread)
   except (FileNotFoundError, FileExistsError, ValueError) as e:

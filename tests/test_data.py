@@ -136,6 +136,27 @@ def test_split_is_deterministic_disjoint_and_follows_path_hash(corpus, env):
     assert rec["text"].decode("utf-8") == texts[rec["path"].decode()]
 
 
+def test_train_validation_and_test_folders_choose_the_split(tmp_path):
+  """WikiText-style layouts: files under train/ train, under validation/, valid/ or test/ are scored; elsewhere the
+  path hash decides."""
+  assert data.split_of("train/a.txt", 0.99, by_folder=True) == "train"
+  assert data.split_of("test/a.txt", 0.0, True) == data.split_of("valid/b/c.txt", 0.0, True) == "validation"
+  assert data.split_of("validation/x.txt", 0.0, True) == "validation"
+  assert data.split_of("test", 0.0, True) == "train" and data.split_of("other/test/a.txt", 0.0, True) == "train"
+  assert data.split_of("test/a.txt", 0.0) == "train"  # the stdlib's test/ package is not a split
+  for split, names in (("train", ["a", "b", "c"]), ("test", ["d"])):
+    (tmp_path / split).mkdir()
+    for name in names:
+      (tmp_path / split / f"{name}.txt").write_text(f"text of {name} " * 20)
+  from configs import tiny
+
+  c = tiny.get_config()
+  c.data.update(source=f"files:{tmp_path}", data_dir=str(tmp_path / "tfds"), tokenizer_train_bytes=10_000)
+  sources = data.load_sources(c)
+  assert sorted(sources["validation"][i]["path"].decode() for i in range(len(sources["validation"]))) == ["test/d.txt"]
+  assert len(sources["train"]) == 3
+
+
 def test_prepared_dataset_is_reused_and_options_get_their_own_dir(corpus, env, tmp_path):
   root, texts = corpus
   config, _, _ = env

@@ -6,7 +6,9 @@ Sources (`config.data.source`):
   * `tfds:NAME[:CONFIG]`: a tfds catalog dataset via `tfds.data_source` (its `text` feature, or its only Text one).
 The first two are prepared once by the `TextFiles` tfds builder into `data.data_dir` (array_record, no TensorFlow)
 under a config name hashed from the source, the options and the files' sizes/mtimes, and reused afterwards.
-Each file is one document, in `validation` iff sha1(its relative path) < `data.validation_fraction` (see `split_of`);
+Each file is one document: in a `files:` source, under a top folder named train/ or validation/ (or valid/, test/) it
+belongs to that split (test counts as validation: the papers' perplexity protocol scores a test split); otherwise it is
+in `validation` iff sha1(its relative path) < `data.validation_fraction` (see `split_of`);
 files that are not UTF-8 or are empty are skipped; documents are cut to `data.max_doc_bytes` bytes.
 
 Batches (`make_iterator`) are dicts of numpy arrays, all [rows, data.seq_len], rows = train.batch_size // shard_count:
@@ -54,8 +56,15 @@ def data_dir(config: ml_collections.ConfigDict) -> str:
   return os.path.expanduser(config.data.data_dir or DEFAULT_DATA_DIR)
 
 
-def split_of(rel_path: str, validation_fraction: float) -> str:
-  """'validation' if sha1(rel_path) read as a number in [0, 1) is below `validation_fraction`, else 'train'."""
+FOLDER_SPLITS = {"train": "train", "validation": "validation", "valid": "validation", "test": "validation"}
+
+
+def split_of(rel_path: str, validation_fraction: float, by_folder: bool = False) -> str:
+  """With `by_folder`, the split named by rel_path's top folder (FOLDER_SPLITS) if it has one; else 'validation' if
+  sha1(rel_path) read as a number in [0, 1) is below `validation_fraction`, else 'train'."""
+  top, _, rest = rel_path.partition("/")
+  if by_folder and rest and top in FOLDER_SPLITS:
+    return FOLDER_SPLITS[top]
   h = int.from_bytes(hashlib.sha1(rel_path.encode("utf-8")).digest()[:8], "big") / 2.0**64
   return "validation" if h < validation_fraction else "train"
 
@@ -138,7 +147,9 @@ class TextFiles(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   def _split_generators(self, dl_manager):
     del dl_manager
     cfg = self.builder_config
-    by_split = {s: [d for d in self._documents if split_of(d[1], cfg.validation_fraction) == s] for s in SPLITS}
+    by_folder = cfg.source.startswith("files:")  # (the stdlib has a test/ package: it is not a split)
+    by_split = {s: [d for d in self._documents if split_of(d[1], cfg.validation_fraction, by_folder) == s]
+                for s in SPLITS}
     return {s: self._generate_examples(docs, cfg.max_doc_bytes) for s, docs in by_split.items()}
 
   def _generate_examples(self, documents, max_doc_bytes: int):
@@ -181,7 +192,8 @@ def text_files_builder(config: ml_collections.ConfigDict) -> TextFiles:
   if d.max_doc_bytes <= 0:
     raise ValueError(f"config.data.max_doc_bytes={d.max_doc_bytes!r} must be > 0")
   docs = list_documents(config)
-  counts = {s: sum(split_of(rel, d.validation_fraction) == s for _, rel in docs) for s in SPLITS}
+  by_folder = d.source.startswith("files:")
+  counts = {s: sum(split_of(rel, d.validation_fraction, by_folder) == s for _, rel in docs) for s in SPLITS}
   for split, n in counts.items():
     if not n:
       raise _source_error(config, f"the {split!r} split gets 0 of its {len(docs)} files at data.validation_fraction="
@@ -189,7 +201,8 @@ def text_files_builder(config: ml_collections.ConfigDict) -> TextFiles:
   options = dict(source=d.source, validation_fraction=float(d.validation_fraction), max_doc_bytes=int(d.max_doc_bytes),
                  max_docs=int(d.get("max_docs", 0)))
   fingerprint = [(rel, os.stat(p).st_size, os.stat(p).st_mtime_ns) for p, rel in docs]
-  digest = hashlib.sha1(json.dumps([FORMAT_VERSION, options, fingerprint]).encode()).hexdigest()[:16]
+  version = [FORMAT_VERSION] + (["folder splits"] if by_folder else [])  # files: sources split by folder since 12/2026
+  digest = hashlib.sha1(json.dumps([version, options, fingerprint]).encode()).hexdigest()[:16]
   kind = "stdlib" if d.source == "stdlib" else "files"
   cfg = TextFilesConfig(name=f"{kind}_{digest}", version="1.0.0", description=d.source, **options)
   return TextFiles(config=cfg, data_dir=data_dir(config), file_format="array_record", documents=docs)

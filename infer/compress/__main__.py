@@ -3,6 +3,8 @@
   python -m infer.compress --workdir=runs/default --out=runs/default_sparsegpt50 --compress.sparsity=0.5
   python -m infer.compress --workdir=runs/default --out=runs/default_gptq4 --compress.method=gptq --compress.bits=4
   python -m infer.compress --workdir=runs/default --out=runs/default_24 --compress.prune_n=2 --compress.prune_m=4
+  python -m infer.compress --workdir=runs/case_study --out=runs/cs_wanda60 --compress.method=wanda \
+      --compress.sparsity=0.6 --compress.layer_sparsity=sensitivity
 
 Every key of configs/compress.py can be set as --compress.KEY=VALUE. Prints and stores (compression.json) the
 sparsity of every compressed weight per layer, bits per weight and the time taken; `--eval_tokens` > 0 also scores
@@ -39,6 +41,9 @@ def main(argv):
   s = out["metadata"]["summary"]
   print(f"{out['metadata']['label']}: {s['compressed_params']:,} block weights, sparsity {s['sparsity']:.1%}, "
         f"{s['bits_per_weight']:.2f} bits per weight, {out['metadata']['time_s']:.1f} s -> {_OUT.value}")
+  if out["metadata"]["block_sparsity_targets"]:
+    print(f"  block sparsity targets ({c.layer_sparsity}): "
+          + ", ".join(f"{x:.3f}" for x in out["metadata"]["block_sparsity_targets"]))
   for path, w in s["weights"].items():
     print(f"  {path:10s} bits {w['bits'] or 32:2d}  sparsity per layer {', '.join(f'{x:.3f}' for x in w['sparsity'])}")
   if _EVAL_TOKENS.value:
