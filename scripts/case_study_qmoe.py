@@ -68,7 +68,7 @@ def _tokens_per_second(model, tokenizer, n: int) -> float:
   return len(row) / (time.perf_counter() - start)
 
 
-def tune_dead_zone(model, samples, tuning_tokens, seq_len: int, dead_zones, max_loss_increase: float,
+def tune_dead_zone(model, samples, tuning_tokens, dead_zones, max_loss_increase: float,
                    batch_size: int, float_loss: float, score) -> tuple[float, list[dict]]:
   """The widest of `dead_zones` whose ternary GPTQ model's loss on `tuning_tokens` stays within
   (1 + max_loss_increase) times `float_loss` (the narrowest candidate when none does), and a row per candidate:
@@ -108,7 +108,7 @@ def run(workdir: str, out: str, *, calibration_samples: int = 128, eval_tokens: 
     return evaluate.stream_perplexity(transformer.from_params(spec, _bf16(params, keep_experts=True)), stream, seq_len,
                                       batch_size)["loss"]
 
-  dead_zone, tuning_table = tune_dead_zone(model, samples, tuning, seq_len, dead_zones, max_loss_increase,
+  dead_zone, tuning_table = tune_dead_zone(model, samples, tuning, dead_zones, max_loss_increase,
                                            batch_size, loss_of(float_params, tuning), loss_of)
   rows, results_by_mode = [], {}
   for label, mode, bits in FORMATS + ((TUNED, "ternary_gptq", 0),):
