@@ -17,6 +17,12 @@ The JetStream-style cycle, driven by `infer/scheduler.py`:
     "draft", `infer/speculative.py`) the step verifies k drafts per request in one call and returns the 1 to k + 1
     tokens each request keeps; drafts never run past the pages reserved at insert (a request's budget is its tokens
     left - 1), and rejected drafts leave keys and values past the request's length that its next step overwrites.
+  * `step()` (`mixed_batches=True`) does both in one call: the prefilling slots' next chunks (oldest first, at most
+    `prefill_chunk` prompt tokens in all, so several short prompts prefill together) ride beside one decode token of
+    every decoding slot. Each layer's projections and MLP run over all of the step's tokens in one pass over the
+    weights; only attention works per group (`attention.PagedGroups`). A step then costs one decode plus one
+    bounded prefill, whatever number of requests just arrived. Speculative rounds and adapter banks keep the
+    separate calls.
   * `release(slot)` returns the slot's pages to the free list (on completion or cancellation).
 
 Prefix caching (`prefix_caching=True`): every page a prompt fills completely is registered under a hash of all the
@@ -73,11 +79,26 @@ def _step(graphdef, state, pages, tokens, live, positions, page_table, lengths, 
   with lora.row_adapters(adapters):
     logits, pages = model.extend_paged(tokens, live, positions, page_table, lengths, pages)
   last = jnp.take_along_axis(logits, last_index[:, None, None], axis=1)[:, 0]
+  return _sample(last, counters, settings), pages
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("pages",))
+def _mixed_step(graphdef, state, pages, groups, counters, settings):
+  """One model call over several row groups (prefill chunks [P, Lp] beside decode tokens [S, 1]: `mixed_batches`):
+  groups as `Transformer.extend_paged_groups` takes them; counters and settings per row, group after group. Returns
+  (`_sample`'s tuple over all rows, pages)."""
+  last, pages = nnx.merge(graphdef, state).extend_paged_groups(groups, pages)
+  return _sample(last, counters, settings), pages
+
+
+def _sample(last, counters, settings):
+  """Samples each row's next token from its logits last [R, vocab]: (tokens [R], their log-probabilities [R], the
+  top log-probabilities [R, TOP_LOGPROBS] and their ids)."""
   chosen = sampling.sample(last, counters=counters, **settings)
   # log-probabilities of the model's distribution (before temperature and filtering), as OpenAI's logprobs report
   logp = jax.nn.log_softmax(last.astype(jnp.float32), axis=-1)
   top_lp, top_ids = jax.lax.top_k(logp, TOP_LOGPROBS)
-  return (chosen, jnp.take_along_axis(logp, chosen[:, None], axis=1)[:, 0], top_lp, top_ids), pages
+  return chosen, jnp.take_along_axis(logp, chosen[:, None], axis=1)[:, 0], top_lp, top_ids
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "draft_graphdef", "k", "ngram"),
@@ -150,11 +171,14 @@ class Engine:
   speculate: "none", "lookup" (drafts copied from n-grams of up to `ngram` tokens of the request's context) or
   "draft" (drafts from `draft_model`, same tokenizer, over its own page pool): each decode step verifies
   `draft_tokens` drafts per request in one model call and emits 1 to draft_tokens + 1 tokens per request.
+  page_allocation: "reserve" or "on_demand". mixed_batches: prefill chunks and decode tokens in one call per
+  iteration (`step`; then prefill_chunk is the step's prompt-token budget, shared by the prefilling requests).
   """
 
   def __init__(self, model, *, slots: int = 8, page_size: int = 16, num_pages: int | None = None,
                prefill_chunk: int | None = None, prefix_caching: bool = False, speculate: str = "none",
-               draft_tokens: int = 4, ngram: int = 3, draft_model=None, page_allocation: str = "reserve"):
+               draft_tokens: int = 4, ngram: int = 3, draft_model=None, page_allocation: str = "reserve",
+               mixed_batches: bool = False):
     speculative.check_settings(speculate, draft_tokens, ngram, draft_model, model)
     if page_allocation not in PAGE_ALLOCATIONS:
       raise ValueError(f"page_allocation={page_allocation!r} must be one of {list(PAGE_ALLOCATIONS)}")
@@ -163,6 +187,8 @@ class Engine:
     self.speculate, self.draft_tokens, self.ngram = speculate, draft_tokens, ngram
     self.draft_model = draft_model if speculate == "draft" else None
     self.prefix_caching = prefix_caching
+    # one call per iteration (`step`); speculative rounds and adapter banks keep their own calls (`prefill`, `generate`)
+    self.mixed_batches = bool(mixed_batches) and speculate == "none" and not model.spec.lora_bank
     self.max_len = model.spec.max_len
     if slots < 1:
       raise ValueError(f"slots={slots} must be >= 1")
@@ -333,7 +359,7 @@ class Engine:
     s = self._active[slot]
     context = s.prompt + s.output  # a resumed request's earlier output follows its prompt
     n = min(self.prefill_chunk, s.context - s.prefilled)
-    bucket = max(n, min(max(16, 1 << (n - 1).bit_length()), max(16, self.prefill_chunk)))  # a power of two or the chunk
+    bucket = self._bucket(n)
     tokens = np.zeros((1, bucket), np.int32)
     live = np.zeros((1, bucket), np.int32)
     positions = np.zeros((1, bucket), np.int32)
@@ -349,33 +375,88 @@ class Engine:
                                          positions, table, lengths)
     if s.prefilled < s.context:
       return None
+    return self._first_token(slot, int(token), self._row_logprobs[0])
+
+  def _first_token(self, slot: int, token: int, logprob: Logprob) -> int:
+    """Records the token sampled after a slot's last prefill chunk (and caches its prompt's pages)."""
+    s = self._active[slot]
     if self.prefix_caching:
       self._register_prompt_pages(s)
-    s.output.append(int(token))
-    self.logprobs[slot] = [self._row_logprobs[0]]
-    return int(token)
+    s.output.append(token)
+    self.logprobs[slot] = [logprob]
+    return token
+
+  def step(self) -> dict[int, list[int]]:
+    """One iteration in one model call (mixed batches): the next prompt chunks of the prefilling slots, oldest first,
+    `prefill_chunk` tokens at most in all, ride beside one decode token for every decoding slot. Returns {slot: its
+    new tokens}: the first token of a slot whose prefill ended, the next token of a decoding slot (`logprobs[slot]`
+    has one entry per token); slots preempted for pages are listed in `preempted`."""
+    self.preempted = []
+    decoding = self._grow(self._decoding_slots())
+    chunks, budget = [], self.prefill_chunk
+    for slot in sorted((x for x in self._active if self.is_prefilling(x)), key=lambda x: self._active[x].order):
+      n = min(budget, self._active[slot].context - self._active[slot].prefilled)
+      if n == 0:
+        break
+      chunks.append((slot, n))
+      budget -= n
+    if not chunks:
+      return self._decode(decoding)
+    rows = 1 << (len(chunks) - 1).bit_length()  # a power of two: few shapes to compile
+    width = self._bucket(max(n for _, n in chunks))
+    tokens, live, positions = (np.zeros((rows, width), np.int32) for _ in range(3))
+    lengths, last_index = np.zeros((rows,), np.int32), np.zeros((rows,), np.int32)
+    table = np.zeros((rows, self.max_pages), np.int32)
+    prefill_rows: list[_Slot | None] = [None] * rows
+    for row, (slot, n) in enumerate(chunks):
+      s = self._active[slot]
+      tokens[row, :n] = (s.prompt + s.output)[s.prefilled:s.prefilled + n]
+      live[row, :n] = 1
+      positions[row, :n] = np.arange(s.prefilled, s.prefilled + n)
+      s.prefilled += n
+      lengths[row], last_index[row], table[row] = s.prefilled, n - 1, self._table[slot]
+      prefill_rows[row] = s
+    groups = [(tokens, live, positions, table[:, :self._table_width(int(lengths.max()))], lengths, last_index)]
+    decode_rows: list[_Slot | None] = []
+    if decoding:
+      d_tokens, d_live, d_positions, d_lengths, decode_rows = self._decode_inputs(decoding)
+      d_table = np.where(d_live > 0, self._table, 0)[:, :self._table_width(int(d_lengths.max()))]
+      groups.append((d_tokens, d_live, d_positions, d_table, d_lengths, np.zeros((self.slots,), np.int32)))
+    all_rows = prefill_rows + decode_rows
+    params = [r.params if r is not None else SamplingParams() for r in all_rows]
+    counters = np.array([r.generated if r is not None else 0 for r in all_rows], np.int32)
+    out, self._pages = _mixed_step(self._graphdef, self._state, self._pages, tuple(groups), counters,
+                                   sampling.row_settings(params))
+    chosen = self._unpack(out, len(all_rows))
+    result = {}
+    for row, (slot, _) in enumerate(chunks):
+      s = self._active[slot]
+      if s.prefilled == s.context:
+        result[slot] = [self._first_token(slot, int(chosen[row]), self._row_logprobs[row])]
+    for slot in decoding:
+      s = self._active[slot]
+      s.output.append(int(chosen[rows + slot]))
+      result[slot] = [s.last_token]
+      self.logprobs[slot] = [self._row_logprobs[rows + slot]]
+    return result
 
   def generate(self) -> dict[int, list[int]]:
     """One decode step for every slot whose prompt is fully prefilled. Returns {slot: its new tokens} (one token,
     or with speculation 1 to draft_tokens + 1); `logprobs[slot]` has one entry per new token."""
     self.preempted = []
-    decoding = [slot for slot, s in self._active.items()  # prefilled, and not done (a request may end at its prefill)
-                if s.prefilled == s.context and s.generated < s.params.max_tokens]
-    decoding = self._grow(decoding)
+    return self._decode(self._grow(self._decoding_slots()))
+
+  def _decoding_slots(self) -> list[int]:
+    """Slots whose context is prefilled and whose request is not done (a request may end at its prefill)."""
+    return [slot for slot, s in self._active.items() if s.prefilled == s.context and s.generated < s.params.max_tokens]
+
+  def _decode(self, decoding: list[int]) -> dict[int, list[int]]:
+    """One decode step (speculative or not) of the given slots, which hold their pages already."""
     if not decoding:
       return {}
     if self.speculate != "none":
       return self._generate_speculative(decoding)
-    tokens = np.zeros((self.slots, 1), np.int32)
-    live = np.zeros((self.slots, 1), np.int32)
-    positions = np.zeros((self.slots, 1), np.int32)
-    lengths = np.zeros((self.slots,), np.int32)
-    rows: list[_Slot | None] = [None] * self.slots
-    for slot in decoding:
-      s = self._active[slot]
-      position = len(s.prompt) + s.generated - 1  # the last sampled token goes to the next free slot
-      tokens[slot, 0], live[slot, 0], positions[slot, 0], lengths[slot] = s.last_token, 1, position, position + 1
-      rows[slot] = s
+    tokens, live, positions, lengths, rows = self._decode_inputs(decoding)
     table = np.where(live > 0, self._table, 0)[:, :self._table_width(int(lengths.max()))]
     out = self._run(tokens, live, positions, table, lengths, np.zeros((self.slots,), np.int32), rows)
     result = {}
@@ -385,6 +466,19 @@ class Engine:
       result[slot] = [s.last_token]
       self.logprobs[slot] = [self._row_logprobs[slot]]
     return result
+
+  def _decode_inputs(self, decoding: list[int]):
+    """The one-token step of the decoding slots: tokens, live, positions [slots, 1], lengths [slots] int32 and the
+    rows' `_Slot`s (None for idle slots)."""
+    tokens, live, positions = (np.zeros((self.slots, 1), np.int32) for _ in range(3))
+    lengths = np.zeros((self.slots,), np.int32)
+    rows: list[_Slot | None] = [None] * self.slots
+    for slot in decoding:
+      s = self._active[slot]
+      position = len(s.prompt) + s.generated - 1  # the last sampled token goes to the next free slot
+      tokens[slot, 0], live[slot, 0], positions[slot, 0], lengths[slot] = s.last_token, 1, position, position + 1
+      rows[slot] = s
+    return tokens, live, positions, lengths, rows
 
   def _generate_speculative(self, decoding: list[int]) -> dict[int, list[int]]:
     k = self.draft_tokens
@@ -474,7 +568,15 @@ class Engine:
     adapters = np.array([p.adapter for p in params], np.int32)
     out, self._pages = _step(self._graphdef, self._state, self._pages, tokens, live, positions, table, lengths,
                              last_index, counters, sampling.row_settings(params), adapters)
+    return self._unpack(out, len(rows))
+
+  def _unpack(self, out, rows: int) -> np.ndarray:
+    """`_sample`'s device tuple -> the chosen tokens [rows] (their log-probabilities kept in `_row_logprobs`)."""
     chosen, lp, top_lp, top_ids = jax.device_get(out)
     self._row_logprobs = [(float(lp[i]), tuple(zip(map(int, top_ids[i]), map(float, top_lp[i]))))
-                          for i in range(len(rows))]
+                          for i in range(rows)]
     return np.asarray(chosen)
+
+  def _bucket(self, n: int) -> int:
+    """Tokens per row of a prefill chunk of n: a power of two >= 16, or the chunk limit (few shapes to compile)."""
+    return max(n, min(max(16, 1 << (n - 1).bit_length()), max(16, self.prefill_chunk)))

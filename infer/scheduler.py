@@ -7,6 +7,9 @@ A `Scheduler` owns one engine and a background thread. Each iteration it
   3. runs one prefill chunk for each slot still prefilling, then
   4. one decode step for all decoding slots, and hands each new token to its request; requests the engine preempted
      for pages (on-demand allocation) go back to the front of the queue and resume from their output so far.
+With mixed batches (`Engine(mixed_batches=True)`) 3 and 4 are one engine call (`Engine.step`): the waiting prompts'
+chunks, several at once within the prefill token budget, ride beside the decode tokens, so a burst of arrivals
+lengthens each step by at most one budget's worth of prefill instead of stalling the decodes for every prompt.
 The waiting queue is bounded: `submit` raises `QueueFull` instead of growing without bound, and `Draining` once
 `drain()` was called. Requests report through their `on_event` callback (called on the scheduler thread), so the
 HTTP server can forward them to its event loop.
@@ -268,13 +271,20 @@ class Scheduler:
       self._running[slot] = request
 
   def step(self) -> None:
-    """One iteration: a prefill chunk for each prefilling slot, then one decode step for all decoding slots."""
-    for slot in [s for s in self._running if self.engine.is_prefilling(s)]:
-      token = self.engine.prefill(slot)
-      if token is not None:
-        self._running[slot].first_token_time = time.perf_counter()
-        self._deliver(slot, token, self.engine.logprobs[slot][0])
-    produced = self.engine.generate()
+    """One iteration: with mixed batches one engine call (prefill chunks beside every decoding slot's token), else a
+    prefill chunk for each prefilling slot, one call each, then one decode step for all decoding slots."""
+    if self.engine.mixed_batches:
+      produced = self.engine.step()
+    else:
+      for slot in [s for s in self._running if self.engine.is_prefilling(s)]:
+        token = self.engine.prefill(slot)
+        if token is not None:
+          self._running[slot].first_token_time = self._running[slot].first_token_time or time.perf_counter()
+          self._deliver(slot, token, self.engine.logprobs[slot][0])
+      produced = self.engine.generate()
+    now = time.perf_counter()
+    for slot in produced:  # the first token of a request (a resumed one had its first before it was preempted)
+      self._running[slot].first_token_time = self._running[slot].first_token_time or now
     if self.engine.preempted:  # out of pages: back to the front of the queue, recomputed when re-admitted
       with self._lock:
         for slot in reversed(self.engine.preempted):

@@ -3,7 +3,7 @@
   python -m infer.serve --workdir=runs/default [--port=8000] [--slots=8] [--page_size=16] [--num_pages=0]
       [--prefill_chunk=0] [--max_queue=64] [--queue_timeout=300] [--request_timeout=0] [--mode=continuous|static]
       [--attention_impl=xla|pallas] [--head_quant=int8] [--prefix_caching]
-      [--page_allocation=on_demand|reserve] [--speculate=none|lookup|draft] [--draft_tokens=4] [--ngram=3] [--draft_workdir=DIR]
+      [--page_allocation=on_demand|reserve] [--mixed_batches=true|false] [--speculate=none|lookup|draft] [--draft_tokens=4] [--ngram=3] [--draft_workdir=DIR]
 
 SIGTERM (or Ctrl-C) drains: new requests get 503 while those in flight finish, then the process exits.
 """
@@ -37,7 +37,7 @@ def build(workdir: str, *, slots: int = 8, page_size: int = 16, num_pages: int =
           profile_dir: str | None = None, head_quant: str | None = None, adapter: str | None = None,
           adapters: dict[str, str] | None = None, prefix_caching: bool = False, speculate: str = "none",
           draft_tokens: int = 4, ngram: int = 3, draft_workdir: str | None = None,
-          page_allocation: str = "on_demand") -> Server:
+          page_allocation: str = "on_demand", mixed_batches: bool = True) -> Server:
   """Loads `workdir` and wires engine, scheduler (started), metrics and server together. `adapter`: a LoRA adapter
   merged into the model; `adapters` {model id: adapter path}: a bank the requests pick from by their `model` field
   (the workdir's own id is the base model). `speculate`: speculative decoding in the engine (prompt lookup, or a
@@ -51,7 +51,8 @@ def build(workdir: str, *, slots: int = 8, page_size: int = 16, num_pages: int =
   draft_model = loading.load_trained(draft_workdir)[1] if draft_workdir and speculate == "draft" else None
   engine = Engine(model, slots=slots, page_size=page_size, num_pages=num_pages or None,
                   prefill_chunk=prefill_chunk or None, prefix_caching=prefix_caching, speculate=speculate,
-                  draft_tokens=draft_tokens, ngram=ngram, draft_model=draft_model, page_allocation=page_allocation)
+                  draft_tokens=draft_tokens, ngram=ngram, draft_model=draft_model, page_allocation=page_allocation,
+                  mixed_batches=mixed_batches)
   scheduler = Scheduler(engine, lambda ids: tokenizer_lib.decode(tokenizer, ids), mode=mode, max_queue=max_queue,
                         queue_timeout=queue_timeout, request_timeout=request_timeout)
   metrics = Metrics(scheduler)
@@ -108,7 +109,7 @@ def main(argv):
                    matmul_impl=f.matmul_impl, step=f.step, api_key=f.api_key or os.environ.get("PEAKLLM_API_KEY"),
                    profile_dir=f.profile_dir or None, head_quant=f.head_quant, prefix_caching=f.prefix_caching,
                    speculate=f.speculate, draft_tokens=f.draft_tokens, ngram=f.ngram, draft_workdir=f.draft_workdir,
-                   page_allocation=f.page_allocation,
+                   page_allocation=f.page_allocation, mixed_batches=f.mixed_batches,
                    **_adapter_flags(f.adapter))
   except (FileNotFoundError, ValueError) as e:
     sys.exit(f"error: cannot serve --workdir={f.workdir}: {e}")
@@ -122,7 +123,11 @@ def _define_flags():
   flags.DEFINE_integer("slots", 8, "Concurrent sequences (the decode batch).")
   flags.DEFINE_integer("page_size", 16, "KV-cache slots per page (a power of two >= 16).")
   flags.DEFINE_integer("num_pages", 0, "KV pages in the pool (0: enough for every slot at full context).")
-  flags.DEFINE_integer("prefill_chunk", 0, "Most prompt tokens per prefill call (0: whole prompts).")
+  flags.DEFINE_integer("prefill_chunk", 0, "Most prompt tokens per prefill call, or with --mixed_batches per step, "
+                       "shared by the prefilling requests (0: the model's context).")
+  flags.DEFINE_bool("mixed_batches", True, "Prefill chunks of new requests ride in the same model call as the "
+                    "running requests' decode tokens (several waiting prompts batched); off: each prefill chunk is a "
+                    "call of its own before the decode step. Not with --speculate or --adapter banks.")
   flags.DEFINE_enum("page_allocation", "on_demand", list(PAGE_ALLOCATIONS), "on_demand: requests take KV pages as "
                     "they grow, and the newest is preempted (recomputed later) when the pool runs out; reserve: every "
                     "page a request could need is taken when it is admitted.")

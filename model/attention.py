@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 from typing import NamedTuple
 
 import jax
@@ -68,6 +69,37 @@ class PagedVisibility:
   q_slots: jax.Array
   page_table: jax.Array
   lengths: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class PagedGroups:
+  """Several `PagedVisibility` groups of different shapes in one step (mixed batches: prefill chunks [P, Lp] beside
+  decode tokens [S, 1]). The step's tokens are laid out flat, [1, T] with T = sum of B_g * L_g, group after group
+  and row-major within a group; every layer's projections and MLP run over all T tokens at once (one pass over the
+  weights) and only attention works per group."""
+
+  groups: tuple[PagedVisibility, ...]
+
+  @property
+  def q_segment_ids(self) -> jax.Array:
+    """[1, T] int32: 1 for a real token (what MoE routing masks with)."""
+    return jnp.concatenate([g.q_segment_ids.reshape(-1) for g in self.groups])[None]
+
+
+def paged_step(q: jax.Array, k: jax.Array, v: jax.Array, kv_pages: tuple[jax.Array, jax.Array],
+               visibility: PagedVisibility | PagedGroups, impl: str) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+  """Writes this step's keys and values into their pages and attends over the pages. q [B, L, H, D], k/v [B, L, K, D]
+  (for `PagedGroups`: [1, T, ...], split per group); kv_pages (k, v) [N, P, K, D]. Returns (out like q, kv_pages)."""
+  if isinstance(visibility, PagedVisibility):
+    kv_pages = tuple(write_pages(pages, new, visibility) for pages, new in zip(kv_pages, (k, v)))
+    return attend_paged(q, *kv_pages, visibility, impl=impl), kv_pages
+  ends = list(itertools.accumulate(g.q_segment_ids.size for g in visibility.groups))
+  split = lambda t: [part.reshape(*g.q_segment_ids.shape, *t.shape[2:])  # noqa: E731
+                     for part, g in zip(jnp.split(t, ends[:-1], axis=1), visibility.groups)]
+  for g, k_g, v_g in zip(visibility.groups, split(k), split(v)):  # every write before any read: groups are apart
+    kv_pages = (write_pages(kv_pages[0], k_g, g), write_pages(kv_pages[1], v_g, g))
+  outs = [attend_paged(q_g, *kv_pages, g, impl=impl) for g, q_g in zip(visibility.groups, split(q))]
+  return jnp.concatenate([o.reshape(1, -1, *o.shape[2:]) for o in outs], axis=1), kv_pages
 
 
 def write_pages(pages: jax.Array, new: jax.Array, visibility: PagedVisibility) -> jax.Array:

@@ -9,7 +9,9 @@ are float32.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
+from collections.abc import Sequence
 
 import jax
 import numpy as np
@@ -297,9 +299,8 @@ class Attention(nnx.Module):
       inv_freq = spec.rope_frequencies()
       q, k = rope(q, positions, inv_freq), rope(k, positions, inv_freq)
     q = constrain(q, ("batch", "length", "heads", "head_dim"))
-    if isinstance(visibility, attention_lib.PagedVisibility):  # kv_cache is this layer's (k_pages, v_pages)
-      kv_cache = tuple(attention_lib.write_pages(pages, new, visibility) for pages, new in zip(kv_cache, (k, v)))
-      out = attention_lib.attend_paged(q, *kv_cache, visibility, impl=spec.attention_impl)
+    if isinstance(visibility, (attention_lib.PagedVisibility, attention_lib.PagedGroups)):  # this layer's pages
+      out, kv_cache = attention_lib.paged_step(q, k, v, kv_cache, visibility, spec.attention_impl)
       return checkpoint_name(out, "attention_out"), kv_cache
     heads_major = isinstance(kv_cache, attention_lib.HeadsMajorKV)
     if heads_major:  # [B * K, S, hd]: the new keys/values are transposed, the cache is read as it is
@@ -586,6 +587,25 @@ class Transformer(nnx.Module):
                                                page_table.astype(jnp.int32), lengths.astype(jnp.int32))
     logits, pages, _ = self._forward(inputs, positions, visibility, None, list(pages))
     return logits, pages
+
+  def extend_paged_groups(self, groups: Sequence[tuple[jax.Array, ...]], pages: list) -> tuple[jax.Array, list]:
+    """One step over several groups of rows at once (mixed batches: prefill chunks beside decode tokens).
+
+    groups: (inputs, live, positions, page_table, lengths, last_index) per group, each as in `extend_paged` for that
+    group's [B_g, L_g] rows, and last_index [B_g] int32: the token whose logits row b returns. The groups' tokens run
+    through each layer together (`attention.PagedGroups`). Returns (logits [sum B_g, vocab] float32, pages)."""
+    if not isinstance(self.blocks, nnx.List):
+      raise ValueError("extend_paged_groups runs on per-layer blocks: call it on model.unstacked()")
+    as_int = lambda a: jnp.asarray(a, jnp.int32)  # noqa: E731
+    visibility = attention_lib.PagedGroups(tuple(
+        attention_lib.PagedVisibility(as_int(live), as_int(positions), as_int(table), as_int(lengths))
+        for _, live, positions, table, lengths, _ in groups))
+    flat = lambda i: jnp.concatenate([as_int(g[i]).reshape(-1) for g in groups])[None]  # noqa: E731
+    x, pages, _ = self._features(flat(0), flat(2), visibility, None, list(pages))
+    offsets = itertools.accumulate((g[0].size for g in groups[:-1]), initial=0)
+    picks = jnp.concatenate([offset + jnp.arange(g[0].shape[0]) * g[0].shape[1] + as_int(g[5])
+                             for offset, g in zip(offsets, groups)])
+    return self.head_logits(x[:, picks])[0], pages
 
   # -- internals --------------------------------------------------------------------------------------------------
 

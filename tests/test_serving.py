@@ -70,11 +70,14 @@ def _drive(engine, prompts, params_list):
       i = waiting.pop(0)
       owner[engine.insert(prompts[i], params_list[i], resume=outputs[i])] = i
     max_active = max(max_active, engine.active_slots)
-    for slot in [s for s in owner if engine.is_prefilling(s)]:
-      token = engine.prefill(slot)
-      if token is not None:
-        outputs[owner[slot]].append(token)
-    produced = engine.generate()
+    if engine.mixed_batches:  # prefill chunks and decode tokens in one call
+      produced = engine.step()
+    else:
+      for slot in [s for s in owner if engine.is_prefilling(s)]:
+        token = engine.prefill(slot)
+        if token is not None:
+          outputs[owner[slot]].append(token)
+      produced = engine.generate()
     for slot in reversed(engine.preempted):
       waiting.insert(0, owner.pop(slot))
     for slot, tokens in produced.items():
@@ -86,12 +89,14 @@ def _drive(engine, prompts, params_list):
   return outputs, max_active
 
 
-@pytest.mark.parametrize("attention_impl", ["xla", "pallas"])
-def test_engine_greedy_under_load_equals_generate_alone_and_frees_every_page(tiny_run, attention_impl):
+@pytest.mark.parametrize("attention_impl,mixed_batches", [("xla", False), ("pallas", False), ("pallas", True)])
+def test_engine_greedy_under_load_equals_generate_alone_and_frees_every_page(tiny_run, attention_impl,
+                                                                             mixed_batches):
   _, model, _, _ = loading.load_trained(tiny_run[0], attention_impl=attention_impl)
   prompts = _prompts(model.spec.vocab_size, [5, 33, 12, 40, 1, 20, 9])
   new = [8, 12, 5, 20, 16, 3, 10]
-  engine = Engine(model, slots=3, page_size=16, num_pages=9, prefill_chunk=16)  # 8 usable pages: admission waits
+  engine = Engine(model, slots=3, page_size=16, num_pages=9, prefill_chunk=16,  # 8 usable pages: admission waits
+                  mixed_batches=mixed_batches)
   outputs, max_active = _drive(engine, prompts, [SamplingParams(max_tokens=n) for n in new])
   assert max_active == 3
   # generate's left-padded batch equals each prompt alone (test_generate), and greedy continuations are prefixes
@@ -139,14 +144,16 @@ def test_on_demand_pages_admit_more_requests_and_preemption_changes_no_output(ti
   greedy = [SamplingParams(max_tokens=n) for n in new]
   sampled = [SamplingParams(max_tokens=n, temperature=1.0, seed=i) for i, n in enumerate(new)]
   runs = {}
-  for allocation, speculate in (("reserve", "none"), ("on_demand", "none"), ("on_demand", "lookup")):
+  for allocation, speculate in (("reserve", "none"), ("on_demand", "none"), ("on_demand", "lookup"),
+                                ("on_demand", "mixed")):
     for name, params in (("greedy", greedy), ("sampled", sampled)):
-      if speculate != "none" and name == "sampled":
+      if speculate == "lookup" and name == "sampled":
         continue
       # 4 slots over 8 usable pages: reserving admits 2 requests at a time (3-4 pages each), on demand 4 (one page
       # each, plus headroom), which preempt each other as they grow
       engine = Engine(model, slots=4, page_size=16, num_pages=9, prefill_chunk=16, page_allocation=allocation,
-                      speculate=speculate, draft_tokens=3)
+                      speculate=speculate if speculate != "mixed" else "none", draft_tokens=3,
+                      mixed_batches=speculate == "mixed")
       outputs, max_active = _drive(engine, prompts, params)
       assert engine.active_slots == 0 and engine.free_pages == engine.num_pages - 1 and engine.used_pages == 0
       runs[allocation, speculate, name] = outputs, max_active, engine.preemptions
@@ -154,11 +161,37 @@ def test_on_demand_pages_admit_more_requests_and_preemption_changes_no_output(ti
     if key[2] == "greedy":
       assert [outputs[i] == want[i][:n] for i, n in enumerate(new)] == [True] * len(new), key
   assert runs["on_demand", "none", "sampled"][0] == runs["reserve", "none", "sampled"][0]  # same keys, same tokens
+  assert runs["on_demand", "mixed", "sampled"][0] == runs["reserve", "none", "sampled"][0]
   assert runs["reserve", "none", "greedy"][2] == 0  # reserving never preempts
-  assert runs["on_demand", "none", "greedy"][2] > 0 and runs["on_demand", "lookup", "greedy"][2] > 0
+  assert all(runs["on_demand", kind, "greedy"][2] > 0 for kind in ("none", "lookup", "mixed"))
   assert runs["on_demand", "none", "greedy"][1] > runs["reserve", "none", "greedy"][1]
   with pytest.raises(ValueError, match="page_allocation='lazy' must be one of"):
     Engine(model, page_allocation="lazy")
+
+
+def test_mixed_steps_prefill_several_prompts_beside_the_decodes_within_the_token_budget(tiny_run):
+  _, model, _, _ = loading.load_trained(tiny_run[0])
+  prompts = _prompts(model.spec.vocab_size, [10, 7, 20, 30, 5], seed=3)
+  want = generate.generate(model, prompts, max_new_tokens=6)
+  engine = Engine(model, slots=5, page_size=16, prefill_chunk=40, mixed_batches=True)
+  assert Engine(model, speculate="lookup", mixed_batches=True).mixed_batches is False  # speculation: own calls
+  params = SamplingParams(max_tokens=6)
+  slots = [engine.insert(p, params) for p in prompts[:2]]
+  assert sorted(engine.step()) == slots  # both short prompts prefilled in one call: each has its first token
+  slots += [engine.insert(p, params) for p in prompts[2:]]
+  # 55 prompt tokens wait; the budget of 40 takes prompt 2 whole and 20 of prompt 3's 30, beside the two decodes
+  produced = engine.step()
+  assert sorted(produced) == sorted(slots[:3])
+  assert engine.is_prefilling(slots[3]) and engine._active[slots[3]].prefilled == 20
+  assert engine.is_prefilling(slots[4]) and engine._active[slots[4]].prefilled == 0
+  outputs = {}
+  while engine.active_slots:
+    engine.step()
+    for slot in [s for s in engine._active if engine._active[s].generated >= 6]:
+      outputs[slots.index(slot)] = list(engine._active[slot].output)
+      engine.release(slot)
+  assert outputs == {i: want[i][:6] for i in range(5)}
+  assert engine.free_pages == engine.num_pages - 1
 
 
 @pytest.mark.parametrize("kind", ["int8_weight", "moe", "gptq4"])
