@@ -51,6 +51,7 @@ import collections
 import dataclasses
 import functools
 import hashlib
+import itertools
 import math
 from collections.abc import Sequence
 
@@ -66,6 +67,9 @@ from infer.sampling import SamplingParams
 
 
 PAGE_ALLOCATIONS = ("reserve", "on_demand")  # pages for prompt + max_tokens at admission, or as sequences grow
+# Prompt tokens a mixed step prefills when prefill_chunk is not given: under bursty arrivals on a 2-core CPU it kept
+# inter-token latency p99 at 0.47x and throughput at 1.09x of whole-prompt prefill calls (docs/bench_serve_mixed.json)
+MIXED_STEP_TOKENS = 64
 TOP_LOGPROBS = 5  # alternatives reported per generated token (OpenAI's completions allow up to 5)
 Logprob = tuple[float, tuple[tuple[int, float], ...]]  # (the token's log-probability, the top alternatives)
 
@@ -172,7 +176,8 @@ class Engine:
   "draft" (drafts from `draft_model`, same tokenizer, over its own page pool): each decode step verifies
   `draft_tokens` drafts per request in one model call and emits 1 to draft_tokens + 1 tokens per request.
   page_allocation: "reserve" or "on_demand". mixed_batches: prefill chunks and decode tokens in one call per
-  iteration (`step`; then prefill_chunk is the step's prompt-token budget, shared by the prefilling requests).
+  iteration (`step`; then prefill_chunk is the step's prompt-token budget, shared by the prefilling requests, by
+  default MIXED_STEP_TOKENS).
   """
 
   def __init__(self, model, *, slots: int = 8, page_size: int = 16, num_pages: int | None = None,
@@ -187,8 +192,6 @@ class Engine:
     self.speculate, self.draft_tokens, self.ngram = speculate, draft_tokens, ngram
     self.draft_model = draft_model if speculate == "draft" else None
     self.prefix_caching = prefix_caching
-    # one call per iteration (`step`); speculative rounds and adapter banks keep their own calls (`prefill`, `generate`)
-    self.mixed_batches = bool(mixed_batches) and speculate == "none" and not model.spec.lora_bank
     self.max_len = model.spec.max_len
     if slots < 1:
       raise ValueError(f"slots={slots} must be >= 1")
@@ -199,9 +202,14 @@ class Engine:
     self.num_pages = num_pages or slots * self.max_pages + 1
     if self.num_pages < 2:
       raise ValueError(f"num_pages={self.num_pages} must be >= 2 (page 0 is scratch)")
-    self.prefill_chunk = prefill_chunk or self.max_len
+    # one call per iteration (`step`); speculative rounds and adapter banks keep their own calls (`prefill`, `generate`)
+    self.mixed_batches = bool(mixed_batches) and speculate == "none" and not model.spec.lora_bank
+    self.prefill_chunk = prefill_chunk or (min(MIXED_STEP_TOKENS, self.max_len) if self.mixed_batches else self.max_len)
     if not 1 <= self.prefill_chunk <= self.max_len:
       raise ValueError(f"prefill_chunk={self.prefill_chunk} must be in [1, max_len={self.max_len}]")
+    # mixed steps lay prompt chunks out in rows of prefill_row tokens, at most prefill_rows of them per step
+    self.prefill_row = min(32, max(16, 1 << (self.prefill_chunk - 1).bit_length()))
+    self.prefill_rows = -(-self.prefill_chunk // self.prefill_row)
     self._graphdef, self._state = nnx.split(model.unstacked())
     self._draft_graphdef = self._draft_state = None
     if self.draft_model is not None:
@@ -388,40 +396,54 @@ class Engine:
 
   def step(self) -> dict[int, list[int]]:
     """One iteration in one model call (mixed batches): the next prompt chunks of the prefilling slots, oldest first,
-    `prefill_chunk` tokens at most in all, ride beside one decode token for every decoding slot. Returns {slot: its
-    new tokens}: the first token of a slot whose prefill ended, the next token of a decoding slot (`logprobs[slot]`
-    has one entry per token); slots preempted for pages are listed in `preempted`."""
+    ride beside one decode token for every decoding slot. Returns {slot: its new tokens}: the first token of a slot
+    whose prefill ended, the next token of a decoding slot (`logprobs[slot]` has one entry per token); slots
+    preempted for pages are listed in `preempted`.
+
+    The chunks are laid out in rows of `prefill_row` tokens, a chunk over as many consecutive rows as it needs
+    (every write of a step lands before any read, so a row sees the rows before it through the pages), at most
+    `prefill_rows` rows per step (the `prefill_chunk` budget), padded to a power of two. Rows of one width and page
+    tables of one width for both groups (the longest sequence's, rounded up to a power of two: attention reads
+    only that many pages) leave few shapes to compile: row counts x table widths, with and without decodes."""
     self.preempted = []
     decoding = self._grow(self._decoding_slots())
-    chunks, budget = [], self.prefill_chunk
+    chunks, rows_left, width = [], self.prefill_rows, self.prefill_row
     for slot in sorted((x for x in self._active if self.is_prefilling(x)), key=lambda x: self._active[x].order):
-      n = min(budget, self._active[slot].context - self._active[slot].prefilled)
+      n = min(rows_left * width, self._active[slot].context - self._active[slot].prefilled)
       if n == 0:
         break
       chunks.append((slot, n))
-      budget -= n
+      rows_left -= -(-n // width)
     if not chunks:
       return self._decode(decoding)
-    rows = 1 << (len(chunks) - 1).bit_length()  # a power of two: few shapes to compile
-    width = self._bucket(max(n for _, n in chunks))
+    used = self.prefill_rows - rows_left
+    rows = 1 << (used - 1).bit_length()  # a power of two: few shapes to compile
     tokens, live, positions = (np.zeros((rows, width), np.int32) for _ in range(3))
     lengths, last_index = np.zeros((rows,), np.int32), np.zeros((rows,), np.int32)
     table = np.zeros((rows, self.max_pages), np.int32)
     prefill_rows: list[_Slot | None] = [None] * rows
-    for row, (slot, n) in enumerate(chunks):
+    ends, row = {}, 0  # slot -> the row of its chunk's last token
+    for slot, n in chunks:
       s = self._active[slot]
-      tokens[row, :n] = (s.prompt + s.output)[s.prefilled:s.prefilled + n]
-      live[row, :n] = 1
-      positions[row, :n] = np.arange(s.prefilled, s.prefilled + n)
+      context = s.prompt + s.output
+      for start in range(s.prefilled, s.prefilled + n, width):
+        m = min(width, s.prefilled + n - start)
+        tokens[row, :m], live[row, :m] = context[start:start + m], 1
+        positions[row, :m] = np.arange(start, start + m)
+        lengths[row], last_index[row], table[row], prefill_rows[row] = start + m, m - 1, self._table[slot], s
+        row += 1
       s.prefilled += n
-      lengths[row], last_index[row], table[row] = s.prefilled, n - 1, self._table[slot]
-      prefill_rows[row] = s
-    groups = [(tokens, live, positions, table[:, :self._table_width(int(lengths.max()))], lengths, last_index)]
+      ends[slot] = row - 1
+    columns = int(lengths.max())  # page-table columns the step reads: one width for both groups
+    groups = [(tokens, live, positions, table, lengths, last_index)]
     decode_rows: list[_Slot | None] = []
     if decoding:
       d_tokens, d_live, d_positions, d_lengths, decode_rows = self._decode_inputs(decoding)
-      d_table = np.where(d_live > 0, self._table, 0)[:, :self._table_width(int(d_lengths.max()))]
-      groups.append((d_tokens, d_live, d_positions, d_table, d_lengths, np.zeros((self.slots,), np.int32)))
+      groups.append((d_tokens, d_live, d_positions, np.where(d_live > 0, self._table, 0), d_lengths,
+                     np.zeros((self.slots,), np.int32)))
+      columns = max(columns, int(d_lengths.max()))
+    width = self._table_width(columns)
+    groups = [(*g[:3], g[3][:, :width], *g[4:]) for g in groups]
     all_rows = prefill_rows + decode_rows
     params = [r.params if r is not None else SamplingParams() for r in all_rows]
     counters = np.array([r.generated if r is not None else 0 for r in all_rows], np.int32)
@@ -429,9 +451,8 @@ class Engine:
                                    sampling.row_settings(params))
     chosen = self._unpack(out, len(all_rows))
     result = {}
-    for row, (slot, _) in enumerate(chunks):
-      s = self._active[slot]
-      if s.prefilled == s.context:
+    for slot, row in ends.items():
+      if self._active[slot].prefilled == self._active[slot].context:
         result[slot] = [self._first_token(slot, int(chosen[row]), self._row_logprobs[row])]
     for slot in decoding:
       s = self._active[slot]
@@ -439,6 +460,24 @@ class Engine:
       result[slot] = [s.last_token]
       self.logprobs[slot] = [self._row_logprobs[rows + slot]]
     return result
+
+  def warmup(self) -> None:
+    """Compiles every shape `step` can take (each row count, with and without decodes) on empty rows, which write
+    only to the scratch page: a server calls it before it takes requests, so no request waits for a compile."""
+    if not self.mixed_batches:
+      return
+    zeros = lambda *shape: np.zeros(shape, np.int32)  # noqa: E731
+    decode = (zeros(self.slots, 1), zeros(self.slots, 1), zeros(self.slots, 1), zeros(self.slots, self.max_pages),
+              zeros(self.slots), zeros(self.slots))
+    widths = sorted({self._table_width(n) for n in range(1, self.max_len + 1)})
+    for rows, width in itertools.product((1 << i for i in range((self.prefill_rows - 1).bit_length() + 1)), widths):
+      prefill = (zeros(rows, self.prefill_row), zeros(rows, self.prefill_row), zeros(rows, self.prefill_row),
+                 zeros(rows, width), zeros(rows), zeros(rows))
+      for groups in ((prefill,), (prefill, (*decode[:3], decode[3][:, :width], *decode[4:]))):
+        n = sum(g[0].shape[0] for g in groups)
+        out, self._pages = _mixed_step(self._graphdef, self._state, self._pages, groups, zeros(n),
+                                       sampling.row_settings([SamplingParams()] * n))
+        jax.block_until_ready(out)
 
   def generate(self) -> dict[int, list[int]]:
     """One decode step for every slot whose prompt is fully prefilled. Returns {slot: its new tokens} (one token,

@@ -3,7 +3,7 @@
   python -m infer.serve --workdir=runs/default [--port=8000] [--slots=8] [--page_size=16] [--num_pages=0]
       [--prefill_chunk=0] [--max_queue=64] [--queue_timeout=300] [--request_timeout=0] [--mode=continuous|static]
       [--attention_impl=xla|pallas] [--head_quant=int8] [--prefix_caching]
-      [--page_allocation=on_demand|reserve] [--mixed_batches=true|false] [--speculate=none|lookup|draft] [--draft_tokens=4] [--ngram=3] [--draft_workdir=DIR]
+      [--page_allocation=on_demand|reserve] [--mixed_batches=true|false] [--warmup] [--compilation_cache=DIR] [--speculate=none|lookup|draft] [--draft_tokens=4] [--ngram=3] [--draft_workdir=DIR]
 
 SIGTERM (or Ctrl-C) drains: new requests get 503 while those in flight finish, then the process exits.
 """
@@ -14,14 +14,16 @@ import asyncio
 import os
 import signal
 import sys
+import time
 
+import jax
 from absl import app, flags
 from aiohttp import web
 
 from configs import base
 from infer import loading
 from infer import speculative
-from infer.engine import PAGE_ALLOCATIONS, Engine
+from infer.engine import MIXED_STEP_TOKENS, PAGE_ALLOCATIONS, Engine
 from infer.scheduler import Scheduler
 from infer.server import Metrics, Server
 from workdir import tokenizer as tokenizer_lib
@@ -37,11 +39,12 @@ def build(workdir: str, *, slots: int = 8, page_size: int = 16, num_pages: int =
           profile_dir: str | None = None, head_quant: str | None = None, adapter: str | None = None,
           adapters: dict[str, str] | None = None, prefix_caching: bool = False, speculate: str = "none",
           draft_tokens: int = 4, ngram: int = 3, draft_workdir: str | None = None,
-          page_allocation: str = "on_demand", mixed_batches: bool = True) -> Server:
+          page_allocation: str = "on_demand", mixed_batches: bool = True, warmup: bool = True) -> Server:
   """Loads `workdir` and wires engine, scheduler (started), metrics and server together. `adapter`: a LoRA adapter
   merged into the model; `adapters` {model id: adapter path}: a bank the requests pick from by their `model` field
   (the workdir's own id is the base model). `speculate`: speculative decoding in the engine (prompt lookup, or a
-  draft model loaded from `draft_workdir`, a run with the same tokenizer)."""
+  draft model loaded from `draft_workdir`, a run with the same tokenizer). `warmup`: compile every mixed-batch step
+  shape before taking requests."""
   _, model, tokenizer, _ = loading.load_trained(workdir, step, matmul_impl, attention_impl, head_quant=head_quant,
                                                 adapter=adapter)
   if adapters:
@@ -53,6 +56,11 @@ def build(workdir: str, *, slots: int = 8, page_size: int = 16, num_pages: int =
                   prefill_chunk=prefill_chunk or None, prefix_caching=prefix_caching, speculate=speculate,
                   draft_tokens=draft_tokens, ngram=ngram, draft_model=draft_model, page_allocation=page_allocation,
                   mixed_batches=mixed_batches)
+  if engine.mixed_batches and warmup:
+    start = time.perf_counter()
+    engine.warmup()
+    print(f"mixed-batch steps compiled in {time.perf_counter() - start:.1f} s (prefill rows of {engine.prefill_row} "
+          f"tokens, up to {engine.prefill_rows} per step)", flush=True)
   scheduler = Scheduler(engine, lambda ids: tokenizer_lib.decode(tokenizer, ids), mode=mode, max_queue=max_queue,
                         queue_timeout=queue_timeout, request_timeout=request_timeout)
   metrics = Metrics(scheduler)
@@ -102,6 +110,9 @@ def main(argv):
   if len(argv) > 1:
     sys.exit(f"error: unexpected arguments {argv[1:]}")
   f = flags.FLAGS
+  if f.compilation_cache:  # compiled steps persist across restarts: the warm-up then takes seconds
+    jax.config.update("jax_compilation_cache_dir", f.compilation_cache)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
   try:
     server = build(f.workdir, slots=f.slots, page_size=f.page_size, num_pages=f.num_pages,
                    prefill_chunk=f.prefill_chunk, max_queue=f.max_queue, queue_timeout=f.queue_timeout,
@@ -109,7 +120,7 @@ def main(argv):
                    matmul_impl=f.matmul_impl, step=f.step, api_key=f.api_key or os.environ.get("PEAKLLM_API_KEY"),
                    profile_dir=f.profile_dir or None, head_quant=f.head_quant, prefix_caching=f.prefix_caching,
                    speculate=f.speculate, draft_tokens=f.draft_tokens, ngram=f.ngram, draft_workdir=f.draft_workdir,
-                   page_allocation=f.page_allocation, mixed_batches=f.mixed_batches,
+                   page_allocation=f.page_allocation, mixed_batches=f.mixed_batches, warmup=f.warmup,
                    **_adapter_flags(f.adapter))
   except (FileNotFoundError, ValueError) as e:
     sys.exit(f"error: cannot serve --workdir={f.workdir}: {e}")
@@ -124,7 +135,8 @@ def _define_flags():
   flags.DEFINE_integer("page_size", 16, "KV-cache slots per page (a power of two >= 16).")
   flags.DEFINE_integer("num_pages", 0, "KV pages in the pool (0: enough for every slot at full context).")
   flags.DEFINE_integer("prefill_chunk", 0, "Most prompt tokens per prefill call, or with --mixed_batches per step, "
-                       "shared by the prefilling requests (0: the model's context).")
+                       "shared by the prefilling requests (0: whole prompts; with --mixed_batches "
+                       f"{MIXED_STEP_TOKENS} per step).")
   flags.DEFINE_bool("mixed_batches", True, "Prefill chunks of new requests ride in the same model call as the "
                     "running requests' decode tokens (several waiting prompts batched); off: each prefill chunk is a "
                     "call of its own before the decode step. Not with --speculate or --adapter banks.")
@@ -138,6 +150,11 @@ def _define_flags():
   flags.DEFINE_integer("draft_tokens", 4, "--speculate: drafts verified per request and model call.")
   flags.DEFINE_integer("ngram", 3, "--speculate=lookup: the longest context suffix looked up.")
   flags.DEFINE_string("draft_workdir", None, "--speculate=draft: a smaller run trained with the same tokenizer.")
+  flags.DEFINE_bool("warmup", True, "--mixed_batches: compile every step shape (prefill rows x page-table widths) "
+                    "before taking requests, so that no request waits for a compile.")
+  flags.DEFINE_string("compilation_cache", os.path.join(os.environ.get("PEAKLLM_CACHE", os.path.expanduser(
+      "~/.cache/peakllm")), "xla"), "JAX's persistent compilation cache directory: the compiled steps are kept "
+                      "across restarts (empty: off).")
   flags.DEFINE_integer("max_queue", 64, "Waiting requests beyond which the server answers 429.")
   flags.DEFINE_float("queue_timeout", 300.0, "Seconds a request may wait for a free slot before it gets 503 "
                      "(0: no limit).")

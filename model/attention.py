@@ -96,19 +96,25 @@ def paged_step(q: jax.Array, k: jax.Array, v: jax.Array, kv_pages: tuple[jax.Arr
   ends = list(itertools.accumulate(g.q_segment_ids.size for g in visibility.groups))
   split = lambda t: [part.reshape(*g.q_segment_ids.shape, *t.shape[2:])  # noqa: E731
                      for part, g in zip(jnp.split(t, ends[:-1], axis=1), visibility.groups)]
-  for g, k_g, v_g in zip(visibility.groups, split(k), split(v)):  # every write before any read: groups are apart
-    kv_pages = (write_pages(kv_pages[0], k_g, g), write_pages(kv_pages[1], v_g, g))
+  # one scatter for all groups (they write apart), before any read
+  where = [_page_slots(g, kv_pages[0].shape[1]) for g in visibility.groups]
+  page, slot = (jnp.concatenate([w[i].reshape(-1) for w in where]) for i in (0, 1))
+  kv_pages = tuple(pages.at[page, slot].set(new[0].astype(pages.dtype)) for pages, new in zip(kv_pages, (k, v)))
   outs = [attend_paged(q_g, *kv_pages, g, impl=impl) for g, q_g in zip(visibility.groups, split(q))]
   return jnp.concatenate([o.reshape(1, -1, *o.shape[2:]) for o in outs], axis=1), kv_pages
 
 
-def write_pages(pages: jax.Array, new: jax.Array, visibility: PagedVisibility) -> jax.Array:
-  """Scatters this step's keys or values into their pages. pages [N, P, K, D], new [B, L, K, D] -> pages."""
-  page_size = pages.shape[1]
+def _page_slots(visibility: PagedVisibility, page_size: int) -> tuple[jax.Array, jax.Array]:
+  """Where each token of a step is written: (page [B, L], offset in the page [B, L]); padding goes to page 0."""
   slots = visibility.q_slots
   page = jnp.take_along_axis(visibility.page_table, slots // page_size, axis=1, mode="clip")
-  page = jnp.where(visibility.q_segment_ids > 0, page, 0)
-  return pages.at[page, slots % page_size].set(new.astype(pages.dtype))
+  return jnp.where(visibility.q_segment_ids > 0, page, 0), slots % page_size
+
+
+def write_pages(pages: jax.Array, new: jax.Array, visibility: PagedVisibility) -> jax.Array:
+  """Scatters this step's keys or values into their pages. pages [N, P, K, D], new [B, L, K, D] -> pages."""
+  page, slot = _page_slots(visibility, pages.shape[1])
+  return pages.at[page, slot].set(new.astype(pages.dtype))
 
 
 def attend_paged(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, visibility: PagedVisibility, *,

@@ -4,7 +4,7 @@ For each batching mode the same engine settings serve the same request mix: prom
 lengths drawn from --prompt_lengths and output lengths from --output_lengths (`ignore_eos`, so every request
 produces exactly its output length), sent by --concurrency closed-loop clients until --requests have finished or
 --max_seconds have passed. Every request streams, so the client measures time to first token (TTFT) and time per
-output token after the first (TPOT) itself. Prefill buckets and the decode step are compiled by a warm-up before the
+output token after the first (TPOT, a mean per request) and the gaps between tokens (inter-token latency, ITL) itself. Prefill buckets and the decode step are compiled by a warm-up before the
 clock starts. The server runs in its own process (`python -m infer.serve`) and is stopped with SIGTERM, which drains it.
 Prints a table and writes JSON.
 
@@ -22,6 +22,12 @@ polled from /metrics) and the preemptions:
   python -m scripts.bench_serve --modes=continuous --page_allocation=reserve,on_demand --slots=16 --num_pages=49 \
       --declared_max_tokens=160
   python -m scripts.bench_serve --modes=continuous --burst=16 --burst_interval=2 --prefill_chunk=32
+
+Mixed batches off and on under bursty arrivals (the prefill chunks of new requests in their own calls before each
+decode step, or riding in it):
+
+  python -m scripts.bench_serve --modes=continuous --mixed_batches=off,on --prefill_chunk=0,64,32 --slots=16 \
+      --burst=16 --burst_interval=2 --requests=64 --prompt_lengths=64,192 --output_lengths=32,64
 
 Shared system prompt, prefix caching off and on (every prompt starts with the same 192 tokens):
 
@@ -48,7 +54,8 @@ _CONCURRENCY = flags.DEFINE_integer("concurrency", 16, "Closed-loop clients.")
 _MAX_SECONDS = flags.DEFINE_float("max_seconds", 300.0, "Stop sending after this long (per mode).")
 _SLOTS = flags.DEFINE_integer("slots", 8, "Engine slots (the decode batch).")
 _PAGE_SIZE = flags.DEFINE_integer("page_size", 16, "KV page size.")
-_PREFILL_CHUNK = flags.DEFINE_integer("prefill_chunk", 0, "Prefill chunk (0: whole prompts).")
+_PREFILL_CHUNK = flags.DEFINE_list("prefill_chunk", ["0"], "Prefill chunks to compare: prompt tokens per prefill call, "
+                                   "or with mixed batches per step (0: whole prompts).")
 _MODES = flags.DEFINE_list("modes", ["continuous", "static"], "Batching modes to compare.")
 _PROMPT_LENGTHS = flags.DEFINE_list("prompt_lengths", ["8", "96"], "Prompt length range [lo, hi] in tokens.")
 _OUTPUT_LENGTHS = flags.DEFINE_list("output_lengths", ["8", "128"], "Output length range [lo, hi] in tokens.")
@@ -57,6 +64,8 @@ _SEED = flags.DEFINE_integer("seed", 0, "Request mix seed.")
 _PREFIX_CACHING = flags.DEFINE_list("prefix_caching", ["off"], "Prefix caching settings to compare (off, on).")
 _SHARED_PREFIX = flags.DEFINE_integer("shared_prefix", 0, "Tokens of one common prompt start shared by every request.")
 _NUM_PAGES = flags.DEFINE_integer("num_pages", 0, "KV pages in the pool (0: enough for every slot at full context).")
+_MIXED = flags.DEFINE_list("mixed_batches", ["on"], "Mixed batches to compare (on: prefill chunks ride in the decode "
+                           "step's call; off: one call per prefill chunk before the decode step).")
 _ALLOCATION = flags.DEFINE_list("page_allocation", ["on_demand"], "Page allocations to compare (on_demand, reserve).")
 _DECLARED = flags.DEFINE_integer("declared_max_tokens", 0, "> 0: every request asks for this many tokens and its client "
                                  "disconnects after its own output length (requests that end early, lengths unknown "
@@ -72,10 +81,12 @@ _PROFILE = flags.DEFINE_string("profile", "", "A directory: trace the server dur
 
 
 def settings(mode: str, prefix_caching: bool = False, speculate: str = "none",
-             page_allocation: str = "on_demand") -> serve_load.Settings:
-  """The flags as load settings for one batching mode, prefix-caching, speculation and page-allocation setting."""
+             page_allocation: str = "on_demand", mixed_batches: bool = True,
+             prefill_chunk: int = 0) -> serve_load.Settings:
+  """The flags as load settings for one batching mode, prefix-caching, speculation, page-allocation and mixed-batch
+  setting."""
   return serve_load.Settings(workdir=_WORKDIR.value, mode=mode, slots=_SLOTS.value, page_size=_PAGE_SIZE.value,
-                             prefill_chunk=_PREFILL_CHUNK.value, requests=_REQUESTS.value,
+                             prefill_chunk=prefill_chunk, requests=_REQUESTS.value,
                              concurrency=_CONCURRENCY.value, max_seconds=_MAX_SECONDS.value,
                              prompt_lengths=tuple(map(int, _PROMPT_LENGTHS.value)),
                              output_lengths=tuple(map(int, _OUTPUT_LENGTHS.value)), attention_impl=_ATTENTION.value,
@@ -83,7 +94,8 @@ def settings(mode: str, prefix_caching: bool = False, speculate: str = "none",
                              shared_prefix=_SHARED_PREFIX.value, speculate=speculate,
                              draft_tokens=_DRAFT_TOKENS.value, draft_workdir=_DRAFT_WORKDIR.value,
                              num_pages=_NUM_PAGES.value, page_allocation=page_allocation, burst=_BURST.value,
-                             burst_interval=_BURST_INTERVAL.value, declared_max_tokens=_DECLARED.value)
+                             burst_interval=_BURST_INTERVAL.value, declared_max_tokens=_DECLARED.value,
+                             mixed_batches=mixed_batches)
 
 
 def main(argv):
@@ -99,9 +111,17 @@ def main(argv):
   for value in _ALLOCATION.value:
     if value not in PAGE_ALLOCATIONS:
       raise app.UsageError(f"--page_allocation={value!r}: each value must be one of {list(PAGE_ALLOCATIONS)}")
-  for mode, caching, speculate, allocation in itertools.product(_MODES.value, _PREFIX_CACHING.value, _SPECULATE.value,
-                                                                _ALLOCATION.value):
-    rows.append(serve_load.bench_mode(settings(mode, caching == "on", speculate, allocation),
+  for value in _MIXED.value:
+    if value not in ("off", "on"):
+      raise app.UsageError(f"--mixed_batches={value!r}: each value must be off or on")
+  chunks = []
+  for value in _PREFILL_CHUNK.value:
+    if not value.isdigit():
+      raise app.UsageError(f"--prefill_chunk={value!r}: each value must be a number of tokens >= 0")
+    chunks.append(int(value))
+  for mode, caching, speculate, allocation, mixed, chunk in itertools.product(
+      _MODES.value, _PREFIX_CACHING.value, _SPECULATE.value, _ALLOCATION.value, _MIXED.value, chunks):
+    rows.append(serve_load.bench_mode(settings(mode, caching == "on", speculate, allocation, mixed == "on", chunk),
                                       model_config.vocab_size, model_config.max_len))
     print(json.dumps(rows[-1]), flush=True)
   print(f"\nserving {_WORKDIR.value} on {jax.devices()[0].device_kind} (server in its own process): "
@@ -110,17 +130,29 @@ def main(argv):
         f"outputs {'-'.join(_OUTPUT_LENGTHS.value)} tokens, shared prefix {_SHARED_PREFIX.value} tokens, "
         + (f"bursts of {_BURST.value} every {_BURST_INTERVAL.value:g} s" if _BURST.value else "closed loop")
         + f", pool {_NUM_PAGES.value or 'full'} pages")
-  print("| mode | pages | prefix caching | speculation (acceptance) | requests | req/s | output tok/s | "
-        "TTFT p50 / p99 (s) | TPOT p50 / p99 (ms) | running mean / max | used pages mean / max | preemptions |")
-  print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+  print("| mode | mixed batches | prefill chunk | pages | prefix caching | speculation (acceptance) | requests | req/s | output tok/s | "
+        "TTFT p50 / p99 (s) | TPOT p50 / p99 (ms) | ITL p99 (ms) | running mean / max | used pages mean / max | preemptions |")
+  print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
   for r in rows:
     tpot = f"{1e3 * r['tpot_p50_s']:.1f} / {1e3 * r['tpot_p99_s']:.1f}"
     spec = r["speculate"] if r["speculate"] == "none" else f"{r['speculate']} k={r['draft_tokens']} ({r['acceptance_rate']:.2f})"
-    print(f"| {r['mode']} | {r['page_allocation']} | {'on' if r['prefix_caching'] else 'off'} | {spec} | "
+    print(f"| {r['mode']} | {'on' if r['mixed_batches'] else 'off'} | {r['prefill_chunk'] or 'whole'} | "
+          f"{r['page_allocation']} | {'on' if r['prefix_caching'] else 'off'} | {spec} | "
           f"{r['requests']} | {r['requests_per_s']:.2f} | {r['output_tokens_per_s']:.1f} | "
-          f"{r['ttft_p50_s']:.2f} / {r['ttft_p99_s']:.2f} | {tpot} | {r['running_requests_mean']:.1f} / "
+          f"{r['ttft_p50_s']:.2f} / {r['ttft_p99_s']:.2f} | {tpot} | {1e3 * r['itl_p99_s']:.1f} | {r['running_requests_mean']:.1f} / "
           f"{r['running_requests_max']:.0f} | {r['used_pages_mean']:.1f} / {r['used_pages_max']:.0f} | "
           f"{r['preemptions']:.0f} |")
+  separate = {r["mode"]: r for r in rows if not r["mixed_batches"] and r["prefill_chunk"] == chunks[0]}
+  for r in rows:
+    if r["mixed_batches"] and r["mode"] in separate:
+      base = separate[r["mode"]]
+      r["tpot_p99_mixed_over_separate"] = r["tpot_p99_s"] / base["tpot_p99_s"]
+      r["itl_p99_mixed_over_separate"] = r["itl_p99_s"] / base["itl_p99_s"]
+      print(f"{r['mode']}: mixed (chunk {r['prefill_chunk'] or 'whole'}) / separate prefill calls (chunk "
+            f"{chunks[0] or 'whole'}): TPOT p99 {r['tpot_p99_mixed_over_separate']:.2f}x, inter-token latency p99 "
+            f"{r['itl_p99_mixed_over_separate']:.2f}x, "
+            f"TPOT p50 {r['tpot_p50_s'] / base['tpot_p50_s']:.2f}x, TTFT p50 {r['ttft_p50_s'] / base['ttft_p50_s']:.2f}x, "
+            f"throughput {r['output_tokens_per_s'] / base['output_tokens_per_s']:.2f}x")
   reserved = {r["mode"]: r for r in rows if r["page_allocation"] == "reserve"}
   for r in rows:
     if r["page_allocation"] == "on_demand" and r["mode"] in reserved:
@@ -129,7 +161,8 @@ def main(argv):
       print(f"{r['mode']}: running requests on demand / reserved: {r['running_over_reserve']:.2f}x (mean), TPOT p99 "
             f"{r['tpot_p99_s'] / base['tpot_p99_s']:.2f}x, throughput "
             f"{r['output_tokens_per_s'] / base['output_tokens_per_s']:.2f}x")
-  plain = [r for r in rows if r["speculate"] == "none" and r["page_allocation"] == _ALLOCATION.value[0]]
+  plain = [r for r in rows if r["speculate"] == "none" and r["page_allocation"] == _ALLOCATION.value[0]
+           and r["mixed_batches"] == (_MIXED.value[0] == "on") and r["prefill_chunk"] == chunks[0]]
   by_mode = {r["mode"]: r for r in plain if not r["prefix_caching"]}
   cached = {r["mode"]: r for r in plain if r["prefix_caching"]}
   for r in rows:

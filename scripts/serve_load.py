@@ -16,6 +16,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 
@@ -43,6 +44,7 @@ class Settings:
   shared_prefix: int = 0  # tokens of one common "system prompt" that starts every request's prompt
   num_pages: int = 0  # the engine's KV pool (0: enough for every slot at full context)
   page_allocation: str = "on_demand"  # the engine's KV pages: on_demand (preempting) or reserve
+  mixed_batches: bool = True  # prefill chunks ride in the decode step's call (else a call each before it)
   declared_max_tokens: int = 0  # > 0: every request asks for this many tokens, and its client disconnects after its
   # own output length (as requests that end early on a stop string or EOS): the server cannot know lengths in advance
   burst: int = 0  # > 0: open-loop arrivals, this many requests at once every `burst_interval` s (not closed-loop)
@@ -78,8 +80,8 @@ async def _one(session: aiohttp.ClientSession, url: str, body: dict) -> dict:
   body = dict(body)
   stop_after = body.pop("stop_after", 0)
   start = time.perf_counter()
-  first = None
-  tokens = 0
+  first = last = None
+  tokens, gaps = 0, []  # gaps: seconds between consecutive token events (inter-token latency)
   async with session.post(url + "/v1/completions", json=body) as response:
     if response.status != 200:
       return {"status": response.status}
@@ -88,9 +90,12 @@ async def _one(session: aiohttp.ClientSession, url: str, body: dict) -> dict:
       if not line.startswith(b"data: ") or line == b"data: [DONE]":
         continue
       event = json.loads(line[6:])
-      if event["choices"] and first is None:
-        first = time.perf_counter()
       if event["choices"]:
+        now = time.perf_counter()
+        first = first or now
+        if last is not None:
+          gaps.append(now - last)
+        last = now
         tokens += 1  # one event per token (no stop strings here)
       if event.get("usage"):
         tokens = event["usage"]["completion_tokens"]
@@ -98,7 +103,7 @@ async def _one(session: aiohttp.ClientSession, url: str, body: dict) -> dict:
         break  # leaving the block closes the connection: the server cancels the request
   end = time.perf_counter()
   return {"status": 200, "ttft": first - start, "tpot": (end - first) / max(tokens - 1, 1), "tokens": tokens,
-          "latency": end - start}
+          "latency": end - start, "itl": gaps}
 
 
 POLLED = ("peakllm_active_slots", "peakllm_used_pages")  # sampled from /metrics while the load runs
@@ -170,18 +175,22 @@ def _start_server(s: Settings, port: int) -> subprocess.Popen:
     cmd.append(f"--attention_impl={s.attention_impl}")
   if s.prefix_caching:
     cmd.append("--prefix_caching")
-  cmd += [f"--page_allocation={s.page_allocation}", f"--num_pages={s.num_pages}"]
+  cmd += [f"--page_allocation={s.page_allocation}", f"--num_pages={s.num_pages}",
+          f"--mixed_batches={str(s.mixed_batches).lower()}"]
   if s.speculate != "none":
     cmd += [f"--speculate={s.speculate}", f"--draft_tokens={s.draft_tokens}"]
     if s.draft_workdir:
       cmd.append(f"--draft_workdir={s.draft_workdir}")
   if s.profile:
     cmd.append(f"--profile_dir={os.path.abspath(os.path.join(s.profile, s.mode))}")
-  proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  # Its log goes to a file: a pipe nobody reads after start-up fills (64 KiB of access log) and blocks the server.
+  log = tempfile.NamedTemporaryFile("w+", prefix="peakllm_serve_", suffix=".log", delete=False)
+  proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True)
+  proc.log_path = log.name
   deadline = time.time() + 300
   while time.time() < deadline:
     if proc.poll() is not None:
-      raise RuntimeError(f"the server exited with {proc.returncode}:\n{proc.stdout.read()}")
+      raise RuntimeError(f"the server exited with {proc.returncode} (log {log.name}):\n{_tail(log.name)}")
     try:
       with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
         if r.status == 200:
@@ -190,6 +199,11 @@ def _start_server(s: Settings, port: int) -> subprocess.Popen:
       time.sleep(0.5)
   proc.kill()
   raise RuntimeError("the server did not become healthy within 300 s")
+
+
+def _tail(path: str, lines: int = 40) -> str:
+  with open(path, encoding="utf-8", errors="replace") as f:
+    return "".join(f.readlines()[-lines:])
 
 
 def _gauge(url: str, name: str) -> float | None:
@@ -248,16 +262,23 @@ def bench_mode(s: Settings, vocab: int, max_len: int) -> dict:
       proc.wait(timeout=60)
     except subprocess.TimeoutExpired:
       proc.kill()
+    if proc.returncode == 0:
+      os.remove(proc.log_path)
+    else:
+      print(f"the server exited with {proc.returncode}; its log: {proc.log_path}", flush=True)
   done = [r for r in results if r["status"] == 200]
   ttft, tpot = [r["ttft"] for r in done], [r["tpot"] for r in done if r["tokens"] > 1]
+  itl = [gap for r in done for gap in r["itl"]]  # every gap between two tokens of a request
   tokens = sum(r["tokens"] for r in done)
   return {"mode": s.mode, "slots": s.slots, "prefill_chunk": s.prefill_chunk, "prefix_caching": s.prefix_caching,
           "shared_prefix": s.shared_prefix, "requests": len(done), "failed": len(results) - len(done), "seconds": seconds,
           "requests_per_s": len(done) / seconds, "output_tokens_per_s": tokens / seconds, "output_tokens": tokens,
           "ttft_p50_s": _pct(ttft, 50), "ttft_p99_s": _pct(ttft, 99), "tpot_p50_s": _pct(tpot, 50),
-          "tpot_p99_s": _pct(tpot, 99), "server_exit_code": proc.returncode, "ready_s": ready_s,
+          "tpot_p99_s": _pct(tpot, 99), "itl_p50_s": _pct(itl, 50), "itl_p99_s": _pct(itl, 99),
+          "server_exit_code": proc.returncode, "ready_s": ready_s,
           "server_peak_rss_mib": server_peak, "speculate": s.speculate, "draft_tokens": s.draft_tokens,
           "acceptance_rate": acceptance, "page_allocation": s.page_allocation, "burst": s.burst,
+          "mixed_batches": s.mixed_batches,
           "declared_max_tokens": s.declared_max_tokens,
           "preemptions": preemptions, **_occupancy(samples)}
 

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from infer import generate, loading, serve
+from infer import engine as engine_lib
 from infer.engine import Engine
 from infer.sampling import SamplingParams
 from infer.scheduler import QueueFull, Scheduler
@@ -171,19 +172,21 @@ def test_on_demand_pages_admit_more_requests_and_preemption_changes_no_output(ti
 
 def test_mixed_steps_prefill_several_prompts_beside_the_decodes_within_the_token_budget(tiny_run):
   _, model, _, _ = loading.load_trained(tiny_run[0])
-  prompts = _prompts(model.spec.vocab_size, [10, 7, 20, 30, 5], seed=3)
+  prompts = _prompts(model.spec.vocab_size, [10, 7, 50, 20, 5], seed=3)
   want = generate.generate(model, prompts, max_new_tokens=6)
-  engine = Engine(model, slots=5, page_size=16, prefill_chunk=40, mixed_batches=True)
+  engine = Engine(model, slots=5, page_size=16, prefill_chunk=64, mixed_batches=True)
+  assert (engine.prefill_row, engine.prefill_rows) == (32, 2)  # the step's budget: two rows of 32 prompt tokens
   assert Engine(model, speculate="lookup", mixed_batches=True).mixed_batches is False  # speculation: own calls
+  engine.warmup()
+  compiled = engine_lib._mixed_step._cache_size()
   params = SamplingParams(max_tokens=6)
   slots = [engine.insert(p, params) for p in prompts[:2]]
   assert sorted(engine.step()) == slots  # both short prompts prefilled in one call: each has its first token
   slots += [engine.insert(p, params) for p in prompts[2:]]
-  # 55 prompt tokens wait; the budget of 40 takes prompt 2 whole and 20 of prompt 3's 30, beside the two decodes
-  produced = engine.step()
-  assert sorted(produced) == sorted(slots[:3])
-  assert engine.is_prefilling(slots[3]) and engine._active[slots[3]].prefilled == 20
-  assert engine.is_prefilling(slots[4]) and engine._active[slots[4]].prefilled == 0
+  # the 50-token prompt fills both rows (32 + 18 tokens) beside the two decodes; prompts 3 and 4 wait
+  assert sorted(engine.step()) == sorted(slots[:3])
+  assert engine._active[slots[3]].prefilled == engine._active[slots[4]].prefilled == 0
+  assert sorted(engine.step()) == sorted(slots)  # a row each for prompts 3 and 4, beside three decodes
   outputs = {}
   while engine.active_slots:
     engine.step()
@@ -192,6 +195,7 @@ def test_mixed_steps_prefill_several_prompts_beside_the_decodes_within_the_token
       engine.release(slot)
   assert outputs == {i: want[i][:6] for i in range(5)}
   assert engine.free_pages == engine.num_pages - 1
+  assert engine_lib._mixed_step._cache_size() == compiled  # the warm-up compiled every shape the steps took
 
 
 @pytest.mark.parametrize("kind", ["int8_weight", "moe", "gptq4"])
@@ -246,6 +250,11 @@ def test_engine_refuses_requests_that_can_never_fit(tiny_run):
 
 
 # -- scheduler ---------------------------------------------------------------------------------------------------------
+
+
+def _iteration(engine) -> str:
+  """The engine method the scheduler calls once per iteration (faults are injected there)."""
+  return "step" if engine.mixed_batches else "generate"
 
 
 def _scheduler(model, tokenizer, **kw):
@@ -449,7 +458,7 @@ def test_requests_without_a_seed_get_fresh_randomness(server):
 def test_an_engine_failure_fails_its_requests_with_500_and_the_engine_recovers(server, monkeypatch):
   srv, bg = server
   engine = srv.scheduler.engine
-  real_generate = engine.generate
+  real_generate = getattr(engine, _iteration(engine))
   calls = {"n": 0}
 
   def fails_once():
@@ -458,7 +467,7 @@ def test_an_engine_failure_fails_its_requests_with_500_and_the_engine_recovers(s
       raise RuntimeError("injected device fault")
     return real_generate()
 
-  monkeypatch.setattr(engine, "generate", fails_once)
+  monkeypatch.setattr(engine, _iteration(engine), fails_once)
 
   async def go():
     async with aiohttp.ClientSession() as s:
@@ -480,8 +489,8 @@ def test_health_reports_a_stuck_engine(server, monkeypatch):
 
   srv, bg = server
   engine = srv.scheduler.engine
-  real_generate, release = engine.generate, threading.Event()
-  monkeypatch.setattr(engine, "generate", lambda: (release.wait(10), real_generate())[1])
+  real_generate, release = getattr(engine, _iteration(engine)), threading.Event()
+  monkeypatch.setattr(engine, _iteration(engine), lambda: (release.wait(10), real_generate())[1])
   monkeypatch.setattr(srv, "stuck_after_s", 0.3)
 
   async def one():
@@ -519,8 +528,8 @@ def test_queue_and_request_timeouts_answer_503_and_504_and_free_the_slots(server
       return await asyncio.gather(*[_post_with_headers(s, bg.url, body) for _ in range(n)])
 
   assert [r[0] for r in asyncio.run(five(4))] == [200] * 4  # compiled and warm before the clock matters
-  real_generate = engine.generate
-  monkeypatch.setattr(engine, "generate", lambda: (time.sleep(0.1), real_generate())[1])  # >= 100 ms per token
+  real_generate = getattr(engine, _iteration(engine))
+  monkeypatch.setattr(engine, _iteration(engine), lambda: (time.sleep(0.1), real_generate())[1])  # >= 100 ms per token
   monkeypatch.setattr(sched, "request_timeout", 2.0)
   monkeypatch.setattr(sched, "queue_timeout", 1.0)
   results = asyncio.run(five())
@@ -624,8 +633,8 @@ def test_chat_completions_render_the_template_and_work_with_the_openai_client(se
 def test_a_client_that_disconnects_is_cancelled_and_its_pages_freed(server, monkeypatch):
   srv, bg = server
   engine = srv.scheduler.engine
-  slow = engine.generate
-  monkeypatch.setattr(engine, "generate", lambda: (time.sleep(0.05), slow())[1])  # 48 tokens take ~2.4 s
+  slow = getattr(engine, _iteration(engine))
+  monkeypatch.setattr(engine, _iteration(engine), lambda: (time.sleep(0.05), slow())[1])  # 48 tokens take ~2.4 s
   finished = []
   monkeypatch.setattr(srv.scheduler, "on_finish", finished.append)
 
