@@ -29,6 +29,12 @@ one (the step's FLOPs at the chip's peak bf16 rate).
 cache in host memory, two layers in flight on the device), device and host bytes per setting.
 
   python -m scripts.plan --config=configs/llama_1b.py --decode_batch=8 --device_memory_gb=16
+
+`--serve_slots=S` (with `--topology` and `--compile`) compiles the serving engine's own jitted steps for one chip of
+the slice: the decode step of S slots and the mixed-batch step (prompt rows beside the decodes), over a page pool
+for every slot at full context; it prints XLA's argument and temporary bytes, bytes accessed and estimated time.
+
+  python -m scripts.plan --config=configs/llama_1b.py --topology=v5e:1x1 --compile --serve_slots=16
 """
 
 from __future__ import annotations
@@ -53,7 +59,9 @@ from jax.experimental import topologies  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from configs import base  # noqa: E402
+from infer import engine as engine_lib  # noqa: E402
 from infer import generate  # noqa: E402
+from infer import sampling  # noqa: E402
 from model import flops as flops_lib  # noqa: E402
 from model import offload as offload_lib  # noqa: E402
 from model import transformer  # noqa: E402
@@ -240,6 +248,48 @@ def tpu_decode_memory(spec: ModelSpec, device, batch: int, prompt_len: int, new_
           ("argument", "temp", "host_argument", "host_temp")}
 
 
+def lower_serve_steps(spec: ModelSpec, device, slots: int, page_size: int = 16) -> dict:
+  """The serving engine's jitted steps (`infer/engine.py`) lowered for one (TPU) `device` from abstract arguments, with
+  a page pool for every slot at full context: "decode" (one token per slot, the whole page table) and "mixed" (the
+  default mixed-batch budget of prompt rows beside the decodes). Returns {name: jax Lowered}."""
+  spec = dataclasses.replace(spec, matmul_impl="xla")
+  model = nnx.eval_shape(lambda: transformer.Transformer(spec, rngs=nnx.Rngs(params=0)).unstacked())
+  graphdef, state = nnx.split(model)
+  max_pages = math.ceil(spec.max_len / page_size)
+  on_device = jax.sharding.SingleDeviceSharding(device)
+  put = lambda tree: jax.tree.map(  # noqa: E731
+      lambda a: jax.ShapeDtypeStruct(np.shape(a), a.dtype, sharding=on_device), tree)
+  pages = put(jax.eval_shape(lambda: model.init_pages(slots * max_pages + 1, page_size)))
+  ints = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=on_device)  # noqa: E731
+  settings = lambda rows: put(jax.eval_shape(  # noqa: E731
+      lambda: sampling.row_settings([sampling.SamplingParams()] * rows)))
+  decode = (ints(slots, 1), ints(slots, 1), ints(slots, 1), ints(slots, max_pages), ints(slots))
+  rows, width = -(-min(engine_lib.MIXED_STEP_TOKENS, spec.max_len) // 32), 32
+  prefill = (ints(rows, width), ints(rows, width), ints(rows, width), ints(rows, max_pages), ints(rows), ints(rows))
+  return {"decode": engine_lib._step.lower(graphdef, put(state), pages, *decode, ints(slots), ints(slots),
+                                           settings(slots), ints(slots)),
+          "mixed": engine_lib._mixed_step.lower(graphdef, put(state), pages, (prefill, (*decode, ints(slots))),
+                                                ints(rows + slots), settings(rows + slots))}
+
+
+def tpu_serve_steps(spec: ModelSpec, device, slots: int, page_size: int = 16) -> dict:
+  """`lower_serve_steps` compiled for a TPU chip: per step, XLA's argument / output / temporary bytes, its estimated
+  time (`optimal_seconds`) and the analytic floor (weights and the whole KV pool read once at the chip's HBM
+  bandwidth: `TPU_CHIPS` has no bandwidth, so bytes are reported and the estimate is XLA's)."""
+  out = {}
+  for name, lowered in lower_serve_steps(spec, device, slots, page_size).items():
+    start = time.perf_counter()
+    compiled = lowered.compile()
+    m, cost = compiled.memory_analysis(), compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    out[name] = {"compile_s": time.perf_counter() - start, "argument": int(m.argument_size_in_bytes),
+                 "output": int(m.output_size_in_bytes), "alias": int(m.alias_size_in_bytes),
+                 "temp": int(m.temp_size_in_bytes),
+                 "xla_step_s": _positive_or_nan(cost.get("optimal_seconds") if cost else None),
+                 "xla_bytes_accessed": float(cost.get("bytes accessed", float("nan"))) if cost else float("nan")}
+  return out
+
+
 def compiled_memory(config, devices=None) -> dict:
   """XLA's memory analysis of the compiled train step: per-device argument, output, alias and temp bytes, and
   their peak (arguments + outputs - aliased + temporaries)."""
@@ -320,6 +370,18 @@ def main(argv):
         print(f"    compiled for {devices[0].device_kind}: device arguments {_fmt(m['argument']).strip()}, temporaries "
               f"{_fmt(m['temp']).strip()}; host arguments {_fmt(m['host_argument']).strip()}, temporaries "
               f"{_fmt(m['host_temp']).strip()}")
+  if f.serve_slots:
+    if not (f.compile and f.topology):
+      sys.exit("error: --serve_slots compiles the serving engine's steps for a TPU chip: give --topology and --compile")
+    spec = ModelSpec.from_config(config.model)
+    result["serve"] = steps = tpu_serve_steps(spec, devices[0], f.serve_slots)
+    print(f"serving engine, {f.serve_slots} slots, page pool for every slot at {spec.max_len} tokens, compiled for one "
+          f"{devices[0].device_kind}:")
+    for name, m in steps.items():
+      xla = "not reported" if math.isnan(m["xla_step_s"]) else f"{m['xla_step_s'] * 1e3:.3f} ms"
+      print(f"  {name:<7} arguments {_fmt(m['argument']).strip()}, temporaries {_fmt(m['temp']).strip()}, "
+            f"bytes accessed {_fmt(m['xla_bytes_accessed']).strip()}; XLA's step estimate {xla} "
+            f"(compiled in {m['compile_s']:.1f} s)")
   with open(f.out, "w", encoding="utf-8") as fh:
     json.dump(result, fh, indent=1, default=float)
 
@@ -334,5 +396,7 @@ if __name__ == "__main__":
   flags.DEFINE_integer("decode_batch", 0, "Also plan inference of this many sequences on one device, resident and "
                        "offloaded (0: no).")
   flags.DEFINE_integer("decode_context", 0, "--decode_batch: KV-cache tokens per sequence (0: model.max_len).")
+  flags.DEFINE_integer("serve_slots", 0, "With --topology and --compile: also compile the serving engine's decode "
+                       "and mixed-batch steps for this many slots on one chip (0: no).")
   flags.DEFINE_string("out", "plan.json", "Where to write the JSON result.")
   app.run(main)

@@ -66,3 +66,15 @@ def test_the_train_step_compiles_for_a_tpu_slice_without_a_tpu(topology, family)
 def test_an_unknown_topology_is_named():
   with pytest.raises(ValueError, match="--topology='v9z:1x1'"):
     plan.topology_devices("v9z:1x1")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason=TPU_REASON)
+def test_the_serving_engine_steps_compile_for_a_tpu_chip():
+  spec = plan.ModelSpec.from_config(base.validate(_config()).model)
+  steps = plan.tpu_serve_steps(spec, plan.topology_devices("v5e:2x2")[0], slots=4)
+  pool = 2 * spec.num_layers * (4 * (spec.max_len // 16) + 1) * 16 * spec.num_kv_heads * spec.head_dim * 4
+  for name in ("decode", "mixed"):
+    m = steps[name]
+    assert m["argument"] >= pool and m["alias"] >= pool, (name, m, pool)  # the page pool is donated: updated in place
+    assert m["xla_step_s"] > 0 and m["xla_bytes_accessed"] > 0, (name, m)
+  assert steps["mixed"]["xla_bytes_accessed"] > steps["decode"]["xla_bytes_accessed"]  # it also writes prompt rows
