@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import itertools
+import math
 from typing import NamedTuple
 
 import jax
@@ -26,6 +27,7 @@ from model.kernels import cpu_native
 from model.kernels import decode_attention as decode
 from model.kernels import flash_attention as flash
 from model.kernels import paged_attention as paged
+from model import sharding
 from model.kernels.common import NEG_INF
 
 
@@ -246,7 +248,30 @@ _self_attention.defvjp(_self_attention_fwd, _self_attention_bwd)
 
 
 def pallas_attention(q, k, v, visibility: Visibility, sm_scale: float) -> jax.Array:
-  return flash.flash_attention(q, k, v, causal=True, segment_ids=visibility.q_segment_ids, sm_scale=sm_scale)
+  kernel = functools.partial(flash.flash_attention, causal=True, sm_scale=sm_scale)
+  return per_shard(lambda q, k, v, seg: kernel(q, k, v, segment_ids=seg), q, k, v, visibility.q_segment_ids)
+
+
+def per_shard(fn, q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array):
+  """fn(q, k, v, segment_ids) on each device's shard when a mesh is active (`jax.shard_map`): XLA cannot partition a
+  kernel's custom call (Mosaic on TPU, Triton on GPU) itself. Rows split as the batch is, heads over `tensor` when
+  both head counts divide by it; attention needs nothing from other shards. q [B, L, H, D], k/v [B, L, K, D],
+  segment_ids [B, L]; returns fn's [B, L, H, D]."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh is None or mesh.empty:
+    return fn(q, k, v, segment_ids)
+  sizes = dict(zip(mesh.axis_names, mesh.axis_sizes))
+  heads = sizes.get("tensor", 1)
+  split_heads = q.shape[2] % heads == 0 and k.shape[2] % heads == 0
+  spec = lambda *names: sharding.logical_to_spec(names, mesh.axis_names)  # noqa: E731
+  q_spec = spec("batch", "length", "heads" if split_heads else None, "head_dim")
+  batch_axes = q_spec[0] if isinstance(q_spec[0], tuple) else (q_spec[0],) if q_spec[0] else ()
+  if q.shape[0] % math.prod(sizes[a] for a in batch_axes):  # a batch the mesh cannot split: rows stay whole
+    q_spec = jax.sharding.PartitionSpec(None, *q_spec[1:])
+  kv_spec = jax.sharding.PartitionSpec(q_spec[0], None, q_spec[2], None)
+  manual = set(mesh.axis_names) - set(getattr(mesh, "manual_axes", ()))  # all axes not manual already (pipeline)
+  return jax.shard_map(fn, in_specs=(q_spec, kv_spec, kv_spec, jax.sharding.PartitionSpec(q_spec[0], None)),
+                       out_specs=q_spec, axis_names=manual, check_vma=False)(q, k, v, segment_ids)
 
 
 def pallas_decode_attention(q, k, v, visibility: Visibility, sm_scale: float) -> jax.Array:

@@ -115,6 +115,7 @@ def tpu_compile(config, devices) -> dict:
           "peak": peak, "hbm": hbm, "fits": bool(hbm) and peak <= hbm,
           "xla_step_s": _positive_or_nan(cost.get("optimal_seconds") if cost else None),
           "xla_flops_per_chip": float(cost.get("flops", float("nan"))) if cost else float("nan"),
+          "mosaic_kernels": compiled.as_text().count("tpu_custom_call"),  # Pallas TPU kernels in the program
           "analytic_step_s": flops / (peak_flops * len(devices)) if peak_flops else float("nan")}
 
 

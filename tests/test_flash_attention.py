@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from model.kernels import flash_attention as flash_attention_lib
 from model.kernels.flash_attention import flash_attention, reference_attention
 from model.transformer import ModelSpec, Transformer
 
@@ -131,3 +132,39 @@ def test_model_with_pallas_attention_matches_xla(family):
   np.testing.assert_allclose(np.asarray(lg_pal)[real], np.asarray(lg_xla)[real], atol=1e-5)
   np.testing.assert_allclose(float(l_pal), float(l_xla), rtol=1e-5)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4), g_pal, g_xla)
+
+
+def test_the_tpu_path_matches_the_reference_in_tpu_interpret_mode():
+  """JAX's Mosaic TPU kernel behind `flash_attention` on TPU (`_tpu_flash_attention`: layout, GQA, padding to the
+  TPU block, segments), run by Pallas's TPU interpreter on this CPU: forward and all three gradients."""
+  from jax.experimental.pallas import tpu as pltpu
+
+  b, l, h, kv, d = 1, 130, 4, 2, 32  # padded to 256: two TPU blocks, the second mostly padding
+  q, k, v, cot = inputs(7, b, l, h, kv, d, jnp.float32)
+  seg = random_segments(3, b, l)
+  kernel = lambda q, k, v: flash_attention_lib._tpu_flash_attention(q, k, v, seg, causal=True,  # noqa: E731
+                                                                    sm_scale=d**-0.5)
+  with pltpu.force_tpu_interpret_mode():
+    got = value_and_grads(kernel, q, k, v, cot)
+  want = value_and_grads(lambda q, k, v: reference_attention(q, k, v, segment_ids=seg), q, k, v, cot)
+  for name, a, w in zip(("out", "dq", "dk", "dv"), got, want):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(w), atol=TOL[jnp.float32], rtol=0, err_msg=name)
+
+
+def test_the_kernel_runs_per_shard_on_a_mesh_and_matches_one_device():
+  """XLA cannot partition a kernel's custom call, so under a mesh `attention.per_shard` runs it in `jax.shard_map`:
+  rows split over data, heads over tensor (GQA groups kept whole). Forward and gradients equal the reference."""
+  from model import attention
+
+  mesh = jax.make_mesh((4, 2), ("data", "tensor"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+  b, l, h, kv, d = 4, 32, 4, 2, 16
+  q, k, v, cot = inputs(11, b, l, h, kv, d, jnp.float32)
+  seg = random_segments(5, b, l)
+  kernel = lambda q, k, v: attention.pallas_attention(q, k, v, attention.Visibility.causal_self(seg),  # noqa: E731
+                                                      d**-0.5)
+  with jax.set_mesh(mesh):
+    assert "shard_map" in str(jax.make_jaxpr(kernel)(q, k, v))
+    got = jax.jit(lambda *a: value_and_grads(kernel, *a))(q, k, v, cot)
+  want = value_and_grads(lambda q, k, v: reference_attention(q, k, v, segment_ids=seg), q, k, v, cot)
+  for name, a, w in zip(("out", "dq", "dk", "dv"), got, want):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(w), atol=TOL[jnp.float32], rtol=0, err_msg=name)

@@ -48,16 +48,18 @@ TPU_REASON = "libtpu is not installed (pip install -e '.[tpu]'), so nothing can 
 
 
 @pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason=TPU_REASON)
-@pytest.mark.parametrize("topology,family", [("v5e:2x2", "gpt"), ("v5p:2x2x1", "llama")])
-def test_the_train_step_compiles_for_a_tpu_slice_without_a_tpu(topology, family):
+@pytest.mark.parametrize("topology,family,attention", [("v5e:2x2", "gpt", "xla"), ("v5p:2x2x1", "llama", "pallas")])
+def test_the_train_step_compiles_for_a_tpu_slice_without_a_tpu(topology, family, attention):
   c = _config(data=-1)
-  c.model.update(family=family)
+  c.model.update(family=family, attention_impl=attention)
   c = base.validate(c)
   devices = plan.topology_devices(topology)
   assert len(devices) == 4 and devices[0].platform == "tpu"
   tpu = plan.tpu_compile(c, devices)
   assert tpu["device_kind"] in plan.TPU_CHIPS and tpu["fits"] and 0 < tpu["peak"] < tpu["hbm"]
   assert tpu["xla_step_s"] > 0 and tpu["analytic_step_s"] > 0 and tpu["xla_flops_per_chip"] > 0
+  # attention_impl=pallas lowered for TPU from this CPU host runs JAX's Mosaic flash attention, forward and backward
+  assert (tpu["mosaic_kernels"] > 0) == (attention == "pallas"), tpu["mosaic_kernels"]
   estimate = plan.plan(c, devices)  # the analytic planner over the same slice
   assert 0.3 <= estimate["total"] / tpu["peak"] <= 3, (estimate["total"], tpu)
 

@@ -260,16 +260,24 @@ def _default_block(length: int) -> int:
   return min(DEFAULT_BLOCK, max(16, pl.next_power_of_2(length)))
 
 
-def _tpu_flash_attention(q, k, v, causal, segment_ids, sm_scale):
-  """TPU path: JAX's bundled Pallas TPU flash attention ([B, H, L, D] layout, kv heads repeated for GQA)."""
+TPU_BLOCK = 128  # the block of JAX's TPU kernel; sequences are padded to a multiple of it
+
+
+def _tpu_flash_attention(q, k, v, segment_ids, *, causal, sm_scale):
+  """TPU path: JAX's bundled Pallas TPU (Mosaic) flash attention, [B, H, L, D] layout, kv heads repeated for GQA.
+  The length is padded to a multiple of TPU_BLOCK; padding gets segment 0, which no real token sees."""
   from jax.experimental.pallas.ops.tpu import flash_attention as tpu_fa
 
-  group = q.shape[2] // k.shape[2]
+  b, l, h, _ = q.shape
+  group = h // k.shape[2]
   k, v = jnp.repeat(k, group, axis=2), jnp.repeat(v, group, axis=2)
-  seg = None if segment_ids is None else tpu_fa.SegmentIds(q=segment_ids, kv=segment_ids)
-  t = lambda x: jnp.swapaxes(x, 1, 2)  # noqa: E731
-  out = tpu_fa.flash_attention(t(q), t(k), t(v), segment_ids=seg, causal=causal, sm_scale=sm_scale)
-  return t(out)
+  lp = TPU_BLOCK * pl.cdiv(l, TPU_BLOCK)
+  seg = jnp.ones((b, l), jnp.int32) if segment_ids is None else segment_ids.astype(jnp.int32) + 1
+  seg = pad_axis(seg, 1, lp)
+  t = lambda x: jnp.swapaxes(pad_axis(x, 1, lp), 1, 2)  # noqa: E731
+  out = tpu_fa.flash_attention(t(q), t(k), t(v), segment_ids=tpu_fa.SegmentIds(q=seg, kv=seg), causal=causal,
+                               sm_scale=sm_scale)
+  return jnp.swapaxes(out, 1, 2)[:, :l]
 
 
 def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = True,
@@ -290,10 +298,20 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = 
   if segment_ids is not None and segment_ids.shape != (b, l):
     raise ValueError(f"segment_ids shape {segment_ids.shape} must be [batch, length] = {(b, l)}")
   sm_scale = d**-0.5 if sm_scale is None else float(sm_scale)
-  if interpret is None:
-    interpret = jax.default_backend() == "cpu"
-  if not interpret and jax.default_backend() == "tpu":
-    return _tpu_flash_attention(q, k, v, causal, segment_ids, sm_scale)
+  ours = functools.partial(_pallas_flash_attention, causal=causal, sm_scale=sm_scale, block_q=block_q,
+                           block_k=block_k)
+  if interpret is not None:
+    return ours(q, k, v, segment_ids, interpret=interpret)
+  # Chosen by the platform the program is lowered for, not the host's: compiling for a TPU slice from a CPU machine
+  # (`scripts.plan --topology`) gets JAX's Mosaic kernel; CPU gets ours in interpret mode, GPUs ours through Triton.
+  return jax.lax.platform_dependent(
+      q, k, v, segment_ids, tpu=functools.partial(_tpu_flash_attention, causal=causal, sm_scale=sm_scale),
+      default=functools.partial(ours, interpret=jax.default_backend() == "cpu"))
+
+
+def _pallas_flash_attention(q, k, v, segment_ids, *, causal, sm_scale, block_q, block_k, interpret):
+  """Our Pallas kernel (the arguments of `flash_attention`, checked there)."""
+  b, l, h, d = q.shape
   block_q = block_q or _default_block(l)
   block_k = block_k or _default_block(l)
   for name, blk in (("block_q", block_q), ("block_k", block_k)):
