@@ -80,3 +80,15 @@ def test_the_serving_engine_steps_compile_for_a_tpu_chip():
     assert m["argument"] >= pool and m["alias"] >= pool, (name, m, pool)  # the page pool is donated: updated in place
     assert m["xla_step_s"] > 0 and m["xla_bytes_accessed"] > 0, (name, m)
   assert steps["mixed"]["xla_bytes_accessed"] > steps["decode"]["xla_bytes_accessed"]  # it also writes prompt rows
+
+
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason=TPU_REASON)
+@pytest.mark.parametrize("preset,topology,mesh", [
+    ("gpt2_124m", "v5e:2x4", {"data": -1}),  # README's TPU VM quickstart: one host
+    ("llama_1b", "v5p:2x2x4", {"fsdp": -1, "data": 1}),  # and several hosts
+])
+def test_the_tpu_quickstart_commands_compile_and_fit_their_slices(preset, topology, mesh):
+  config = importlib.import_module(f"configs.{preset}").get_config()
+  config.mesh.update(mesh)
+  tpu = plan.tpu_compile(base.validate(config), plan.topology_devices(topology))
+  assert tpu["fits"] and tpu["peak"] < tpu["hbm"], tpu
