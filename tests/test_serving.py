@@ -301,7 +301,7 @@ def test_stop_strings_cut_the_text_and_end_the_request(tiny_run):
 
 @pytest.fixture(scope="module")
 def server(tiny_run):
-  srv = serve.build(tiny_run[0], slots=4, max_queue=32)
+  srv = serve.build(tiny_run[0], slots=4, max_queue=32, warmup=False)  # warm-up: tested on the engine
   with BackgroundServer(srv) as bg:
     yield srv, bg
   srv.scheduler.stop()
