@@ -64,6 +64,7 @@ STUDIES: dict[str, dict[str, tuple]] = {
         "model.loss_chunk_tokens": (0, 512),
         "train.grad_accum_steps": (1, 2),
         "train.lora.rank": (0, 16),  # LoRA on every linear layer of the blocks, the base frozen
+        "model.attention_impl": ("xla", "pallas", "cudnn"),  # accelerators only (ACCELERATOR_SWITCHES)
     },
     "decode": {
         "format": ("float32", "bfloat16", "int8", "w8a8", "gptq4", "gptq4_int8head", "gptq3"),
@@ -97,11 +98,18 @@ WORKDIR_STUDIES = ("compress", "serve")  # the studies of a trained --workdir
 MIB = 2**20
 
 
+# Switches run only when --switches names them (scripts/gpu_check.sh does): on CPU Pallas kernels run in interpret
+# mode (minutes per step) and cuDNN does not exist. (Asking JAX for the backend here would claim the accelerator
+# that the study's child processes need.)
+ACCELERATOR_SWITCHES = {"model.attention_impl"}
+
+
 def parse_switches(study: str, text: list[str], config) -> dict[str, tuple]:
-  """--switches entries (KEY or KEY=V1|V2) -> {key: values}; ValueError names an unknown key and the allowed ones."""
+  """--switches entries (KEY or KEY=V1|V2) -> {key: values}; ValueError names an unknown key and the allowed ones.
+  No entries: the study's whole grid but ACCELERATOR_SWITCHES."""
   grid = STUDIES[study]
   if not text:
-    return dict(grid)
+    return {key: values for key, values in grid.items() if key not in ACCELERATOR_SWITCHES}
   chosen = {}
   for entry in text:
     key, _, values = entry.partition("=")

@@ -2,7 +2,10 @@
 # One-shot accelerator check on one H100/H200. Sections: `tests` (about 3 minutes on an H100): the kernel and
 # quantization tests compiled for the GPU; `bench` (about 2 minutes): the kernel benchmark (attention TFLOP/s, int8
 # decode-matmul GB/s); `model` (about 2 minutes): the model tests on the GPU; `train` (about 3 minutes): short GPT-2 124M
-# training runs with xla, pallas and cudnn attention.
+# training runs with xla, pallas and cudnn attention; `ablate` (about 8 minutes): the ablation study's GPU version,
+# the train study on GPT-2 124M (attention implementations, remat, scan, dtype, chunked loss, accumulation, LoRA) and
+# the decode study, one round
+# each, tables and plots in OUT/ablations (copy them to docs/ablations.md beside the CPU ones).
 # Usage on a GPU machine: bash scripts/gpu_check.sh [OUT_DIR] [SECTION ...]   (default: tests bench)
 # Wheels for packages the machine lacks may sit in .whl/.
 set -uo pipefail
@@ -50,5 +53,13 @@ if [[ " $SECTIONS " == *" train "* ]]; then
     grep -v eval /tmp/gpt2_$impl/metrics.jsonl 2>/dev/null | tail -1 | sed "s/^/$impl last: /"
     grep -E "Traceback|Error" -A3 "$OUT/gpt2_$impl.log" | head -12 || true
   done
+fi
+if [[ " $SECTIONS " == *" ablate "* ]]; then
+  timeout 360 python3 -m scripts.ablate --config=configs/gpt2_124m.py --study=train --rounds=1 --steps=5 --warmup=2 \
+    --switches=model.attention_impl,model.remat,model.scan_layers,model.dtype,model.loss_chunk_tokens,train.grad_accum_steps,train.lora.rank \
+    --out_dir="$OUT/ablations" --config.train.batch_size=16 \
+    2>&1 | grep -v "^W\|^I" | tail -30 | tee "$OUT/ablate_train.txt"
+  timeout 180 python3 -m scripts.ablate --config=configs/gpt2_124m.py --study=decode --rounds=1 \
+    --out_dir="$OUT/ablations" 2>&1 | grep -v "^W\|^I" | tail -20 | tee "$OUT/ablate_decode.txt"
 fi
 exit 0

@@ -48,6 +48,10 @@ def test_unknown_switches_and_values_are_refused_with_the_allowed_list():
     ablate.parse_switches("train", ["train.grad_accum_steps=two"], config)
   runs = ablate.variants("train", ablate.parse_switches("train", ["train.grad_accum_steps=1|2|4"], config), config)
   assert [r["value"] for r in runs] == ["", 2, 4]  # the baseline's own value (1) is the baseline run
+  # attention implementations run only when named (gpu_check.sh names them; interpret-mode kernels on CPU are slow)
+  assert "model.attention_impl" not in ablate.parse_switches("train", [], config)
+  assert ablate.parse_switches("train", ["model.attention_impl"], config) == {
+      "model.attention_impl": ("xla", "pallas", "cudnn")}
 
 
 def test_each_row_is_the_median_round_with_every_rounds_speed_kept():
