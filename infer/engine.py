@@ -421,7 +421,7 @@ class Engine:
     tokens, live, positions = (np.zeros((rows, width), np.int32) for _ in range(3))
     lengths, last_index = np.zeros((rows,), np.int32), np.zeros((rows,), np.int32)
     table = np.zeros((rows, self.max_pages), np.int32)
-    prefill_rows: list[_Slot | None] = [None] * rows
+    row_slots: list[_Slot | None] = [None] * rows  # the request each prompt row belongs to
     ends, row = {}, 0  # slot -> the row of its chunk's last token
     for slot, n in chunks:
       s = self._active[slot]
@@ -430,7 +430,7 @@ class Engine:
         m = min(width, s.prefilled + n - start)
         tokens[row, :m], live[row, :m] = context[start:start + m], 1
         positions[row, :m] = np.arange(start, start + m)
-        lengths[row], last_index[row], table[row], prefill_rows[row] = start + m, m - 1, self._table[slot], s
+        lengths[row], last_index[row], table[row], row_slots[row] = start + m, m - 1, self._table[slot], s
         row += 1
       s.prefilled += n
       ends[slot] = row - 1
@@ -444,7 +444,7 @@ class Engine:
       columns = max(columns, int(d_lengths.max()))
     width = self._table_width(columns)
     groups = [(*g[:3], g[3][:, :width], *g[4:]) for g in groups]
-    all_rows = prefill_rows + decode_rows
+    all_rows = row_slots + decode_rows
     params = [r.params if r is not None else SamplingParams() for r in all_rows]
     counters = np.array([r.generated if r is not None else 0 for r in all_rows], np.int32)
     out, self._pages = _mixed_step(self._graphdef, self._state, self._pages, tuple(groups), counters,
