@@ -716,14 +716,14 @@ class Transformer(nnx.Module):
       block = nnx.merge(graphdef, block_params)
       with lora_lib.layer_scope(index):  # each layer's adapters draw their own dropout masks
         y, layer_cache, block_aux = block(x, positions, visibility, start, layer_cache)
+      if "kv" in offloaded and layer_cache is not None:  # back to the host stack layer by layer: the scan's stacked
+        layer_cache = offload_lib.to_host(layer_cache)  # output then lives in host memory, never whole on the device
       return (y, jax.tree.map(jnp.add, aux, block_aux)), layer_cache
 
     if spec.remat != "none":
       body = jax.checkpoint(body, policy=REMAT_POLICIES[spec.remat], prevent_cse=not spec.scan_layers)
     if spec.scan_layers:
       (x, aux), kv_cache = jax.lax.scan(body, (x, aux), (params, kv_cache, jnp.arange(units)))
-      if "kv" in offloaded and kv_cache is not None:
-        kv_cache = offload_lib.to_host(kv_cache)
       return x, kv_cache, aux
     outputs = []
     for i in range(units):
