@@ -242,7 +242,7 @@ def test_convert_workdir_generate_evaluate_finetune_export(tmp_path, data_dir):
   compress.compress_workdir(config, model, tok, step, c, source_workdir=workdir, out=derived["gptq4"])
   for name, path in derived.items():
     assert os.path.exists(os.path.join(path, "tokenizer_config.json")), name
-    srv = serve.build(path, slots=2)
+    srv = serve.build(path, slots=2, warmup=False)  # parse() compiles nothing
     try:
       prompts, params, _, _, _ = srv.parse({"prompt": "def f", "max_tokens": 4})
       assert prompts[0][0] == 1 and params.stop_tokens == (2,), name
