@@ -8,8 +8,8 @@ of the layer scan (`Transformer.scan_units`) copies its layer's slice to the dev
 construction (an unrolled list of per-layer copies let XLA's TPU compiler schedule about half of them at once).
 Overlap, as XLA's TPU compiler schedules it (GPT-2, v5e): every slice of a layer starts copying at the top of its
 iteration and each matmul waits only for its own weights, so the MLP's (two thirds of a layer's bytes) arrive while
-attention computes; the copies do not run ahead into the next layer (a one-layer-ahead carry, tried, made XLA hold
-424 MB of temporaries instead of 155; `scan(unroll=2)` over host operands does not compile for TPU).
+attention computes; the copies do not run ahead into the next layer (one-layer-ahead variants, tried, held more
+temporaries or were scheduled after the compute: `docs/performance.md`).
 The embedding, the head and the final norm stay resident: they are used once per step, at either end. With "kv"
 each layer's updated cache goes back to the host stack inside its iteration. On a CPU, host and device
 memory are the same RAM: the copies compile to nothing, so outputs equal the resident run's and only accelerators
