@@ -35,7 +35,9 @@ cached but evictable, and pages are taken least recently used first when the fre
 
 Pages are `page_size` slots of every layer's keys and values: k/v [layers, num_pages, page_size, kv_heads,
 head_dim]. Page 0 is scratch and never handed out. Attention reads pages through the slot's page table: the Pallas
-paged decode kernel (`model.attention_impl=pallas`) or a gather plus the jnp reference (`xla`).
+paged decode kernel (`model.attention_impl=pallas`); with `xla`, decode rows on a CPU run the native kernel that reads
+live pages in place (`model.matmul_impl` auto or native; `cpu_native.paged_decode_attention`) and everything else a
+gather plus the jnp reference.
 
 A model with a LoRA adapter bank (`loading.with_adapter_bank`) decodes each row with the adapter its request names
 (`SamplingParams.adapter`; 0 is the base model), so requests for different fine-tunes share one batch.

@@ -89,12 +89,14 @@ class PagedGroups:
 
 
 def paged_step(q: jax.Array, k: jax.Array, v: jax.Array, kv_pages: tuple[jax.Array, jax.Array],
-               visibility: PagedVisibility | PagedGroups, impl: str) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+               visibility: PagedVisibility | PagedGroups, impl: str,
+               matmul_impl: str = "xla") -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
   """Writes this step's keys and values into their pages and attends over the pages. q [B, L, H, D], k/v [B, L, K, D]
-  (for `PagedGroups`: [1, T, ...], split per group); kv_pages (k, v) [N, P, K, D]. Returns (out like q, kv_pages)."""
+  (for `PagedGroups`: [1, T, ...], split per group); kv_pages (k, v) [N, P, K, D]. Returns (out like q, kv_pages).
+  `matmul_impl` as in `attend_paged`."""
   if isinstance(visibility, PagedVisibility):
     kv_pages = tuple(write_pages(pages, new, visibility) for pages, new in zip(kv_pages, (k, v)))
-    return attend_paged(q, *kv_pages, visibility, impl=impl), kv_pages
+    return attend_paged(q, *kv_pages, visibility, impl=impl, matmul_impl=matmul_impl), kv_pages
   ends = list(itertools.accumulate(g.q_segment_ids.size for g in visibility.groups))
   split = lambda t: [part.reshape(*g.q_segment_ids.shape, *t.shape[2:])  # noqa: E731
                      for part, g in zip(jnp.split(t, ends[:-1], axis=1), visibility.groups)]
@@ -102,7 +104,8 @@ def paged_step(q: jax.Array, k: jax.Array, v: jax.Array, kv_pages: tuple[jax.Arr
   where = [_page_slots(g, kv_pages[0].shape[1]) for g in visibility.groups]
   page, slot = (jnp.concatenate([w[i].reshape(-1) for w in where]) for i in (0, 1))
   kv_pages = tuple(pages.at[page, slot].set(new[0].astype(pages.dtype)) for pages, new in zip(kv_pages, (k, v)))
-  outs = [attend_paged(q_g, *kv_pages, g, impl=impl) for g, q_g in zip(visibility.groups, split(q))]
+  outs = [attend_paged(q_g, *kv_pages, g, impl=impl, matmul_impl=matmul_impl)
+          for g, q_g in zip(visibility.groups, split(q))]
   return jnp.concatenate([o.reshape(1, -1, *o.shape[2:]) for o in outs], axis=1), kv_pages
 
 
@@ -120,15 +123,18 @@ def write_pages(pages: jax.Array, new: jax.Array, visibility: PagedVisibility) -
 
 
 def attend_paged(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, visibility: PagedVisibility, *,
-                 impl: str = "xla", sm_scale: float | None = None) -> jax.Array:
+                 impl: str = "xla", sm_scale: float | None = None, matmul_impl: str = "xla") -> jax.Array:
   """q [B, L, H, D] against paged k/v [N, P, K, D] -> [B, L, H, D]. `pallas` runs the paged decode kernel for
-  one-token steps; everything else gathers each row's pages and runs the `xla` reference."""
+  one-token steps; so does `xla` with `matmul_impl` auto or native, through the native CPU kernel where it is built
+  (float32 pages, one device: `cpu_native.paged_decode_attention`, which reads live pages in place); everything else
+  gathers each row's pages and runs the `xla` reference."""
   scale = sm_scale if sm_scale is not None else q.shape[-1] ** -0.5
   live = visibility.q_segment_ids
-  if impl == "pallas" and q.shape[1] == 1:
+  if q.shape[1] == 1 and (impl == "pallas" or (impl == "xla" and k_pages.dtype == jnp.float32
+                                               and _native_batched(matmul_impl))):
     lengths = jnp.where(live[:, 0] > 0, visibility.lengths, 0)
-    return paged.paged_decode_attention(q[:, 0], k_pages, v_pages, visibility.page_table, lengths,
-                                        sm_scale=scale)[:, None]
+    kernel = paged.paged_decode_attention if impl == "pallas" else cpu_native.paged_decode_attention
+    return kernel(q[:, 0], k_pages, v_pages, visibility.page_table, lengths, sm_scale=scale)[:, None].astype(q.dtype)
   k = paged.gather_pages(k_pages, visibility.page_table).astype(q.dtype)
   v = paged.gather_pages(v_pages, visibility.page_table).astype(q.dtype)
   kv_live = (jnp.arange(k.shape[1], dtype=jnp.int32)[None, :] < visibility.lengths[:, None]).astype(jnp.int32)

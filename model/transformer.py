@@ -300,7 +300,8 @@ class Attention(nnx.Module):
       q, k = rope(q, positions, inv_freq), rope(k, positions, inv_freq)
     q = constrain(q, ("batch", "length", "heads", "head_dim"))
     if isinstance(visibility, (attention_lib.PagedVisibility, attention_lib.PagedGroups)):  # this layer's pages
-      out, kv_cache = attention_lib.paged_step(q, k, v, kv_cache, visibility, spec.attention_impl)
+      out, kv_cache = attention_lib.paged_step(q, k, v, kv_cache, visibility, spec.attention_impl,
+                                                spec.matmul_impl)
       return checkpoint_name(out, "attention_out"), kv_cache
     heads_major = isinstance(kv_cache, attention_lib.HeadsMajorKV)
     if heads_major:  # [B * K, S, hd]: the new keys/values are transposed, the cache is read as it is

@@ -16,6 +16,8 @@ Layouts (per weight, x [m, k] -> y [m, n], n a multiple of 64):
     zero point [k / group, n]: `matmul_packed`. The weight is scale * (code - zero), as `infer.compress` stores it.
 Batched float32 products [batch, m, k] x [batch, k, n] (either operand transposed), the batch split over the pool:
 `batched_matmul`. XLA runs such a dot on one thread (docs/performance.md).
+Paged decode attention over a float32 page pool, reading each row's live pages in place (`cpu/paged_attention.cc`):
+`paged_decode_attention`; the `xla` path gathers the whole page-table width into a dense copy first.
 """
 
 from __future__ import annotations
@@ -33,13 +35,13 @@ import jax.numpy as jnp
 import numpy as np
 
 SOURCE_DIR = pathlib.Path(__file__).with_name("cpu")
-SOURCES = (SOURCE_DIR / "quant_matmul.cc", SOURCE_DIR / "batched_matmul.cc")
+SOURCES = (SOURCE_DIR / "quant_matmul.cc", SOURCE_DIR / "batched_matmul.cc", SOURCE_DIR / "paged_attention.cc")
 HEADERS = (SOURCE_DIR / "parallel.h",)
 TILE = 64  # output columns per register tile: n must be a multiple
 MAX_ROWS = 16  # token rows per call of the [k, n] kernels (model/quant.py runs up to 4 calls; longer prefills on XLA)
 PACKED_BITS = (2, 3, 4, 8)
 _TARGETS = {"PeakllmQmmKn": "qmm_kn", "PeakllmQmmKnW8a8": "qmm_kn_w8a8", "PeakllmQmmNk": "qmm_nk",
-            "PeakllmQmmNkW8a8": "qmm_nk_w8a8", "PeakllmBmm": "bmm"}
+            "PeakllmQmmNkW8a8": "qmm_nk_w8a8", "PeakllmBmm": "bmm", "PeakllmPagedDecode": "paged_decode"}
 BMM_COLUMNS = 32  # batched_matmul: n must be a multiple
 
 
@@ -176,6 +178,16 @@ def batched_matmul(a: jax.Array, b: jax.Array, transpose_a: bool = False, transp
   _library()
   return jax.ffi.ffi_call("PeakllmBmm", jax.ShapeDtypeStruct((batch, m, n), jnp.float32))(
       a.astype(jnp.float32), b.astype(jnp.float32), transpose_a=transpose_a, transpose_b=transpose_b)
+
+
+def paged_decode_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, page_table: jax.Array,
+                           lengths: jax.Array, sm_scale: float) -> jax.Array:
+  """One query token per row against its pages: q [B, H, D], k/v pages [N, P, K, D] float32 (K | H), page_table
+  [B, M] int32, lengths [B] int32 (live slots per row; 0 gives zeros) -> [B, H, D] float32."""
+  _library()
+  return jax.ffi.ffi_call("PeakllmPagedDecode", jax.ShapeDtypeStruct(q.shape, jnp.float32))(
+      q.astype(jnp.float32), k_pages, v_pages, page_table.astype(jnp.int32), lengths.astype(jnp.int32),
+      scale=np.float32(sm_scale))
 
 
 # -- the serving layout of packed codes -------------------------------------------------------------------------------
