@@ -43,6 +43,7 @@ import json
 import jax
 from absl import app, flags
 
+from configs.base import MATMUL_IMPLS
 from infer.engine import PAGE_ALLOCATIONS
 from infer.speculative import SPECULATE
 from scripts import serve_load
@@ -60,6 +61,8 @@ _MODES = flags.DEFINE_list("modes", ["continuous", "static"], "Batching modes to
 _PROMPT_LENGTHS = flags.DEFINE_list("prompt_lengths", ["8", "96"], "Prompt length range [lo, hi] in tokens.")
 _OUTPUT_LENGTHS = flags.DEFINE_list("output_lengths", ["8", "128"], "Output length range [lo, hi] in tokens.")
 _ATTENTION = flags.DEFINE_enum("attention_impl", None, ["xla", "pallas"], "Override model.attention_impl.")
+_MATMUL = flags.DEFINE_list("matmul_impl", ["auto"], "model.matmul_impl settings to compare (auto: the native CPU "
+                            "kernels where built, paged decode attention included; xla: none).")
 _SEED = flags.DEFINE_integer("seed", 0, "Request mix seed.")
 _PREFIX_CACHING = flags.DEFINE_list("prefix_caching", ["off"], "Prefix caching settings to compare (off, on).")
 _SHARED_PREFIX = flags.DEFINE_integer("shared_prefix", 0, "Tokens of one common prompt start shared by every request.")
@@ -82,7 +85,7 @@ _PROFILE = flags.DEFINE_string("profile", "", "A directory: trace the server dur
 
 def settings(mode: str, prefix_caching: bool = False, speculate: str = "none",
              page_allocation: str = "on_demand", mixed_batches: bool = True,
-             prefill_chunk: int = 0) -> serve_load.Settings:
+             prefill_chunk: int = 0, matmul_impl: str = "auto") -> serve_load.Settings:
   """The flags as load settings for one batching mode, prefix-caching, speculation, page-allocation and mixed-batch
   setting."""
   return serve_load.Settings(workdir=_WORKDIR.value, mode=mode, slots=_SLOTS.value, page_size=_PAGE_SIZE.value,
@@ -95,7 +98,7 @@ def settings(mode: str, prefix_caching: bool = False, speculate: str = "none",
                              draft_tokens=_DRAFT_TOKENS.value, draft_workdir=_DRAFT_WORKDIR.value,
                              num_pages=_NUM_PAGES.value, page_allocation=page_allocation, burst=_BURST.value,
                              burst_interval=_BURST_INTERVAL.value, declared_max_tokens=_DECLARED.value,
-                             mixed_batches=mixed_batches)
+                             mixed_batches=mixed_batches, matmul_impl=matmul_impl)
 
 
 def main(argv):
@@ -119,10 +122,13 @@ def main(argv):
     if not value.isdigit():
       raise app.UsageError(f"--prefill_chunk={value!r}: each value must be a number of tokens >= 0")
     chunks.append(int(value))
-  for mode, caching, speculate, allocation, mixed, chunk in itertools.product(
-      _MODES.value, _PREFIX_CACHING.value, _SPECULATE.value, _ALLOCATION.value, _MIXED.value, chunks):
-    rows.append(serve_load.bench_mode(settings(mode, caching == "on", speculate, allocation, mixed == "on", chunk),
-                                      model_config.vocab_size, model_config.max_len))
+  for value in _MATMUL.value:
+    if value not in MATMUL_IMPLS:
+      raise app.UsageError(f"--matmul_impl={value!r}: each value must be one of {list(MATMUL_IMPLS)}")
+  for matmul, mode, caching, speculate, allocation, mixed, chunk in itertools.product(
+      _MATMUL.value, _MODES.value, _PREFIX_CACHING.value, _SPECULATE.value, _ALLOCATION.value, _MIXED.value, chunks):
+    rows.append(serve_load.bench_mode(settings(mode, caching == "on", speculate, allocation, mixed == "on", chunk,
+                                               matmul), model_config.vocab_size, model_config.max_len))
     print(json.dumps(rows[-1]), flush=True)
   print(f"\nserving {_WORKDIR.value} on {jax.devices()[0].device_kind} (server in its own process): "
         f"{_REQUESTS.value} requests, {_CONCURRENCY.value} clients, {_SLOTS.value} slots, "
@@ -130,25 +136,26 @@ def main(argv):
         f"outputs {'-'.join(_OUTPUT_LENGTHS.value)} tokens, shared prefix {_SHARED_PREFIX.value} tokens, "
         + (f"bursts of {_BURST.value} every {_BURST_INTERVAL.value:g} s" if _BURST.value else "closed loop")
         + f", pool {_NUM_PAGES.value or 'full'} pages")
-  print("| mode | mixed batches | prefill chunk | pages | prefix caching | speculation (acceptance) | requests | req/s | output tok/s | "
+  print("| matmul_impl | mode | mixed batches | prefill chunk | pages | prefix caching | speculation (acceptance) | requests | req/s | output tok/s | "
         "TTFT p50 / p99 (s) | TPOT p50 / p99 (ms) | ITL p99 (ms) | running mean / max | used pages mean / max | preemptions |")
-  print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+  print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
   for r in rows:
     tpot = f"{1e3 * r['tpot_p50_s']:.1f} / {1e3 * r['tpot_p99_s']:.1f}"
     spec = r["speculate"] if r["speculate"] == "none" else f"{r['speculate']} k={r['draft_tokens']} ({r['acceptance_rate']:.2f})"
-    print(f"| {r['mode']} | {'on' if r['mixed_batches'] else 'off'} | {r['prefill_chunk'] or 'whole'} | "
+    print(f"| {r['matmul_impl']} | {r['mode']} | {'on' if r['mixed_batches'] else 'off'} | {r['prefill_chunk'] or 'whole'} | "
           f"{r['page_allocation']} | {'on' if r['prefix_caching'] else 'off'} | {spec} | "
           f"{r['requests']} | {r['requests_per_s']:.2f} | {r['output_tokens_per_s']:.1f} | "
           f"{r['ttft_p50_s']:.2f} / {r['ttft_p99_s']:.2f} | {tpot} | {1e3 * r['itl_p99_s']:.1f} | {r['running_requests_mean']:.1f} / "
           f"{r['running_requests_max']:.0f} | {r['used_pages_mean']:.1f} / {r['used_pages_max']:.0f} | "
           f"{r['preemptions']:.0f} |")
-  separate = {r["mode"]: r for r in rows if not r["mixed_batches"] and r["prefill_chunk"] == chunks[0]}
+  separate = {(r["mode"], r["matmul_impl"]): r for r in rows
+              if not r["mixed_batches"] and r["prefill_chunk"] == chunks[0]}
   for r in rows:
-    if r["mixed_batches"] and r["mode"] in separate:
-      base = separate[r["mode"]]
+    if r["mixed_batches"] and (r["mode"], r["matmul_impl"]) in separate:
+      base = separate[(r["mode"], r["matmul_impl"])]
       r["tpot_p99_mixed_over_separate"] = r["tpot_p99_s"] / base["tpot_p99_s"]
       r["itl_p99_mixed_over_separate"] = r["itl_p99_s"] / base["itl_p99_s"]
-      print(f"{r['mode']}: mixed (chunk {r['prefill_chunk'] or 'whole'}) / separate prefill calls (chunk "
+      print(f"{r['mode']}, matmul_impl={r['matmul_impl']}: mixed (chunk {r['prefill_chunk'] or 'whole'}) / separate prefill calls (chunk "
             f"{chunks[0] or 'whole'}): TPOT p99 {r['tpot_p99_mixed_over_separate']:.2f}x, inter-token latency p99 "
             f"{r['itl_p99_mixed_over_separate']:.2f}x, "
             f"TPOT p50 {r['tpot_p50_s'] / base['tpot_p50_s']:.2f}x, TTFT p50 {r['ttft_p50_s'] / base['ttft_p50_s']:.2f}x, "

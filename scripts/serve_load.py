@@ -38,6 +38,7 @@ class Settings:
   prompt_lengths: tuple[int, int] = (8, 96)
   output_lengths: tuple[int, int] = (8, 128)
   attention_impl: str | None = None
+  matmul_impl: str | None = None  # the server's --matmul_impl (auto: native CPU kernels where built, xla: none)
   seed: int = 0
   profile: str = ""
   prefix_caching: bool = False
@@ -173,6 +174,8 @@ def _start_server(s: Settings, port: int) -> subprocess.Popen:
          f"--max_queue={max(64, s.concurrency)}"]
   if s.attention_impl:
     cmd.append(f"--attention_impl={s.attention_impl}")
+  if s.matmul_impl:
+    cmd.append(f"--matmul_impl={s.matmul_impl}")
   if s.prefix_caching:
     cmd.append("--prefix_caching")
   cmd += [f"--page_allocation={s.page_allocation}", f"--num_pages={s.num_pages}",
@@ -278,7 +281,7 @@ def bench_mode(s: Settings, vocab: int, max_len: int) -> dict:
           "server_exit_code": proc.returncode, "ready_s": ready_s,
           "server_peak_rss_mib": server_peak, "speculate": s.speculate, "draft_tokens": s.draft_tokens,
           "acceptance_rate": acceptance, "page_allocation": s.page_allocation, "burst": s.burst,
-          "mixed_batches": s.mixed_batches,
+          "mixed_batches": s.mixed_batches, "matmul_impl": s.matmul_impl or "auto",
           "declared_max_tokens": s.declared_max_tokens,
           "preemptions": preemptions, **_occupancy(samples)}
 
