@@ -160,19 +160,21 @@ def main(argv):
             f"{r['itl_p99_mixed_over_separate']:.2f}x, "
             f"TPOT p50 {r['tpot_p50_s'] / base['tpot_p50_s']:.2f}x, TTFT p50 {r['ttft_p50_s'] / base['ttft_p50_s']:.2f}x, "
             f"throughput {r['output_tokens_per_s'] / base['output_tokens_per_s']:.2f}x")
-  reserved = {r["mode"]: r for r in rows if r["page_allocation"] == "reserve"}
-  for r in rows:
+  # the other comparisons hold matmul_impl at its first value
+  first_matmul = [r for r in rows if r["matmul_impl"] == _MATMUL.value[0]]
+  reserved = {r["mode"]: r for r in first_matmul if r["page_allocation"] == "reserve"}
+  for r in first_matmul:
     if r["page_allocation"] == "on_demand" and r["mode"] in reserved:
       base = reserved[r["mode"]]
       r["running_over_reserve"] = r["running_requests_mean"] / base["running_requests_mean"]
       print(f"{r['mode']}: running requests on demand / reserved: {r['running_over_reserve']:.2f}x (mean), TPOT p99 "
             f"{r['tpot_p99_s'] / base['tpot_p99_s']:.2f}x, throughput "
             f"{r['output_tokens_per_s'] / base['output_tokens_per_s']:.2f}x")
-  plain = [r for r in rows if r["speculate"] == "none" and r["page_allocation"] == _ALLOCATION.value[0]
+  plain = [r for r in first_matmul if r["speculate"] == "none" and r["page_allocation"] == _ALLOCATION.value[0]
            and r["mixed_batches"] == (_MIXED.value[0] == "on") and r["prefill_chunk"] == chunks[0]]
   by_mode = {r["mode"]: r for r in plain if not r["prefix_caching"]}
   cached = {r["mode"]: r for r in plain if r["prefix_caching"]}
-  for r in rows:
+  for r in first_matmul:
     base = by_mode.get(r["mode"]) if not r["prefix_caching"] else cached.get(r["mode"])
     if r["speculate"] != "none" and base is not None:
       r["throughput_over_no_speculation"] = r["output_tokens_per_s"] / base["output_tokens_per_s"]
