@@ -6,6 +6,12 @@ program owns one (row, kv head) pair and all H/K query heads that share it, and 
 the row's valid range, so a ragged batch costs what its real tokens cost. Online softmax in float32; rows with an empty
 range return zeros. Interpret mode on CPU, Triton on GPU (query heads padded to 16 rows for the tensor-core dot).
 
+On TPU (chosen by the platform the program is lowered for) a Mosaic variant runs instead (`tpu_decode_call`, shared
+with the paged kernel): grid (row, key block) with the key blocks as the sequential axis, the cache viewed as
+[B, S, K * D] so that a block holds every kv head of `block` slots (a legal Mosaic tile for any head_dim), the row's
+range scalar-prefetched into SMEM so that blocks outside it repeat the last fetched block index (no DMA) and skip
+their compute, and the running softmax kept in VMEM scratch across the key blocks.
+
 `reference_decode_attention` is the plain-jnp definition the kernel is tested against.
 """
 
@@ -16,8 +22,9 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
 
-from model.kernels.common import (NEG_INF, compiler_params, online_softmax_finish, online_softmax_init,
+from model.kernels.common import (NEG_INF, compiler_params, dot, online_softmax_finish, online_softmax_init,
                                   online_softmax_step, pad_axis)
 
 DEFAULT_BLOCK_K = 128
@@ -55,6 +62,92 @@ def _decode_kernel(starts_ref, ends_ref, q_ref, k_ref, v_ref, o_ref, *, sm_scale
   o_ref[...] = online_softmax_finish(carry).astype(o_ref.dtype)
 
 
+def _tpu_decode_kernel(starts_ref, ends_ref, q_ref, k_ref, v_ref, o_ref, acc_ref, m_ref, l_ref, *, kv_heads,
+                       head_dim, block, sm_scale):
+  """One (row, key block) step: q_ref [K, G, D]; k_ref, v_ref [block, K * D]; scratch acc [K, G, D], m, l [K, G, 1]."""
+  b, j = pl.program_id(0), pl.program_id(1)
+  start, end = starts_ref[b], ends_ref[b]
+
+  @pl.when(j == 0)
+  def _init():
+    acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
+    m_ref[...] = jnp.full(m_ref.shape, NEG_INF, jnp.float32)
+    l_ref[...] = jnp.zeros(l_ref.shape, jnp.float32)
+
+  first = j * block
+
+  @pl.when((first < end) & (first + block > start))
+  def _fold_block():
+    slot = first + jax.lax.broadcasted_iota(jnp.int32, (q_ref.shape[1], block), 1)
+    valid = (slot >= start) & (slot < end)
+    for h in range(kv_heads):  # static: each kv head is a lane slice of the block
+      cols = slice(h * head_dim, (h + 1) * head_dim)
+      v = v_ref[:, cols]
+      s = jnp.where(valid, dot(q_ref[h], k_ref[:, cols], 1, 1) * sm_scale, NEG_INF)  # [G, block]
+      m_prev = m_ref[h]
+      m_new = jnp.maximum(m_prev, s.max(axis=1, keepdims=True))
+      p = jnp.where(valid, jnp.exp(s - m_new), 0.0)
+      alpha = jnp.exp(m_prev - m_new)
+      l_ref[h] = l_ref[h] * alpha + p.sum(axis=1, keepdims=True)
+      acc_ref[h] = acc_ref[h] * alpha + dot(p.astype(v.dtype), v, 1, 0)
+      m_ref[h] = m_new
+
+  @pl.when(j == pl.num_programs(1) - 1)
+  def _finish():
+    l = l_ref[...]
+    o_ref[...] = (acc_ref[...] / jnp.where(l == 0.0, 1.0, l)).astype(o_ref.dtype)
+
+
+def tpu_decode_call(scalars, q, k, v, *, kv_heads, block, num_blocks, kv_block_index, sm_scale):
+  """The Mosaic decode kernel over `num_blocks` key blocks per row.
+
+  scalars: (starts [B], ends [B], *extra) int32, prefetched into SMEM; q [B, H, D]; k, v [..., block-able, K * D];
+  kv_block_index(b, j, *scalars) -> the k/v block index tuple of row b's j-th key block. Returns [B, H, D]."""
+  b, h, d = q.shape
+  group = h // kv_heads
+  qg = q.reshape(b, kv_heads, group, d)
+  head_spec = pl.BlockSpec((None, kv_heads, group, d), lambda bi, j, *_: (bi, 0, 0, 0))
+  kv_spec = pl.BlockSpec((None, block, kv_heads * d), kv_block_index)
+  extra = len(scalars) - 2
+  kernel = functools.partial(_tpu_decode_kernel, kv_heads=kv_heads, head_dim=d, block=block, sm_scale=sm_scale)
+  if extra:
+    kernel = (lambda inner: lambda *refs: inner(*refs[:2], *refs[2 + extra:]))(kernel)
+  out = pl.pallas_call(
+      kernel,
+      grid_spec=pltpu.PrefetchScalarGridSpec(
+          num_scalar_prefetch=len(scalars), grid=(b, num_blocks), in_specs=[head_spec, kv_spec, kv_spec],
+          out_specs=head_spec,
+          scratch_shapes=[pltpu.VMEM((kv_heads, group, d), jnp.float32),
+                          pltpu.VMEM((kv_heads, group, 1), jnp.float32),
+                          pltpu.VMEM((kv_heads, group, 1), jnp.float32)]),
+      compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary")),
+      out_shape=jax.ShapeDtypeStruct(qg.shape, q.dtype), name="decode_attention_tpu")(*scalars, qg, k, v)
+  return out.reshape(b, h, d)
+
+
+def last_block(end, block):
+  """Index of the block holding slot end - 1 (0 for an empty range), with integer ops Mosaic's scalar core lowers."""
+  return jnp.maximum(jax.lax.div(end + block - 1, block) - 1, 0)
+
+
+def _tpu_decode_attention(q, k, v, starts, ends, *, sm_scale):
+  """TPU path of `decode_attention` (arguments checked there): key blocks of up to 128 slots; a length that no
+  power-of-two block from 16 divides is padded (a copy of the cache)."""
+  b, s_len, kv_heads, d = k.shape
+  block = min(DEFAULT_BLOCK_K, max(16, pl.next_power_of_2(s_len)))
+  while block > 16 and s_len % block:
+    block //= 2
+  sp = pl.cdiv(s_len, block) * block
+  k_, v_ = (pad_axis(x, 1, sp).reshape(b, sp, kv_heads * d) for x in (k, v))
+
+  def kv_block_index(bi, j, starts_ref, ends_ref):  # blocks outside the range repeat a neighbour: no new DMA
+    first = jax.lax.div(starts_ref[bi], block)
+    return bi, jnp.minimum(jnp.maximum(j, first), last_block(ends_ref[bi], block)), 0
+
+  return tpu_decode_call((starts.astype(jnp.int32), ends.astype(jnp.int32)), q, k_, v_, kv_heads=kv_heads,
+                         block=block, num_blocks=sp // block, kv_block_index=kv_block_index, sm_scale=sm_scale)
+
+
 def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, starts: jax.Array, ends: jax.Array, *,
                      sm_scale: float | None = None, block_k: int | None = None,
                      interpret: bool | None = None) -> jax.Array:
@@ -62,15 +155,27 @@ def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, starts: jax.Array
   if q.ndim != 3 or k.ndim != 4 or k.shape != v.shape:
     raise ValueError(f"decode_attention expects q [B, H, D] and k, v [B, S, K, D]; got {q.shape}, {k.shape}, {v.shape}")
   b, h, d = q.shape
-  s_len, kv_heads = k.shape[1], k.shape[2]
+  kv_heads = k.shape[2]
   if k.shape[0] != b or k.shape[3] != d or h % kv_heads:
     raise ValueError(f"cache shape {k.shape} does not match q {q.shape}: need the same batch and head_dim, and kv "
                      "heads dividing query heads")
   if starts.shape != (b,) or ends.shape != (b,):
     raise ValueError(f"starts {starts.shape} and ends {ends.shape} must both be [batch] = ({b},)")
   sm_scale = d**-0.5 if sm_scale is None else float(sm_scale)
-  if interpret is None:
-    interpret = jax.default_backend() == "cpu"
+  ours = functools.partial(_pallas_decode_attention, sm_scale=sm_scale, block_k=block_k)
+  if interpret is not None:
+    return ours(q, k, v, starts, ends, interpret=interpret)
+  # By the platform the program is lowered for: Mosaic on TPU (also when compiling for a TPU slice from a CPU host),
+  # ours in interpret mode on CPU and through Triton on GPUs.
+  return jax.lax.platform_dependent(
+      q, k, v, starts, ends, tpu=functools.partial(_tpu_decode_attention, sm_scale=sm_scale),
+      default=functools.partial(ours, interpret=jax.default_backend() == "cpu"))
+
+
+def _pallas_decode_attention(q, k, v, starts, ends, *, sm_scale, block_k, interpret):
+  """Our Pallas kernel for CPU (interpret) and GPU (Triton); the arguments of `decode_attention`, checked there."""
+  b, h, d = q.shape
+  s_len, kv_heads = k.shape[1], k.shape[2]
   block_k = block_k or min(DEFAULT_BLOCK_K, max(16, pl.next_power_of_2(s_len)))
   if block_k < 16 or block_k & (block_k - 1):
     raise ValueError(f"block_k={block_k} must be a power of two >= 16")

@@ -5,7 +5,10 @@ listed in page_table[b] ([max_pages] int32, in order) and its first lengths[b] s
 page_table[b, s // page_size] at offset s % page_size. `paged_decode_attention(q, k_pages, v_pages, page_table,
 lengths)` takes q [B, H, D] (K | H, grouped-query) and returns [B, H, D]. Each program owns one (sequence, kv head)
 pair and the H/K query heads that share it, and visits only the sequence's live pages, one page per step, with an
-online softmax in float32. A sequence of length 0 returns zeros. Interpret mode on CPU, Triton on GPU.
+online softmax in float32. A sequence of length 0 returns zeros. Interpret mode on CPU, Triton on GPU; on TPU the
+Mosaic decode kernel of `decode_attention` runs over the pool viewed as [N, P, K * D], one page (every kv head) per
+block, the block index read from the scalar-prefetched page table (pages past a sequence's length repeat its last
+page: no DMA, no compute).
 
 `reference_paged_decode_attention` gathers the pages into a contiguous cache and runs the plain-jnp decode
 reference; it is what the kernel is tested against and what `attention_impl=xla` serves with.
@@ -21,7 +24,7 @@ from jax.experimental import pallas as pl
 
 from model.kernels.common import (compiler_params, online_softmax_finish, online_softmax_init, online_softmax_step,
                                   pad_axis)
-from model.kernels.decode_attention import reference_decode_attention
+from model.kernels.decode_attention import last_block, reference_decode_attention, tpu_decode_call
 
 
 def gather_pages(pages: jax.Array, page_table: jax.Array) -> jax.Array:
@@ -70,7 +73,35 @@ def paged_decode_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
   if page_table.ndim != 2 or page_table.shape[0] != b or lengths.shape != (b,):
     raise ValueError(f"page_table {page_table.shape} must be [B={b}, max_pages] and lengths {lengths.shape} [B]")
   sm_scale = d**-0.5 if sm_scale is None else float(sm_scale)
-  interpret = jax.default_backend() == "cpu" if interpret is None else interpret
+  ours = functools.partial(_pallas_paged_decode_attention, sm_scale=sm_scale)
+  if interpret is not None:
+    return ours(q, k_pages, v_pages, page_table, lengths, interpret=interpret)
+  # By the platform the program is lowered for (as `decode_attention`): Mosaic on TPU, ours elsewhere.
+  return jax.lax.platform_dependent(
+      q, k_pages, v_pages, page_table, lengths, tpu=functools.partial(_tpu_paged_decode_attention, sm_scale=sm_scale),
+      default=functools.partial(ours, interpret=jax.default_backend() == "cpu"))
+
+
+def _tpu_paged_decode_attention(q, k_pages, v_pages, page_table, lengths, *, sm_scale):
+  """TPU path (arguments checked by `paged_decode_attention`): the pool as [N, P, K * D] (a free reshape)."""
+  num_pages, page_size, kv_heads, d = k_pages.shape
+  max_pages = page_table.shape[1]
+  k_, v_ = (x.reshape(num_pages, page_size, kv_heads * d) for x in (k_pages, v_pages))
+  lengths = lengths.astype(jnp.int32)
+
+  def kv_block_index(bi, j, starts_ref, ends_ref, table_ref):
+    live = jnp.minimum(j, last_block(ends_ref[bi], page_size))
+    return jnp.minimum(jnp.maximum(table_ref[bi * max_pages + live], 0), num_pages - 1), 0, 0  # never out of bounds
+
+  scalars = (jnp.zeros_like(lengths), lengths, page_table.astype(jnp.int32).reshape(-1))
+  return tpu_decode_call(scalars, q, k_, v_, kv_heads=kv_heads, block=page_size, num_blocks=max_pages,
+                         kv_block_index=kv_block_index, sm_scale=sm_scale)
+
+
+def _pallas_paged_decode_attention(q, k_pages, v_pages, page_table, lengths, *, sm_scale, interpret):
+  """Our Pallas kernel for CPU (interpret) and GPU (Triton); the arguments of `paged_decode_attention`."""
+  b, h, d = q.shape
+  num_pages, page_size, kv_heads, _ = k_pages.shape
   group, max_pages = h // kv_heads, page_table.shape[1]
   gp, dp = max(16, pl.next_power_of_2(group)), max(16, pl.next_power_of_2(d))
   qg = pad_axis(pad_axis(q.reshape(b, kv_heads, group, d), 2, gp), 3, dp)

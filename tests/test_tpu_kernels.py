@@ -1,0 +1,85 @@
+"""The TPU (Mosaic) variants of our Pallas kernels: each matches its plain-jnp reference under Pallas's TPU interpreter
+on this CPU, and the public entry point, lowered for a TPU chip described by libtpu (no TPU needed), compiles to a
+Mosaic custom call."""
+
+import importlib.util
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.experimental.pallas import tpu as pltpu
+
+from model.kernels import decode_attention as dec
+from model.kernels import paged_attention as pa
+
+TPU_REASON = "libtpu is not installed (pip install -e '.[tpu]'), so nothing can be compiled for a TPU here"
+TOL = {jnp.float32: 2e-5, jnp.bfloat16: 3e-2}
+
+
+def _normal(seed, shape, dtype):
+  return jax.random.normal(jax.random.key(seed), shape, jnp.float32).astype(dtype)
+
+
+def _tpu_compiled_text(fn, *args, topology="v5e:2x2"):
+  """fn lowered and compiled for one chip of `topology`; returns the lowered text (the compile must succeed)."""
+  from scripts import plan
+
+  device = plan.topology_devices(topology)[0]
+  sharding = jax.sharding.SingleDeviceSharding(device)
+  abstract = [jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding) for a in args]
+  lowered = jax.jit(fn).lower(*abstract)
+  lowered.compile()
+  return lowered.as_text()
+
+
+@pytest.mark.parametrize("b,s,h,kv,d,dtype", [
+    (3, 256, 8, 2, 64, jnp.float32),   # GQA, two 128-slot blocks
+    (3, 200, 4, 4, 24, jnp.float32),   # MHA, head_dim 24 (lane slices off the 128 grid), 200 slots padded to 208
+    (3, 512, 12, 12, 64, jnp.bfloat16),  # GPT-2's heads, bf16
+])
+def test_tpu_decode_attention_matches_the_reference_in_tpu_interpret_mode(b, s, h, kv, d, dtype):
+  q, k, v = _normal(0, (b, h, d), dtype), _normal(1, (b, s, kv, d), dtype), _normal(2, (b, s, kv, d), dtype)
+  # a left-padded row, a row ending inside a block, a row whose range skips whole blocks, and (below) an empty row
+  starts = jnp.array([0, 5, s - 70], jnp.int32)
+  ends = jnp.array([1, s // 2 + 3, s], jnp.int32)
+  with pltpu.force_tpu_interpret_mode():
+    got = dec._tpu_decode_attention(q, k, v, starts, ends, sm_scale=d**-0.5)
+    empty = dec._tpu_decode_attention(q, k, v, starts, starts, sm_scale=d**-0.5)
+  want = dec.reference_decode_attention(q, k, v, starts, ends)
+  np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), atol=TOL[dtype], rtol=0)
+  assert float(jnp.abs(empty.astype(jnp.float32)).max()) == 0.0
+
+
+@pytest.mark.parametrize("page_size,kv,d,dtype", [(16, 2, 64, jnp.float32), (32, 4, 32, jnp.bfloat16)])
+def test_tpu_paged_decode_attention_matches_the_reference_in_tpu_interpret_mode(page_size, kv, d, dtype):
+  b, h, max_pages, num_pages = 4, 8, 5, 24
+  rng = np.random.default_rng(0)
+  q = _normal(3, (b, h, d), dtype)
+  k_pages, v_pages = _normal(4, (num_pages, page_size, kv, d), dtype), _normal(5, (num_pages, page_size, kv, d), dtype)
+  table = rng.permutation(np.arange(1, num_pages))[:b * max_pages].reshape(b, max_pages).astype(np.int32)
+  table[3, 1:] = 10_000  # entries past a sequence's pages may hold anything: never read
+  lengths = jnp.array([1, 2 * page_size + 5, max_pages * page_size, 0], jnp.int32)
+  with pltpu.force_tpu_interpret_mode():
+    got = pa._tpu_paged_decode_attention(q, k_pages, v_pages, jnp.asarray(table), lengths, sm_scale=d**-0.5)
+    poisoned = k_pages.at[table[1, 3:]].set(jnp.nan)  # pages past row 1's length: must not be read
+    again = pa._tpu_paged_decode_attention(q, poisoned, v_pages, jnp.asarray(table), lengths, sm_scale=d**-0.5)
+  safe_table = jnp.asarray(np.minimum(table, num_pages - 1))
+  want = pa.reference_paged_decode_attention(q, k_pages, v_pages, safe_table, lengths)
+  np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), atol=TOL[dtype], rtol=0)
+  np.testing.assert_array_equal(np.asarray(again), np.asarray(got))
+  assert float(jnp.abs(got[3].astype(jnp.float32)).max()) == 0.0  # the empty row
+
+
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason=TPU_REASON)
+@pytest.mark.parametrize("topology", ["v5e:2x2", "v6e:2x2"])
+def test_the_decode_kernels_compile_to_mosaic_for_a_tpu_chip(topology):
+  """Through the public entry points: lowered for a TPU, `jax.lax.platform_dependent` picks the Mosaic variant."""
+  b, s, h, kv, d = 4, 384, 16, 4, 64
+  q, k = jnp.zeros((b, h, d), jnp.bfloat16), jnp.zeros((b, s, kv, d), jnp.bfloat16)
+  bounds = jnp.zeros((b,), jnp.int32)
+  text = _tpu_compiled_text(dec.decode_attention, q, k, k, bounds, bounds, topology=topology)
+  assert "tpu_custom_call" in text and "decode_attention_tpu" in text
+  pages, table = jnp.zeros((64, 16, kv, d), jnp.bfloat16), jnp.zeros((b, 8), jnp.int32)
+  text = _tpu_compiled_text(pa.paged_decode_attention, q, pages, pages, table, bounds, topology=topology)
+  assert "tpu_custom_call" in text and "decode_attention_tpu" in text
