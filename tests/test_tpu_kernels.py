@@ -11,6 +11,7 @@ import pytest
 from jax.experimental.pallas import tpu as pltpu
 
 from model.kernels import decode_attention as dec
+from model.kernels import int8_matmul as q8
 from model.kernels import paged_attention as pa
 
 TPU_REASON = "libtpu is not installed (pip install -e '.[tpu]'), so nothing can be compiled for a TPU here"
@@ -83,3 +84,45 @@ def test_the_decode_kernels_compile_to_mosaic_for_a_tpu_chip(topology):
   pages, table = jnp.zeros((64, 16, kv, d), jnp.bfloat16), jnp.zeros((b, 8), jnp.int32)
   text = _tpu_compiled_text(pa.paged_decode_attention, q, pages, pages, table, bounds, topology=topology)
   assert "tpu_custom_call" in text and "decode_attention_tpu" in text
+
+
+@pytest.mark.parametrize("m,k,n,group,dtype", [
+    (3, 300, 200, 0, jnp.float32),    # decode-sized rows; K and N off the block grid (padded)
+    (40, 1024, 384, 64, jnp.float32),  # two K blocks of 512, eight groups per block
+    (16, 256, 256, 128, jnp.bfloat16),
+])
+def test_tpu_w8a16_matches_the_reference_in_tpu_interpret_mode(m, k, n, group, dtype):
+  x = _normal(6, (m, k), dtype)
+  w_q, w_scale = q8.quantize_per_channel(_normal(7, (k, n), jnp.float32), group=group)
+  with pltpu.force_tpu_interpret_mode():
+    got = q8._tpu_w8a16(x, w_q, w_scale, group=group)
+  want = q8.w8a16_reference(x, w_q, w_scale, group=group)
+  assert got.dtype == dtype and got.shape == (m, n)
+  atol, rtol = (1e-4, 0) if dtype == jnp.float32 else (0.25, 2e-2)  # bf16 outputs of O(10): a few ulps
+  np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), atol=atol, rtol=rtol)
+
+
+@pytest.mark.parametrize("m,k,n", [(5, 300, 130), (64, 1024, 512)])
+def test_tpu_w8a8_is_exact_in_tpu_interpret_mode(m, k, n):
+  x_q, x_scale = q8.quantize_per_token(_normal(8, (m, k), jnp.float32))
+  w_q, w_scale = q8.quantize_per_channel(_normal(9, (k, n), jnp.float32))
+  with pltpu.force_tpu_interpret_mode():
+    got = q8._tpu_w8a8(x_q, x_scale, w_q, w_scale)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(q8.w8a8_reference(x_q, x_scale, w_q, w_scale)), rtol=1e-6,
+                             atol=1e-6)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason=TPU_REASON)
+@pytest.mark.parametrize("topology", ["v5e:2x2", "v6e:2x2"])
+def test_the_int8_kernels_compile_to_mosaic_for_a_tpu_chip(topology):
+  m, k, n = 8, 2048, 5632  # a llama_1b MLP projection at decode batch 8
+  x, w_q = jnp.zeros((m, k), jnp.bfloat16), jnp.zeros((k, n), jnp.int8)
+  text = _tpu_compiled_text(lambda x, w, s: q8.w8a16_matmul(x, w, s), x, w_q, jnp.zeros((n,), jnp.float32),
+                            topology=topology)
+  assert "w8a16_matmul_tpu" in text
+  text = _tpu_compiled_text(lambda x, w, s: q8.w8a16_matmul(x, w, s, group=128), x, w_q,
+                            jnp.zeros((k // 128, n), jnp.float32), topology=topology)
+  assert "w8a16_matmul_tpu" in text
+  text = _tpu_compiled_text(q8.w8a8_matmul, jnp.zeros((m, k), jnp.int8), jnp.zeros((m,), jnp.float32), w_q,
+                            jnp.zeros((n,), jnp.float32), topology=topology)
+  assert "w8a8_matmul_tpu" in text

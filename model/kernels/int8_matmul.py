@@ -6,19 +6,25 @@
 * `w8a8_matmul(x_q, x_scale, w_q, w_scale)`: x_q [M, K] int8 with per-token scales x_scale [M], w_q [K, N] int8 with
   per-channel scales w_scale [N] -> float32 [M, N] = (x_q @ w_q in int32) * x_scale[:, None] * w_scale[None, :].
 
-Shapes are padded to the blocks with zeros (exact). Interpret mode on CPU, Triton on GPU. The `*_reference`
-functions are the plain-jnp definitions the kernels are tested against; `quantize_*` make the int8 operands.
+Shapes are padded to the blocks with zeros (exact). Interpret mode on CPU, Triton on GPU. On TPU (chosen by the
+platform the program is lowered for) Mosaic variants run instead: a (M, N, K) grid with K the sequential axis and a
+VMEM accumulator (float32 for W8A16, int32 on the MXU's int8 path for W8A8), blocks on the (8, 128) tile grid (int8
+rows in 32s), the int8 weights widened to x's dtype inside the kernel so HBM moves one byte per weight; group scales
+stay whole in VMEM and each group's partial product is scaled as it is added. The `*_reference` functions are the
+plain-jnp definitions the kernels are tested against; `quantize_*` make the int8 operands.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
 
-from model.kernels.common import compiler_params, pad_axis
+from model.kernels.common import compiler_params, dot, pad_axis
 
 
 def quantize_per_channel(w: jax.Array, group: int = 0) -> tuple[jax.Array, jax.Array]:
@@ -100,12 +106,21 @@ def w8a16_matmul(x: jax.Array, w_q: jax.Array, w_scale: jax.Array, *, group: int
   expected = (k // group, n) if group else (n,)
   if w_scale.shape != expected:
     raise ValueError(f"w_scale shape {w_scale.shape} must be {expected} for group={group}")
+  if group and (group < 16 or group & (group - 1)):
+    raise ValueError(f"group={group} must be a power of two >= 16 (it is the kernel's K block)")
+  ours = functools.partial(_pallas_w8a16, group=group, block_m=block_m, block_n=block_n, block_k=block_k)
+  if interpret is not None:
+    return ours(x, w_q, w_scale, interpret=interpret)
+  return jax.lax.platform_dependent(x, w_q, w_scale, tpu=functools.partial(_tpu_w8a16, group=group),
+                                    default=functools.partial(ours, interpret=jax.default_backend() == "cpu"))
+
+
+def _pallas_w8a16(x, w_q, w_scale, *, group, block_m, block_n, block_k, interpret):
+  """Our Pallas kernel for CPU (interpret) and GPU (Triton); the arguments of `w8a16_matmul`, checked there."""
+  (m, k), n = x.shape, w_q.shape[1]
   block_m, block_n, block_k = _blocks(m, n, k, block_m, block_n, block_k)
   if group:
     block_k = group
-    if group < 16 or group & (group - 1):
-      raise ValueError(f"group={group} must be a power of two >= 16 (it is the kernel's K block)")
-  interpret = jax.default_backend() == "cpu" if interpret is None else interpret
   mp, np_, kp = (pl.cdiv(a, b) * b for a, b in ((m, block_m), (n, block_n), (k, block_k)))
   xp = pad_axis(pad_axis(x, 0, mp), 1, kp)
   wp = pad_axis(pad_axis(w_q, 0, kp), 1, np_)
@@ -131,8 +146,17 @@ def w8a8_matmul(x_q: jax.Array, x_scale: jax.Array, w_q: jax.Array, w_scale: jax
   n = w_q.shape[1]
   if x_scale.shape != (m,) or w_scale.shape != (n,):
     raise ValueError(f"x_scale {x_scale.shape} must be ({m},) and w_scale {w_scale.shape} must be ({n},)")
+  ours = functools.partial(_pallas_w8a8, block_m=block_m, block_n=block_n, block_k=block_k)
+  if interpret is not None:
+    return ours(x_q, x_scale, w_q, w_scale, interpret=interpret)
+  return jax.lax.platform_dependent(x_q, x_scale, w_q, w_scale, tpu=_tpu_w8a8,
+                                    default=functools.partial(ours, interpret=jax.default_backend() == "cpu"))
+
+
+def _pallas_w8a8(x_q, x_scale, w_q, w_scale, *, block_m, block_n, block_k, interpret):
+  """Our Pallas kernel for CPU (interpret) and GPU (Triton); the arguments of `w8a8_matmul`, checked there."""
+  (m, k), n = x_q.shape, w_q.shape[1]
   block_m, block_n, block_k = _blocks(m, n, k, block_m, block_n, block_k)
-  interpret = jax.default_backend() == "cpu" if interpret is None else interpret
   mp, np_, kp = (pl.cdiv(a, b) * b for a, b in ((m, block_m), (n, block_n), (k, block_k)))
   xp = pad_axis(pad_axis(x_q, 0, mp), 1, kp)
   wp = pad_axis(pad_axis(w_q, 0, kp), 1, np_)
@@ -146,4 +170,94 @@ def w8a8_matmul(x_q: jax.Array, x_scale: jax.Array, w_q: jax.Array, w_scale: jax
       out_specs=pl.BlockSpec((block_m, block_n), lambda i, j: (i, j)),
       out_shape=jax.ShapeDtypeStruct((mp, np_), jnp.float32), interpret=interpret,
       compiler_params=compiler_params(interpret), name="w8a8_matmul")(xp, xs, wp, ws)
+  return out[:m, :n]
+
+
+# -- TPU (Mosaic) variants ------------------------------------------------------------------------------------------
+
+
+def _tpu_blocks(m, n, k, row_tile, k_unit=128):
+  """Mosaic blocks: rows a multiple of `row_tile` (8 float32, 16 bf16, 32 int8) up to 256, columns 128/256, K a
+  multiple of `k_unit` up to 512. Returns (block_m, block_n, block_k, padded m, n, k)."""
+  bm = min(256, pl.cdiv(m, row_tile) * row_tile)
+  bn = 256 if n >= 256 else 128
+  bk = k_unit * max(1, min(512, pl.cdiv(k, 128) * 128) // k_unit)
+  return bm, bn, bk, pl.cdiv(m, bm) * bm, pl.cdiv(n, bn) * bn, pl.cdiv(k, bk) * bk
+
+
+def _tpu_w8a16_kernel(x_ref, w_ref, s_ref, o_ref, acc_ref, *, group, block_k):
+  kk = pl.program_id(2)
+
+  @pl.when(kk == 0)
+  def _init():
+    acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
+
+  x = x_ref[...]
+  if group:  # s_ref holds every group's scales for this column block: [K // group, block_n]
+    for g in range(block_k // group):
+      rows = slice(g * group, (g + 1) * group)
+      scale = s_ref[pl.ds(kk * (block_k // group) + g, 1), :]
+      acc_ref[...] += dot(x[:, rows], w_ref[rows, :].astype(x.dtype), 1, 0) * scale
+  else:
+    acc_ref[...] += dot(x, w_ref[...].astype(x.dtype), 1, 0)
+
+  @pl.when(kk == pl.num_programs(2) - 1)
+  def _finish():
+    acc = acc_ref[...] if group else acc_ref[...] * s_ref[...]
+    o_ref[...] = acc.astype(o_ref.dtype)
+
+
+def _tpu_w8a16(x, w_q, w_scale, *, group):
+  """TPU path of `w8a16_matmul` (arguments checked there)."""
+  (m, k), n = x.shape, w_q.shape[1]
+  unit = 128 * group // math.gcd(128, group) if group else 128
+  bm, bn, bk, mp, np_, kp = _tpu_blocks(m, n, k, 8 if x.dtype == jnp.float32 else 16, unit)
+  xp = pad_axis(pad_axis(x, 0, mp), 1, kp)
+  wp = pad_axis(pad_axis(w_q, 0, kp), 1, np_)
+  scales = pad_axis(w_scale.astype(jnp.float32).reshape(-1, n), 1, np_)
+  if group:
+    scales = pad_axis(scales, 0, kp // group)
+  out = pl.pallas_call(
+      functools.partial(_tpu_w8a16_kernel, group=group, block_k=bk),
+      grid=(mp // bm, np_ // bn, kp // bk),
+      in_specs=[pl.BlockSpec((bm, bk), lambda i, j, kk: (i, kk)), pl.BlockSpec((bk, bn), lambda i, j, kk: (kk, j)),
+                pl.BlockSpec((scales.shape[0], bn), lambda i, j, kk: (0, j))],
+      out_specs=pl.BlockSpec((bm, bn), lambda i, j, kk: (i, j)),
+      scratch_shapes=[pltpu.VMEM((bm, bn), jnp.float32)],
+      compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary")),
+      out_shape=jax.ShapeDtypeStruct((mp, np_), x.dtype), name="w8a16_matmul_tpu")(xp, wp, scales)
+  return out[:m, :n]
+
+
+def _tpu_w8a8_kernel(x_ref, xs_ref, w_ref, ws_ref, o_ref, acc_ref):
+  kk = pl.program_id(2)
+
+  @pl.when(kk == 0)
+  def _init():
+    acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.int32)
+
+  acc_ref[...] += jax.lax.dot_general(x_ref[...], w_ref[...], (((1,), (0,)), ((), ())),
+                                      preferred_element_type=jnp.int32)
+
+  @pl.when(kk == pl.num_programs(2) - 1)
+  def _finish():
+    o_ref[...] = acc_ref[...].astype(jnp.float32) * xs_ref[...] * ws_ref[...]
+
+
+def _tpu_w8a8(x_q, x_scale, w_q, w_scale):
+  """TPU path of `w8a8_matmul` (arguments checked there)."""
+  (m, k), n = x_q.shape, w_q.shape[1]
+  bm, bn, bk, mp, np_, kp = _tpu_blocks(m, n, k, 32)
+  xp = pad_axis(pad_axis(x_q, 0, mp), 1, kp)
+  wp = pad_axis(pad_axis(w_q, 0, kp), 1, np_)
+  xs = pad_axis(x_scale.astype(jnp.float32).reshape(m, 1), 0, mp)
+  ws = pad_axis(w_scale.astype(jnp.float32).reshape(1, n), 1, np_)
+  out = pl.pallas_call(
+      _tpu_w8a8_kernel, grid=(mp // bm, np_ // bn, kp // bk),
+      in_specs=[pl.BlockSpec((bm, bk), lambda i, j, kk: (i, kk)), pl.BlockSpec((bm, 1), lambda i, j, kk: (i, 0)),
+                pl.BlockSpec((bk, bn), lambda i, j, kk: (kk, j)), pl.BlockSpec((1, bn), lambda i, j, kk: (0, j))],
+      out_specs=pl.BlockSpec((bm, bn), lambda i, j, kk: (i, j)),
+      scratch_shapes=[pltpu.VMEM((bm, bn), jnp.int32)],
+      compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary")),
+      out_shape=jax.ShapeDtypeStruct((mp, np_), jnp.float32), name="w8a8_matmul_tpu")(xp, xs, wp, ws)
   return out[:m, :n]
