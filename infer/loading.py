@@ -18,6 +18,7 @@ from configs import base
 from infer.compress import storage
 from model import lora
 from model import moe
+from model.kernels import ternary_matvec as tm
 from model import peft
 from model import quant
 from model import transformer
@@ -156,7 +157,7 @@ def _attach_coded(model, meta: dict):
   for key, w in meta["qmoe"]["weights"].items():
     c = meta["coded_arrays"][key]
     per_block.setdefault((w["unit"], w["layer"]), {})[w["name"]] = (
-        jnp.asarray(c["codes"]).astype(jnp.int32), jnp.asarray(c["offsets"]), jnp.asarray(c["lo"]).reshape(-1),
+        tm.align_stream(jnp.asarray(c["codes"]).astype(jnp.int32)), jnp.asarray(c["offsets"]), jnp.asarray(c["lo"]).reshape(-1),
         jnp.asarray(c["hi"]).reshape(-1))
   for (unit, layer), coded in per_block.items():
     coded["dictionary"] = tuple(jnp.asarray(a).astype(jnp.int32) for a in meta["dictionary_arrays"])

@@ -13,6 +13,7 @@ from jax.experimental.pallas import tpu as pltpu
 from model.kernels import decode_attention as dec
 from model.kernels import int8_matmul as q8
 from model.kernels import paged_attention as pa
+from model.kernels import ternary_matvec as tm
 
 TPU_REASON = "libtpu is not installed (pip install -e '.[tpu]'), so nothing can be compiled for a TPU here"
 TOL = {jnp.float32: 2e-5, jnp.bfloat16: 3e-2}
@@ -126,3 +127,44 @@ def test_the_int8_kernels_compile_to_mosaic_for_a_tpu_chip(topology):
   text = _tpu_compiled_text(q8.w8a8_matmul, jnp.zeros((m, k), jnp.int8), jnp.zeros((m,), jnp.float32), w_q,
                             jnp.zeros((n,), jnp.float32), topology=topology)
   assert "w8a8_matmul_tpu" in text
+
+
+def _coded(seed, n, k, code_bits=9, max_len=12):
+  """A random ternary W (as symbols [N, K]) coded into a Tunstall stream, with its lo/hi."""
+  from infer.compress import ternary_code as tc
+
+  rng = np.random.default_rng(seed)
+  sym = rng.choice(3, size=(n, k), p=[0.8, 0.1, 0.1])
+  d = tc.build_dictionary(sym, code_bits=code_bits, max_len=max_len)
+  enc = tc.encode(sym, d)
+  lo, hi = -np.abs(rng.normal(size=n)).astype(np.float32), np.abs(rng.normal(size=n)).astype(np.float32)
+  stream = (jnp.asarray(enc.codes.astype(np.int32)), jnp.asarray(enc.offsets), jnp.asarray(d.entries),
+            jnp.asarray(d.lengths), jnp.asarray(lo), jnp.asarray(hi))
+  return sym, stream
+
+
+@pytest.mark.parametrize("m,chunk", [(1, 8192), (3, 128)])  # 128: the walk refills SMEM many times, mid-row too
+def test_tpu_ternary_matvec_matches_decode_then_matmul_in_tpu_interpret_mode(m, chunk, monkeypatch):
+  monkeypatch.setattr(tm, "TPU_CHUNK", chunk)
+  n, k = 150, 80  # two experts of 150 rows (not a multiple of the 128-row program) stacked in one stream
+  sym, (codes, offsets, entries, lengths, lo, hi) = _coded(m, 2 * n, k)
+  x = _normal(10 + m, (m, k), jnp.float32)
+  with pltpu.force_tpu_interpret_mode():
+    got = tm._tpu_ternary_matvec(x, codes, offsets, entries, lengths, lo, hi, jnp.int32(n), rows=n)
+  want = tm.ternary_matvec_reference(x, sym[n:], lo[n:], hi[n:])
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason=TPU_REASON)
+def test_the_ternary_kernel_compiles_to_mosaic_for_a_tpu_chip():
+  """A Mixtral-like expert projection (4,096 -> 14,336 rows, 4 experts in one stream) at a 12-bit dictionary: the
+  stream (1.5M codewords, 6 MB) is far beyond SMEM's 1 MiB, so this also checks that it is streamed, not resident."""
+  k, n, experts, num_codes, dict_size, run = 4096, 14336, 4, 1_500_000, 4096, 24
+  x = jnp.zeros((2, k), jnp.bfloat16)
+  codes, offsets = jnp.zeros((num_codes,), jnp.int32), jnp.zeros((experts * n + 1,), jnp.int32)
+  entries, lengths = jnp.zeros((dict_size, run), jnp.int32), jnp.zeros((dict_size,), jnp.int32)
+  lo = jnp.zeros((experts * n,), jnp.float32)
+  text = _tpu_compiled_text(lambda x, c, o, e, ln, lo, hi, r: tm.ternary_matvec(x, c, o, e, ln, lo, hi, row_start=r,
+                                                                                 rows=n),
+                            x, codes, offsets, entries, lengths, lo, lo, jnp.int32(0))
+  assert "ternary_matvec_tpu" in text
