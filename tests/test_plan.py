@@ -78,9 +78,15 @@ def test_an_unknown_topology_is_named():
 
 
 @pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason=TPU_REASON)
-def test_the_serving_engine_steps_compile_for_a_tpu_chip():
-  spec = plan.ModelSpec.from_config(base.validate(_config()).model)
-  steps = plan.tpu_serve_steps(spec, plan.topology_devices("v5e:2x2")[0], slots=4)
+@pytest.mark.parametrize("attention_impl", ["xla", "pallas"])
+def test_the_serving_engine_steps_compile_for_a_tpu_chip(attention_impl):
+  c = _config()
+  c.model.attention_impl = attention_impl
+  spec = plan.ModelSpec.from_config(base.validate(c).model)
+  device = plan.topology_devices("v5e:2x2")[0]
+  if attention_impl == "pallas":  # the decode step reads the page pool through the Mosaic paged kernel
+    assert "decode_attention_tpu" in plan.lower_serve_steps(spec, device, slots=4)["decode"].as_text()
+  steps = plan.tpu_serve_steps(spec, device, slots=4)
   pool = 2 * spec.num_layers * (4 * (spec.max_len // 16) + 1) * 16 * spec.num_kv_heads * spec.head_dim * 4
   for name in ("decode", "mixed"):
     m = steps[name]
