@@ -5,6 +5,8 @@ kernels that would fall through to another GPU backend. Compiling the Triton IR 
 (`scripts/gpu_check.sh`).
 """
 
+import contextlib
+
 import jax
 import jax.numpy as jnp
 import pytest
@@ -20,9 +22,19 @@ S = jax.ShapeDtypeStruct
 TRITON = "__gpu$xla.gpu.triton"
 
 
+def _gpu_target():
+  """Where jax wants to be told which GPU it lowers for (from jax 0.12: an abstract device on the abstract mesh, as
+  there is no GPU to ask), an H100; a no-op context on older jax, which lowers without one."""
+  if not hasattr(jax.sharding, "AbstractDevice"):
+    return contextlib.nullcontext()
+  h100 = jax.sharding.AbstractDevice(device_kind="NVIDIA H100", num_cores=None, platform="gpu")
+  return jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ("x",), abstract_device=h100))
+
+
 def _triton_calls(fn, *args) -> int:
-  exported = export.export(jax.jit(fn), platforms=["cuda"],
-                           disabled_checks=[export.DisabledSafetyCheck.custom_call(TRITON)])(*args)
+  with _gpu_target():
+    exported = export.export(jax.jit(fn), platforms=["cuda"],
+                             disabled_checks=[export.DisabledSafetyCheck.custom_call(TRITON)])(*args)
   return exported.mlir_module().count(TRITON)
 
 
