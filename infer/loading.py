@@ -156,9 +156,9 @@ def _attach_coded(model, meta: dict):
   per_block: dict[tuple[int, int], dict] = {}
   for key, w in meta["qmoe"]["weights"].items():
     c = meta["coded_arrays"][key]
+    codes = tm.align_stream(jnp.asarray(c["codes"]).astype(jnp.int32))  # TPU DMA windows: see ternary_matvec
     per_block.setdefault((w["unit"], w["layer"]), {})[w["name"]] = (
-        tm.align_stream(jnp.asarray(c["codes"]).astype(jnp.int32)), jnp.asarray(c["offsets"]), jnp.asarray(c["lo"]).reshape(-1),
-        jnp.asarray(c["hi"]).reshape(-1))
+        codes, jnp.asarray(c["offsets"]), jnp.asarray(c["lo"]).reshape(-1), jnp.asarray(c["hi"]).reshape(-1))
   for (unit, layer), coded in per_block.items():
     coded["dictionary"] = tuple(jnp.asarray(a).astype(jnp.int32) for a in meta["dictionary_arrays"])
     model.blocks[unit].layers[layer].moe.coded = nnx.data(moe.CodedExperts(coded))

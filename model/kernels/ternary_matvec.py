@@ -106,8 +106,8 @@ def align_stream(codes: jax.Array) -> jax.Array:
 
 def _tpu_kernel(offsets_ref, lo_ref, hi_ref, lengths_ref, codes_hbm, entries_ref, x_ref, o_ref, buf_ref, sem, *,
                 run_len, chunk, num_codes):
-  """offsets/lo/hi: this matrix's rows (SMEM); codes [1, C] in HBM, `chunk` at a time in buf_ref (SMEM); entries [D, run]
-  and x transposed [K + run, M] in VMEM; o_ref [TPU_ROWS, M] (rows of the transposed output)."""
+  """offsets/lo/hi: this matrix's rows (SMEM); codes [1, C] in HBM, `chunk` at a time in buf_ref (SMEM); entries
+  [D, run] and x transposed [K + run, M] in VMEM; o_ref [TPU_ROWS, M] (rows of the transposed output)."""
   first_row = pl.program_id(0) * TPU_ROWS
   step = jax.lax.broadcasted_iota(jnp.int32, (1, run_len), 1)
 
