@@ -58,9 +58,9 @@ def _w8a16(x2, w2, s, impl: str, transposed: bool):
   """Weight-only: activations stay in the compute dtype, weights are dequantized inside the matmul."""
   if impl == "native":
     return _by_rows(lambda x: cpu_native.matmul_nk(x, w2, s) if transposed else cpu_native.matmul_kn(x, w2, s), x2)
+  if impl == "pallas":  # transposed in place by the TPU kernel (no copy of a tied head), first elsewhere
+    return q8.w8a16_matmul(x2, w2, s, transposed=transposed).astype(jnp.float32)
   w2 = w2.T if transposed else w2
-  if impl == "pallas":
-    return q8.w8a16_matmul(x2, w2, s).astype(jnp.float32)
   return jax.lax.dot_general(x2, w2.astype(x2.dtype), (((1,), (0,)), ((), ())),
                              preferred_element_type=jnp.float32) * s[None, :]
 
@@ -71,8 +71,9 @@ def _w8a8(x2, w2, s, impl: str, transposed: bool):
   if impl == "native":
     return _by_rows(lambda x: (cpu_native.matmul_nk_w8a8 if transposed else cpu_native.matmul_kn_w8a8)(x, w2, s), x2)
   x_q, x_scale = q8.quantize_per_token(x2)
-  w2 = w2.T if transposed else w2
-  return q8.w8a8_matmul(x_q, x_scale, w2, s) if impl == "pallas" else q8.w8a8_reference(x_q, x_scale, w2, s)
+  if impl == "pallas":
+    return q8.w8a8_matmul(x_q, x_scale, w2, s, transposed=transposed)
+  return q8.w8a8_reference(x_q, x_scale, w2.T if transposed else w2, s)
 
 
 MATMULS = {"int8_weight": _w8a16, "w8a8": _w8a8}  # int8 modes of model.quant -> their matmul ("packed" below)

@@ -225,8 +225,11 @@ def decode_plan(spec: ModelSpec, batch: int, context: int, device_memory_gb: flo
 
 def lower_decode(spec: ModelSpec, device, batch: int, prompt_len: int, new_tokens: int, offload: str):
   """`infer.generate`'s prefill + decode program lowered for one (TPU) `device` from abstract arguments, with
-  `offload` applied (the blocks' weights as host-memory arguments for "weights")."""
-  spec = dataclasses.replace(spec, offload=offload, matmul_impl="xla")
+  `offload` applied (the blocks' weights as host-memory arguments for "weights"). `model.matmul_impl=pallas` is kept
+  (the Mosaic int8 kernels on TPU); auto and native mean this host's CPU kernels, which a TPU program cannot carry,
+  so they lower as xla."""
+  matmul_impl = spec.matmul_impl if spec.matmul_impl == "pallas" else "xla"
+  spec = dataclasses.replace(spec, offload=offload, matmul_impl=matmul_impl)
   model = nnx.eval_shape(lambda: transformer.Transformer(spec, rngs=nnx.Rngs(params=0)).unstacked())
   args, kwargs = generate._prepare(model, [[1] * prompt_len] * batch, new_tokens, 0.0, 0, 1.0, 0, None)
   on_device = jax.sharding.SingleDeviceSharding(device)
@@ -334,7 +337,8 @@ def main(argv):
       devices = topology_devices(f.topology)
     except ValueError as e:
       sys.exit(f"error: {e}")
-    config.model.matmul_impl = "xla"
+    if config.model.matmul_impl != "pallas":  # auto/native are this host's CPU kernels; pallas is Mosaic on TPU
+      config.model.matmul_impl = "xla"
   result = plan(config, devices, f.device_memory_gb)
   rows = [("parameters", result["params"]), ("frozen base (LoRA)", result["frozen"]), ("gradients", result["grads"]),
           ("optimizer state", result["optimizer"]),
@@ -347,7 +351,10 @@ def main(argv):
   if "fits" in result:
     print(f"  fits in {f.device_memory_gb:g} GB per device: {'yes' if result['fits'] else 'NO'} "
           f"({100 * result['total'] / result['device_memory']:.0f}% used)")
-  if f.compile and f.topology:
+  if f.compile and config.model.quant != "none":  # int8 / packed weights have no gradients: inference only
+    print(f"  train step not compiled: model.quant={config.model.quant!r} is for inference (--decode_batch, "
+          "--serve_slots)")
+  elif f.compile and f.topology:
     result["tpu"] = tpu = tpu_compile(config, devices)
     _print_tpu(f.topology, tpu, result)
   elif f.compile:

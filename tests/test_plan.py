@@ -96,6 +96,18 @@ def test_the_serving_engine_steps_compile_for_a_tpu_chip(attention_impl):
 
 
 @pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason=TPU_REASON)
+def test_a_quantized_models_decode_compiles_for_tpu_through_the_mosaic_int8_kernels():
+  """`model.matmul_impl=pallas` survives lowering for a TPU (auto/native, this host's CPU kernels, lower as xla)."""
+  c = _config()
+  c.model.update(quant="int8_weight", matmul_impl="pallas")
+  spec = plan.ModelSpec.from_config(base.validate(c).model)
+  device = plan.topology_devices("v5e:2x2")[0]
+  lowered = plan.lower_decode(spec, device, batch=2, prompt_len=8, new_tokens=4, offload="none")
+  assert "w8a16_matmul_tpu" in lowered.as_text()
+  assert lowered.compile().memory_analysis().temp_size_in_bytes > 0
+
+
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason=TPU_REASON)
 @pytest.mark.parametrize("preset,topology,mesh", [
     ("gpt2_124m", "v5e:2x4", ["--config.mesh.data=-1"]),  # README's TPU VM quickstart: one host
     ("llama_1b", "v5p:2x2x4", ["--config.mesh.fsdp=-1", "--config.mesh.data=1"]),  # and several hosts

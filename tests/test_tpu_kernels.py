@@ -87,28 +87,30 @@ def test_the_decode_kernels_compile_to_mosaic_for_a_tpu_chip(topology):
   assert "tpu_custom_call" in text and "decode_attention_tpu" in text
 
 
-@pytest.mark.parametrize("m,k,n,group,dtype", [
-    (3, 300, 200, 0, jnp.float32),    # decode-sized rows; K and N off the block grid (padded)
-    (40, 1024, 384, 64, jnp.float32),  # two K blocks of 512, eight groups per block
-    (16, 256, 256, 128, jnp.bfloat16),
+@pytest.mark.parametrize("m,k,n,group,dtype,transposed", [
+    (3, 300, 200, 0, jnp.float32, False),    # decode-sized rows; K and N off the block grid (padded)
+    (3, 300, 200, 0, jnp.float32, True),     # the weight as [N, K] (a tied head), contracted in place
+    (40, 1024, 384, 64, jnp.float32, False),  # two K blocks of 512, eight groups per block
+    (40, 1024, 384, 64, jnp.float32, True),
+    (16, 256, 256, 128, jnp.bfloat16, False),
 ])
-def test_tpu_w8a16_matches_the_reference_in_tpu_interpret_mode(m, k, n, group, dtype):
+def test_tpu_w8a16_matches_the_reference_in_tpu_interpret_mode(m, k, n, group, dtype, transposed):
   x = _normal(6, (m, k), dtype)
   w_q, w_scale = q8.quantize_per_channel(_normal(7, (k, n), jnp.float32), group=group)
   with pltpu.force_tpu_interpret_mode():
-    got = q8._tpu_w8a16(x, w_q, w_scale, group=group)
+    got = q8._tpu_w8a16(x, w_q.T if transposed else w_q, w_scale, group=group, transposed=transposed)
   want = q8.w8a16_reference(x, w_q, w_scale, group=group)
   assert got.dtype == dtype and got.shape == (m, n)
   atol, rtol = (1e-4, 0) if dtype == jnp.float32 else (0.25, 2e-2)  # bf16 outputs of O(10): a few ulps
   np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), atol=atol, rtol=rtol)
 
 
-@pytest.mark.parametrize("m,k,n", [(5, 300, 130), (64, 1024, 512)])
-def test_tpu_w8a8_is_exact_in_tpu_interpret_mode(m, k, n):
+@pytest.mark.parametrize("m,k,n,transposed", [(5, 300, 130, False), (5, 300, 130, True), (64, 1024, 512, False)])
+def test_tpu_w8a8_is_exact_in_tpu_interpret_mode(m, k, n, transposed):
   x_q, x_scale = q8.quantize_per_token(_normal(8, (m, k), jnp.float32))
   w_q, w_scale = q8.quantize_per_channel(_normal(9, (k, n), jnp.float32))
   with pltpu.force_tpu_interpret_mode():
-    got = q8._tpu_w8a8(x_q, x_scale, w_q, w_scale)
+    got = q8._tpu_w8a8(x_q, x_scale, w_q.T if transposed else w_q, w_scale, transposed=transposed)
   np.testing.assert_allclose(np.asarray(got), np.asarray(q8.w8a8_reference(x_q, x_scale, w_q, w_scale)), rtol=1e-6,
                              atol=1e-6)
 
@@ -127,6 +129,11 @@ def test_the_int8_kernels_compile_to_mosaic_for_a_tpu_chip(topology):
   text = _tpu_compiled_text(q8.w8a8_matmul, jnp.zeros((m, k), jnp.int8), jnp.zeros((m,), jnp.float32), w_q,
                             jnp.zeros((n,), jnp.float32), topology=topology)
   assert "w8a8_matmul_tpu" in text
+  # a tied int8 embedding [vocab, K] as the head: contracted in place, no transposed copy of it in the program
+  vocab = 128256
+  text = _tpu_compiled_text(lambda x, w, s: q8.w8a16_matmul(x, w, s, transposed=True), x,
+                            jnp.zeros((vocab, k), jnp.int8), jnp.zeros((vocab,), jnp.float32), topology=topology)
+  assert "w8a16_matmul_tpu" in text and "stablehlo.transpose" not in text
 
 
 def _coded(seed, n, k, code_bits=9, max_len=12):

@@ -10,8 +10,10 @@ Shapes are padded to the blocks with zeros (exact). Interpret mode on CPU, Trito
 platform the program is lowered for) Mosaic variants run instead: a (M, N, K) grid with K the sequential axis and a
 VMEM accumulator (float32 for W8A16, int32 on the MXU's int8 path for W8A8), blocks on the (8, 128) tile grid (int8
 rows in 32s), the int8 weights widened to x's dtype inside the kernel so HBM moves one byte per weight; group scales
-stay whole in VMEM and each group's partial product is scaled as it is added. The `*_reference` functions are the
-plain-jnp definitions the kernels are tested against; `quantize_*` make the int8 operands.
+stay whole in VMEM and each group's partial product is scaled as it is added. `transposed=True` takes the weight as
+[N, K] (a tied embedding used as the head): the TPU variants contract it in place, elsewhere it is transposed first.
+The `*_reference` functions are the plain-jnp definitions the kernels are tested against; `quantize_*` make the int8
+operands.
 """
 
 from __future__ import annotations
@@ -94,13 +96,16 @@ def _blocks(m, n, k, block_m, block_n, block_k):
   return block_m or fit(m, 64), block_n or fit(n, 128), block_k or fit(k, 128)
 
 
-def w8a16_matmul(x: jax.Array, w_q: jax.Array, w_scale: jax.Array, *, group: int = 0, block_m: int | None = None,
-                 block_n: int | None = None, block_k: int | None = None, interpret: bool | None = None) -> jax.Array:
-  """x [M, K] float @ dequant(w_q [K, N] int8, w_scale) -> [M, N] in x's dtype (see module docstring)."""
+def w8a16_matmul(x: jax.Array, w_q: jax.Array, w_scale: jax.Array, *, group: int = 0, transposed: bool = False,
+                 block_m: int | None = None, block_n: int | None = None, block_k: int | None = None,
+                 interpret: bool | None = None) -> jax.Array:
+  """x [M, K] float @ dequant(w_q [K, N] int8 ([N, K] if `transposed`), w_scale) -> [M, N] in x's dtype (see the
+  module docstring)."""
   m, k = x.shape
-  if w_q.dtype != jnp.int8 or w_q.ndim != 2 or w_q.shape[0] != k:
-    raise ValueError(f"w_q must be int8 [K={k}, N]; got {w_q.dtype} {w_q.shape}")
-  n = w_q.shape[1]
+  if w_q.dtype != jnp.int8 or w_q.ndim != 2 or w_q.shape[1 if transposed else 0] != k:
+    raise ValueError(f"w_q must be int8 {'[N, K=' if transposed else '[K='}{k}{']' if transposed else ', N]'}; got "
+                     f"{w_q.dtype} {w_q.shape}")
+  n = w_q.shape[0 if transposed else 1]
   if group and k % group:
     raise ValueError(f"group={group} must divide the input dimension K={k}")
   expected = (k // group, n) if group else (n,)
@@ -110,9 +115,10 @@ def w8a16_matmul(x: jax.Array, w_q: jax.Array, w_scale: jax.Array, *, group: int
     raise ValueError(f"group={group} must be a power of two >= 16 (it is the kernel's K block)")
   ours = functools.partial(_pallas_w8a16, group=group, block_m=block_m, block_n=block_n, block_k=block_k)
   if interpret is not None:
-    return ours(x, w_q, w_scale, interpret=interpret)
-  return jax.lax.platform_dependent(x, w_q, w_scale, tpu=functools.partial(_tpu_w8a16, group=group),
-                                    default=functools.partial(ours, interpret=jax.default_backend() == "cpu"))
+    return ours(x, w_q.T if transposed else w_q, w_scale, interpret=interpret)
+  return jax.lax.platform_dependent(
+      x, w_q, w_scale, tpu=functools.partial(_tpu_w8a16, group=group, transposed=transposed),
+      default=lambda x, w, s: ours(x, w.T if transposed else w, s, interpret=jax.default_backend() == "cpu"))
 
 
 def _pallas_w8a16(x, w_q, w_scale, *, group, block_m, block_n, block_k, interpret):
@@ -136,21 +142,24 @@ def _pallas_w8a16(x, w_q, w_scale, *, group, block_m, block_n, block_k, interpre
   return out[:m, :n]
 
 
-def w8a8_matmul(x_q: jax.Array, x_scale: jax.Array, w_q: jax.Array, w_scale: jax.Array, *, block_m: int | None = None,
-                block_n: int | None = None, block_k: int | None = None, interpret: bool | None = None) -> jax.Array:
-  """int8 x_q [M, K] (scales [M]) @ int8 w_q [K, N] (scales [N]) with int32 accumulation -> float32 [M, N]."""
+def w8a8_matmul(x_q: jax.Array, x_scale: jax.Array, w_q: jax.Array, w_scale: jax.Array, *, transposed: bool = False,
+                block_m: int | None = None, block_n: int | None = None, block_k: int | None = None,
+                interpret: bool | None = None) -> jax.Array:
+  """int8 x_q [M, K] (scales [M]) @ int8 w_q [K, N] ([N, K] if `transposed`; scales [N]) with int32 accumulation ->
+  float32 [M, N]."""
   m, k = x_q.shape
-  if x_q.dtype != jnp.int8 or w_q.dtype != jnp.int8 or w_q.shape[0] != k:
-    raise ValueError(f"w8a8_matmul needs int8 x_q [M, K] and w_q [K, N]; got {x_q.dtype} {x_q.shape}, "
-                     f"{w_q.dtype} {w_q.shape}")
-  n = w_q.shape[1]
+  if x_q.dtype != jnp.int8 or w_q.dtype != jnp.int8 or w_q.ndim != 2 or w_q.shape[1 if transposed else 0] != k:
+    raise ValueError(f"w8a8_matmul needs int8 x_q [M, K] and w_q {'[N, K]' if transposed else '[K, N]'}; got "
+                     f"{x_q.dtype} {x_q.shape}, {w_q.dtype} {w_q.shape}")
+  n = w_q.shape[0 if transposed else 1]
   if x_scale.shape != (m,) or w_scale.shape != (n,):
     raise ValueError(f"x_scale {x_scale.shape} must be ({m},) and w_scale {w_scale.shape} must be ({n},)")
   ours = functools.partial(_pallas_w8a8, block_m=block_m, block_n=block_n, block_k=block_k)
   if interpret is not None:
-    return ours(x_q, x_scale, w_q, w_scale, interpret=interpret)
-  return jax.lax.platform_dependent(x_q, x_scale, w_q, w_scale, tpu=_tpu_w8a8,
-                                    default=functools.partial(ours, interpret=jax.default_backend() == "cpu"))
+    return ours(x_q, x_scale, w_q.T if transposed else w_q, w_scale, interpret=interpret)
+  return jax.lax.platform_dependent(
+      x_q, x_scale, w_q, w_scale, tpu=functools.partial(_tpu_w8a8, transposed=transposed),
+      default=lambda x, xs, w, s: ours(x, xs, w.T if transposed else w, s, interpret=jax.default_backend() == "cpu"))
 
 
 def _pallas_w8a8(x_q, x_scale, w_q, w_scale, *, block_m, block_n, block_k, interpret):
@@ -185,8 +194,9 @@ def _tpu_blocks(m, n, k, row_tile, k_unit=128):
   return bm, bn, bk, pl.cdiv(m, bm) * bm, pl.cdiv(n, bn) * bn, pl.cdiv(k, bk) * bk
 
 
-def _tpu_w8a16_kernel(x_ref, w_ref, s_ref, o_ref, acc_ref, *, group, block_k):
+def _tpu_w8a16_kernel(x_ref, w_ref, s_ref, o_ref, acc_ref, *, group, block_k, transposed):
   kk = pl.program_id(2)
+  w_k = 1 if transposed else 0  # the weight block's K axis: [block_n, block_k] or [block_k, block_n]
 
   @pl.when(kk == 0)
   def _init():
@@ -197,9 +207,10 @@ def _tpu_w8a16_kernel(x_ref, w_ref, s_ref, o_ref, acc_ref, *, group, block_k):
     for g in range(block_k // group):
       rows = slice(g * group, (g + 1) * group)
       scale = s_ref[pl.ds(kk * (block_k // group) + g, 1), :]
-      acc_ref[...] += dot(x[:, rows], w_ref[rows, :].astype(x.dtype), 1, 0) * scale
+      w = w_ref[:, rows] if transposed else w_ref[rows, :]
+      acc_ref[...] += dot(x[:, rows], w.astype(x.dtype), 1, w_k) * scale
   else:
-    acc_ref[...] += dot(x, w_ref[...].astype(x.dtype), 1, 0)
+    acc_ref[...] += dot(x, w_ref[...].astype(x.dtype), 1, w_k)
 
   @pl.when(kk == pl.num_programs(2) - 1)
   def _finish():
@@ -207,20 +218,31 @@ def _tpu_w8a16_kernel(x_ref, w_ref, s_ref, o_ref, acc_ref, *, group, block_k):
     o_ref[...] = acc.astype(o_ref.dtype)
 
 
-def _tpu_w8a16(x, w_q, w_scale, *, group):
+def _weight_spec(bn, bk, transposed):
+  """The int8 weight's block: [block_k, block_n] of w [K, N], or [block_n, block_k] of w [N, K] (transposed)."""
+  if transposed:
+    return pl.BlockSpec((bn, bk), lambda i, j, kk: (j, kk))
+  return pl.BlockSpec((bk, bn), lambda i, j, kk: (kk, j))
+
+
+def _pad_weight(w_q, kp, np_, transposed):
+  return pad_axis(pad_axis(w_q, 1, kp), 0, np_) if transposed else pad_axis(pad_axis(w_q, 0, kp), 1, np_)
+
+
+def _tpu_w8a16(x, w_q, w_scale, *, group, transposed):
   """TPU path of `w8a16_matmul` (arguments checked there)."""
-  (m, k), n = x.shape, w_q.shape[1]
+  (m, k), n = x.shape, w_q.shape[0 if transposed else 1]
   unit = 128 * group // math.gcd(128, group) if group else 128
   bm, bn, bk, mp, np_, kp = _tpu_blocks(m, n, k, 8 if x.dtype == jnp.float32 else 16, unit)
   xp = pad_axis(pad_axis(x, 0, mp), 1, kp)
-  wp = pad_axis(pad_axis(w_q, 0, kp), 1, np_)
+  wp = _pad_weight(w_q, kp, np_, transposed)
   scales = pad_axis(w_scale.astype(jnp.float32).reshape(-1, n), 1, np_)
   if group:
     scales = pad_axis(scales, 0, kp // group)
   out = pl.pallas_call(
-      functools.partial(_tpu_w8a16_kernel, group=group, block_k=bk),
+      functools.partial(_tpu_w8a16_kernel, group=group, block_k=bk, transposed=transposed),
       grid=(mp // bm, np_ // bn, kp // bk),
-      in_specs=[pl.BlockSpec((bm, bk), lambda i, j, kk: (i, kk)), pl.BlockSpec((bk, bn), lambda i, j, kk: (kk, j)),
+      in_specs=[pl.BlockSpec((bm, bk), lambda i, j, kk: (i, kk)), _weight_spec(bn, bk, transposed),
                 pl.BlockSpec((scales.shape[0], bn), lambda i, j, kk: (0, j))],
       out_specs=pl.BlockSpec((bm, bn), lambda i, j, kk: (i, j)),
       scratch_shapes=[pltpu.VMEM((bm, bn), jnp.float32)],
@@ -229,14 +251,14 @@ def _tpu_w8a16(x, w_q, w_scale, *, group):
   return out[:m, :n]
 
 
-def _tpu_w8a8_kernel(x_ref, xs_ref, w_ref, ws_ref, o_ref, acc_ref):
+def _tpu_w8a8_kernel(x_ref, xs_ref, w_ref, ws_ref, o_ref, acc_ref, *, transposed):
   kk = pl.program_id(2)
 
   @pl.when(kk == 0)
   def _init():
     acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.int32)
 
-  acc_ref[...] += jax.lax.dot_general(x_ref[...], w_ref[...], (((1,), (0,)), ((), ())),
+  acc_ref[...] += jax.lax.dot_general(x_ref[...], w_ref[...], (((1,), (1 if transposed else 0,)), ((), ())),
                                       preferred_element_type=jnp.int32)
 
   @pl.when(kk == pl.num_programs(2) - 1)
@@ -244,18 +266,18 @@ def _tpu_w8a8_kernel(x_ref, xs_ref, w_ref, ws_ref, o_ref, acc_ref):
     o_ref[...] = acc_ref[...].astype(jnp.float32) * xs_ref[...] * ws_ref[...]
 
 
-def _tpu_w8a8(x_q, x_scale, w_q, w_scale):
+def _tpu_w8a8(x_q, x_scale, w_q, w_scale, *, transposed):
   """TPU path of `w8a8_matmul` (arguments checked there)."""
-  (m, k), n = x_q.shape, w_q.shape[1]
+  (m, k), n = x_q.shape, w_q.shape[0 if transposed else 1]
   bm, bn, bk, mp, np_, kp = _tpu_blocks(m, n, k, 32)
   xp = pad_axis(pad_axis(x_q, 0, mp), 1, kp)
-  wp = pad_axis(pad_axis(w_q, 0, kp), 1, np_)
+  wp = _pad_weight(w_q, kp, np_, transposed)
   xs = pad_axis(x_scale.astype(jnp.float32).reshape(m, 1), 0, mp)
   ws = pad_axis(w_scale.astype(jnp.float32).reshape(1, n), 1, np_)
   out = pl.pallas_call(
-      _tpu_w8a8_kernel, grid=(mp // bm, np_ // bn, kp // bk),
+      functools.partial(_tpu_w8a8_kernel, transposed=transposed), grid=(mp // bm, np_ // bn, kp // bk),
       in_specs=[pl.BlockSpec((bm, bk), lambda i, j, kk: (i, kk)), pl.BlockSpec((bm, 1), lambda i, j, kk: (i, 0)),
-                pl.BlockSpec((bk, bn), lambda i, j, kk: (kk, j)), pl.BlockSpec((1, bn), lambda i, j, kk: (0, j))],
+                _weight_spec(bn, bk, transposed), pl.BlockSpec((1, bn), lambda i, j, kk: (0, j))],
       out_specs=pl.BlockSpec((bm, bn), lambda i, j, kk: (i, j)),
       scratch_shapes=[pltpu.VMEM((bm, bn), jnp.int32)],
       compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary")),
