@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from model.kernels.common import (NEG_INF, compiler_params, dot, online_softmax_finish, online_softmax_init,
+from model.kernels.common import (NEG_INF, compiler_params, online_softmax_finish, online_softmax_init,
                                   online_softmax_step, pad_axis)
 
 DEFAULT_BLOCK_K = 128
@@ -64,15 +64,15 @@ def _decode_kernel(starts_ref, ends_ref, q_ref, k_ref, v_ref, o_ref, *, sm_scale
 
 def _tpu_decode_kernel(starts_ref, ends_ref, q_ref, k_ref, v_ref, o_ref, acc_ref, m_ref, l_ref, *, kv_heads,
                        head_dim, block, sm_scale):
-  """One (row, key block) step: q_ref [K, G, D]; k_ref, v_ref [block, K * D]; scratch acc [K, G, D], m, l [K, G, 1]."""
+  """One (row, key block) step: q_ref [K, G, D]; k_ref, v_ref [block, K * D]; scratch acc [K, G, D], m, l [K, G]
+  (the online softmax of `common`, carried across key blocks in VMEM)."""
   b, j = pl.program_id(0), pl.program_id(1)
   start, end = starts_ref[b], ends_ref[b]
 
   @pl.when(j == 0)
   def _init():
-    acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
-    m_ref[...] = jnp.full(m_ref.shape, NEG_INF, jnp.float32)
-    l_ref[...] = jnp.zeros(l_ref.shape, jnp.float32)
+    for h in range(kv_heads):
+      acc_ref[h], m_ref[h], l_ref[h] = online_softmax_init(*acc_ref.shape[1:])
 
   first = j * block
 
@@ -82,20 +82,13 @@ def _tpu_decode_kernel(starts_ref, ends_ref, q_ref, k_ref, v_ref, o_ref, acc_ref
     valid = (slot >= start) & (slot < end)
     for h in range(kv_heads):  # static: each kv head is a lane slice of the block
       cols = slice(h * head_dim, (h + 1) * head_dim)
-      v = v_ref[:, cols]
-      s = jnp.where(valid, dot(q_ref[h], k_ref[:, cols], 1, 1) * sm_scale, NEG_INF)  # [G, block]
-      m_prev = m_ref[h]
-      m_new = jnp.maximum(m_prev, s.max(axis=1, keepdims=True))
-      p = jnp.where(valid, jnp.exp(s - m_new), 0.0)
-      alpha = jnp.exp(m_prev - m_new)
-      l_ref[h] = l_ref[h] * alpha + p.sum(axis=1, keepdims=True)
-      acc_ref[h] = acc_ref[h] * alpha + dot(p.astype(v.dtype), v, 1, 0)
-      m_ref[h] = m_new
+      acc_ref[h], m_ref[h], l_ref[h] = online_softmax_step((acc_ref[h], m_ref[h], l_ref[h]), q_ref[h],
+                                                           k_ref[:, cols], v_ref[:, cols], valid, sm_scale)
 
   @pl.when(j == pl.num_programs(1) - 1)
   def _finish():
-    l = l_ref[...]
-    o_ref[...] = (acc_ref[...] / jnp.where(l == 0.0, 1.0, l)).astype(o_ref.dtype)
+    for h in range(kv_heads):
+      o_ref[h] = online_softmax_finish((acc_ref[h], m_ref[h], l_ref[h])).astype(o_ref.dtype)
 
 
 def tpu_decode_call(scalars, q, k, v, *, kv_heads, block, num_blocks, kv_block_index, sm_scale):
@@ -118,8 +111,8 @@ def tpu_decode_call(scalars, q, k, v, *, kv_heads, block, num_blocks, kv_block_i
           num_scalar_prefetch=len(scalars), grid=(b, num_blocks), in_specs=[head_spec, kv_spec, kv_spec],
           out_specs=head_spec,
           scratch_shapes=[pltpu.VMEM((kv_heads, group, d), jnp.float32),
-                          pltpu.VMEM((kv_heads, group, 1), jnp.float32),
-                          pltpu.VMEM((kv_heads, group, 1), jnp.float32)]),
+                          pltpu.VMEM((kv_heads, group), jnp.float32),
+                          pltpu.VMEM((kv_heads, group), jnp.float32)]),
       compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary")),
       out_shape=jax.ShapeDtypeStruct(qg.shape, q.dtype), name="decode_attention_tpu")(*scalars, qg, k, v)
   return out.reshape(b, h, d)
