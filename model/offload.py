@@ -11,7 +11,11 @@ iteration and each matmul waits only for its own weights, so the MLP's (two thir
 attention computes; the copies do not run ahead into the next layer (one-layer-ahead variants, tried, held more
 temporaries or were scheduled after the compute: `docs/performance.md`).
 The embedding, the head and the final norm stay resident: they are used once per step, at either end. With "kv"
-each layer's updated cache goes back to the host stack inside its iteration. On a CPU, host and device
+each layer's updated cache goes back to the host stack inside its iteration. 8-bit weights (int8 of
+`quant=int8_weight|w8a8`, the uint8 code streams of `quant=packed`) are held on the host as 32-bit words of the same
+bytes (`pack`) and widened back per layer on the device (`unpack`): a host stack of 8-bit [layers, ...] cannot be
+sliced per layer in its TPU tiling, so XLA relayouts the whole stack through device memory on every call (a
+W8A16 GPT-2 decode held 132 MB of device temporaries and an 85 MB host copy; 32-bit words: one layer's). On a CPU, host and device
 memory are the same RAM: the copies compile to nothing, so outputs equal the resident run's and only accelerators
 (GPU, TPU) move bytes."""
 
@@ -20,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 OFFLOADS = ("none", "weights", "kv", "weights,kv")
@@ -54,6 +59,53 @@ def to_host(tree):
   return jax.tree.map(lambda a: jax.device_put(a, jax.memory.Space.Host), tree)
 
 
+_WIDE = {jnp.dtype(jnp.int8): jnp.int32, jnp.dtype(jnp.uint8): jnp.uint32}
+
+
+def packable(x) -> bool:
+  """Whether `x` (an array or ShapeDtypeStruct of a host stack [layers, ..., n]) is 8-bit with n a multiple of 4."""
+  return jnp.dtype(x.dtype) in _WIDE and len(x.shape) >= 2 and x.shape[-1] % 4 == 0
+
+
+def pack(x):
+  """8-bit x [..., n] -> the same bytes as 32-bit words [..., n // 4] (int8 -> int32, uint8 -> uint32)."""
+  words = x.reshape(*x.shape[:-1], x.shape[-1] // 4, 4)
+  return jax.lax.bitcast_convert_type(words, _WIDE[jnp.dtype(x.dtype)])
+
+
+def unpack(x, dtype):
+  """The inverse of `pack`: 32-bit words [..., m] -> `dtype` (int8 or uint8) [..., 4 * m]."""
+  narrow = jax.lax.bitcast_convert_type(x, dtype)
+  return narrow.reshape(*x.shape[:-1], x.shape[-1] * 4)
+
+
+def pack_blocks(model):
+  """The model with its stacked blocks' 8-bit leaves packed into 32-bit words (`pack`) and the packed leaves recorded
+  in `model.offload_packed` ((key path in the blocks' state, 8-bit dtype name) pairs) for the layer scan to unpack.
+  Works on concrete and on abstract (`nnx.eval_shape`) models."""
+  graphdef, state = nnx.split(model.blocks)
+  packed = []
+
+  def one(path, x):
+    if not packable(x):
+      return x
+    packed.append((jax.tree_util.keystr(path), jnp.dtype(x.dtype).name))
+    return pack(x) if isinstance(x, jax.Array) else jax.ShapeDtypeStruct(
+        (*x.shape[:-1], x.shape[-1] // 4), _WIDE[jnp.dtype(x.dtype)])
+
+  state = jax.tree_util.tree_map_with_path(one, state)
+  model.blocks = nnx.merge(graphdef, state)
+  model.offload_packed = tuple(packed)
+  return model
+
+
+def unpack_layer(layer_params, packed: tuple):
+  """One layer's slice of a `pack_blocks` stack, on the device: its packed leaves widened back to 8 bits."""
+  dtypes = dict(packed)
+  return jax.tree_util.tree_map_with_path(
+      lambda path, x: unpack(x, dtypes[key]) if (key := jax.tree_util.keystr(path)) in dtypes else x, layer_params)
+
+
 def place(model, offload: str):
   """The model with `offload` applied (see the module docstring): a stacked, scanned copy whose blocks' arrays are in
   host memory when weights are offloaded, and `spec.offload` set (the KV cache goes to host memory when
@@ -63,12 +115,14 @@ def place(model, offload: str):
     return model
   if isinstance(model.blocks, nnx.List):
     raise ValueError("offload needs the model's stacked blocks (as loaded), not an unstacked() copy")
-  graphdef, state = nnx.split(model)
+  model = nnx.merge(*nnx.split(model))  # a copy: the caller's model keeps its arrays and placement
   if "weights" in parts(offload):
+    model = pack_blocks(model)
+    graphdef, state = nnx.split(model)
     host = jax.sharding.SingleDeviceSharding(jax.devices()[0], memory_kind=HOST_KIND)
     state = jax.tree_util.tree_map_with_path(
         lambda path, x: jax.device_put(x, host) if jax.tree_util.keystr(path).startswith("['blocks']") else x, state)
-  model = nnx.merge(graphdef, state)  # new arrays where placed: the caller's model keeps its placement
+    model = nnx.merge(graphdef, state)
   model.spec = dataclasses.replace(model.spec, offload=offload, scan_layers=True)
   return model
 

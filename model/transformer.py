@@ -706,12 +706,13 @@ class Transformer(nnx.Module):
     units = jax.tree.leaves(params)[0].shape[0]
 
     offloaded = offload_lib.parts(spec.offload)
+    packed = getattr(self, "offload_packed", ())  # 8-bit weights held as 32-bit words on the host (model/offload.py)
 
     def body(carry, layer):
       x, aux = carry
       block_params, layer_cache, index = layer
       if "weights" in offloaded:  # this unit's slice of the host stack, copied in by this iteration (one in flight)
-        block_params = offload_lib.to_device(block_params)
+        block_params = offload_lib.unpack_layer(offload_lib.to_device(block_params), packed)
       if "kv" in offloaded and layer_cache is not None:
         layer_cache = offload_lib.to_device(layer_cache)
       block = nnx.merge(graphdef, block_params)

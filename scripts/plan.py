@@ -231,6 +231,8 @@ def lower_decode(spec: ModelSpec, device, batch: int, prompt_len: int, new_token
   matmul_impl = spec.matmul_impl if spec.matmul_impl == "pallas" else "xla"
   spec = dataclasses.replace(spec, offload=offload, matmul_impl=matmul_impl)
   model = nnx.eval_shape(lambda: transformer.Transformer(spec, rngs=nnx.Rngs(params=0)).unstacked())
+  if "weights" in offload_lib.parts(offload):  # 8-bit weights as 32-bit words on the host, as `offload.place` does
+    model = offload_lib.pack_blocks(model)
   args, kwargs = generate._prepare(model, [[1] * prompt_len] * batch, new_tokens, 0.0, 0, 1.0, 0, None)
   on_device = jax.sharding.SingleDeviceSharding(device)
   on_host = jax.sharding.SingleDeviceSharding(device, memory_kind=offload_lib.HOST_KIND)

@@ -186,12 +186,18 @@ def _pallas_w8a8(x_q, x_scale, w_q, w_scale, *, block_m, block_n, block_k, inter
 
 
 def _tpu_blocks(m, n, k, row_tile, k_unit=128):
-  """Mosaic blocks: rows a multiple of `row_tile` (8 float32, 16 bf16, 32 int8) up to 256, columns 128/256, K a
-  multiple of `k_unit` up to 512. Returns (block_m, block_n, block_k, padded m, n, k)."""
+  """Mosaic blocks: rows a multiple of `row_tile` (8 float32, 16 bf16, 32 int8) up to 256; columns 256 (128 for
+  narrow N), the last column block overrunning N where 256 does not divide it (Mosaic drops its out-of-range writes,
+  so the weight is never padded along N); K the largest multiple of `k_unit` up to 512 that divides K, so that the
+  weight is used in place: decoding reads each int8 weight once per step instead of copying it into a padded one
+  first. Only a K off the `k_unit` grid is padded. Returns (block_m, block_n, block_k, padded m, padded k)."""
   bm = min(256, pl.cdiv(m, row_tile) * row_tile)
   bn = 256 if n >= 256 else 128
-  bk = k_unit * max(1, min(512, pl.cdiv(k, 128) * 128) // k_unit)
-  return bm, bn, bk, pl.cdiv(m, bm) * bm, pl.cdiv(n, bn) * bn, pl.cdiv(k, bk) * bk
+  if k % k_unit == 0:
+    bk = max(c for c in range(k_unit, max(512, k_unit) + 1, k_unit) if k % c == 0)
+  else:
+    bk = k_unit * max(1, min(512, pl.cdiv(k, 128) * 128) // k_unit)
+  return bm, bn, bk, pl.cdiv(m, bm) * bm, pl.cdiv(k, bk) * bk
 
 
 def _tpu_w8a16_kernel(x_ref, w_ref, s_ref, o_ref, acc_ref, *, group, block_k, transposed):
@@ -225,30 +231,31 @@ def _weight_spec(bn, bk, transposed):
   return pl.BlockSpec((bk, bn), lambda i, j, kk: (kk, j))
 
 
-def _pad_weight(w_q, kp, np_, transposed):
-  return pad_axis(pad_axis(w_q, 1, kp), 0, np_) if transposed else pad_axis(pad_axis(w_q, 0, kp), 1, np_)
+def _pad_weight(w_q, kp, transposed):
+  """w_q zero-padded along K to kp (as is when K needs no padding: see `_tpu_blocks`)."""
+  return pad_axis(w_q, 1 if transposed else 0, kp)
 
 
 def _tpu_w8a16(x, w_q, w_scale, *, group, transposed):
   """TPU path of `w8a16_matmul` (arguments checked there)."""
   (m, k), n = x.shape, w_q.shape[0 if transposed else 1]
   unit = 128 * group // math.gcd(128, group) if group else 128
-  bm, bn, bk, mp, np_, kp = _tpu_blocks(m, n, k, 8 if x.dtype == jnp.float32 else 16, unit)
+  bm, bn, bk, mp, kp = _tpu_blocks(m, n, k, 8 if x.dtype == jnp.float32 else 16, unit)
   xp = pad_axis(pad_axis(x, 0, mp), 1, kp)
-  wp = _pad_weight(w_q, kp, np_, transposed)
-  scales = pad_axis(w_scale.astype(jnp.float32).reshape(-1, n), 1, np_)
+  wp = _pad_weight(w_q, kp, transposed)
+  scales = w_scale.astype(jnp.float32).reshape(-1, n)
   if group:
     scales = pad_axis(scales, 0, kp // group)
   out = pl.pallas_call(
       functools.partial(_tpu_w8a16_kernel, group=group, block_k=bk, transposed=transposed),
-      grid=(mp // bm, np_ // bn, kp // bk),
+      grid=(mp // bm, pl.cdiv(n, bn), kp // bk),
       in_specs=[pl.BlockSpec((bm, bk), lambda i, j, kk: (i, kk)), _weight_spec(bn, bk, transposed),
                 pl.BlockSpec((scales.shape[0], bn), lambda i, j, kk: (0, j))],
       out_specs=pl.BlockSpec((bm, bn), lambda i, j, kk: (i, j)),
       scratch_shapes=[pltpu.VMEM((bm, bn), jnp.float32)],
       compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary")),
-      out_shape=jax.ShapeDtypeStruct((mp, np_), x.dtype), name="w8a16_matmul_tpu")(xp, wp, scales)
-  return out[:m, :n]
+      out_shape=jax.ShapeDtypeStruct((mp, n), x.dtype), name="w8a16_matmul_tpu")(xp, wp, scales)
+  return out[:m]
 
 
 def _tpu_w8a8_kernel(x_ref, xs_ref, w_ref, ws_ref, o_ref, acc_ref, *, transposed):
@@ -269,17 +276,17 @@ def _tpu_w8a8_kernel(x_ref, xs_ref, w_ref, ws_ref, o_ref, acc_ref, *, transposed
 def _tpu_w8a8(x_q, x_scale, w_q, w_scale, *, transposed):
   """TPU path of `w8a8_matmul` (arguments checked there)."""
   (m, k), n = x_q.shape, w_q.shape[0 if transposed else 1]
-  bm, bn, bk, mp, np_, kp = _tpu_blocks(m, n, k, 32)
+  bm, bn, bk, mp, kp = _tpu_blocks(m, n, k, 32)
   xp = pad_axis(pad_axis(x_q, 0, mp), 1, kp)
-  wp = _pad_weight(w_q, kp, np_, transposed)
+  wp = _pad_weight(w_q, kp, transposed)
   xs = pad_axis(x_scale.astype(jnp.float32).reshape(m, 1), 0, mp)
-  ws = pad_axis(w_scale.astype(jnp.float32).reshape(1, n), 1, np_)
+  ws = w_scale.astype(jnp.float32).reshape(1, n)
   out = pl.pallas_call(
-      functools.partial(_tpu_w8a8_kernel, transposed=transposed), grid=(mp // bm, np_ // bn, kp // bk),
+      functools.partial(_tpu_w8a8_kernel, transposed=transposed), grid=(mp // bm, pl.cdiv(n, bn), kp // bk),
       in_specs=[pl.BlockSpec((bm, bk), lambda i, j, kk: (i, kk)), pl.BlockSpec((bm, 1), lambda i, j, kk: (i, 0)),
                 _weight_spec(bn, bk, transposed), pl.BlockSpec((1, bn), lambda i, j, kk: (0, j))],
       out_specs=pl.BlockSpec((bm, bn), lambda i, j, kk: (i, j)),
       scratch_shapes=[pltpu.VMEM((bm, bn), jnp.int32)],
       compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary")),
-      out_shape=jax.ShapeDtypeStruct((mp, np_), jnp.float32), name="w8a8_matmul_tpu")(xp, xs, wp, ws)
-  return out[:m, :n]
+      out_shape=jax.ShapeDtypeStruct((mp, n), jnp.float32), name="w8a8_matmul_tpu")(xp, xs, wp, ws)
+  return out[:m]
