@@ -13,11 +13,11 @@ temporaries or were scheduled after the compute: `docs/performance.md`).
 The embedding, the head and the final norm stay resident: they are used once per step, at either end. With "kv"
 each layer's updated cache goes back to the host stack inside its iteration. 8-bit weights (int8 of
 `quant=int8_weight|w8a8`, the uint8 code streams of `quant=packed`) are held on the host as 32-bit words of the same
-bytes (`pack`) and widened back per layer on the device (`unpack`): a host stack of 8-bit [layers, ...] cannot be
-sliced per layer in its TPU tiling, so XLA relayouts the whole stack through device memory on every call (a
-W8A16 GPT-2 decode held 132 MB of device temporaries and an 85 MB host copy; 32-bit words: one layer's). On a CPU, host and device
-memory are the same RAM: the copies compile to nothing, so outputs equal the resident run's and only accelerators
-(GPU, TPU) move bytes."""
+bytes (`pack`) and widened back per layer on the device (`unpack`): XLA's TPU compiler cannot slice one layer out
+of an 8-bit host stack in its tiling, so it relayouted the whole stack through device memory on every call (W8A16
+GPT-2 decode, v5e: 132 MB of device temporaries and an 85 MB host copy; as 32-bit words, 54 MB and no copy). On a
+CPU, host and device memory are the same RAM: the copies compile to nothing, so outputs equal the resident run's
+and only accelerators (GPU, TPU) move bytes."""
 
 from __future__ import annotations
 
