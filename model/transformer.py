@@ -401,12 +401,13 @@ class Block(nnx.Module):
     self.mlp = None if moe else MLP(spec, rngs)
     self.moe = moe_lib.MoE(spec, rngs) if moe else None
 
-  def __call__(self, x, positions, visibility, q_slots_start=None, kv_cache=None):
-    """Returns (x [B, L, D], kv_cache, MoE auxiliary terms (zeros for a dense block))."""
-    x, kv_cache, aux, _ = self.forward(x, positions, visibility, q_slots_start, kv_cache)
+  def __call__(self, x, positions, visibility, q_slots_start=None, kv_cache=None, between=None):
+    """Returns (x [B, L, D], kv_cache, MoE auxiliary terms (zeros for a dense block)). `between`: an optional
+    x -> x applied between the attention and the MLP (offloaded models order their next layer's copy by it)."""
+    x, kv_cache, aux, _ = self.forward(x, positions, visibility, q_slots_start, kv_cache, between)
     return x, kv_cache, aux
 
-  def forward(self, x, positions, visibility, q_slots_start=None, kv_cache=None):
+  def forward(self, x, positions, visibility, q_slots_start=None, kv_cache=None, between=None):
     """`__call__` plus the block's taps: (x [B, L, D], kv_cache, MoE aux, taps {name in TAPS: input array}).
     The taps are intermediates the block computes anyway; under jit, unused ones cost nothing."""
     pre = self.attn_norm.spec.norm_position == "pre"
@@ -416,6 +417,8 @@ class Block(nnx.Module):
     taps["attn_out"] = heads.reshape(*heads.shape[:2], -1)
     y = self.attn.project_out(heads)
     x = x + y if pre else self.attn_norm(x + y)
+    if between is not None:
+      x = between(x)
     taps["mlp_in"] = self.mlp_norm(x) if pre else x
     if self.moe is not None:
       y, aux = self.moe(taps["mlp_in"], (visibility.q_segment_ids > 0))
@@ -433,11 +436,12 @@ class BlockGroup(nnx.Module):
   def __init__(self, spec: ModelSpec, rngs: nnx.Rngs):
     self.layers = nnx.List([Block(spec, rngs, moe=i == spec.moe_every - 1) for i in range(spec.moe_every)])
 
-  def __call__(self, x, positions, visibility, q_slots_start=None, kv_cache=None):
+  def __call__(self, x, positions, visibility, q_slots_start=None, kv_cache=None, between=None):
     caches, total = [], _zero_aux()
     for i, block in enumerate(self.layers):
       x, cache, aux = block(x, positions, visibility, q_slots_start,
-                            None if kv_cache is None else jax.tree.map(lambda a, i=i: a[i], kv_cache))
+                            None if kv_cache is None else jax.tree.map(lambda a, i=i: a[i], kv_cache),
+                            between if i == 0 else None)
       caches.append(cache)
       total = jax.tree.map(jnp.add, total, aux)
     return x, (None if kv_cache is None else jax.tree.map(lambda *a: jnp.stack(a), *caches)), total
@@ -525,6 +529,8 @@ class Transformer(nnx.Module):
     if s.offload != "none":  # offloaded models stay stacked (see `unstacked`): a stacked cache, on the host for kv
       shape = (s.num_layers, batch, length, s.num_kv_heads, s.head_dim)
       kv = {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+      if "weights" in offload_lib.parts(s.offload):  # the first layer, copied in ahead (see `_scan_offloaded`)
+        meta["next_layer"] = offload_lib.first_layer(nnx.state(self.blocks))
       return {**(offload_lib.to_host(kv) if "kv" in offload_lib.parts(s.offload) else kv), **meta}
     if per_layer:
       # float32 only: XLA's CPU dot thunk rejects bf16 x bf16 -> f32 for these batched dots (bench_decode, batch 8)
@@ -560,6 +566,10 @@ class Transformer(nnx.Module):
         raise ValueError("a per_layer cache needs per-layer blocks: call extend on model.unstacked()")
       logits, kv, _ = self._forward(inputs, positions, visibility, start, list(cache["kv"]))
       return logits, {"kv": kv, "segment_ids": kv_segments, "index": start + l}
+    if "next_layer" in cache:  # offloaded weights: (k, v, the first layer copied in by the previous call)
+      logits, (k, v, nxt), _ = self._forward(inputs, positions, visibility, start,
+                                             (cache["k"], cache["v"], cache["next_layer"]))
+      return logits, {"k": k, "v": v, "segment_ids": kv_segments, "index": start + l, "next_layer": nxt}
     logits, (k, v), _ = self._forward(inputs, positions, visibility, start, (cache["k"], cache["v"]))
     return logits, {"k": k, "v": v, "segment_ids": kv_segments, "index": start + l}
 
@@ -674,6 +684,9 @@ class Transformer(nnx.Module):
       return self._run_unit_list(x, positions, visibility, start, kv_cache)
     spec = self.spec
     units = spec.num_layers // spec.layers_per_unit
+    prefetched = None
+    if isinstance(kv_cache, tuple) and len(kv_cache) == 3:  # (k, v, next layer): see `extend`
+      kv_cache, prefetched = kv_cache[:2], kv_cache[2]
     if kv_cache is not None and spec.num_experts:  # [layers, ...] -> [units, layers per unit, ...]
       kv_cache = jax.tree.map(lambda a: a.reshape(units, spec.layers_per_unit, *a.shape[1:]), kv_cache)
     if isinstance(self.blocks, nnx.List):  # see `unstacked`
@@ -682,11 +695,15 @@ class Transformer(nnx.Module):
       kv_cache = None if kv_cache is None else jax.tree.map(lambda *a: jnp.stack(a), *per_unit)
     elif pipeline.stages_of_active_mesh() > 1 and kv_cache is None:  # GPipe over the mesh's pipeline axis
       return pipeline.run_blocks(self, x, positions, visibility), None, _zero_aux()
+    elif "weights" in offload_lib.parts(spec.offload):
+      x, kv_cache, aux, prefetched = self._scan_offloaded(x, positions, visibility, start, kv_cache, prefetched)
     else:
       graphdef, params = nnx.split(self.blocks)
       x, kv_cache, aux = self.scan_units(graphdef, params, x, positions, visibility, start, kv_cache)
     if kv_cache is not None and spec.num_experts:
       kv_cache = jax.tree.map(lambda a: a.reshape(spec.num_layers, *a.shape[2:]), kv_cache)
+    if prefetched is not None and kv_cache is not None:
+      kv_cache = (*kv_cache, prefetched)
     return x, kv_cache, aux
 
   def _run_unit_list(self, x, positions, visibility, start, caches):
@@ -706,13 +723,10 @@ class Transformer(nnx.Module):
     units = jax.tree.leaves(params)[0].shape[0]
 
     offloaded = offload_lib.parts(spec.offload)
-    packed = getattr(self, "offload_packed", ())  # 8-bit weights held as 32-bit words on the host (model/offload.py)
 
     def body(carry, layer):
       x, aux = carry
       block_params, layer_cache, index = layer
-      if "weights" in offloaded:  # this unit's slice of the host stack, copied in by this iteration (one in flight)
-        block_params = offload_lib.unpack_layer(offload_lib.to_device(block_params), packed)
       if "kv" in offloaded and layer_cache is not None:
         layer_cache = offload_lib.to_device(layer_cache)
       block = nnx.merge(graphdef, block_params)
@@ -735,6 +749,46 @@ class Transformer(nnx.Module):
     if kv_cache is None:
       return x, None, aux
     return x, jax.tree.map(lambda *a: jnp.stack(a), *outputs), aux
+
+
+  def _scan_offloaded(self, x, positions, visibility, start, kv_cache, prefetched):
+    """The layer scan of a model whose weights are in host memory (`model/offload.py`), one layer ahead: iteration
+    i computes layer i with the weights the previous iteration copied in and copies layer i + 1 in while it does
+    (the host stack is stored rolled by one, so the scan's own slice i is layer i + 1). The copy is made to finish
+    between layer i's attention and its MLP (an optimization barrier with the attention's output), which is what
+    lets XLA's TPU compiler start it at the top of the iteration, beside the attention; carried to the end, it was
+    scheduled after the layer. The last iteration copies layer 0, returned for the next call (`extend` keeps it in
+    the cache; without one, `prefetched` is None and layer 0 is copied in first). kv_cache: stacked (k, v) or None.
+    Returns (x, kv_cache, summed MoE aux, layer 0 on the device)."""
+    spec = self.spec
+    offloaded = offload_lib.parts(spec.offload)
+    graphdef, params = nnx.split(self.blocks)
+    packed = getattr(self, "offload_packed", ())  # 8-bit weights held as 32-bit words on the host
+    units = jax.tree.leaves(params)[0].shape[0]
+    if prefetched is None:
+      prefetched = offload_lib.first_layer(params)
+
+    def body(carry, layer):
+      x, aux, current = carry
+      host_next, layer_cache, index = layer
+      copied = offload_lib.to_device(host_next)  # layer index + 1 (mod units)
+
+      def between(h):  # the copy done before the MLP: started beside the attention
+        return jax.lax.optimization_barrier((copied, h))[1]
+
+      if "kv" in offloaded and layer_cache is not None:
+        layer_cache = offload_lib.to_device(layer_cache)
+      block = nnx.merge(graphdef, offload_lib.unpack_layer(current, packed))
+      with lora_lib.layer_scope(index):
+        y, layer_cache, block_aux = block(x, positions, visibility, start, layer_cache, between)
+      if "kv" in offloaded and layer_cache is not None:
+        layer_cache = offload_lib.to_host(layer_cache)
+      return (y, jax.tree.map(jnp.add, aux, block_aux), copied), layer_cache
+
+    if spec.remat != "none":
+      body = jax.checkpoint(body, policy=REMAT_POLICIES[spec.remat], prevent_cse=False)
+    (x, aux, nxt), kv_cache = jax.lax.scan(body, (x, _zero_aux(), prefetched), (params, kv_cache, jnp.arange(units)))
+    return x, kv_cache, aux, nxt
 
 
 def graphdef(spec: ModelSpec) -> nnx.GraphDef:

@@ -3,6 +3,7 @@ the resident run's, the program moves each layer in, and the planner counts devi
 
 import dataclasses
 import importlib.util
+import re
 import types
 
 import jax
@@ -20,6 +21,7 @@ from model.transformer import ModelSpec
 from scripts import plan
 
 PROMPTS = [[5, 6, 7, 8, 5, 6, 7], [1, 2, 3]]
+TPU_REASON = "libtpu is not installed (pip install -e '.[tpu]'), so nothing can be compiled for a TPU here"
 
 
 def test_offloaded_decoding_equals_resident_decoding_and_keeps_the_layers_in_host_memory():
@@ -33,6 +35,9 @@ def test_offloaded_decoding_equals_resident_decoding_and_keeps_the_layers_in_hos
     assert got == want, setting
     kinds = {leaf.sharding.memory_kind for leaf in jax.tree.leaves(nnx.state(placed.blocks))}
     assert kinds == ({"pinned_host"} if "weights" in setting else {"device"}), (setting, kinds)
+    if "weights" in setting:  # stored rolled by one: the layer scan's slice i is layer i + 1, copied in ahead
+      for host, layers in zip(jax.tree.leaves(nnx.state(placed.blocks)), jax.tree.leaves(nnx.state(model.blocks))):
+        np.testing.assert_array_equal(np.asarray(host), np.roll(np.asarray(layers), -1, axis=0))
     # the embedding and head stay resident; the caller's model is untouched
     assert placed.embed[...].sharding.memory_kind == "device"
     assert offload.resident_bytes(model) == {"device": sum(x.nbytes for x in jax.tree.leaves(nnx.state(model)))}
@@ -102,23 +107,27 @@ def test_the_planner_counts_device_bytes_with_and_without_offload():
                     rows["none"]["device"] + two * (blocks + kv))
 
 
-@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
-                    reason="libtpu is not installed (pip install -e '.[tpu]'), so nothing can be compiled for a TPU here")
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason=TPU_REASON)
 def test_on_a_tpu_the_offloaded_weights_are_host_arguments_of_the_compiled_decode_program():
   c = tiny.get_config()
   c.model.num_layers = 6
   base.validate(c)
   spec = ModelSpec.from_config(c.model)
   device = plan.topology_devices("v5e:2x2")[0]
-  resident = plan.tpu_decode_memory(spec, device, batch=2, prompt_len=8, new_tokens=8, offload="none")
-  offloaded = plan.tpu_decode_memory(spec, device, batch=2, prompt_len=8, new_tokens=8, offload="weights")
-  params = jax.eval_shape(lambda: transformer.init_params(spec, 0))
+  # weights (19 MB) outweighing the activations, as in the models offloading is for
+  wspec = dataclasses.replace(spec, embed_dim=256, mlp_dim=1024)
+  resident = plan.tpu_decode_memory(wspec, device, batch=2, prompt_len=8, new_tokens=8, offload="none")
+  offloaded = plan.tpu_decode_memory(wspec, device, batch=2, prompt_len=8, new_tokens=8, offload="weights")
+  params = jax.eval_shape(lambda: transformer.init_params(wspec, 0))
   blocks = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params["blocks"]))
   assert resident["host_argument"] == 0
   assert offloaded["host_argument"] >= blocks  # (TPU layouts may pad small arrays)
   assert offloaded["argument"] <= resident["argument"] - blocks
-  # the weights are not all copied back in: the device holds less in all (arguments + temporaries)
-  assert offloaded["argument"] + offloaded["temp"] < resident["argument"] + resident["temp"] - blocks / 2
+  # the weights are not all copied back in: the device holds a few layers of six (the one computing, the next one
+  # being copied in and the next call's first)
+  assert offloaded["argument"] + offloaded["temp"] < resident["argument"] + resident["temp"] - blocks / 2, (
+      offloaded, resident, blocks)
+  params = jax.eval_shape(lambda: transformer.init_params(spec, 0))
   # each layer's updated cache goes back to host memory inside the layer scan, so the cache never passes whole
   # through the device. At batch 16 the cache (3.1 MB) outweighs the rest: measured 7.1 MB on the device against
   # 8.1 MB resident; copied out after the scan, as before, it took 13.4 MB
@@ -140,8 +149,11 @@ def test_on_a_tpu_the_offloaded_weights_are_host_arguments_of_the_compiled_decod
   assert "annotate_device_placement" not in plan.lower_decode(spec, device, 2, 8, 8, "none").as_text()
   # int8 weights go to the host as 32-bit words and are sliced per layer as they are: without that, XLA's TPU compiler
   # relayouted the whole int8 stack through device memory (GPT-2 W8A16: 132 MB of device temporaries and an 85 MB
-  # host copy) or, for this model, failed ("Shape mismatch between parameter number 0 and its operand")
-  qspec = dataclasses.replace(spec, quant="int8_weight", matmul_impl="pallas")
+  # host copy) or, for the small model here, failed ("Shape mismatch between parameter number 0 and its operand")
+  small = plan.tpu_decode_memory(dataclasses.replace(spec, quant="int8_weight", matmul_impl="pallas"), device,
+                                 batch=2, prompt_len=8, new_tokens=8, offload="weights")
+  assert small["host_temp"] == 0, small
+  qspec = dataclasses.replace(wspec, quant="int8_weight", matmul_impl="pallas")
   q_resident, q_offloaded = (plan.tpu_decode_memory(qspec, device, batch=2, prompt_len=8, new_tokens=8, offload=o)
                              for o in ("none", "weights"))
   q_blocks = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(jax.eval_shape(
@@ -149,3 +161,51 @@ def test_on_a_tpu_the_offloaded_weights_are_host_arguments_of_the_compiled_decod
   assert q_offloaded["host_temp"] == 0 and q_offloaded["host_argument"] >= q_blocks, q_offloaded
   assert q_offloaded["argument"] + q_offloaded["temp"] < q_resident["argument"] + q_resident["temp"] - q_blocks / 2, (
       q_offloaded, q_resident, q_blocks)
+
+
+def _layer_scan_schedules(hlo_text: str) -> list[list[str]]:
+  """For each loop body of a compiled TPU program that copies slices of a host stack in: its sequence of
+  'start' (a host slice copy issued), 'done' (one awaited) and 'compute' (a fusion holding a convolution: a matmul)."""
+  computations = re.split(r"\n(?=(?:ENTRY )?%[\w.\-]+ .*\{\s*$)", hlo_text, flags=re.M)
+  name = lambda c: c.split(" ", 1)[0].removeprefix("ENTRY ").lstrip("%")  # noqa: E731
+  with_dot = {name(c) for c in computations if " convolution(" in c}
+  schedules = []
+  for c in computations:
+    if "dynamic-slice-start(" not in c or c.startswith("ENTRY"):  # (the entry copies the first layer in once)
+      continue
+    seq = []
+    for line in c.split("\n")[1:]:
+      if "dynamic-slice-start(" in line:
+        seq.append("start")
+      elif "dynamic-slice-done(" in line:
+        seq.append("done")
+      elif " convolution(" in line or any(f"calls=%{n}," in line or line.rstrip().endswith(f"calls=%{n}")
+                                          for n in re.findall(r"calls=%([\w.\-]+)", line) if n in with_dot):
+        seq.append("compute")
+    schedules.append(seq)
+  return schedules
+
+
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason=TPU_REASON)
+def test_on_a_tpu_each_layer_is_copied_in_while_the_previous_layer_computes():
+  """The compiled schedule of the layer scan (prefill and decode): the layer computing uses weights that are already
+  on the device (no copy awaited before its first matmul), the next layer's copies are issued before or among the
+  attention's matmuls and awaited after them, and the MLP's matmuls follow."""
+  c = tiny.get_config()
+  c.model.num_layers = 6
+  base.validate(c)
+  spec = ModelSpec.from_config(c.model)
+  device = plan.topology_devices("v5e:2x2")[0]
+  for setting in ("weights",):  # (with "kv" too, each layer's cache slice is also copied in, and awaited first)
+    text = plan.lower_decode(spec, device, batch=2, prompt_len=8, new_tokens=8, offload=setting).compile().as_text()
+    schedules = _layer_scan_schedules(text)
+    assert len(schedules) >= 2, setting  # the prefill's layer scan and the decode step's
+    for seq in schedules:
+      starts = [i for i, op in enumerate(seq) if op == "start"]
+      dones = [i for i, op in enumerate(seq) if op == "done"]
+      computes = [i for i, op in enumerate(seq) if op == "compute"]
+      assert starts and dones and computes, (setting, seq)
+      assert min(computes) < min(dones), (setting, seq)  # this layer's weights came with the carry
+      assert max(starts) < min(dones), (setting, seq)  # every copy is in flight before any is awaited
+      assert any(min(starts) < i < min(dones) for i in computes), (setting, seq)  # ... while matmuls run
+      assert max(computes) > max(dones), (setting, seq)  # and the MLP runs after the copies land
