@@ -187,6 +187,8 @@ def _define_flags():
   flags.DEFINE_string("draft_workdir", None, "--speculate=draft: a smaller run trained with the same tokenizer.")
   flags.DEFINE_enum("offload", "none", list(offload.OFFLOADS), "Keep each layer's weights and/or the KV cache in host "
                     "memory, streamed to the device layer by layer (model/offload.py).")
+  flags.DEFINE_bool("offload_ahead", True, "With --offload=weights[,kv]: copy layer i + 1 in while layer i computes "
+                    "(false: one layer in flight, fewer device bytes, no overlap with the previous layer).")
   flags.mark_flag_as_required("workdir")
 
 
@@ -212,7 +214,7 @@ def main(argv):
     except (FileNotFoundError, ValueError) as e:
       sys.exit(f"error: cannot load --draft_workdir={f.draft_workdir}: {e}")
   try:
-    model = offload.place(model, f.offload)
+    model = offload.place(model, f.offload, ahead=f.offload_ahead)
     decode = _decoder(f.speculate, f.draft_tokens, f.ngram, draft_model, model)
     args, kwargs = _prepare(model, [encode_document(tokenizer, p) for p in prompts], eos_id=eos, **settings)
   except ValueError as e:

@@ -9,9 +9,11 @@ already on the device and copies layer i + 1 in meanwhile (the host stack is sto
 the scan's own slice i is layer i + 1); the copy is awaited between layer i's attention and its MLP, which is what
 makes XLA's TPU compiler issue it at the top of the iteration, beside the attention (left to the end of the
 iteration, it was issued after the layer: `docs/performance.md`). The last iteration copies layer 0 in for the next
-call, which `extend` keeps in the cache ("next_layer"), so a decode step copies each layer once. On the device:
-the layer computing, the one arriving, and the carried copy (GPT-2 float32, batch 8, 32-token prompt, compiled
-for a v5e chip: 100 MB of temporaries, against 79 MB when each layer was copied in by its own iteration).
+call, which `extend` keeps in the cache ("next_layer"), so a decode step copies each layer once. The price is
+device memory: the layer computing, the one arriving and the carried copy (GPT-2 float32 compiled for a v5e chip:
+temporaries 79 -> 100 MB at batch 8 x 32-token prompts, 155 -> 353 MB at 8 x 120 where the prefill's activations
+live beside them). `place(..., ahead=False)` (`--offload_ahead=false`) keeps one layer in flight instead, copied in
+by its own iteration, whose MLP weights (two thirds of its bytes) still arrive while its attention computes.
 The embedding, the head and the final norm stay resident: they are used once per step, at either end. With "kv"
 each layer's updated cache goes back to the host stack inside its iteration. 8-bit weights (int8 of
 `quant=int8_weight|w8a8`, the uint8 code streams of `quant=packed`) are held on the host as 32-bit words of the same
@@ -119,10 +121,12 @@ def first_layer(host_stack):
   return to_device(jax.tree.map(lambda a: a[-1], host_stack))
 
 
-def place(model, offload: str):
+def place(model, offload: str, ahead: bool = True):
   """The model with `offload` applied (see the module docstring): a stacked, scanned copy whose blocks' arrays are in
   host memory when weights are offloaded, and `spec.offload` set (the KV cache goes to host memory when
-  `init_cache` builds it). ValueError for an unstacked model (load it stacked: every loader does)."""
+  `init_cache` builds it). `ahead` (weights): copy layer i + 1 in while layer i computes, the host stack stored
+  rolled by one; False keeps one layer in flight, copied in by its own scan iteration (fewer device bytes, no
+  overlap with the previous layer). ValueError for an unstacked model (load it stacked: every loader does)."""
   check(offload)
   if offload == "none":
     return model
@@ -130,15 +134,16 @@ def place(model, offload: str):
     raise ValueError("offload needs the model's stacked blocks (as loaded), not an unstacked() copy")
   model = nnx.merge(*nnx.split(model))  # a copy: the caller's model keeps its arrays and placement
   if "weights" in parts(offload):
-    graphdef, blocks = nnx.split(model.blocks)
-    model.blocks = nnx.merge(graphdef, roll_layers(blocks))
+    if ahead:
+      graphdef, blocks = nnx.split(model.blocks)
+      model.blocks = nnx.merge(graphdef, roll_layers(blocks))
     model = pack_blocks(model)
     graphdef, state = nnx.split(model)
     host = jax.sharding.SingleDeviceSharding(jax.devices()[0], memory_kind=HOST_KIND)
     state = jax.tree_util.tree_map_with_path(
         lambda path, x: jax.device_put(x, host) if jax.tree_util.keystr(path).startswith("['blocks']") else x, state)
     model = nnx.merge(graphdef, state)
-  model.spec = dataclasses.replace(model.spec, offload=offload, scan_layers=True)
+  model.spec = dataclasses.replace(model.spec, offload=offload, offload_ahead=ahead, scan_layers=True)
   return model
 
 

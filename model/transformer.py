@@ -94,6 +94,7 @@ class ModelSpec:
   lora_targets: tuple[str, ...] = ()
   lora_bank: int = 0  # serving: > 0 holds this many adapters per weight (index 0: none), picked per batch row
   offload: str = "none"  # inference: "weights", "kv" or "weights,kv" stream from host memory (model/offload.py)
+  offload_ahead: bool = True  # offloaded weights: copy layer i + 1 in while layer i computes (False: one in flight)
 
   @classmethod
   def from_config(cls, m, lora=None) -> "ModelSpec":
@@ -529,7 +530,7 @@ class Transformer(nnx.Module):
     if s.offload != "none":  # offloaded models stay stacked (see `unstacked`): a stacked cache, on the host for kv
       shape = (s.num_layers, batch, length, s.num_kv_heads, s.head_dim)
       kv = {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
-      if "weights" in offload_lib.parts(s.offload):  # the first layer, copied in ahead (see `_scan_offloaded`)
+      if "weights" in offload_lib.parts(s.offload) and s.offload_ahead:  # layer 0, copied in ahead (`_scan_offloaded`)
         meta["next_layer"] = offload_lib.first_layer(nnx.state(self.blocks))
       return {**(offload_lib.to_host(kv) if "kv" in offload_lib.parts(s.offload) else kv), **meta}
     if per_layer:
@@ -695,7 +696,7 @@ class Transformer(nnx.Module):
       kv_cache = None if kv_cache is None else jax.tree.map(lambda *a: jnp.stack(a), *per_unit)
     elif pipeline.stages_of_active_mesh() > 1 and kv_cache is None:  # GPipe over the mesh's pipeline axis
       return pipeline.run_blocks(self, x, positions, visibility), None, _zero_aux()
-    elif "weights" in offload_lib.parts(spec.offload):
+    elif "weights" in offload_lib.parts(spec.offload) and spec.offload_ahead:
       x, kv_cache, aux, prefetched = self._scan_offloaded(x, positions, visibility, start, kv_cache, prefetched)
     else:
       graphdef, params = nnx.split(self.blocks)
@@ -723,10 +724,13 @@ class Transformer(nnx.Module):
     units = jax.tree.leaves(params)[0].shape[0]
 
     offloaded = offload_lib.parts(spec.offload)
+    packed = getattr(self, "offload_packed", ())  # 8-bit weights held as 32-bit words on the host (model/offload.py)
 
     def body(carry, layer):
       x, aux = carry
       block_params, layer_cache, index = layer
+      if "weights" in offloaded:  # offload_ahead=False: this unit's slice of the host stack, copied in by this iteration
+        block_params = offload_lib.unpack_layer(offload_lib.to_device(block_params), packed)
       if "kv" in offloaded and layer_cache is not None:
         layer_cache = offload_lib.to_device(layer_cache)
       block = nnx.merge(graphdef, block_params)

@@ -64,6 +64,8 @@ _PROFILE = flags.DEFINE_string("profile", "", "A directory: trace one generate c
 _PEER = flags.DEFINE_bool("peer", True, "Also measure HF-PyTorch `generate` (needs the test extra).")
 _OFFLOAD = flags.DEFINE_multi_enum("offload", ["none"], list(offload.OFFLOADS), "Offload settings to measure "
                                    "(repeatable; none is the resident model).")
+_OFFLOAD_AHEAD = flags.DEFINE_bool("offload_ahead", True, "Offloaded weights: copy layer i + 1 in while layer i "
+                                   "computes (model/offload.py); false: one layer in flight.")
 _SPEC_WORKDIR = flags.DEFINE_string("speculate_workdir", "", "A trained run: measure prompt-lookup speculation on "
                                     "prompts from its validation split instead of the format table.")
 _DRAFTS = flags.DEFINE_list("draft_tokens", ["1", "2", "4", "8"], "--speculate_workdir: draft lengths to measure.")
@@ -233,7 +235,7 @@ def main(argv):
       kv_bytes_per_token = 2 * s.num_layers * s.num_kv_heads * s.head_dim * jnp.dtype(s.compute_dtype).itemsize
       block_bytes = quant.nbytes(nnx.state(model.blocks, nnx.Param))  # what offloading weights streams per step
       for placement in _OFFLOAD.value:
-        placed = model if placement == "none" else offload.place(stacked, placement)  # offloaded: stacked, scanned
+        placed = model if placement == "none" else offload.place(stacked, placement, ahead=_OFFLOAD_AHEAD.value)
         name = fmt if placement == "none" else f"{fmt}+off({placement})"
         for batch in map(int, _BATCHES.value):
           profile_dir = os.path.join(_PROFILE.value, f"{shape}-{fmt}-b{batch}") if _PROFILE.value else ""
@@ -248,6 +250,7 @@ def main(argv):
               2 * batch * avg_context * kv_bytes_per_token if "kv" in moved else 0)  # the cache goes both ways
           peer = peers.get((shape, batch))
           row = {"shape": shape, "format": fmt, "offload": placement, "batch": batch, "tokens_per_s": tokens_per_s,
+                 "offload_ahead": _OFFLOAD_AHEAD.value if placement != "none" else None,
                  "ttft_s": ttft, "total_s": total, "weight_bytes": weight_bytes, "roofline_tokens_per_s": roofline,
                  "fraction_of_roofline": tokens_per_s / roofline,
                  "offload_bytes_per_token": moved_per_step / batch,

@@ -223,13 +223,15 @@ def decode_plan(spec: ModelSpec, batch: int, context: int, device_memory_gb: flo
   return rows
 
 
-def lower_decode(spec: ModelSpec, device, batch: int, prompt_len: int, new_tokens: int, offload: str):
+def lower_decode(spec: ModelSpec, device, batch: int, prompt_len: int, new_tokens: int, offload: str,
+                 ahead: bool = True):
   """`infer.generate`'s prefill + decode program lowered for one (TPU) `device` from abstract arguments, with
-  `offload` applied (the blocks' weights as host-memory arguments for "weights"). `model.matmul_impl=pallas` is kept
+  `offload` applied (the blocks' weights as host-memory arguments for "weights", copied in one layer `ahead` or
+  not: `offload.place`). `model.matmul_impl=pallas` is kept
   (the Mosaic int8 kernels on TPU); auto and native mean this host's CPU kernels, which a TPU program cannot carry,
   so they lower as xla."""
   matmul_impl = spec.matmul_impl if spec.matmul_impl == "pallas" else "xla"
-  spec = dataclasses.replace(spec, offload=offload, matmul_impl=matmul_impl)
+  spec = dataclasses.replace(spec, offload=offload, offload_ahead=ahead, matmul_impl=matmul_impl)
   model = nnx.eval_shape(lambda: transformer.Transformer(spec, rngs=nnx.Rngs(params=0)).unstacked())
   if "weights" in offload_lib.parts(offload):  # 8-bit weights as 32-bit words on the host, as `offload.place` does
     model = offload_lib.pack_blocks(model)
@@ -246,10 +248,11 @@ def lower_decode(spec: ModelSpec, device, batch: int, prompt_len: int, new_token
   return generate._generate_padded.lower(args[0], state, *rest, **kwargs)
 
 
-def tpu_decode_memory(spec: ModelSpec, device, batch: int, prompt_len: int, new_tokens: int, offload: str) -> dict:
+def tpu_decode_memory(spec: ModelSpec, device, batch: int, prompt_len: int, new_tokens: int, offload: str,
+                      ahead: bool = True) -> dict:
   """`lower_decode` compiled for a TPU device (`topology_devices`): XLA's memory analysis in bytes, device arguments
   and temporaries, host arguments and temporaries."""
-  m = lower_decode(spec, device, batch, prompt_len, new_tokens, offload).compile().memory_analysis()
+  m = lower_decode(spec, device, batch, prompt_len, new_tokens, offload, ahead).compile().memory_analysis()
   return {name: int(getattr(m, f"{name}_size_in_bytes")) for name in
           ("argument", "temp", "host_argument", "host_temp")}
 
@@ -380,6 +383,10 @@ def main(argv):
         print(f"    compiled for {devices[0].device_kind}: device arguments {_fmt(m['argument']).strip()}, temporaries "
               f"{_fmt(m['temp']).strip()}; host arguments {_fmt(m['host_argument']).strip()}, temporaries "
               f"{_fmt(m['host_temp']).strip()}")
+        if "weights" in offload_lib.parts(row["offload"]):  # and with one layer in flight (--offload_ahead=false)
+          row["tpu_compiled_one_in_flight"] = m = tpu_decode_memory(
+              spec, devices[0], f.decode_batch, context // 4, context - context // 4, row["offload"], ahead=False)
+          print(f"    one layer in flight (no copy ahead): temporaries {_fmt(m['temp']).strip()}")
   if f.serve_slots:
     if not (f.compile and f.topology):
       sys.exit("error: --serve_slots compiles the serving engine's steps for a TPU chip: give --topology and --compile")

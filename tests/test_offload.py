@@ -27,24 +27,28 @@ TPU_REASON = "libtpu is not installed (pip install -e '.[tpu]'), so nothing can 
 def test_offloaded_decoding_equals_resident_decoding_and_keeps_the_layers_in_host_memory():
   model = random_model("llama", max_len=48, seed=2)
   want = G.generate(model, PROMPTS, max_new_tokens=12)
-  for setting in ("weights", "kv", "weights,kv"):
-    placed = offload.place(model, setting)
-    assert placed.spec.offload == setting and model.spec.offload == "none"
+  for setting, ahead in (("weights", True), ("kv", True), ("weights,kv", True), ("weights", False),
+                         ("weights,kv", False)):
+    placed = offload.place(model, setting, ahead=ahead)
+    assert placed.spec.offload == setting and placed.spec.offload_ahead == ahead and model.spec.offload == "none"
     assert placed.unstacked() is placed  # offloaded models stay stacked: the layer scan streams one layer at a time
     got = G.generate(placed, PROMPTS, max_new_tokens=12)
     assert got == want, setting
     kinds = {leaf.sharding.memory_kind for leaf in jax.tree.leaves(nnx.state(placed.blocks))}
     assert kinds == ({"pinned_host"} if "weights" in setting else {"device"}), (setting, kinds)
-    if "weights" in setting:  # stored rolled by one: the layer scan's slice i is layer i + 1, copied in ahead
+    if "weights" in setting:  # ahead: stored rolled by one, so the layer scan's slice i is layer i + 1
       for host, layers in zip(jax.tree.leaves(nnx.state(placed.blocks)), jax.tree.leaves(nnx.state(model.blocks))):
-        np.testing.assert_array_equal(np.asarray(host), np.roll(np.asarray(layers), -1, axis=0))
+        np.testing.assert_array_equal(np.asarray(host), np.roll(np.asarray(layers), -1 if ahead else 0, axis=0))
     # the embedding and head stay resident; the caller's model is untouched
     assert placed.embed[...].sharding.memory_kind == "device"
     assert offload.resident_bytes(model) == {"device": sum(x.nbytes for x in jax.tree.leaves(nnx.state(model)))}
-  placed = offload.place(model, "weights,kv")
-  assert G.generate(placed, PROMPTS, max_new_tokens=12, speculate="lookup") == want
+  for ahead in (True, False):
+    placed = offload.place(model, "weights,kv", ahead=ahead)
+    assert G.generate(placed, PROMPTS, max_new_tokens=12, speculate="lookup") == want
   tokens = jax.numpy.asarray([PROMPTS[0]])  # the offloaded forward equals the stacked (scanned) one
-  np.testing.assert_allclose(placed(tokens), model(tokens), rtol=1e-5, atol=1e-5)
+  for ahead in (True, False):
+    np.testing.assert_allclose(offload.place(model, "weights", ahead=ahead)(tokens), model(tokens), rtol=1e-5,
+                               atol=1e-5)
   bytes_by_kind = offload.resident_bytes(placed)
   assert bytes_by_kind["pinned_host"] == sum(x.nbytes for x in jax.tree.leaves(nnx.state(model.unstacked().blocks)))
 
@@ -127,6 +131,9 @@ def test_on_a_tpu_the_offloaded_weights_are_host_arguments_of_the_compiled_decod
   # being copied in and the next call's first)
   assert offloaded["argument"] + offloaded["temp"] < resident["argument"] + resident["temp"] - blocks / 2, (
       offloaded, resident, blocks)
+  # with one layer in flight (no copy ahead), fewer bytes still
+  one = plan.tpu_decode_memory(wspec, device, batch=2, prompt_len=8, new_tokens=8, offload="weights", ahead=False)
+  assert one["argument"] == offloaded["argument"] and one["temp"] < offloaded["temp"], (one, offloaded)
   params = jax.eval_shape(lambda: transformer.init_params(spec, 0))
   # each layer's updated cache goes back to host memory inside the layer scan, so the cache never passes whole
   # through the device. At batch 16 the cache (3.1 MB) outweighs the rest: measured 7.1 MB on the device against
