@@ -754,7 +754,6 @@ class Transformer(nnx.Module):
       return x, None, aux
     return x, jax.tree.map(lambda *a: jnp.stack(a), *outputs), aux
 
-
   def _scan_offloaded(self, x, positions, visibility, start, kv_cache, prefetched):
     """The layer scan of a model whose weights are in host memory (`model/offload.py`), one layer ahead: iteration
     i computes layer i with the weights the previous iteration copied in and copies layer i + 1 in while it does
