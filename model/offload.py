@@ -12,8 +12,9 @@ iteration, it was issued after the layer: `docs/performance.md`). The last itera
 call, which `extend` keeps in the cache ("next_layer"), so a decode step copies each layer once. The price is
 device memory: the layer computing, the one arriving and the carried copy (GPT-2 float32 compiled for a v5e chip:
 temporaries 79 -> 100 MB at batch 8 x 32-token prompts, 155 -> 353 MB at 8 x 160 slots with 40-token prompts, more
-than the layers themselves: where XLA spends it is not pinned down). `place(..., ahead=False)` (`--offload_ahead=false`) keeps one layer in flight instead, copied in
-by its own iteration, whose MLP weights (two thirds of its bytes) still arrive while its attention computes.
+than the layers themselves: where XLA spends it is not pinned down). `place(..., ahead=False)`
+(`--offload_ahead=false`) keeps one layer in flight instead, copied in by its own iteration, whose MLP weights (two
+thirds of its bytes) still arrive while its attention computes.
 The embedding, the head and the final norm stay resident: they are used once per step, at either end. With "kv"
 each layer's updated cache goes back to the host stack inside its iteration. 8-bit weights (int8 of
 `quant=int8_weight|w8a8`, the uint8 code streams of `quant=packed`) are held on the host as 32-bit words of the same
